@@ -1,0 +1,129 @@
+"""One typed settings object, read from ``CERTMAN_*`` environment variables.
+
+pydantic-settings does the reading and the validation: it names the offending variable in its
+error, handles booleans ("on", "off", "1", "true") and paths, and saves us a hand-rolled parser.
+"""
+
+from __future__ import annotations
+
+import functools
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+class KeyType(StrEnum):
+    EC_P256 = "ec-p256"
+    RSA_2048 = "rsa-2048"
+
+
+class Settings(BaseSettings):
+    """Every setting, with the environment variable it comes from (``CERTMAN_`` + name)."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTMAN_", extra="ignore", frozen=True)
+
+    # --- store and broker -----------------------------------------------------------------
+    data_dir: Path = Field(Path(".certman"), description="Where the embedded defaults live.")
+    database_url: str = Field("", description="SQLAlchemy URL; default: a SQLite file in data_dir.")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("certman", description="Prefix of every Redis key and channel.")
+
+    # --- ACME -------------------------------------------------------------------------------
+    acme_directory: str = LETS_ENCRYPT_STAGING
+    acme_ca_bundle: Path | None = Field(None, description="CA file for the ACME server's TLS.")
+    acme_contact_email: str | None = None
+    acme_profile: str | None = Field(None, description="ACME profile for new orders, if offered.")
+    key_type: KeyType = KeyType.EC_P256
+    max_orders_in_flight: int = Field(100, ge=1)
+
+    # --- keys -------------------------------------------------------------------------------
+    edge_public_key: Path | None = Field(None, description="Public key file the pipeline seals to.")
+    edge_key_dir: Path | None = Field(None, description="Private keys an edge opens envelopes with.")
+    pipeline_key: Path | None = Field(None, description="Pipeline's own key; default data_dir/pipeline.key.")
+
+    # --- HTTP-01 self-check -----------------------------------------------------------------
+    http01_port: int = Field(80, ge=1, le=65535)
+    dns_resolver: str | None = Field(None, description="host:port of a DNS server for self-checks.")
+    self_check: bool = True
+
+    # --- rate limits (N/period: s, m, h, d; "off" in rate_limits lifts them all) -------------
+    rate_limits: bool = True
+    limit_new_orders: str = "300/3h"
+    limit_certs_per_domain: str = "50/7d"
+    limit_duplicate_certs: str = "5/7d"
+    limit_authz_failures: str = "5/1h"
+    limit_new_accounts: str = "10/3h"
+    limit_pace_new_nonce: str = "20/1s"
+    limit_pace_new_account: str = "5/1s"
+    limit_pace_new_order: str = "300/1s"
+    limit_pace_acme: str = "250/1s"
+
+    # --- renewal and alerts -----------------------------------------------------------------
+    renew_fraction: float = Field(2 / 3, gt=0, lt=1, description="Renew at this part of lifetime.")
+    renew_spread: float = Field(
+        0.1, ge=0, lt=1, description="Per-domain spread, as a fraction of the lifetime."
+    )
+    alert_fraction: float = Field(1 / 6, gt=0, lt=1, description="Alert below this life left.")
+    alert_webhook: str | None = None
+
+    # --- edge -------------------------------------------------------------------------------
+    edge_cache_size: int = Field(10_000, ge=1, description="TLS contexts kept per edge process.")
+    edge_processes: int = Field(1, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and "://" not in value:
+            raise ValueError("must be an SQLAlchemy URL such as sqlite:///certman.db")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("dns_resolver")
+    @classmethod
+    def _dns_resolver(cls, value: str | None) -> str | None:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError("must be host:port, such as 127.0.0.1:53")
+        return value or None
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'certman.db'}"
+
+    @property
+    def effective_pipeline_key(self) -> Path:
+        return self.pipeline_key or self.data_dir / "pipeline.key"
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message names the environment variable."""
+
+
+def load_settings() -> Settings:
+    """Read the environment, turning pydantic's report into one line per bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"CERTMAN_{field.upper()}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
