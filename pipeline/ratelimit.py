@@ -1,0 +1,626 @@
+"""The global rate limiter: GCRA buckets in Redis, shared by every worker.
+
+Let's Encrypt counts its limits with GCRA (a bucket of ``count`` tokens that refills one token
+every ``period / count``), so we count the same way and in the same units, and a request we let
+through is one the CA would let through too — provided nobody else spends from the same
+account or registered domain. When somebody does, the CA answers ``rateLimited``;
+:meth:`RateLimiter.block_for_problem` then blocks the matching bucket until the CA's
+Retry-After so that every worker stops asking.
+
+One bucket is one Redis hash ``<prefix>:rl:b:<name>`` holding ``tat`` (the GCRA theoretical
+arrival time) and ``blocked`` (a block's end), both in microseconds. A request usually needs
+several buckets (an order spends on its account, on each registered domain, on its exact set
+of names, and on the endpoint pacing); :data:`ACQUIRE_LUA` checks them all and reserves them
+all or none in one script, so two workers can never both take the last token.
+
+Bucket names, by kind (the first ``:``-separated part)::
+
+    new-orders:<account>              certs-per-domain:<registered domain>
+    duplicate-certs:<hash of names>   authz-failures:<account>:<name>
+    new-accounts:<ip>                 pace:<endpoint>   (new-nonce, new-account, new-order, acme)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    import redis
+    from publicsuffixlist import PublicSuffixList
+
+log = logging.getLogger(__name__)
+
+MICROS = 1_000_000
+
+BLOCKS = Counter(
+    "certman_ratelimit_blocks",
+    "Buckets blocked after a rateLimited answer from the CA (once per block, across workers).",
+    ["kind"],
+)
+CA_REFUSALS = Counter(
+    "certman_ratelimit_ca_refusals",
+    "rateLimited answers received from the CA (every one; the target is zero).",
+    ["kind"],
+)
+
+# --- rates ----------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([smhd])\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` requests per ``period`` seconds: a burst of ``count``, refilled evenly."""
+
+    count: int
+    period: float
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not self.period > 0:
+            raise ValueError(f"a rate needs a count >= 1 and a period > 0, not {self}")
+
+    @property
+    def interval(self) -> float:
+        """Seconds to refill one token."""
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        for unit in ("d", "h", "m"):
+            size = _UNITS[unit]
+            if self.period % size == 0:
+                return f"{self.count}/{self.period // size:g}{unit}"
+        return f"{self.count}/{self.period:g}s"
+
+
+def parse_rate(text: str) -> Rate:
+    """Parse ``"300/3h"``, ``"50/7d"``, ``"250/s"``… (units s, m, h, d) into a :class:`Rate`."""
+    match = _RATE_RE.match(text)
+    if match is None:
+        raise ValueError(
+            f"invalid rate {text!r}: expected COUNT/PERIOD such as '300/3h', '50/7d' or "
+            "'250/s' (units s, m, h, d)"
+        )
+    count, amount, unit = match.groups()
+    period = float(amount or 1) * _UNITS[unit]
+    if int(count) < 1 or period <= 0:
+        raise ValueError(f"invalid rate {text!r}: the count and the period must be positive")
+    return Rate(int(count), period)
+
+
+class LimitSettings(Protocol):
+    """The part of :class:`pipeline.settings.Settings` the limiter reads."""
+
+    @property
+    def rate_limits(self) -> bool: ...
+    @property
+    def limit_new_orders(self) -> str: ...
+    @property
+    def limit_certs_per_domain(self) -> str: ...
+    @property
+    def limit_duplicate_certs(self) -> str: ...
+    @property
+    def limit_authz_failures(self) -> str: ...
+    @property
+    def limit_new_accounts(self) -> str: ...
+    @property
+    def limit_pace_new_nonce(self) -> str: ...
+    @property
+    def limit_pace_new_account(self) -> str: ...
+    @property
+    def limit_pace_new_order(self) -> str: ...
+    @property
+    def limit_pace_acme(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The catalogue. Each field ``x`` comes from the setting ``limit_x`` (``CERTMAN_LIMIT_X``)."""
+
+    new_orders: Rate
+    certs_per_domain: Rate
+    duplicate_certs: Rate
+    authz_failures: Rate
+    new_accounts: Rate
+    pace_new_nonce: Rate
+    pace_new_account: Rate
+    pace_new_order: Rate
+    pace_acme: Rate
+    enabled: bool = True  # False lifts every limit: nothing is asked of Redis
+
+    @classmethod
+    def production(cls) -> Limits:
+        """Let's Encrypt production's limits (https://letsencrypt.org/docs/rate-limits/)."""
+        return cls(
+            new_orders=parse_rate("300/3h"),
+            certs_per_domain=parse_rate("50/7d"),
+            duplicate_certs=parse_rate("5/7d"),
+            authz_failures=parse_rate("5/1h"),
+            new_accounts=parse_rate("10/3h"),
+            pace_new_nonce=parse_rate("20/1s"),
+            pace_new_account=parse_rate("5/1s"),
+            pace_new_order=parse_rate("300/1s"),
+            pace_acme=parse_rate("250/1s"),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: LimitSettings) -> Limits:
+        """Build from settings; a bad rate raises ValueError naming its environment variable."""
+        rates: dict[str, Rate] = {}
+        for field in fields(cls):
+            if field.name == "enabled":
+                continue
+            attribute = f"limit_{field.name}"
+            try:
+                rates[field.name] = parse_rate(getattr(settings, attribute))
+            except ValueError as exc:
+                raise ValueError(f"CERTMAN_{attribute.upper()}: {exc}") from None
+        return cls(**rates, enabled=bool(settings.rate_limits))
+
+    def rate_of(self, bucket: str) -> Rate | None:
+        """The rate of a bucket, from its name's kind; None for a name we do not know."""
+        kind, _, rest = bucket.partition(":")
+        if kind == "pace":
+            kind = f"pace-{rest}"
+        attribute = kind.replace("-", "_")
+        value = getattr(self, attribute, None) if attribute != "enabled" else None
+        return value if isinstance(value, Rate) else None
+
+
+# --- the scripts ----------------------------------------------------------------------------
+
+ACQUIRE_LUA = """
+-- Check and reserve GCRA buckets: all of them or none.
+--
+-- KEYS[i]        bucket hash: 'tat' = theoretical arrival time, 'blocked' = end of a block (µs)
+-- ARGV[1]        now in µs, or '' for the Redis server clock (the one clock all workers share)
+-- ARGV[3i-1]     emission interval of bucket i: µs to refill one token (period / count)
+-- ARGV[3i]       period of bucket i in µs (the burst is period / interval tokens)
+-- ARGV[3i+1]     mode: 'spend' takes a token, 'check' only asks whether one is there,
+--                'force' takes one even when there is none (an observation, never refused)
+-- Returns {1, 0, 0} when granted, else {0, µs to wait, index of the bucket that waits longest}.
+
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+
+local new_tats = {}
+local blocks = {}
+local wait, refused = 0, 0
+
+-- First pass: decide for every bucket, write nothing, so that a refusal leaves all untouched.
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[3 * i - 1])
+  local period = tonumber(ARGV[3 * i])
+  local mode = ARGV[3 * i + 1]
+  local state = redis.call('HMGET', key, 'tat', 'blocked')
+  -- A missing key is a full bucket: its TAT is "now".
+  local tat = tonumber(state[1]) or now
+  local blocked = tonumber(state[2]) or 0
+  local base = math.max(tat, now)
+  local new_tat = base + interval
+
+  local bucket_wait = 0
+  if mode == 'force' then
+    -- The CA counted it, but its bucket cannot go below empty: cap at "empty now".
+    new_tat = math.min(new_tat, math.max(tat, now + period))
+  else
+    -- GCRA: the request conforms when the new TAT lies at most one period ahead of now.
+    local allow_at = new_tat - period
+    if allow_at > now then bucket_wait = allow_at - now end
+    if blocked > now then bucket_wait = math.max(bucket_wait, blocked - now) end
+  end
+  if bucket_wait > wait then
+    wait, refused = bucket_wait, i
+  end
+  new_tats[i] = new_tat
+  blocks[i] = blocked
+end
+
+if refused > 0 then
+  -- Whole µs, rounded up, so that now + wait is never a hair too early.
+  return {0, math.ceil(wait), refused}
+end
+
+-- Second pass: reserve. '%.17g' keeps the fractional µs that Lua's default formatting loses.
+for i, key in ipairs(KEYS) do
+  if ARGV[3 * i + 1] ~= 'check' then
+    redis.call('HSET', key, 'tat', string.format('%.17g', new_tats[i]))
+    -- Idle keys vanish once the bucket is full again (and no block is pending).
+    local ttl = math.max(new_tats[i], blocks[i]) - now
+    redis.call('PEXPIRE', key, math.max(1, math.ceil(ttl / 1000)))
+  end
+end
+return {1, 0, 0}
+"""
+
+BLOCK_LUA = """
+-- Block one bucket until now + ARGV[1] µs (a CA's Retry-After); never shorten a longer block.
+--
+-- KEYS[1]  bucket hash (see the acquire script)
+-- ARGV[1]  µs to block; ARGV[2] interval µs (0 if the bucket's rate is unknown); ARGV[3] period µs
+-- ARGV[4]  now in µs, or '' for the Redis server clock
+-- Returns the block's end in µs, as a string (Lua numbers would be truncated to integers).
+
+local now
+if ARGV[4] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[4])
+end
+local interval, period = tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'blocked')
+local tat = tonumber(state[1]) or now
+local blocked = math.max(tonumber(state[2]) or 0, now + tonumber(ARGV[1]))
+
+if interval > 0 then
+  -- The CA says its bucket is empty until then: empty ours to match, so that at the block's
+  -- end one token is back (as at the CA) instead of a whole burst we would be refused for.
+  tat = math.max(tat, blocked + period - interval)
+end
+redis.call('HSET', KEYS[1], 'tat', string.format('%.17g', tat),
+           'blocked', string.format('%.17g', blocked))
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((math.max(tat, blocked) - now) / 1000)))
+return string.format('%.17g', blocked)
+"""
+
+
+# --- the limiter ----------------------------------------------------------------------------
+
+Mode = Literal["spend", "check", "force"]
+ENDPOINTS = ("new-nonce", "new-account", "new-order", "acme")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The limiter's answer: go now, or wait ``retry_after`` seconds for ``bucket``."""
+
+    allowed: bool
+    retry_after: float  # seconds; 0 when allowed
+    bucket: str | None = None  # the refusing bucket that needs the longest wait
+
+
+ALLOWED = Decision(True, 0.0)
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One bucket a request needs: its name, its rate, and what to do with it."""
+
+    name: str
+    rate: Rate
+    mode: Mode = "spend"
+
+
+@dataclass(frozen=True)
+class BucketStatus:
+    """One bucket as it stands in Redis."""
+
+    name: str
+    limit: Rate | None  # None for a bucket whose kind this version does not know
+    level: int  # whole tokens available now (0 while blocked)
+    full_at: float  # epoch seconds when the bucket is full again (<= now when it is)
+    blocked_until: float | None  # epoch seconds, or None when not blocked
+
+    @property
+    def kind(self) -> str:
+        """The bucket's kind: ``new-orders``, ``pace``… (the name's first part)."""
+        return self.name.partition(":")[0]
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    # Loading the list costs ~0.1 s: do it once, on first use, not at import.
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList()
+
+
+def normalize_name(name: str) -> str:
+    """Lower-case, without a trailing dot: the form the CA compares names in."""
+    return name.strip().rstrip(".").lower()
+
+
+def registered_domain(name: str) -> str:
+    """The registered domain (public suffix + 1 label) a name counts against at the CA."""
+    name = normalize_name(name).removeprefix("*.")
+    registered: str | None = _psl().privatesuffix(name)
+    # A name that is itself a public suffix (or is malformed) counts for itself.
+    return registered or name
+
+
+def names_key(names: Iterable[str]) -> str:
+    """Key of an exact set of names: order and case do not matter, as at the CA."""
+    joined = "\n".join(sorted({normalize_name(n) for n in names}))
+    return hashlib.sha256(joined.encode()).hexdigest()[:32]
+
+
+def _micros(seconds: float) -> str:
+    return repr(seconds * MICROS)
+
+
+def _now_arg(now: float | None) -> str:
+    # Whole µs, so that ``now + retry_after`` on a simulated clock lands exactly on the grant.
+    return "" if now is None else str(round(now * MICROS))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RateLimiter:
+    """Reserve tokens before every ACME request; block buckets the CA says are exhausted."""
+
+    def __init__(self, redis: redis.Redis[Any], limits: Limits, *, prefix: str = "certman") -> None:
+        self.redis = redis
+        self.limits = limits
+        self.prefix = prefix
+        self._bucket_prefix = f"{prefix}:rl:b:"
+        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._block = redis.register_script(BLOCK_LUA)
+
+    # --- generic ------------------------------------------------------------------------
+
+    def key(self, bucket: str) -> str:
+        """The Redis key of a bucket."""
+        return self._bucket_prefix + bucket
+
+    def acquire(self, spends: Sequence[Spend], *, now: float | None = None) -> Decision:
+        """Check and reserve every bucket of ``spends`` at once, all or none.
+
+        ``now`` (epoch seconds) replaces the Redis clock, for simulations and tests.
+        """
+        if not self.limits.enabled or not spends:
+            return ALLOWED
+        # The same bucket twice would be read twice and written once: merge (stronger mode wins).
+        merged: dict[str, Spend] = {}
+        for spend in spends:
+            previous = merged.get(spend.name)
+            if previous is None or previous.mode == "check":
+                merged[spend.name] = spend
+        ordered = list(merged.values())
+        args: list[str] = [_now_arg(now)]
+        for spend in ordered:
+            args += [_micros(spend.rate.interval), _micros(spend.rate.period), spend.mode]
+        allowed, wait, index = self._acquire(keys=[self.key(s.name) for s in ordered], args=args)
+        if allowed:
+            return ALLOWED
+        return Decision(False, int(wait) / MICROS, ordered[int(index) - 1].name)
+
+    # --- what the pipeline calls ----------------------------------------------------------
+
+    def order_spends(
+        self, account: str, names: Sequence[str], *, exempt: bool = False
+    ) -> list[Spend]:
+        """The buckets a new order needs (see :meth:`reserve_new_order`)."""
+        limits = self.limits
+        unique = sorted({normalize_name(n) for n in names})
+        spends: list[Spend] = []
+        if not exempt:
+            spends.append(Spend(f"new-orders:{account}", limits.new_orders))
+            # An order for several names spends once on each distinct registered domain.
+            for domain in sorted({registered_domain(n) for n in unique}):
+                spends.append(Spend(f"certs-per-domain:{domain}", limits.certs_per_domain))
+            spends.append(Spend(f"duplicate-certs:{names_key(unique)}", limits.duplicate_certs))
+        # A name that keeps failing would fail again: refuse, but spend nothing (failures do).
+        for name in unique:
+            spends.append(Spend(f"authz-failures:{account}:{name}", limits.authz_failures, "check"))
+        spends += self._pace_spends("new-order")
+        return spends
+
+    def reserve_new_order(
+        self,
+        account: str,
+        names: Sequence[str],
+        *,
+        exempt: bool = False,
+        now: float | None = None,
+    ) -> Decision:
+        """Reserve what a newOrder needs, its request pacing included (do not also ``pace`` it).
+
+        ``exempt`` is for ARI renewals carrying ``replaces`` inside their window, which Let's
+        Encrypt exempts: they spend no new-order, per-domain or per-set token, but still wait
+        for failed names and still pace the endpoint.
+        """
+        return self.acquire(self.order_spends(account, names, exempt=exempt), now=now)
+
+    def _pace_spends(self, endpoint: str) -> list[Spend]:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown ACME endpoint {endpoint!r}; expected one of {ENDPOINTS}")
+        spends = [Spend("pace:acme", self.limits.pace_acme)]
+        if endpoint != "acme":
+            rate = getattr(self.limits, f"pace_{endpoint.replace('-', '_')}")
+            spends.insert(0, Spend(f"pace:{endpoint}", rate))
+        return spends
+
+    def pace(self, endpoint: str, *, now: float | None = None) -> Decision:
+        """Pace one request to an ACME endpoint (it also spends the global ``acme`` bucket)."""
+        return self.acquire(self._pace_spends(endpoint), now=now)
+
+    def reserve_new_account(self, ip: str = "local", *, now: float | None = None) -> Decision:
+        """Reserve a newAccount request (per source IP at the CA), its pacing included."""
+        spends = [Spend(f"new-accounts:{ip}", self.limits.new_accounts)]
+        return self.acquire(spends + self._pace_spends("new-account"), now=now)
+
+    def record_authorization_failure(
+        self, account: str, name: str, *, now: float | None = None
+    ) -> None:
+        """Count a failed authorization; never refused (the CA has counted it already)."""
+        bucket = f"authz-failures:{account}:{normalize_name(name)}"
+        self.acquire([Spend(bucket, self.limits.authz_failures, "force")], now=now)
+
+    def block(self, bucket: str, seconds: float, *, now: float | None = None) -> float:
+        """Refuse ``bucket`` to every worker for ``seconds``; returns the block's end (epoch s).
+
+        The bucket is also emptied so that it refills from the block's end at its own rate,
+        as the CA's does, instead of offering a whole burst the CA would refuse.
+        """
+        if not self.limits.enabled:
+            return 0.0
+        rate = self.limits.rate_of(bucket)
+        interval, period = (rate.interval, rate.period) if rate else (0.0, 0.0)
+        args = [_micros(max(seconds, 0.0)), _micros(interval), _micros(period), _now_arg(now)]
+        until = self._block(keys=[self.key(bucket)], args=args)
+        return float(until) / MICROS
+
+    def problem_buckets(
+        self, detail: str, *, account: str, names: Sequence[str], ip: str = "local"
+    ) -> list[str]:
+        """The bucket(s) a CA ``rateLimited`` problem detail is about (see the wording below)."""
+        text = detail.lower()
+        unique = sorted({normalize_name(n) for n in names})
+        # Let's Encrypt names the domain in quotes ("example.com"); the old wording after "for: ".
+        quoted = [normalize_name(q) for q in re.findall(r"\"([^\"\s]+)\"", text)]
+        quoted += [normalize_name(q) for q in re.findall(r"issued for: ([^\s:,]+)", text)]
+        if "exact set" in text or "exact same set" in text:
+            return [f"duplicate-certs:{names_key(unique)}"]
+        if "too many certificates" in text:
+            domains = [registered_domain(q) for q in quoted] or sorted(
+                {registered_domain(n) for n in unique}
+            )
+            return [f"certs-per-domain:{d}" for d in dict.fromkeys(domains)]
+        if "failed authorization" in text:
+            failed = [q for q in quoted if q in unique] or unique
+            return [f"authz-failures:{account}:{n}" for n in failed]
+        if "new accounts" in text or "registrations" in text:
+            return [f"new-accounts:{ip}"]
+        # "too many new orders", and anything we do not recognise: stop ordering on the account.
+        return [f"new-orders:{account}"]
+
+    def block_for_problem(
+        self,
+        detail: str,
+        retry_after: float,
+        *,
+        account: str,
+        names: Sequence[str],
+        ip: str = "local",
+    ) -> str:
+        """Block the bucket(s) a CA ``rateLimited`` answer concerns until its Retry-After.
+
+        Several workers hit by the same refusal log it and count it once between them.
+        Returns the (first) bucket's name.
+        """
+        buckets = self.problem_buckets(detail, account=account, names=names, ip=ip)
+        kind = buckets[0].partition(":")[0]
+        CA_REFUSALS.labels(kind).inc()
+        if not self.limits.enabled:
+            log.warning("CA rate limit hit with local limits lifted: %s", detail)
+            return buckets[0]
+        for bucket in buckets:
+            until = self.block(bucket, retry_after)
+            guard = f"{self.prefix}:rl:logged:{bucket}"
+            ttl_ms = max(1000, math.ceil(retry_after * 1000))
+            if self.redis.set(guard, "1", nx=True, px=ttl_ms):
+                BLOCKS.labels(kind).inc()
+                log.warning(
+                    "rate limited by the CA: bucket %s blocked for %.0f s (until %.0f): %s",
+                    bucket,
+                    retry_after,
+                    until,
+                    detail,
+                )
+        return buckets[0]
+
+    # --- observing ------------------------------------------------------------------------
+
+    def server_time(self) -> float:
+        """The Redis clock, epoch seconds (the clock buckets are kept in)."""
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / MICROS
+
+    def iter_bucket_names(self) -> Iterator[str]:
+        """Names of every bucket now in Redis."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._bucket_prefix) + "*"
+        start = len(self._bucket_prefix)
+        for key in self.redis.scan_iter(match=pattern, count=1000):
+            yield _text(key)[start:]
+
+    def status(self, *, now: float | None = None) -> list[BucketStatus]:
+        """Every bucket in Redis, sorted by name; ``now`` defaults to the Redis clock."""
+        names = sorted(self.iter_bucket_names())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(self.key(name), "tat", "blocked")
+            states: list[list[Any]] = pipe.execute()
+        at = self.server_time() if now is None else now
+        result = []
+        for name, (tat_raw, blocked_raw) in zip(names, states, strict=True):
+            if tat_raw is None and blocked_raw is None:
+                continue  # expired between SCAN and HMGET
+            rate = self.limits.rate_of(name)
+            tat = float(tat_raw) / MICROS if tat_raw is not None else at
+            blocked = float(blocked_raw) / MICROS if blocked_raw is not None else 0.0
+            blocked_until = blocked if blocked > at else None
+            level = 0
+            if rate is not None and blocked_until is None:
+                # Tokens = the part of one period the TAT leaves free, in intervals (+ float slack).
+                free = (at + rate.period - max(tat, at)) / rate.interval
+                level = max(0, min(rate.count, math.floor(free + 1e-9)))
+            result.append(BucketStatus(name, rate, level, max(tat, at), blocked_until))
+        return result
+
+
+class RateLimitCollector(Collector):
+    """Prometheus view of the buckets, read from Redis at each scrape.
+
+    Per-bucket gauges only for the few, fixed buckets (pacing, accounts' new orders, new
+    accounts); the per-domain, per-set and per-name kinds come in thousands, so they are
+    summed per kind: how many buckets exist, how many are empty, how many are blocked.
+    """
+
+    PER_BUCKET_KINDS = frozenset({"pace", "new-orders", "new-accounts"})
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the gauges (the prometheus_client collector protocol)."""
+        tokens = GaugeMetricFamily(
+            "certman_ratelimit_tokens", "Tokens available now in a bucket.", labels=["bucket"]
+        )
+        capacity = GaugeMetricFamily(
+            "certman_ratelimit_capacity", "A bucket's burst (its limit's count).", labels=["bucket"]
+        )
+        buckets = GaugeMetricFamily(
+            "certman_ratelimit_buckets", "Buckets in Redis, by kind.", labels=["kind"]
+        )
+        empty = GaugeMetricFamily(
+            "certman_ratelimit_buckets_empty", "Buckets with no token left.", labels=["kind"]
+        )
+        blocked = GaugeMetricFamily(
+            "certman_ratelimit_buckets_blocked",
+            "Buckets blocked after a CA rateLimited answer.",
+            labels=["kind"],
+        )
+        counts: dict[str, list[int]] = {}
+        for bucket in self.limiter.status():
+            per_kind = counts.setdefault(bucket.kind, [0, 0, 0])
+            per_kind[0] += 1
+            per_kind[1] += bucket.level == 0
+            per_kind[2] += bucket.blocked_until is not None
+            if bucket.kind in self.PER_BUCKET_KINDS:
+                tokens.add_metric([bucket.name], bucket.level)
+                if bucket.limit is not None:
+                    capacity.add_metric([bucket.name], bucket.limit.count)
+        for kind, (total, n_empty, n_blocked) in sorted(counts.items()):
+            buckets.add_metric([kind], total)
+            empty.add_metric([kind], n_empty)
+            blocked.add_metric([kind], n_blocked)
+        yield from (tokens, capacity, buckets, empty, blocked)
