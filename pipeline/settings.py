@@ -43,8 +43,12 @@ class Settings(BaseSettings):
 
     # --- keys -------------------------------------------------------------------------------
     edge_public_key: Path | None = Field(None, description="Public key file the pipeline seals to.")
-    edge_key_dir: Path | None = Field(None, description="Private keys an edge opens envelopes with.")
-    pipeline_key: Path | None = Field(None, description="Pipeline's own key; default data_dir/pipeline.key.")
+    edge_key_dir: Path | None = Field(
+        None, description="Private keys an edge opens envelopes with."
+    )
+    pipeline_key: Path | None = Field(
+        None, description="Pipeline's own key; default data_dir/pipeline.key."
+    )
 
     # --- HTTP-01 self-check -----------------------------------------------------------------
     http01_port: int = Field(80, ge=1, le=65535)

@@ -1,0 +1,236 @@
+"""A thin ACME client over certbot's ``acme`` library, one per worker process.
+
+What it adds to ``acme`` (ARCHITECTURE.md section 5): the ``replaces`` field on new orders,
+``badNonce`` retried more than once, the Retry-After of an error response kept, request pacing
+through the global rate limiter, and every call a single request so that no task ever sleeps
+in a poll loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import josepy as jose
+import requests
+from acme import challenges, client, errors, messages
+
+from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
+from pipeline.ratelimit import RateLimiter
+
+T = TypeVar("T")
+
+USER_AGENT = "certman/0.1 (+acme-python)"
+BAD_NONCE_TRIES = 5
+# A pacing wait shorter than this is slept inside the request (it is pacing, tens of
+# milliseconds); a longer one goes back to Celery as a countdown.
+MAX_INLINE_PACING_WAIT = 1.0
+TERMINAL_CODES = {"unauthorized", "rejectedIdentifier", "caa", "unsupportedIdentifier"}
+RETRYABLE_CODES = {"badNonce", "serverInternal", "rateLimited", "orderNotReady"}
+
+
+class NewOrderWithReplaces(messages.NewOrder):
+    """RFC 9773 (ARI) ``replaces``: Let's Encrypt exempts such renewals from its limits."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
+
+
+class _Network(client.ClientNetwork):  # type: ignore[misc]
+    """Keeps each error's Retry-After and paces every request through the limiter."""
+
+    def __init__(self, *args: Any, limiter: RateLimiter | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limiter = limiter
+        self.endpoints: dict[str, str] = {}
+
+    def _check_response(self, response: requests.Response, content_type: str | None = None) -> Any:
+        try:
+            return super()._check_response(response, content_type=content_type)
+        except messages.Error as exc:
+            exc.retry_after = _retry_after_seconds(response)  # the library drops the response
+            raise
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if self.limiter is not None:
+            decision = self.limiter.pace(self.endpoints.get(url, "acme"))
+            if not decision.allowed:
+                if decision.retry_after > MAX_INLINE_PACING_WAIT:
+                    raise RateLimited(f"pacing {url}", decision.retry_after)
+                time.sleep(decision.retry_after)
+        return super()._send_request(method, url, *args, **kwargs)
+
+
+def _retry_after_seconds(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+class AcmeClient:
+    """One account's view of one ACME directory."""
+
+    def __init__(
+        self,
+        directory_url: str,
+        account_key: jose.JWK,
+        *,
+        registration: messages.RegistrationResource | None = None,
+        ca_bundle: str | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        alg = jose.ES256 if isinstance(account_key, jose.JWKEC) else jose.RS256
+        self.net = _Network(
+            key=account_key,
+            account=registration,
+            alg=alg,
+            verify_ssl=ca_bundle or True,
+            user_agent=USER_AGENT,
+            timeout=30,
+            limiter=limiter,
+        )
+        self.account_key = account_key
+        self.directory = self._call(lambda: client.ClientV2.get_directory(directory_url, self.net))
+        self.acme = client.ClientV2(self.directory, self.net)
+        for field, endpoint in (
+            ("newNonce", "new-nonce"),
+            ("newAccount", "new-account"),
+            ("newOrder", "new-order"),
+        ):
+            if field in self.directory:
+                self.net.endpoints[self.directory[field]] = endpoint
+
+    # --- account ---------------------------------------------------------------------------
+    def register(self, email: str | None) -> messages.RegistrationResource:
+        new = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
+        try:
+            regr = self._call(lambda: self.acme.new_account(new))
+        except errors.ConflictError as exc:
+            # The key is registered already (a crash after registering): fetch that account.
+            regr = messages.RegistrationResource(uri=str(exc.location), body=messages.Registration())
+            self.net.account = regr
+            regr = self._call(lambda: self.acme.query_registration(regr))
+        self.net.account = regr
+        return regr
+
+    @property
+    def thumbprint(self) -> str:
+        return jose.b64encode(self.account_key.thumbprint()).decode("ascii")
+
+    @property
+    def supports_ari(self) -> bool:
+        return "renewalInfo" in self.directory
+
+    @property
+    def profiles(self) -> dict[str, str]:
+        meta = self.directory.meta
+        return dict(getattr(meta, "profiles", None) or {})
+
+    # --- orders ----------------------------------------------------------------------------
+    def new_order(
+        self, names: list[str], *, profile: str | None = None, replaces: str | None = None
+    ) -> tuple[str, messages.Order]:
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        body = NewOrderWithReplaces(
+            identifiers=identifiers,
+            profile=profile if profile and profile in self.profiles else None,
+            replaces=replaces if replaces and self.supports_ari else None,
+        )
+        response = self._call(lambda: self.acme._post(self.directory["newOrder"], body))
+        return response.headers["Location"], messages.Order.from_json(response.json())
+
+    def get_order(self, url: str) -> tuple[messages.Order, float | None]:
+        response = self._call(lambda: self.acme._post_as_get(url))
+        return messages.Order.from_json(response.json()), _retry_after_seconds(response)
+
+    def get_authorization(self, url: str) -> messages.Authorization:
+        response = self._call(lambda: self.acme._post_as_get(url))
+        return messages.Authorization.from_json(response.json())
+
+    def key_authorization(self, token: str) -> str:
+        return f"{token}.{self.thumbprint}"
+
+    def answer_challenge(self, url: str) -> None:
+        self._call(lambda: self.acme._post(url, challenges.HTTP01Response()))
+
+    def finalize(self, url: str, csr_der: bytes) -> messages.Order:
+        from cryptography import x509
+
+        request = messages.CertificateRequest(csr=x509.load_der_x509_csr(csr_der))
+        response = self._call(lambda: self.acme._post(url, request))
+        return messages.Order.from_json(response.json())
+
+    def download(self, url: str) -> str:
+        response = self._call(lambda: self.acme._post_as_get(url))
+        return str(response.text)
+
+    def renewal_window(self, cert_pem: bytes) -> tuple[dt.datetime, dt.datetime] | None:
+        """The CA's ARI suggested window for a certificate, or None where there is no ARI."""
+        if not self.supports_ari:
+            return None
+        from acme.client import _renewal_info_path_component
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        url = self.directory["renewalInfo"].rstrip("/") + "/" + _renewal_info_path_component(cert)
+        response = self._call(lambda: self.net.get(url, content_type="application/json"))
+        info = messages.RenewalInfo.from_json(response.json())
+        window = info.suggested_window
+        return window.start, window.end
+
+    # --- error handling --------------------------------------------------------------------
+    def _call(self, request: Callable[[], T]) -> T:
+        """One request, with badNonce retried here and every failure classified."""
+        for attempt in range(BAD_NONCE_TRIES):
+            try:
+                return request()
+            except messages.Error as exc:
+                if exc.code == "badNonce" and attempt + 1 < BAD_NONCE_TRIES:
+                    continue
+                raise classify(exc) from exc
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise RetryLater(f"ACME server unreachable: {exc}", 10) from exc
+            except errors.ClientError as exc:
+                raise RetryLater(f"ACME client error: {exc}", 10) from exc
+        raise AssertionError("unreachable")
+
+
+def classify(exc: messages.Error) -> Exception:
+    """Map a CA problem document to what the pipeline should do about it."""
+    code = exc.code or ""
+    detail = exc.detail or str(exc)
+    retry_after = getattr(exc, "retry_after", None)
+    if code == "rateLimited":
+        return RateLimited(f"rate limited by the CA: {detail}", retry_after or 3600)
+    if code in TERMINAL_CODES:
+        return NameRefused(f"the CA refuses: {detail}", error_type=code)
+    if code in RETRYABLE_CODES or exc.typ is None or "serverInternal" in (exc.typ or ""):
+        return RetryLater(f"{code or 'server error'}: {detail}", retry_after or 5)
+    return AttemptFailed(f"{code}: {detail}", error_type=code)
+
+
+_clients: dict[str, AcmeClient] = {}
+
+
+def get_client() -> AcmeClient:
+    """This process's client, built from the stored account (registered on first use)."""
+    from pipeline.accounts import build_client
+
+    client_ = _clients.get("default")
+    if client_ is None:
+        client_ = _clients["default"] = build_client()
+    return client_
+
+
+def reset() -> None:
+    """Forget clients: their TLS connections must not cross a fork."""
+    _clients.clear()

@@ -1,0 +1,198 @@
+"""The ``certman`` command. Exit status 0 on success, non-zero with a one-line reason otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import redis
+import sqlalchemy.exc
+
+from pipeline.settings import Settings, SettingsError, get_settings
+
+# Errors a user can act on: shown as one line, never as a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    SettingsError,
+    ValueError,  # InvalidName, SiteError, a bad rate string
+    OSError,
+    sqlalchemy.exc.OperationalError,
+    redis.exceptions.ConnectionError,
+)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USER_ERRORS as exc:
+            _fail(_one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, sqlalchemy.exc.OperationalError):
+        return f"database unavailable: {str(exc.orig).strip().splitlines()[0]}"
+    if isinstance(exc, redis.exceptions.ConnectionError):
+        return f"Redis unavailable: {exc}"
+    from pipeline.keys import KeyFileError
+
+    if isinstance(exc, KeyFileError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"certman: {message}", err=True)
+    sys.exit(1)
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@click.group(cls=_Group)
+def main() -> None:
+    """certman: HTTPS for thousands of customer-owned domains."""
+
+
+# --- db ------------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def db() -> None:
+    """The store's schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations (creates the SQLite file for the embedded default)."""
+    from pipeline import db as store
+
+    store.upgrade(_settings().effective_database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+# --- domains -------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def domains() -> None:
+    """Dealer sites and their names."""
+
+
+@domains.command("add")
+@click.argument("name")
+@click.option("--alias", "aliases", multiple=True, help="Another name on the same certificate.")
+@click.option("--upstream", help="Where to proxy the site, e.g. http://10.0.0.5:8080.")
+@click.option("--customer-ref", help="The platform's own reference for this site.")
+def domains_add(
+    name: str, aliases: Sequence[str], upstream: str | None, customer_ref: str | None
+) -> None:
+    """Add a site and queue its certificate."""
+    from pipeline import issuance
+    from pipeline.db import session_scope
+    from pipeline.sites import add_site, parse_site
+
+    new = parse_site(name, aliases, upstream, customer_ref)
+    with session_scope() as session:
+        site, created = add_site(session, new)
+        record = issuance.site_record(session, site)
+    issuance.publish_record(record)
+    if created:
+        # Only after the commit: a worker must find the row the message talks about.
+        issuance.kick_dispatch()
+        click.echo(f"added {new.domain}; issuance queued")
+    else:
+        click.echo(f"{new.domain} already there")
+
+
+@domains.command("remove")
+@click.argument("name")
+def domains_remove(name: str) -> None:
+    """Remove a site: stop its orders, and take its certificate off every edge."""
+    from pipeline import issuance
+    from pipeline.db import session_scope
+    from pipeline.sites import remove_site
+
+    with session_scope() as session:
+        site = remove_site(session, name)
+        domain = site.domain
+    issuance.unpublish(domain)
+    click.echo(f"removed {domain}")
+
+
+@domains.command("list")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array (the scripting contract).")
+def domains_list(as_json: bool) -> None:
+    """Every site with its state, expiry and last error."""
+    from pipeline.db import session_scope
+    from pipeline.sites import list_sites
+
+    with session_scope() as session:
+        rows = list_sites(session)
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        names = " ".join([row["domain"], *row["aliases"]])
+        expiry = row["not_after"] or "-"
+        error = f"  ({row['last_error']})" if row["last_error"] else ""
+        click.echo(f"{names:50} {row['state']:9} {expiry}{error}")
+
+
+# --- keys ----------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def keys() -> None:
+    """Edge keys that certificate keys are sealed to."""
+
+
+@keys.command("generate")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--scheme",
+    type=click.Choice(["hpke-x25519", "hpke-xwing", "legacy-rsa"]),
+    default="hpke-x25519",
+    show_default=True,
+)
+def keys_generate(directory: Path, scheme: str) -> None:
+    """Write DIR/<key id>.key (mode 0600) and DIR/<key id>.pub; print the key id."""
+    from pipeline.envelope import Scheme
+    from pipeline.keys import generate_keypair
+
+    click.echo(generate_keypair(directory, Scheme(scheme)))
+
+
+@keys.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def keys_status(as_json: bool) -> None:
+    """Envelopes in the store per scheme and key id: retire a key when none is left on it."""
+    from pipeline.db import session_scope
+    from pipeline.status import envelope_counts
+
+    with session_scope() as session:
+        rows = envelope_counts(session)
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['scheme']:12} {row['key_id']:18} {row['certificates']}")
+
+
+# --- status --------------------------------------------------------------------------------------
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Sites by state, orders in flight, stuck orders, soonest expiry, rate-limit buckets."""
+    from pipeline.status import collect
+
+    report = collect()
+    if as_json:
+        _print_json(report)
+        return
+    for key, value in report.items():
+        click.echo(f"{key}: {json.dumps(value, default=str)}")

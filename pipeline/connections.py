@@ -1,0 +1,36 @@
+"""The process's Redis connection and rate limiter, made on first use and dropped after a fork."""
+
+from __future__ import annotations
+
+import redis
+
+from pipeline.ratelimit import Limits, RateLimiter
+from pipeline.settings import get_settings
+
+_redis: redis.Redis | None = None
+_limiter: RateLimiter | None = None
+
+
+def get_redis() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(
+            get_settings().redis_url, socket_timeout=10, health_check_interval=30
+        )
+    return _redis
+
+
+def get_limiter() -> RateLimiter:
+    global _limiter
+    if _limiter is None:
+        settings = get_settings()
+        _limiter = RateLimiter(
+            get_redis(), Limits.from_settings(settings), prefix=settings.redis_prefix
+        )
+    return _limiter
+
+
+def reset() -> None:
+    global _redis, _limiter
+    _redis = None
+    _limiter = None

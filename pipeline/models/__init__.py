@@ -1,0 +1,21 @@
+"""The store's schema. Changed only by an Alembic migration (see migrations/)."""
+
+from pipeline.models.account import Account
+from pipeline.models.attempt import Attempt
+from pipeline.models.base import Base
+from pipeline.models.certificate import Certificate
+from pipeline.models.order import Order, OrderKind, OrderStep
+from pipeline.models.site import Site, SiteName, SiteState
+
+__all__ = [
+    "Account",
+    "Attempt",
+    "Base",
+    "Certificate",
+    "Order",
+    "OrderKind",
+    "OrderStep",
+    "Site",
+    "SiteName",
+    "SiteState",
+]

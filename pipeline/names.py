@@ -1,0 +1,88 @@
+"""Domain names: validated and normalised in one place, for the CLI and the onboarding script.
+
+The public suffix list comes from ``publicsuffixlist``: it ships the list inside the package (no
+network at run time), is updated with each release, and knows private suffixes such as
+``github.io`` as well as ICANN ones, so nobody here maintains a list by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+
+import idna
+from publicsuffixlist import PublicSuffixList
+
+MAX_NAME = 253
+MAX_LABEL = 63
+_LDH = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+
+
+class InvalidName(ValueError):
+    """A name we will not ask a CA for; the message says why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    # accept_unknown=False: a TLD the list does not know is not a suffix we can issue under.
+    return PublicSuffixList(accept_unknown=False)
+
+
+def normalise(raw: str) -> str:
+    """The A-label, lower-case form of a name, or :class:`InvalidName` with the reason."""
+    name = raw.strip()
+    if not name:
+        raise InvalidName(raw, "empty name")
+    if name.endswith("."):
+        name = name[:-1]
+    if "*" in name:
+        raise InvalidName(raw, "wildcards are not supported (HTTP-01 cannot validate them)")
+    if _is_ip_address(name):
+        raise InvalidName(raw, "an IP address, not a domain name")
+    try:
+        # uts46 maps case and width the way browsers do before the IDNA 2008 check.
+        name = idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise InvalidName(raw, f"not a valid domain name ({exc})") from None
+    except UnicodeError:
+        raise InvalidName(raw, "not a valid domain name (a label is empty or too long)") from None
+    name = name.lower()
+    if len(name) > MAX_NAME:
+        raise InvalidName(raw, f"longer than {MAX_NAME} characters")
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            raise InvalidName(raw, "empty label (two dots in a row)")
+        if len(label) > MAX_LABEL:
+            raise InvalidName(raw, f"label {label[:20]!r}... longer than {MAX_LABEL} characters")
+        if label.startswith("-") or label.endswith("-"):
+            raise InvalidName(raw, f"label {label!r} starts or ends with a hyphen")
+        if not _LDH.match(label):
+            raise InvalidName(raw, f"label {label!r} has characters other than a-z, 0-9, '-'")
+    if len(labels) < 2:
+        raise InvalidName(raw, "not a fully qualified name")
+    psl = _psl()
+    if psl.publicsuffix(name) is None:
+        raise InvalidName(raw, f"'.{labels[-1]}' is not a known public suffix")
+    if psl.privatesuffix(name) is None:
+        raise InvalidName(raw, "a public suffix itself, which no one can own")
+    return name
+
+
+def registered_domain(name: str) -> str:
+    """The name's registrable domain (``www.example.co.uk`` -> ``example.co.uk``)."""
+    return _psl().privatesuffix(name) or name
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True

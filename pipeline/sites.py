@@ -1,0 +1,172 @@
+"""Sites: adding, removing and listing dealer websites in the store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteState
+from pipeline.models.base import utcnow
+from pipeline.names import InvalidName, normalise
+
+
+class SiteError(ValueError):
+    """A request about sites that cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True)
+class NewSite:
+    """A validated request to onboard one site."""
+
+    domain: str
+    aliases: tuple[str, ...] = ()
+    upstream: str | None = None
+    customer_ref: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.domain, *self.aliases)
+
+
+def validate_upstream(raw: str | None) -> str | None:
+    if raw is None or not raw.strip():
+        return None
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SiteError(f"upstream {raw!r}: must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise SiteError(f"upstream {raw!r}: must not have a query or fragment")
+    return url.rstrip("/")
+
+
+def parse_site(
+    domain: str,
+    aliases: Sequence[str] = (),
+    upstream: str | None = None,
+    customer_ref: str | None = None,
+) -> NewSite:
+    """Validate and normalise a site request: the one function the CLI and onboarding share."""
+    primary = normalise(domain)
+    extra: list[str] = []
+    for raw in aliases:
+        try:
+            alias = normalise(raw)
+        except InvalidName as exc:
+            raise InvalidName(exc.name, f"alias: {exc.reason}") from None
+        if alias != primary and alias not in extra:
+            extra.append(alias)
+    # Let's Encrypt's limit on names per certificate.
+    if len(extra) + 1 > 100:
+        raise SiteError(f"{primary}: more than 100 names in one certificate")
+    return NewSite(primary, tuple(extra), validate_upstream(upstream), customer_ref)
+
+
+def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> tuple[Site, bool]:
+    """Store a site; returns it and whether it was created (False: it was already there).
+
+    Re-adding a site with the same names is a no-op that may update its upstream; a name that
+    already belongs to another site is refused, and nothing is written.
+    """
+    owners = dict(
+        session.execute(
+            select(SiteName.name, Site.domain).join(Site).where(SiteName.name.in_(new.names))
+        ).all()
+    )
+    taken = {name: owner for name, owner in owners.items() if owner != new.domain}
+    if taken:
+        name, owner = next(iter(taken.items()))
+        raise SiteError(f"{name} already belongs to site {owner}")
+    site = session.scalar(
+        select(Site).where(Site.domain == new.domain).options(selectinload(Site.names))
+    )
+    if site is not None:
+        if set(site.all_names) != set(new.names):
+            raise SiteError(
+                f"{new.domain} exists with names {', '.join(site.all_names)}; "
+                "remove it first to change its names"
+            )
+        if new.upstream and new.upstream != site.upstream:
+            site.upstream = new.upstream
+        return site, False
+    site = Site(
+        domain=new.domain,
+        upstream=new.upstream,
+        customer_ref=new.customer_ref,
+        state=SiteState.PENDING,
+        next_attempt_at=now or utcnow(),
+        names=[SiteName(name=name) for name in new.names],
+    )
+    session.add(site)
+    session.flush()
+    return site, True
+
+
+def find_site(session: Session, name: str) -> Site:
+    """The site that a name (primary or alias) belongs to, or :class:`SiteError`."""
+    normalised = normalise(name)
+    site = session.scalar(select(Site).join(SiteName).where(SiteName.name == normalised))
+    if site is None:
+        raise SiteError(f"{normalised} is not a known site or alias")
+    return site
+
+
+def remove_site(session: Session, name: str) -> Site:
+    """Delete a site with its names, orders and certificates; unfinished orders are cancelled."""
+    site = find_site(session, name)
+    session.execute(
+        update(Order)
+        .where(Order.site_id == site.id, Order.step.not_in([s.value for s in _FINISHED]))
+        .values(step=OrderStep.CANCELLED, finished_at=utcnow())
+    )
+    session.delete(site)
+    session.flush()
+    return site
+
+
+_FINISHED = (OrderStep.DONE, OrderStep.FAILED, OrderStep.CANCELLED)
+
+
+def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int, Certificate]:
+    rows = session.scalars(
+        select(Certificate).where(Certificate.site_id.in_(site_ids), Certificate.current)
+    )
+    return {cert.site_id: cert for cert in rows}
+
+
+def list_sites(session: Session) -> list[dict[str, Any]]:
+    """The ``certman domains list --json`` objects (ARCHITECTURE.md section 4)."""
+    sites = session.scalars(
+        select(Site).options(selectinload(Site.names)).order_by(Site.domain)
+    ).all()
+    certs = current_certificates(session, [s.id for s in sites])
+    out = []
+    for site in sites:
+        cert = certs.get(site.id)
+        out.append(
+            {
+                "domain": site.domain,
+                "aliases": [n for n in site.all_names if n != site.domain],
+                "state": site.state,
+                "not_after": cert.not_after.isoformat() if cert else None,
+                "renew_at": cert.renew_at.isoformat() if cert else None,
+                "serial": cert.serial if cert else None,
+                "upstream": site.upstream,
+                "last_error": site.last_error,
+                "next_attempt_at": site.next_attempt_at.isoformat()
+                if site.next_attempt_at
+                else None,
+            }
+        )
+    return out
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Site.state, func.count()).group_by(Site.state)).all()
+    return {str(state): int(n) for state, n in rows}
