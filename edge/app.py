@@ -1,0 +1,234 @@
+"""Composition root: builds one edge process's services and its three Tornado servers.
+
+``Edge`` is what the CLI runs after (maybe) forking, and what tests run in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tornado.httpserver import HTTPServer
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
+
+from edge.challenges import ChallengeHandler, ChallengeStore
+from edge.metrics import EdgeMetrics
+from edge.proxy import Lifecycle, ProxySettings, SiteHandler
+from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
+from edge.state import SiteIndex
+from edge.sync import Syncer, aclose
+from pipeline.distribution import SiteRecord
+from pipeline.keys import Keyring
+
+__all__ = ["Edge", "EdgeConfig", "make_metrics_app", "make_site_app"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    redis_url: str
+    prefix: str = "certman"
+    cache_size: int = 10_000
+    warm: bool = False
+    https_public_port: int = 443
+    reconcile_interval: float = 5.0
+    connect_timeout: float = 5.0
+    request_timeout: float = 300.0
+    idle_timeout: float = 60.0
+    shutdown_grace: float = 30.0
+    max_upstream_connections: int = 1000
+
+
+def make_site_app(
+    proxy: ProxySettings, scheme: str, challenges: ChallengeStore | None
+) -> tornado.web.Application:
+    routes: list[Any] = []
+    if challenges is not None:
+        routes.append(
+            (r"/\.well-known/acme-challenge/([^/]+)", ChallengeHandler, {"challenges": challenges})
+        )
+    routes.append((r".*", SiteHandler, {"settings": proxy, "scheme": scheme}))
+    return tornado.web.Application(routes)
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, metrics: EdgeMetrics) -> None:
+        self._metrics = metrics
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self._metrics.registry))
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    def initialize(self, syncer: Syncer) -> None:
+        self._syncer = syncer
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        if not self._syncer.ready.is_set():
+            self.set_status(503)
+            self.finish("starting: no snapshot yet\n")
+            return
+        state = "in sync" if self._syncer.connected else f"Redis lost {self._syncer.lag():.0f}s ago"
+        self.finish(f"ok, version {self._syncer.version}, {state}\n")
+
+
+def make_metrics_app(metrics: EdgeMetrics, syncer: Syncer) -> tornado.web.Application:
+    return tornado.web.Application(
+        [
+            (r"/metrics", MetricsHandler, {"metrics": metrics}),
+            (r"/healthz", HealthHandler, {"syncer": syncer}),
+        ]
+    )
+
+
+class Edge:
+    """One edge process. Create and use it inside a running event loop."""
+
+    def __init__(self, config: EdgeConfig, keyring: Keyring, listening: ssl.SSLContext) -> None:
+        self.config = config
+        self.metrics = m = EdgeMetrics()
+        self.index = SiteIndex()
+        self._async_redis: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
+            config.redis_url, socket_connect_timeout=1, socket_timeout=2
+        )
+        # The SNI callback runs inside OpenSSL's handshake, which cannot await: it gets a plain
+        # blocking client with short timeouts, used only when the site's context is not cached.
+        self._blocking_redis: redis.Redis[Any] = redis.Redis.from_url(
+            config.redis_url, socket_connect_timeout=0.2, socket_timeout=0.5
+        )
+        self.challenges = ChallengeStore(self._async_redis, config.prefix)
+        self.syncer = Syncer(
+            config.redis_url,
+            config.prefix,
+            self.index,
+            self.challenges,
+            m,
+            reconcile_interval=config.reconcile_interval,
+        )
+        self.contexts = SiteContexts(
+            self.index, keyring, self._fetch_blob, ContextCache(config.cache_size, m), m
+        )
+        listening.sni_callback = SniSelector(self.index, self.contexts, m)
+        self.listening = listening
+        m.certificates_known.set_function(self.index.certificates_known)
+        m.soonest_expiry.set_function(self.index.soonest_expiry)
+        m.cached_contexts.set_function(lambda: len(self.contexts.cache))
+        self.lifecycle = Lifecycle()
+        self._client = SimpleAsyncHTTPClient(
+            force_instance=True,
+            max_clients=config.max_upstream_connections,
+            max_body_size=1 << 40,  # bodies are streamed, never held whole
+        )
+        self._servers: list[HTTPServer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def _fetch_blob(self, domain: str) -> bytes | None:
+        if not self.syncer.connected:
+            # Fail fast instead of blocking the event loop on a connect timeout per handshake.
+            raise SiteUnavailable(domain)
+        try:
+            value = self._blocking_redis.hget(f"{self.config.prefix}:sites", domain)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise SiteUnavailable(domain) from exc
+        return value if isinstance(value, bytes) or value is None else str(value).encode()
+
+    def start(
+        self,
+        http: list[socket.socket],
+        https: list[socket.socket],
+        metrics: list[socket.socket],
+    ) -> None:
+        proxy = ProxySettings(
+            index=self.index,
+            metrics=self.metrics,
+            client=self._client,
+            lifecycle=self.lifecycle,
+            https_port=self.config.https_public_port,
+            connect_timeout=self.config.connect_timeout,
+            request_timeout=self.config.request_timeout,
+        )
+        timeouts: dict[str, Any] = {
+            "idle_connection_timeout": self.config.idle_timeout,
+            "body_timeout": self.config.idle_timeout,
+        }
+        plain = HTTPServer(make_site_app(proxy, "http", self.challenges), **timeouts)
+        tls = HTTPServer(
+            make_site_app(proxy, "https", None), ssl_options=self.listening, **timeouts
+        )
+        stats = HTTPServer(make_metrics_app(self.metrics, self.syncer))
+        for server, socks in ((plain, http), (tls, https), (stats, metrics)):
+            server.add_sockets(socks)
+            self._servers.append(server)
+        self._tasks.append(asyncio.create_task(self.syncer.run(), name="certman-sync"))
+        if self.config.warm:
+            self._tasks.append(asyncio.create_task(self._warm(), name="certman-warm"))
+
+    async def _warm(self) -> None:
+        """Build contexts for as many sites as the cache holds, in the background."""
+        await self.syncer.ready.wait()
+        started = time.monotonic()
+        domains = [d for d, meta in self.index.sites.items() if meta.has_cert]
+        domains = domains[: self.contexts.cache.size]
+        built = 0
+        for i in range(0, len(domains), 100):
+            batch = [d for d in domains[i : i + 100] if d not in self.contexts.cache]
+            if not batch:
+                continue
+            try:
+                blobs = await self._async_redis.hmget(f"{self.config.prefix}:sites", batch)
+            except (redis.ConnectionError, redis.TimeoutError):
+                log.warning("warm-up stopped: Redis unreachable")
+                return
+            for raw in blobs:
+                if raw is not None:
+                    record = SiteRecord.from_json(raw)
+                    meta = self.index.sites.get(record.domain)
+                    if meta is not None and not self.contexts.failed(meta):
+                        self.contexts.install(record)
+                        built += 1
+                # Let handshakes and requests in between two ~1.5 ms builds.
+                await asyncio.sleep(0)
+        log.info("warm-up: %d contexts in %.1f s", built, time.monotonic() - started)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.syncer.ready.wait(), timeout)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run_until_stopped(self) -> None:
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), then close."""
+        self.lifecycle.draining = True
+        for server in self._servers:
+            server.stop()
+        if self.lifecycle.in_flight:
+            log.info("draining %d in-flight requests", self.lifecycle.in_flight)
+            try:
+                await asyncio.wait_for(self.lifecycle.idle.wait(), self.config.shutdown_grace)
+            except TimeoutError:
+                log.warning("%d requests still running at shutdown", self.lifecycle.in_flight)
+        for server in self._servers:
+            await server.close_all_connections()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._client.close()
+        await aclose(self._async_redis)
+        self._blocking_redis.close()

@@ -1,0 +1,82 @@
+"""HTTP-01 key authorizations: from memory (filled by events), else one Redis GET."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import redis
+import redis.asyncio
+import tornado.web
+
+from pipeline.distribution import challenge_key
+
+__all__ = ["ChallengeHandler", "ChallengeStore", "valid_token"]
+
+# RFC 8555 tokens are base64url without padding; anything else is not ours and never reaches Redis.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def valid_token(token: str) -> bool:
+    return _TOKEN.fullmatch(token) is not None
+
+
+class ChallengeStore:
+    def __init__(self, client: redis.asyncio.Redis[Any], prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        # token -> (key authorization, monotonic expiry)
+        self._memory: dict[str, tuple[str, float]] = {}
+
+    def put(self, token: str, key_authorization: str, ttl: float) -> None:
+        self._memory[token] = (key_authorization, time.monotonic() + ttl)
+
+    def discard(self, token: str) -> None:
+        self._memory.pop(token, None)
+
+    def clear(self) -> None:
+        """After a lost connection removals may have been missed: trust Redis again."""
+        self._memory.clear()
+
+    async def get(self, token: str) -> str | None:
+        if not valid_token(token):
+            return None
+        entry = self._memory.get(token)
+        if entry is not None:
+            if entry[1] > time.monotonic():
+                return entry[0]
+            del self._memory[token]
+        try:
+            value = await self._client.get(challenge_key(self._prefix, token))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return None
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ChallengeHandler(tornado.web.RequestHandler):
+    """``GET /.well-known/acme-challenge/<token>`` on port 80 (RFC 8555 section 8.3).
+
+    The body is exactly the key authorization (no newline), as in the RFC's example exchange.
+    """
+
+    def initialize(self, challenges: ChallengeStore) -> None:
+        self._challenges = challenges
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    async def get(self, token: str) -> None:
+        key_authorization = await self._challenges.get(token)
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Cache-Control", "no-store")
+        if key_authorization is None:
+            self.set_status(404)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish("unknown challenge token\n")
+            return
+        self.finish(key_authorization.encode())
+
+    head = get

@@ -1,0 +1,178 @@
+"""``certman-edge``: bind the ports, load the keys, optionally pre-fork, serve.
+
+Sockets and the listening TLS context (which holds the session-ticket keys) are created before
+forking, so every process accepts on the same ports and resumes the others' tickets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from tornado.netutil import bind_sockets
+
+from edge.app import Edge, EdgeConfig
+from edge.tls import listening_context
+from pipeline.keys import KeyFileError, Keyring
+from pipeline.settings import SettingsError, get_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("edge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="certman-edge", description=__doc__.splitlines()[0])
+    p.add_argument("--http-port", type=int, default=None, help="default: CERTMAN_HTTP01_PORT")
+    p.add_argument("--https-port", type=int, default=443)
+    p.add_argument("--metrics-port", type=int, default=9443, help="worker i uses this + i")
+    p.add_argument("--address", default="", help="address to bind (default: all)")
+    p.add_argument("--public-https-port", type=int, default=None, help="port in redirects")
+    p.add_argument("--processes", type=int, default=None, help="default: CERTMAN_EDGE_PROCESSES")
+    p.add_argument("--key-dir", type=Path, default=None, help="default: CERTMAN_EDGE_KEY_DIR")
+    p.add_argument("--redis-url", default=None, help="default: CERTMAN_REDIS_URL")
+    p.add_argument("--redis-prefix", default=None, help="default: CERTMAN_REDIS_PREFIX")
+    p.add_argument("--cache-size", type=int, default=None, help="default: CERTMAN_EDGE_CACHE_SIZE")
+    p.add_argument("--warm", action="store_true", help="build contexts in the background at start")
+    p.add_argument("--reconcile-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"certman-edge: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
+    key_dir = args.key_dir or settings.edge_key_dir
+    if key_dir is None:
+        _fail("no key directory: pass --key-dir or set CERTMAN_EDGE_KEY_DIR")
+    try:
+        keyring = Keyring.load_dir(key_dir)
+    except KeyFileError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{key_dir}: {exc.strerror or exc}")
+    processes = args.processes or settings.edge_processes
+    cache_size = args.cache_size or settings.edge_cache_size
+    if processes < 1 or cache_size < 1:
+        _fail("--processes and --cache-size must be at least 1")
+    http_port = args.http_port if args.http_port is not None else settings.http01_port
+    try:
+        http = bind_sockets(http_port, args.address or None)
+        https = bind_sockets(args.https_port, args.address or None)
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror or exc}")
+    listening = listening_context()
+    config = EdgeConfig(
+        redis_url=args.redis_url or settings.redis_url,
+        prefix=args.redis_prefix or settings.redis_prefix,
+        cache_size=cache_size,
+        warm=args.warm,
+        https_public_port=args.public_https_port or args.https_port,
+        reconcile_interval=args.reconcile_interval,
+    )
+    worker = 0
+    if processes > 1:
+        forked = _fork_workers(processes)
+        if forked is None:
+            return  # the supervisor: every worker has exited
+        worker = forked
+    try:
+        metrics = bind_sockets(args.metrics_port + worker, args.address or None)
+    except OSError as exc:
+        _fail(f"cannot listen for metrics: {exc.strerror or exc}")
+    asyncio.run(_serve(config, keyring, listening, http, https, metrics))
+
+
+async def _serve(
+    config: EdgeConfig,
+    keyring: Keyring,
+    listening: ssl.SSLContext,
+    http: list[socket.socket],
+    https: list[socket.socket],
+    metrics: list[socket.socket],
+) -> None:
+    edge = Edge(config, keyring, listening)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, edge.request_stop)
+    edge.start(http, https, metrics)
+    log.info("serving; waiting for the first snapshot from Redis")
+    await edge.run_until_stopped()
+    log.info("stopped")
+
+
+def _fork_workers(count: int) -> int | None:
+    """Fork ``count`` workers; return the worker's index in a child, None in the supervisor.
+
+    Not ``tornado.process.fork_processes``: its parent cannot forward SIGTERM to the workers, so
+    stopping the service would kill them without draining. This one forwards SIGTERM/SIGINT,
+    restarts a worker that crashed, and returns once every worker has exited.
+    """
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(index: int) -> bool:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            return True
+        children[pid] = index
+        return False
+
+    def forward(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # Installed before forking so that a signal in between is not lost; the child resets them.
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for index in range(count):
+        if spawn(index):
+            return index
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index_or_none = children.pop(pid, None)
+        if index_or_none is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or code == 0:
+            continue
+        log.warning("worker %d exited with %d; restarting it", index_or_none, code)
+        time.sleep(1)  # a worker that dies at start must not turn this into a fork loop
+        if spawn(index_or_none):
+            return index_or_none
+    return None
+
+
+if __name__ == "__main__":
+    main()

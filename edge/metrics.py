@@ -1,0 +1,97 @@
+"""Prometheus metrics of one edge process, on a registry of its own.
+
+A registry per edge (not the global one) keeps several edges in one test process apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+__all__ = ["EdgeMetrics"]
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.handshakes = Counter(
+            "certman_edge_sni_total",
+            "TLS handshakes by the SNI callback's outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "certman_edge_context_cache_hits_total",
+            "SNI lookups served from cache.",
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "certman_edge_context_cache_misses_total",
+            "SNI lookups that had to open an envelope and build a context.",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "certman_edge_context_cache_evictions_total",
+            "Contexts dropped by the LRU bound or because their certificate changed.",
+            ["reason"],
+            registry=r,
+        )
+        self.envelope_failures = Counter(
+            "certman_edge_envelope_open_failures_total",
+            "Envelopes that could not be opened, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.context_build_seconds = Counter(
+            "certman_edge_context_build_seconds_total",
+            "Time spent opening envelopes and building contexts.",
+            registry=r,
+        )
+        self.sync_events = Counter(
+            "certman_edge_sync_events_total",
+            "Events applied, by type.",
+            ["type"],
+            registry=r,
+        )
+        self.sync_resnapshots = Counter(
+            "certman_edge_sync_snapshots_total", "Snapshots read, by cause.", ["cause"], registry=r
+        )
+        self.sync_connection_errors = Counter(
+            "certman_edge_sync_connection_errors_total",
+            "Lost Redis connections.",
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "certman_edge_upstream_errors_total",
+            "Failed proxied requests.",
+            ["kind"],
+            registry=r,
+        )
+        self.certificates_known = Gauge(
+            "certman_edge_certificates_known", "Sites with a certificate in the index.", registry=r
+        )
+        self.soonest_expiry = Gauge(
+            "certman_edge_certificate_soonest_expiry_timestamp_seconds",
+            "not_after of the certificate that expires first (0 if none).",
+            registry=r,
+        )
+        self.cached_contexts = Gauge(
+            "certman_edge_context_cache_size", "TLS contexts in the cache.", registry=r
+        )
+        self.sync_connected = Gauge(
+            "certman_edge_sync_connected", "1 while subscribed to the change channel.", registry=r
+        )
+        self.sync_lag = Gauge(
+            "certman_edge_sync_lag_seconds",
+            "Seconds since the edge last confirmed it holds the current version.",
+            registry=r,
+        )
+        self.sync_version = Gauge(
+            "certman_edge_sync_version", "Distribution version the edge has applied.", registry=r
+        )
+
+    @staticmethod
+    def bind(gauge: Gauge, fn: Callable[[], float]) -> None:
+        gauge.set_function(fn)

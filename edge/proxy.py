@@ -1,0 +1,242 @@
+"""The site handler shared by both ports: redirect, 421, or a streaming reverse proxy.
+
+Bodies are streamed both ways: the request body flows from ``data_received`` through a small
+queue into the upstream request's ``body_producer`` (a full queue stops reading from the
+client), and the response body goes out chunk by chunk from ``streaming_callback``, whose
+returned flush future makes Tornado wait for a slow client before reading more from upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import tornado.web
+from tornado import httputil
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.simple_httpclient import HTTPTimeoutError
+
+from edge.metrics import EdgeMetrics
+from edge.sni import sni_name
+from edge.state import SiteIndex, normalize_host
+
+__all__ = ["Lifecycle", "ProxySettings", "SiteHandler", "HOP_BY_HOP"]
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 section 7.6.1, plus the non-standard ones proxies have always dropped.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Tornado answers "Expect: 100-continue" itself before reading the body; passing it on would make
+# the upstream send a second 100 the client never asked for.
+_NOT_FORWARDED = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+_BODY_QUEUE_CHUNKS = 8
+_END = b""
+
+
+@dataclass
+class Lifecycle:
+    """In-flight request count, so a graceful shutdown knows when it may close connections."""
+
+    in_flight: int = 0
+    draining: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    index: SiteIndex
+    metrics: EdgeMetrics
+    client: AsyncHTTPClient
+    lifecycle: Lifecycle
+    https_port: int  # the public HTTPS port, for redirects
+    connect_timeout: float = 5.0
+    request_timeout: float = 300.0
+
+
+def _hop_by_hop(headers: httputil.HTTPHeaders) -> frozenset[str]:
+    named = {t.strip().lower() for v in headers.get_list("Connection") for t in v.split(",")}
+    return _NOT_FORWARDED | frozenset(named)
+
+
+def _plain(handler: tornado.web.RequestHandler, status: int, text: str) -> None:
+    handler.clear()
+    handler.set_status(status)
+    handler.set_header("Content-Type", "text/plain; charset=utf-8")
+    handler.finish(f"{status} {HTTPStatus(status).phrase}: {text}\n")
+
+
+@tornado.web.stream_request_body
+class SiteHandler(tornado.web.RequestHandler):
+    def initialize(self, settings: ProxySettings, scheme: str) -> None:
+        self._cfg = settings
+        self._scheme = scheme
+        self._counted = False
+        self._queue: asyncio.Queue[bytes] | None = None
+        self._fetch: asyncio.Future[HTTPResponse] | None = None
+        self._response_started = False
+        self._pending_headers: list[str] = []
+
+    def compute_etag(self) -> str | None:
+        return None  # the upstream's ETag (if any) passes through untouched
+
+    # ---- request side -----------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        self._cfg.lifecycle.started()
+        self._counted = True
+        if self._cfg.lifecycle.draining:
+            self.set_header("Connection", "close")
+        host = normalize_host(self.request.host or "")
+        if self._scheme == "https":
+            stream = getattr(self.request.connection, "stream", None)
+            sni = sni_name(getattr(stream, "socket", None))
+            if sni is None or host != sni:
+                _plain(self, 421, "this connection is not for that host")
+                return
+        meta = self._cfg.index.lookup(host)
+        if meta is None:
+            _plain(self, 404, "unknown site")
+            return
+        if self._scheme == "http" and meta.has_cert:
+            port = "" if self._cfg.https_port == 443 else f":{self._cfg.https_port}"
+            status = 301 if self.request.method in ("GET", "HEAD") else 308
+            self.redirect(f"https://{host}{port}{self.request.uri}", status=status)
+            return
+        if not meta.upstream:
+            _plain(self, 404, "no upstream for this site")
+            return
+        self._start_upstream(meta.upstream.rstrip("/") + (self.request.uri or "/"))
+
+    def _start_upstream(self, url: str) -> None:
+        req = self.request
+        skip = _hop_by_hop(req.headers)
+        headers = httputil.HTTPHeaders()
+        for name, value in req.headers.get_all():
+            if name.lower() not in skip:
+                headers.add(name, value)
+        # Replace, never append: the edge is the first hop, so what a client claims is not trusted.
+        headers["X-Forwarded-For"] = req.remote_ip or ""
+        headers["X-Forwarded-Proto"] = self._scheme
+        headers["X-Forwarded-Host"] = req.host or ""
+        has_body = "Content-Length" in req.headers or "Transfer-Encoding" in req.headers
+        if has_body and req.headers.get("Content-Length") != "0":
+            self._queue = asyncio.Queue(_BODY_QUEUE_CHUNKS)
+        upstream = HTTPRequest(
+            url,
+            method=req.method or "GET",
+            headers=headers,
+            body=b"" if has_body and self._queue is None else None,
+            # Tornado's stub says the producer returns a Future; it awaits any awaitable.
+            body_producer=self._produce_body if self._queue is not None else None,  # type: ignore[arg-type]
+            header_callback=self._on_header_line,
+            streaming_callback=self._on_chunk,
+            follow_redirects=False,
+            decompress_response=False,
+            allow_nonstandard_methods=True,
+            connect_timeout=self._cfg.connect_timeout,
+            request_timeout=self._cfg.request_timeout,
+            validate_cert=True,
+        )
+        self._fetch = asyncio.ensure_future(self._cfg.client.fetch(upstream, raise_error=False))
+        self._fetch.add_done_callback(self._upstream_done)
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._queue is not None and self._fetch is not None and not self._fetch.done():
+            await self._queue.put(chunk)
+
+    async def _produce_body(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+        assert self._queue is not None
+        while (chunk := await self._queue.get()) != _END:
+            await write(chunk)
+
+    def _upstream_done(self, _: object) -> None:
+        # The upstream gave up early: unblock a data_received waiting on a full queue.
+        if self._queue is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+
+    # ---- response side ----------------------------------------------------------------------
+
+    def _on_header_line(self, line: str) -> None:
+        if line != "\r\n":
+            self._pending_headers.append(line)
+            return
+        first, *lines = self._pending_headers
+        self._pending_headers = []
+        start = httputil.parse_response_start_line(first.strip())
+        headers = httputil.HTTPHeaders()
+        for raw in lines:
+            headers.parse_line(raw.rstrip("\r\n"))
+        skip = _hop_by_hop(headers)
+        self.clear_header("Content-Type")
+        self.clear_header("Server")
+        self.set_status(start.code, start.reason or None)
+        for name, value in headers.get_all():
+            if name.lower() not in skip:
+                self.add_header(name, value)
+        self._response_started = True
+
+    def _on_chunk(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.request.connection is None or self._finished:
+            return None
+        self.write(chunk)
+        return self.flush()
+
+    async def _finish_proxy(self) -> None:
+        if self._finished or self._fetch is None:
+            return
+        if self._queue is not None and not self._fetch.done():
+            await self._queue.put(_END)
+        response = await self._fetch
+        if response.error is not None and response.code == 599:
+            timeout = isinstance(response.error, HTTPTimeoutError)
+            self._cfg.metrics.upstream_errors.labels("timeout" if timeout else "connect").inc()
+            log.info("upstream %s failed: %s", response.effective_url, response.error)
+            if self._response_started:
+                # Too late for an error page: cut the connection so the client sees a truncation.
+                stream = getattr(self.request.connection, "stream", None)
+                if stream is not None:
+                    stream.close()
+                return
+            status = 504 if timeout else 502
+            _plain(self, status, "the site's server " + ("timed out" if timeout else "failed"))
+            return
+        self.finish()
+
+    get = post = put = patch = delete = options = head = _finish_proxy
+
+    def on_finish(self) -> None:
+        self._release()
+
+    def on_connection_close(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._cfg.lifecycle.finished()

@@ -1,0 +1,180 @@
+"""Keeping an edge's index in step with Redis.
+
+Order matters: subscribe to the change channel, wait for the subscription to be confirmed, and
+only then read the snapshot (version + index in one MULTI), so no change can fall between them.
+Events carry the version they produced: one at or below the applied version is already in the
+snapshot and is skipped; one that skips a number means an event was lost, and the snapshot is
+read again. A periodic reconcile compares the version counter for the case where the last
+events were lost. On a lost connection the edge keeps serving what it has and retries with
+backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from edge.challenges import ChallengeStore
+from edge.metrics import EdgeMetrics
+from edge.state import SiteIndex, SiteMeta
+from pipeline.distribution import SiteRecord, channel
+
+__all__ = ["Syncer"]
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class Syncer:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        index: SiteIndex,
+        challenges: ChallengeStore,
+        metrics: EdgeMetrics,
+        *,
+        reconcile_interval: float = 5.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self._url = redis_url
+        self._prefix = prefix
+        self._index = index
+        self._challenges = challenges
+        self._metrics = metrics
+        self._reconcile_interval = reconcile_interval
+        self._max_backoff = max_backoff
+        self.version = 0
+        self.connected = False
+        self.ready = asyncio.Event()  # set after the first snapshot, never cleared
+        self._in_sync_at = time.monotonic()
+        self._resnapshot = False
+        metrics.sync_connected.set_function(lambda: 1.0 if self.connected else 0.0)
+        metrics.sync_lag.set_function(self.lag)
+        metrics.sync_version.set_function(lambda: float(self.version))
+
+    def lag(self) -> float:
+        """Seconds since the edge last knew it held the current version (0 when in sync)."""
+        return 0.0 if self.connected else time.monotonic() - self._in_sync_at
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            client: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
+                self._url, socket_connect_timeout=2, socket_timeout=5
+            )
+            pubsub = client.pubsub()
+            try:
+                await self._subscribe(pubsub)
+                await self._snapshot(client, "start" if not self.ready.is_set() else "reconnect")
+                self.connected = True
+                backoff = 0.05
+                await self._follow(client, pubsub)
+            except _CONNECTION_ERRORS as exc:
+                if self.connected:
+                    log.warning("lost Redis (%s); serving what we have, reconnecting", exc)
+                else:
+                    log.debug("Redis unreachable: %s", exc)
+                self._metrics.sync_connection_errors.inc()
+            finally:
+                if self.connected:
+                    self._in_sync_at = time.monotonic()
+                self.connected = False
+                await _close(pubsub, client)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _subscribe(self, pubsub: redis.asyncio.client.PubSub) -> None:
+        await pubsub.subscribe(channel(self._prefix))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message["type"] == "subscribe":
+                return
+        raise redis.TimeoutError("no subscription confirmation")
+
+    async def _snapshot(self, client: redis.asyncio.Redis[Any], cause: str) -> None:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.get(f"{self._prefix}:version")
+            pipe.hgetall(f"{self._prefix}:index")
+            version_raw, raw_index = await pipe.execute()
+        metas = {
+            (d := domain.decode()): SiteMeta.from_index(d, entry)
+            for domain, entry in raw_index.items()
+        }
+        self._index.replace(metas)
+        self._challenges.clear()
+        self.version = int(version_raw or 0)
+        self._in_sync_at = time.monotonic()
+        self._metrics.sync_resnapshots.labels(cause).inc()
+        log.info("snapshot: %d sites at version %d (%s)", len(metas), self.version, cause)
+        self.ready.set()
+
+    async def _follow(
+        self, client: redis.asyncio.Redis[Any], pubsub: redis.asyncio.client.PubSub
+    ) -> None:
+        next_reconcile = time.monotonic() + self._reconcile_interval
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and message["type"] == "message":
+                self._apply(message["data"])
+            if self._resnapshot:
+                self._resnapshot = False
+                await self._snapshot(client, "gap")
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + self._reconcile_interval
+                current = int(await client.get(f"{self._prefix}:version") or 0)
+                # A version below ours means the store was flushed: just as stale.
+                if current != self.version:
+                    await self._snapshot(client, "reconcile")
+
+    def _apply(self, data: bytes | str) -> None:
+        try:
+            event = json.loads(data)
+            kind = event["type"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed event")
+            return
+        self._metrics.sync_events.labels(kind).inc()
+        if kind == "challenge":
+            self._challenges.put(event["token"], event["key_authorization"], float(event["ttl"]))
+            return
+        if kind == "challenge_removed":
+            self._challenges.discard(event["token"])
+            return
+        version = int(event.get("version", 0))
+        if kind == "resync":
+            self._resnapshot = True
+            return
+        if version <= self.version:
+            return  # already in the snapshot
+        if version != self.version + 1:
+            log.info("missed events %d..%d; re-reading the snapshot", self.version + 1, version - 1)
+            self._resnapshot = True
+            return
+        if kind == "site":
+            self._index.put(SiteMeta.from_record(SiteRecord.from_dict(event["record"])))
+        elif kind == "site_removed":
+            self._index.remove(event["domain"])
+        self.version = version
+
+
+async def _close(pubsub: redis.asyncio.client.PubSub, client: redis.asyncio.Redis[Any]) -> None:
+    # Closing a dead connection may fail any way it likes; there is nothing left to do about it.
+    with contextlib.suppress(Exception):
+        await aclose(pubsub)
+    with contextlib.suppress(Exception):
+        await aclose(client)
+
+
+async def aclose(obj: object) -> None:
+    """``aclose()`` of a redis.asyncio object; the installed types-redis stubs predate it."""
+    await obj.aclose()  # type: ignore[attr-defined]
