@@ -7,8 +7,9 @@ account or registered domain. When somebody does, the CA answers ``rateLimited``
 :meth:`RateLimiter.block_for_problem` then blocks the matching bucket until the CA's
 Retry-After so that every worker stops asking.
 
-One bucket is one Redis hash ``<prefix>:rl:b:<name>`` holding ``tat`` (the GCRA theoretical
-arrival time) and ``blocked`` (a block's end), both in microseconds. A request usually needs
+One bucket is one Redis hash ``<prefix>:rl:b:<name>`` holding ``tat`` and ``rem`` (the GCRA
+theoretical arrival time: ``tat + rem / count`` µs, kept exact) and ``blocked`` (a block's end,
+µs). A request usually needs
 several buckets (an order spends on its account, on each registered domain, on its exact set
 of names, and on the endpoint pacing); :data:`ACQUIRE_LUA` checks them all and reserves them
 all or none in one script, so two workers can never both take the last token.
@@ -68,8 +69,13 @@ class Rate:
     period: float
 
     def __post_init__(self) -> None:
-        if self.count < 1 or not self.period > 0:
+        if self.count < 1 or not self.period >= 1e-6:
             raise ValueError(f"a rate needs a count >= 1 and a period > 0, not {self}")
+
+    @property
+    def period_us(self) -> int:
+        """The period in whole µs, the unit the Lua scripts count in."""
+        return round(self.period * MICROS)
 
     @property
     def interval(self) -> float:
@@ -183,13 +189,18 @@ class Limits:
 ACQUIRE_LUA = """
 -- Check and reserve GCRA buckets: all of them or none.
 --
--- KEYS[i]        bucket hash: 'tat' = theoretical arrival time, 'blocked' = end of a block (µs)
--- ARGV[1]        now in µs, or '' for the Redis server clock (the one clock all workers share)
--- ARGV[3i-1]     emission interval of bucket i: µs to refill one token (period / count)
--- ARGV[3i]       period of bucket i in µs (the burst is period / interval tokens)
--- ARGV[3i+1]     mode: 'spend' takes a token, 'check' only asks whether one is there,
---                'force' takes one even when there is none (an observation, never refused)
+-- KEYS[i]     bucket hash: 'tat' = theoretical arrival time (whole µs) + 'rem' / count µs,
+--             'blocked' = end of a block (µs)
+-- ARGV[1]     now in µs, or '' for the Redis server clock (the one clock all workers share)
+-- ARGV[3i-1]  count of bucket i (its burst)
+-- ARGV[3i]    period of bucket i in whole µs (one token comes back every period / count)
+-- ARGV[3i+1]  mode: 'spend' takes a token, 'check' only asks whether one is there,
+--             'force' takes one even when there is none (an observation, never refused)
 -- Returns {1, 0, 0} when granted, else {0, µs to wait, index of the bucket that waits longest}.
+--
+-- Times are kept exact, as whole µs plus a remainder in 1/count µs: a double cannot hold
+-- today's time in µs with a fraction (300/s is 3333.33 µs a token), and rounding at every
+-- grant would let a busy bucket drift faster than its rate.
 
 local now
 if ARGV[1] == '' then
@@ -199,51 +210,63 @@ else
   now = tonumber(ARGV[1])
 end
 
-local new_tats = {}
-local blocks = {}
+local new_tats, new_rems, blocks = {}, {}, {}
 local wait, refused = 0, 0
 
--- First pass: decide for every bucket, write nothing, so that a refusal leaves all untouched.
+-- First pass: decide for every bucket and write nothing, so a refusal leaves all untouched.
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[3 * i - 1])
+  local count = tonumber(ARGV[3 * i - 1])
   local period = tonumber(ARGV[3 * i])
   local mode = ARGV[3 * i + 1]
-  local state = redis.call('HMGET', key, 'tat', 'blocked')
-  -- A missing key is a full bucket: its TAT is "now".
-  local tat = tonumber(state[1]) or now
-  local blocked = tonumber(state[2]) or 0
-  local base = math.max(tat, now)
-  local new_tat = base + interval
+  local state = redis.call('HMGET', key, 'tat', 'rem', 'blocked')
+  local tat = tonumber(state[1])
+  local rem = math.min(tonumber(state[2]) or 0, count - 1)  -- the count may have been changed
+  local blocked = tonumber(state[3]) or 0
+  local was_tat, was_rem = tat, rem
+
+  -- A missing key, or a TAT in the past, is a full bucket: count from now.
+  if not tat or tat < now then tat, rem = now, 0 end
+  -- One token later: + period / count µs, carried exactly.
+  local sum = rem + period
+  local new_tat, new_rem = tat + math.floor(sum / count), sum % count
 
   local bucket_wait = 0
   if mode == 'force' then
-    -- The CA counted it, but its bucket cannot go below empty: cap at "empty now".
-    new_tat = math.min(new_tat, math.max(tat, now + period))
+    -- The CA counted it, but its bucket cannot go below empty: cap at "empty now", that is
+    -- at now + period, unless the TAT was already past that.
+    local cap_tat, cap_rem = now + period, 0
+    if was_tat and (was_tat > cap_tat or (was_tat == cap_tat and was_rem > 0)) then
+      cap_tat, cap_rem = was_tat, was_rem
+    end
+    if new_tat > cap_tat or (new_tat == cap_tat and new_rem > cap_rem) then
+      new_tat, new_rem = cap_tat, cap_rem
+    end
   else
     -- GCRA: the request conforms when the new TAT lies at most one period ahead of now.
-    local allow_at = new_tat - period
-    if allow_at > now then bucket_wait = allow_at - now end
+    -- Wait in whole µs, rounded up, so that now + wait is never a hair too early.
+    local allow_wait = new_tat - period - now
+    if new_rem > 0 then allow_wait = allow_wait + 1 end
+    if allow_wait > 0 then bucket_wait = allow_wait end
     if blocked > now then bucket_wait = math.max(bucket_wait, blocked - now) end
   end
   if bucket_wait > wait then
     wait, refused = bucket_wait, i
   end
-  new_tats[i] = new_tat
-  blocks[i] = blocked
+  new_tats[i], new_rems[i], blocks[i] = new_tat, new_rem, blocked
 end
 
 if refused > 0 then
-  -- Whole µs, rounded up, so that now + wait is never a hair too early.
-  return {0, math.ceil(wait), refused}
+  return {0, wait, refused}
 end
 
--- Second pass: reserve. '%.17g' keeps the fractional µs that Lua's default formatting loses.
+-- Second pass: reserve.
 for i, key in ipairs(KEYS) do
   if ARGV[3 * i + 1] ~= 'check' then
-    redis.call('HSET', key, 'tat', string.format('%.17g', new_tats[i]))
-    -- Idle keys vanish once the bucket is full again (and no block is pending).
-    local ttl = math.max(new_tats[i], blocks[i]) - now
-    redis.call('PEXPIRE', key, math.max(1, math.ceil(ttl / 1000)))
+    redis.call('HSET', key, 'tat', string.format('%d', new_tats[i]), 'rem', new_rems[i])
+    -- Idle keys vanish once the bucket is full again and no block is pending.
+    local full_at = new_tats[i] + (new_rems[i] > 0 and 1 or 0)
+    local ttl = math.max(full_at, blocks[i]) - now
+    redis.call('PEXPIRE', key, math.ceil(ttl / 1000))
   end
 end
 return {1, 0, 0}
@@ -253,9 +276,9 @@ BLOCK_LUA = """
 -- Block one bucket until now + ARGV[1] µs (a CA's Retry-After); never shorten a longer block.
 --
 -- KEYS[1]  bucket hash (see the acquire script)
--- ARGV[1]  µs to block; ARGV[2] interval µs (0 if the bucket's rate is unknown); ARGV[3] period µs
+-- ARGV[1]  µs to block; ARGV[2] count (0 if the bucket's rate is unknown); ARGV[3] period µs
 -- ARGV[4]  now in µs, or '' for the Redis server clock
--- Returns the block's end in µs, as a string (Lua numbers would be truncated to integers).
+-- Returns the block's end in µs.
 
 local now
 if ARGV[4] == '' then
@@ -264,20 +287,26 @@ if ARGV[4] == '' then
 else
   now = tonumber(ARGV[4])
 end
-local interval, period = tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tat', 'blocked')
-local tat = tonumber(state[1]) or now
-local blocked = math.max(tonumber(state[2]) or 0, now + tonumber(ARGV[1]))
+local count, period = tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'rem', 'blocked')
+local tat, rem = tonumber(state[1]) or now, tonumber(state[2]) or 0
+local blocked = math.max(tonumber(state[3]) or 0, now + tonumber(ARGV[1]))
 
-if interval > 0 then
+if count > 0 then
   -- The CA says its bucket is empty until then: empty ours to match, so that at the block's
-  -- end one token is back (as at the CA) instead of a whole burst we would be refused for.
-  tat = math.max(tat, blocked + period - interval)
+  -- end one token is back (as at the CA) instead of a whole burst the CA would refuse.
+  -- That is a TAT of blocked + period - period / count, kept exact as in the acquire script.
+  local spent = period * (count - 1)
+  local aligned_tat, aligned_rem = blocked + math.floor(spent / count), spent % count
+  if aligned_tat > tat or (aligned_tat == tat and aligned_rem > rem) then
+    tat, rem = aligned_tat, aligned_rem
+  end
 end
-redis.call('HSET', KEYS[1], 'tat', string.format('%.17g', tat),
-           'blocked', string.format('%.17g', blocked))
-redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((math.max(tat, blocked) - now) / 1000)))
-return string.format('%.17g', blocked)
+redis.call('HSET', KEYS[1], 'tat', string.format('%d', tat), 'rem', rem,
+           'blocked', string.format('%d', blocked))
+local full_at = tat + (rem > 0 and 1 or 0)
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(full_at, blocked) - now) / 1000))
+return blocked
 """
 
 
@@ -351,10 +380,6 @@ def names_key(names: Iterable[str]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
-def _micros(seconds: float) -> str:
-    return repr(seconds * MICROS)
-
-
 def _now_arg(now: float | None) -> str:
     # Whole µs, so that ``now + retry_after`` on a simulated clock lands exactly on the grant.
     return "" if now is None else str(round(now * MICROS))
@@ -397,7 +422,7 @@ class RateLimiter:
         ordered = list(merged.values())
         args: list[str] = [_now_arg(now)]
         for spend in ordered:
-            args += [_micros(spend.rate.interval), _micros(spend.rate.period), spend.mode]
+            args += [str(spend.rate.count), str(spend.rate.period_us), spend.mode]
         allowed, wait, index = self._acquire(keys=[self.key(s.name) for s in ordered], args=args)
         if allowed:
             return ALLOWED
@@ -474,10 +499,11 @@ class RateLimiter:
         if not self.limits.enabled:
             return 0.0
         rate = self.limits.rate_of(bucket)
-        interval, period = (rate.interval, rate.period) if rate else (0.0, 0.0)
-        args = [_micros(max(seconds, 0.0)), _micros(interval), _micros(period), _now_arg(now)]
+        count, period_us = (rate.count, rate.period_us) if rate else (0, 0)
+        duration = str(math.ceil(max(seconds, 0.0) * MICROS))
+        args = [duration, str(count), str(period_us), _now_arg(now)]
         until = self._block(keys=[self.key(bucket)], args=args)
-        return float(until) / MICROS
+        return int(until) / MICROS
 
     def problem_buckets(
         self, detail: str, *, account: str, names: Sequence[str], ip: str = "local"
@@ -557,15 +583,17 @@ class RateLimiter:
         names = sorted(self.iter_bucket_names())
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hmget(self.key(name), "tat", "blocked")
+                pipe.hmget(self.key(name), "tat", "rem", "blocked")
             states: list[list[Any]] = pipe.execute()
         at = self.server_time() if now is None else now
         result = []
-        for name, (tat_raw, blocked_raw) in zip(names, states, strict=True):
+        for name, (tat_raw, rem_raw, blocked_raw) in zip(names, states, strict=True):
             if tat_raw is None and blocked_raw is None:
                 continue  # expired between SCAN and HMGET
             rate = self.limits.rate_of(name)
             tat = float(tat_raw) / MICROS if tat_raw is not None else at
+            if rate is not None and rem_raw is not None:
+                tat += float(rem_raw) / rate.count / MICROS
             blocked = float(blocked_raw) / MICROS if blocked_raw is not None else 0.0
             blocked_until = blocked if blocked > at else None
             level = 0
