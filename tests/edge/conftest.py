@@ -1,0 +1,368 @@
+"""Real certificates, real envelopes, real Redis, an edge on loopback ports in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from tornado.netutil import bind_sockets
+
+from edge.app import Edge, EdgeConfig
+from edge.tls import listening_context
+from pipeline import envelope
+from pipeline.distribution import SiteRecord
+from pipeline.keys import Keyring, PublicKey, generate_keypair
+
+DEADLINE = 5.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
+    end = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < end:
+        try:
+            last = predicate()
+        except Exception as exc:  # the thing polled for may fail until it is ready
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or predicate}: last {last!r}")
+
+
+class Pki:
+    """A throwaway CA; leaves are signed by it and it is sent as the 'intermediate'."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certman test CA")])
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.ca_pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def leaf(self, names: list[str], days: int = 10) -> tuple[str, bytes, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .sign(self.key, hashes.SHA256())
+        )
+        chain = (cert.public_bytes(serialization.Encoding.PEM) + self.ca_pem).decode()
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return chain, key_pem, cert
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cadata=self.ca_pem.decode())
+        return ctx
+
+
+@dataclass
+class Keys:
+    directory: Path
+    public: PublicKey
+    keyring: Keyring
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    return Pki()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    directory = tmp_path_factory.mktemp("edge-keys")
+    key_id = generate_keypair(directory)
+    return Keys(directory, PublicKey.load(directory / f"{key_id}.pub"), Keyring.load_dir(directory))
+
+
+@dataclass
+class Sites:
+    """Makes sealed SiteRecords the way the pipeline does."""
+
+    pki: Pki
+    keys: Keys
+    upstream: str | None = None
+
+    def record(
+        self, domain: str, *aliases: str, upstream: str | None = None, cert: bool = True
+    ) -> SiteRecord:
+        names = (domain, *aliases)
+        if not cert:
+            return SiteRecord(domain, names, upstream or self.upstream, None, None, None, None)
+        chain, key_pem, leaf = self.pki.leaf(list(names))
+        sealed = envelope.seal(
+            key_pem,
+            self.keys.public,
+            domain=domain,
+            binding=envelope.spki_fingerprint(leaf.public_key()),
+        )
+        return SiteRecord(
+            domain=domain,
+            names=names,
+            upstream=upstream or self.upstream,
+            chain_pem=chain,
+            envelope=envelope.to_text(sealed),
+            not_after=leaf.not_valid_after_utc,
+            serial=format(leaf.serial_number, "x"),
+        )
+
+    @staticmethod
+    def tampered(record: SiteRecord) -> SiteRecord:
+        assert record.envelope
+        text = record.envelope
+        middle = len(text) // 2
+        flipped = "A" if text[middle] != "A" else "B"
+        return replace(record, envelope=text[:middle] + flipped + text[middle + 1 :])
+
+
+@pytest.fixture
+def sites(pki: Pki, keys: Keys) -> Sites:
+    return Sites(pki, keys)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _listen() -> tuple[list[socket.socket], int]:
+    socks = bind_sockets(0, "127.0.0.1")
+    return socks, socks[0].getsockname()[1]
+
+
+@dataclass
+class RunningEdge:
+    config: EdgeConfig
+    keyring: Keyring
+    pki: Pki
+    http_port: int = 0
+    https_port: int = 0
+    metrics_port: int = 0
+    edge: Edge | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _started: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    def start(self) -> RunningEdge:
+        http, self.http_port = _listen()
+        https, self.https_port = _listen()
+        metrics, self.metrics_port = _listen()
+        self.config = replace(self.config, https_public_port=self.https_port)
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self.edge = Edge(self.config, self.keyring, listening_context())
+            self.edge.start(http, https, metrics)
+            self._started.set()
+            await self.edge.run_until_stopped()
+
+        def run() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as exc:  # surfaced by stop()
+                self._error = exc
+                self._started.set()
+
+        self._thread = threading.Thread(target=run, name="edge", daemon=True)
+        self._thread.start()
+        assert self._started.wait(DEADLINE)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self.edge is not None:
+            self._loop.call_soon_threadsafe(self.edge.request_stop)
+        if self._thread is not None:
+            self._thread.join(DEADLINE * 2)
+            assert not self._thread.is_alive(), "edge did not stop"
+        if self._error is not None:
+            raise self._error
+
+    # ---- clients --------------------------------------------------------------------------
+
+    def health(self) -> int:
+        return get_status(f"http://127.0.0.1:{self.metrics_port}/healthz")
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: self.health() == 200, what="healthz 200")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+            return str(resp.read().decode())
+
+    def tls(self, name: str | None, *, ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
+        ctx = ctx or self.pki.client_context()
+        if name is None:
+            ctx.check_hostname = False
+        raw = socket.create_connection(("127.0.0.1", self.https_port), timeout=DEADLINE)
+        try:
+            return ctx.wrap_socket(raw, server_hostname=name)
+        except BaseException:
+            raw.close()
+            raise
+
+    def peer_cert(self, name: str) -> x509.Certificate:
+        with self.tls(name) as sock:
+            der = sock.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+
+    def https(
+        self,
+        name: str,
+        method: str = "GET",
+        path: str = "/",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = http.client.HTTPConnection(name, self.https_port, timeout=DEADLINE)
+        conn.sock = self.tls(name)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+    def http(
+        self, host: str, path: str = "/", method: str = "GET"
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=DEADLINE)
+        try:
+            conn.request(method, path, headers={"Host": host})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+
+def get_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=DEADLINE) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def serial_of(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+@pytest.fixture
+def start_edge(
+    redis_url: str, prefix: str, keys: Keys, pki: Pki
+) -> Iterator[Callable[..., RunningEdge]]:
+    running: list[RunningEdge] = []
+
+    def start(**overrides: Any) -> RunningEdge:
+        config = EdgeConfig(redis_url=redis_url, prefix=prefix, reconcile_interval=0.5)
+        edge = RunningEdge(replace(config, **overrides), keys.keyring, pki).start()
+        running.append(edge)
+        return edge
+
+    yield start
+    for edge in running:
+        edge.stop()
+
+
+# ---- an upstream that reports what it received --------------------------------------------
+
+
+class _Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(length)
+        if self.path.startswith("/slow"):
+            time.sleep(1.0)
+        seen = {
+            "method": self.command,
+            "path": self.path,
+            "headers": dict(self.headers.items()),
+            "body_len": len(body),
+            "body_head": body[:16].decode("latin-1"),
+        }
+        reply = json.dumps(seen).encode()
+        if self.path.startswith("/big"):
+            reply += b"x" * (2 * 1024 * 1024)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.send_header("Connection", "close, X-Upstream-Hop")
+        self.send_header("X-Upstream-Hop", "secret")
+        self.send_header("X-Upstream", "yes")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply)
+
+    do_GET = do_POST = do_PUT = do_HEAD = _handle
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

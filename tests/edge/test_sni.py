@@ -1,0 +1,147 @@
+"""Certificates chosen by SNI, changed live, refused when unknown or unopenable."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+
+import pytest
+import redis
+from cryptography import x509
+
+from pipeline.distribution import publish_site, remove_site, replace_all
+
+from .conftest import RunningEdge, Sites, serial_of, wait_for
+
+
+def _sans(cert: x509.Certificate) -> list[str]:
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return ext.value.get_values_for_type(x509.DNSName)
+
+
+def test_each_name_gets_its_certificate(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    a = sites.record("a.test", "www.a.test")
+    b = sites.record("b.test")
+    publish_site(redis_client, prefix, a)
+    publish_site(redis_client, prefix, b)
+    edge = start_edge()
+    edge.wait_ready()
+    for name, record in (("a.test", a), ("www.a.test", a), ("b.test", b)):
+        cert = edge.peer_cert(name)  # verified against the test CA with hostname checking
+        assert serial_of(cert) == record.serial
+        assert name in _sans(cert)
+    assert "certman_edge_certificates_known 2.0" in edge.metrics()
+
+
+def test_replaced_and_removed_live(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    edge = start_edge()
+    edge.wait_ready()
+    first = sites.record("live.test")
+    publish_site(redis_client, prefix, first)
+    wait_for(lambda: serial_of(edge.peer_cert("live.test")) == first.serial, 1.0, "first cert")
+    second = sites.record("live.test")
+    publish_site(redis_client, prefix, second)
+    wait_for(lambda: serial_of(edge.peer_cert("live.test")) == second.serial, 1.0, "new serial")
+    remove_site(redis_client, prefix, "live.test")
+
+    def refused() -> bool:
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            edge.peer_cert("live.test")
+        return True
+
+    wait_for(refused, 1.0, "removed site refused")
+
+
+def test_names_dropped_from_a_certificate_stop_resolving(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    publish_site(redis_client, prefix, sites.record("c.test", "old.c.test"))
+    publish_site(redis_client, prefix, sites.record("c.test", "new.c.test"))
+    assert redis_client.hget(f"{prefix}:names", "old.c.test") is None
+    assert redis_client.hget(f"{prefix}:names", "new.c.test") == b"c.test"
+    edge = start_edge()
+    edge.wait_ready()
+    assert "new.c.test" in _sans(edge.peer_cert("new.c.test"))
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        edge.peer_cert("old.c.test")
+
+
+def test_unknown_and_missing_sni_refused(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    publish_site(redis_client, prefix, sites.record("known.test"))
+    publish_site(redis_client, prefix, sites.record("nocert.test", cert=False))
+    edge = start_edge()
+    edge.wait_ready()
+    for name in ("unknown.test", "nocert.test", None):
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            edge.tls(name).close()
+    assert edge.peer_cert("known.test")
+    metrics = edge.metrics()
+    assert 'certman_edge_sni_total{outcome="unknown_name"} 2.0' in metrics
+    assert 'certman_edge_sni_total{outcome="no_sni"} 1.0' in metrics
+
+
+def test_tampered_envelope_refused_for_that_name_only(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="edge.sni")
+    publish_site(redis_client, prefix, Sites.tampered(sites.record("bad.test")))
+    good = sites.record("good.test")
+    publish_site(redis_client, prefix, good)
+    edge = start_edge()
+    edge.wait_ready()
+    for _ in range(3):
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            edge.tls("bad.test").close()
+        assert serial_of(edge.peer_cert("good.test")) == good.serial
+    failures = [r for r in caplog.records if "bad.test" in r.getMessage()]
+    assert len(failures) == 1, "logged once, not per handshake"
+    assert "EnvelopeTampered" in failures[0].getMessage()
+    assert 'certman_edge_envelope_open_failures_total{reason="EnvelopeTampered"} 1.0' in (
+        edge.metrics()
+    )
+    # A corrected envelope is picked up at once.
+    fixed = sites.record("bad.test")
+    publish_site(redis_client, prefix, fixed)
+    wait_for(lambda: serial_of(edge.peer_cert("bad.test")) == fixed.serial, 1.0, "fixed cert")
+
+
+def test_lru_bound_and_resync(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    records = [sites.record(f"s{i}.test") for i in range(4)]
+    replace_all(redis_client, prefix, records)
+    edge = start_edge(cache_size=2)
+    edge.wait_ready()
+    for record in records:
+        assert serial_of(edge.peer_cert(record.domain)) == record.serial
+    metrics = edge.metrics()
+    assert "certman_edge_context_cache_size 2.0" in metrics
+    assert 'certman_edge_context_cache_evictions_total{reason="lru"} 2.0' in metrics
+    # An operator's resync with s0 gone and s1 replaced.
+    new_s1 = sites.record("s1.test")
+    replace_all(redis_client, prefix, [new_s1, records[2], records[3]])
+    wait_for(lambda: serial_of(edge.peer_cert("s1.test")) == new_s1.serial, 1.0, "resynced s1")
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        edge.peer_cert("s0.test")
+
+
+def test_warm_start_builds_contexts_in_background(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    replace_all(redis_client, prefix, [sites.record(f"w{i}.test") for i in range(3)])
+    edge = start_edge(warm=True)
+    edge.wait_ready()
+    wait_for(lambda: "certman_edge_context_cache_size 3.0" in edge.metrics(), what="warm cache")
+    edge.peer_cert("w1.test")
+    assert "certman_edge_context_cache_hits_total 1.0" in edge.metrics()
