@@ -147,10 +147,8 @@ def seal(plaintext: bytes, recipient: PublicKey, *, domain: str, binding: bytes)
     header = _HEADER.pack(_MAGIC, FORMAT_VERSION, code, bytes.fromhex(recipient.key_id))
     info = _info(header, domain, binding)
     key = recipient.key_object
-    if recipient.scheme is Scheme.LEGACY_RSA:
-        assert isinstance(key, rsa.RSAPublicKey)
+    if isinstance(key, rsa.RSAPublicKey):
         return header + _legacy_seal(plaintext, key, info)
-    assert not isinstance(key, rsa.RSAPublicKey)
     return header + _HPKE_SUITES[recipient.scheme].encrypt(plaintext, key, info=info)
 
 
@@ -253,9 +251,8 @@ def _check_body_length(
     body: memoryview, scheme: Scheme, private_key: PrivateKey, domain: str
 ) -> None:
     """Reject a body too short to hold even an empty plaintext, before any decryption."""
-    if scheme is Scheme.LEGACY_RSA:
-        key = private_key.key_object
-        assert isinstance(key, rsa.RSAPrivateKey)
+    key = private_key.key_object
+    if isinstance(key, rsa.RSAPrivateKey):
         minimum = key.key_size // 8 + _GCM_NONCE + _GCM_TAG
     else:
         minimum = _HPKE_ENC_LENGTHS[scheme] + _GCM_TAG
@@ -267,10 +264,8 @@ def _check_body_length(
 
 def _decrypt(body: memoryview, scheme: Scheme, private_key: PrivateKey, info: bytes) -> bytes:
     key = private_key.key_object
-    if scheme is Scheme.LEGACY_RSA:
-        assert isinstance(key, rsa.RSAPrivateKey)
+    if isinstance(key, rsa.RSAPrivateKey):
         return _legacy_open(body, key, info)
-    assert not isinstance(key, rsa.RSAPrivateKey)
     return _HPKE_SUITES[scheme].decrypt(body, key, info=info)
 
 

@@ -129,11 +129,10 @@ class PublicKey:
 
     def to_pem(self) -> bytes:
         """Encode in the ``.pub`` file format."""
-        if self.scheme is Scheme.HPKE_XWING:
+        key = self.key_object
+        if isinstance(key, hpke.MLKEM768X25519PublicKey):
             payload = bytes([_XWING_FILE_VERSION]) + self.public_bytes
             return _armor(_XWING_PUBLIC_LABEL, payload)
-        key = self.key_object
-        assert isinstance(key, x25519.X25519PublicKey | rsa.RSAPublicKey)
         return key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
