@@ -174,7 +174,9 @@ class SiteHandler(tornado.web.RequestHandler):
         while (chunk := await self._queue.get()) != _END:
             await write(chunk)
 
-    def _upstream_done(self, _: object) -> None:
+    def _upstream_done(self, fetch: asyncio.Future[HTTPResponse]) -> None:
+        if not fetch.cancelled():
+            fetch.exception()  # retrieved here too, for when the client left before the method ran
         # The upstream gave up early: unblock a data_received waiting on a full queue.
         if self._queue is not None:
             while not self._queue.empty():
@@ -212,11 +214,13 @@ class SiteHandler(tornado.web.RequestHandler):
             return
         if self._queue is not None and not self._fetch.done():
             await self._queue.put(_END)
-        response = await self._fetch
-        if response.error is not None and response.code == 599:
-            timeout = isinstance(response.error, HTTPTimeoutError)
+        try:
+            await self._fetch
+        except Exception as exc:
+            # raise_error=False still raises transport failures (refused, reset, timeout, TLS).
+            timeout = isinstance(exc, HTTPTimeoutError)
             self._cfg.metrics.upstream_errors.labels("timeout" if timeout else "connect").inc()
-            log.info("upstream %s failed: %s", response.effective_url, response.error)
+            log.info("upstream of %s failed: %s", self.request.host, exc)
             if self._response_started:
                 # Too late for an error page: cut the connection so the client sees a truncation.
                 stream = getattr(self.request.connection, "stream", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -343,7 +344,8 @@ class _Echo(BaseHTTPRequestHandler):
         self.send_header("X-Upstream", "yes")
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(reply)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(reply)
 
     do_GET = do_POST = do_PUT = do_HEAD = _handle
 

@@ -1,0 +1,218 @@
+"""Redis lost and back, hostile clients, health, the CLI, SIGTERM with several processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.distribution import publish_site
+
+from .conftest import DEADLINE, Keys, RunningEdge, Sites, free_port, get_status, serial_of, wait_for
+
+
+class OwnRedis:
+    """A redis-server of this test's own, which it may kill: never the machine's."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> redis.Redis:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_for(client.ping, what="own redis-server")
+        return client
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    yield server
+    server.kill()
+
+
+def test_redis_lost_then_back(
+    own_redis: OwnRedis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    client = own_redis.start()
+    first = sites.record("kept.test")
+    publish_site(client, prefix, first)
+    edge = start_edge(redis_url=own_redis.url)
+    edge.wait_ready()
+    assert serial_of(edge.peer_cert("kept.test")) == first.serial
+    client.close()
+    own_redis.kill()
+    wait_for(lambda: "certman_edge_sync_connected 0.0" in edge.metrics(), what="disconnected")
+    # Still serving what it had, and still healthy (it has a snapshot).
+    assert serial_of(edge.peer_cert("kept.test")) == first.serial
+    assert edge.health() == 200
+    # Redis comes back empty (no persistence): the pipeline republishes, the edge catches up.
+    client = own_redis.start()
+    second = sites.record("kept.test")
+    later = sites.record("new.test")
+    publish_site(client, prefix, second)
+    publish_site(client, prefix, later)
+    wait_for(lambda: serial_of(edge.peer_cert("new.test")) == later.serial, what="new site")
+    wait_for(lambda: serial_of(edge.peer_cert("kept.test")) == second.serial, what="replaced")
+    assert "certman_edge_sync_connected 1.0" in edge.metrics()
+    client.close()
+
+
+def test_health_is_503_until_the_first_snapshot(start_edge: Callable[..., RunningEdge]) -> None:
+    edge = start_edge(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert edge.health() == 503
+    assert "certman_edge_sync_connected 0.0" in edge.metrics()
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        edge.tls("any.test").close()
+
+
+def test_garbage_and_idle_clients_do_not_block_others(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    upstream: str,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    publish_site(redis_client, prefix, sites.record("ok.test", upstream=upstream))
+    edge = start_edge()
+    edge.wait_ready()
+    idle = [
+        socket.create_connection(("127.0.0.1", port))
+        for port in (edge.http_port, edge.https_port)
+        for _ in range(20)
+    ]
+    garbage = [b"\x00\xff" * 500, b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x05hello"]
+    for port in (edge.http_port, edge.https_port):
+        for data in garbage:
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                try:
+                    while s.recv(4096):
+                        pass
+                except ConnectionResetError:
+                    pass
+    # A handshake that stops half-way.
+    half = socket.create_connection(("127.0.0.1", edge.https_port))
+    half.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    status, _, _ = edge.https("ok.test")
+    assert status == 200
+    assert edge.http("ok.test")[0] == 301
+    for s in [*idle, half]:
+        s.close()
+
+
+# ---- the command line, as a real process --------------------------------------------------
+
+
+def _edge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from edge.cli import main; main()", *args]
+
+
+def test_cli_bad_key_dir_exits_2_with_one_line(tmp_path: Path) -> None:
+    for key_dir in (tmp_path / "missing", tmp_path):
+        result = subprocess.run(
+            _edge_cmd("--key-dir", str(key_dir), "--http-port", "0", "--https-port", "0"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "0000000000000000.key").write_text("not a key")
+    result = subprocess.run(
+        _edge_cmd("--key-dir", str(bad)), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_sigterm_drains_in_flight_requests_across_processes(
+    redis_url: str,
+    redis_client: redis.Redis,
+    prefix: str,
+    keys: Keys,
+    sites: Sites,
+    upstream: str,
+) -> None:
+    publish_site(redis_client, prefix, sites.record("multi.test", upstream=upstream))
+    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
+    proc = subprocess.Popen(
+        _edge_cmd(
+            "--http-port",
+            str(http_port),
+            "--https-port",
+            str(https_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--processes",
+            "2",
+            "--key-dir",
+            str(keys.directory),
+            "--address",
+            "127.0.0.1",
+        ),  # fmt: skip
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for port in (metrics_port, metrics_port + 1):
+            url = f"http://127.0.0.1:{port}/healthz"
+            wait_for(lambda url=url: get_status(url) == 200, 10, "worker healthz")
+        edge = RunningEdge.__new__(RunningEdge)
+        edge.pki, edge.https_port = sites.pki, https_port
+        results: list[int] = []
+        slow = threading.Thread(
+            target=lambda: results.append(edge.https("multi.test", path="/slow")[0])
+        )
+        slow.start()
+        time.sleep(0.3)  # let the slow request reach the upstream (it takes 1 s there)
+        proc.send_signal(signal.SIGTERM)
+        slow.join(DEADLINE)
+        assert results == [200], "the in-flight request finished"
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        with proc.stderr:
+            stderr = proc.stderr.read().decode()
+    assert "Traceback" not in stderr, stderr
