@@ -130,6 +130,13 @@ class LimitSettings(Protocol):
     def limit_pace_acme(self) -> str: ...
 
 
+class LimiterSettings(LimitSettings, Protocol):
+    """The settings :meth:`RateLimiter.from_settings` reads."""
+
+    @property
+    def redis_prefix(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Limits:
     """The catalogue. Each field ``x`` comes from the setting ``limit_x`` (``CERTMAN_LIMIT_X``)."""
@@ -352,6 +359,17 @@ class BucketStatus:
         """The bucket's kind: ``new-orders``, ``pace``… (the name's first part)."""
         return self.name.partition(":")[0]
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for ``certman status --json`` (times in epoch seconds)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "limit": str(self.limit) if self.limit else None,
+            "level": self.level,
+            "full_at": self.full_at,
+            "blocked_until": self.blocked_until,
+        }
+
 
 @functools.cache
 def _psl() -> PublicSuffixList:
@@ -400,6 +418,11 @@ class RateLimiter:
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._block = redis.register_script(BLOCK_LUA)
 
+    @classmethod
+    def from_settings(cls, redis: redis.Redis[Any], settings: LimiterSettings) -> RateLimiter:
+        """The limiter the settings describe: their limits, under their Redis key prefix."""
+        return cls(redis, Limits.from_settings(settings), prefix=settings.redis_prefix)
+
     # --- generic ------------------------------------------------------------------------
 
     def key(self, bucket: str) -> str:
@@ -431,7 +454,7 @@ class RateLimiter:
     # --- what the pipeline calls ----------------------------------------------------------
 
     def order_spends(
-        self, account: str, names: Sequence[str], *, exempt: bool = False
+        self, account: str, names: Sequence[str], *, exempt: bool = False, pacing: bool = True
     ) -> list[Spend]:
         """The buckets a new order needs (see :meth:`reserve_new_order`)."""
         limits = self.limits
@@ -446,7 +469,8 @@ class RateLimiter:
         # A name that keeps failing would fail again: refuse, but spend nothing (failures do).
         for name in unique:
             spends.append(Spend(f"authz-failures:{account}:{name}", limits.authz_failures, "check"))
-        spends += self._pace_spends("new-order")
+        if pacing:
+            spends += self._pace_spends("new-order")
         return spends
 
     def reserve_new_order(
@@ -455,15 +479,18 @@ class RateLimiter:
         names: Sequence[str],
         *,
         exempt: bool = False,
+        pacing: bool = True,
         now: float | None = None,
     ) -> Decision:
         """Reserve what a newOrder needs, its request pacing included (do not also ``pace`` it).
 
         ``exempt`` is for ARI renewals carrying ``replaces`` inside their window, which Let's
         Encrypt exempts: they spend no new-order, per-domain or per-set token, but still wait
-        for failed names and still pace the endpoint.
+        for failed names and still pace the endpoint. ``pacing=False`` leaves the endpoint's
+        pacing to a transport that paces every request itself.
         """
-        return self.acquire(self.order_spends(account, names, exempt=exempt), now=now)
+        spends = self.order_spends(account, names, exempt=exempt, pacing=pacing)
+        return self.acquire(spends, now=now)
 
     def _pace_spends(self, endpoint: str) -> list[Spend]:
         if endpoint not in ENDPOINTS:
@@ -478,10 +505,15 @@ class RateLimiter:
         """Pace one request to an ACME endpoint (it also spends the global ``acme`` bucket)."""
         return self.acquire(self._pace_spends(endpoint), now=now)
 
-    def reserve_new_account(self, ip: str = "local", *, now: float | None = None) -> Decision:
-        """Reserve a newAccount request (per source IP at the CA), its pacing included."""
+    def reserve_new_account(
+        self, ip: str = "local", *, pacing: bool = True, now: float | None = None
+    ) -> Decision:
+        """Reserve a newAccount request (per source IP at the CA), its pacing included unless
+        ``pacing=False`` (for a transport that paces every request itself)."""
         spends = [Spend(f"new-accounts:{ip}", self.limits.new_accounts)]
-        return self.acquire(spends + self._pace_spends("new-account"), now=now)
+        if pacing:
+            spends += self._pace_spends("new-account")
+        return self.acquire(spends, now=now)
 
     def record_authorization_failure(
         self, account: str, name: str, *, now: float | None = None

@@ -231,6 +231,28 @@ def test_exempt_renewal_spends_only_pacing(limiter: RateLimiter) -> None:
     }
 
 
+def test_pacing_can_be_left_to_the_transport(limiter: RateLimiter) -> None:
+    assert limiter.reserve_new_order("acct", ["example.com"], pacing=False, now=T0).allowed
+    assert limiter.reserve_new_account(pacing=False, now=T0).allowed
+    assert not {s.name for s in limiter.status(now=T0)} & {"pace:new-order", "pace:acme"}
+
+
+def test_from_settings_and_json_status(redis_client: redis.Redis) -> None:
+    settings = Settings(redis_prefix="p", limit_new_orders="10/1h")
+    limiter = RateLimiter.from_settings(redis_client, settings)
+    limiter.block("new-orders:acct", 60, now=T0)
+    [status] = limiter.status(now=T0)
+    assert redis_client.exists("p:rl:b:new-orders:acct")
+    assert status.as_dict() == {
+        "name": "new-orders:acct",
+        "kind": "new-orders",
+        "limit": "10/1h",
+        "level": 0,
+        "full_at": T0 + 60 + 3600 - 360,
+        "blocked_until": T0 + 60,
+    }
+
+
 def test_authorization_failures_stop_orders_for_that_name(limiter: RateLimiter) -> None:
     for _ in range(7):  # an observation: never refused, and the bucket does not go below empty
         limiter.record_authorization_failure("acct", "Bad.example.com", now=T0)
