@@ -1,0 +1,386 @@
+"""Edge benchmark: cold start, first-handshake latency, handshakes/s, memory per context.
+
+    .venv/bin/python -m benchmarks.edge [--sites 10000] [--duration 4] [--clients 3]
+
+(as a module: run as a script, this file would shadow the ``edge`` package).
+
+Runs its own redis-server on a free port (never the machine's), fills it with N sealed sites
+(fixtures cached under /tmp/certman-edge-bench/), and runs ``certman-edge`` as a real process.
+Each certificate has its own P-256 key and its own envelope (no key reuse). The baseline is the
+original system's approach measured in this same run: ``legacy-rsa`` envelopes opened and every
+context built eagerly before serving (timed on a sample and scaled to N, said so in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import random
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edge.state import SiteIndex, SiteMeta
+from edge.tls import build_context
+from pipeline import envelope
+from pipeline.distribution import SiteRecord, replace_all
+from pipeline.keys import Keyring, PublicKey, generate_keypair
+
+CACHE = Path("/tmp/certman-edge-bench")
+PREFIX = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_fixtures(n: int) -> tuple[Path, Path, Path]:
+    """(records file, hpke key dir, legacy key dir); generated once per N and cached."""
+    base = CACHE / str(n)
+    records = base / "records.jsonl"
+    hpke_dir, legacy_dir = base / "keys-hpke", base / "keys-legacy"
+    if records.exists():
+        return records, hpke_dir, legacy_dir
+    base.mkdir(parents=True, exist_ok=True)
+    hpke_pub = PublicKey.load(hpke_dir / f"{generate_keypair(hpke_dir)}.pub")
+    legacy_pub = PublicKey.load(
+        legacy_dir / f"{generate_keypair(legacy_dir, envelope.Scheme.LEGACY_RSA)}.pub"
+    )
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    (base / "ca.pem").write_bytes(ca_pem)
+    started = time.monotonic()
+    tmp = records.with_suffix(".tmp")
+    with tmp.open("w") as out:
+        for i in range(n):
+            domain = f"site{i}.bench.test"
+            key = ec.generate_private_key(ec.SECP256R1())
+            leaf = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
+                .issuer_name(ca_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(hours=1))
+                .not_valid_after(now + dt.timedelta(days=90))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            binding = envelope.spki_fingerprint(leaf.public_key())
+            chain = (leaf.public_bytes(serialization.Encoding.PEM) + ca_pem).decode()
+            row = {
+                "domain": domain,
+                "chain": chain,
+                "not_after": leaf.not_valid_after_utc.isoformat(),
+                "serial": format(leaf.serial_number, "x"),
+                "hpke": envelope.to_text(
+                    envelope.seal(key_pem, hpke_pub, domain=domain, binding=binding)
+                ),
+                "legacy": envelope.to_text(
+                    envelope.seal(key_pem, legacy_pub, domain=domain, binding=binding)
+                ),
+            }
+            out.write(json.dumps(row) + "\n")
+            if i and i % 5000 == 0:
+                print(f"  generated {i}/{n} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    tmp.rename(records)
+    return records, hpke_dir, legacy_dir
+
+
+def load_records(path: Path, scheme: str) -> list[SiteRecord]:
+    out = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            out.append(
+                SiteRecord(
+                    domain=row["domain"],
+                    names=(row["domain"],),
+                    upstream=None,
+                    chain_pem=row["chain"],
+                    envelope=row[scheme],
+                    not_after=dt.datetime.fromisoformat(row["not_after"]),
+                    serial=row["serial"],
+                )
+            )
+    return out
+
+
+def client_context(ca_pem: bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    return ctx
+
+
+def handshake(ctx: ssl.SSLContext, port: int, name: str) -> None:
+    # A fresh context session each time: Python never offers a session unless given one,
+    # so every connection is a full handshake.
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=name),
+    ):
+        pass
+
+
+class EdgeProcess:
+    def __init__(self, key_dir: Path, redis_url: str, processes: int, cache: int) -> None:
+        self.https = free_port()
+        self.metrics = free_port()
+        env = {**os.environ, "CERTMAN_REDIS_PREFIX": PREFIX}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from edge.cli import main; main()",
+                "--http-port",
+                str(free_port()),
+                "--https-port",
+                str(self.https),
+                "--metrics-port",
+                str(self.metrics),
+                "--processes",
+                str(processes),
+                "--key-dir",
+                str(key_dir),
+                "--redis-url",
+                redis_url,
+                "--cache-size",
+                str(cache),
+                "--address",
+                "127.0.0.1",
+                "--log-level",
+                "WARNING",
+            ],  # fmt: skip
+            env=env,
+        )
+
+    def pids(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [self.proc.pid, *map(int, children)]
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def time_to_first_handshake(edge: EdgeProcess, ctx: ssl.SSLContext, name: str) -> float:
+    while time.perf_counter() - edge.started < 60:
+        try:
+            handshake(ctx, edge.https, name)
+            return time.perf_counter() - edge.started
+        except (OSError, ssl.SSLError):
+            time.sleep(0.005)
+    raise RuntimeError("edge never answered")
+
+
+def _load_worker(args: tuple[bytes, int, list[str], float]) -> int:
+    ca_pem, port, names, duration = args
+    ctx = client_context(ca_pem)
+    done = 0
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
+        handshake(ctx, port, names[done % len(names)])
+        done += 1
+    return done
+
+
+def handshake_rate(
+    edge: EdgeProcess, ca_pem: bytes, names: list[str], clients: int, duration: float
+) -> tuple[float, float]:
+    """(handshakes per second, server CPU ms per handshake)"""
+    cpu0 = edge.cpu_seconds()
+    with multiprocessing.get_context("fork").Pool(clients) as pool:
+        parts = [names[i::clients] for i in range(clients)]
+        counts = pool.map(_load_worker, [(ca_pem, edge.https, p, duration) for p in parts])
+    total = sum(counts)
+    return total / duration, (edge.cpu_seconds() - cpu0) * 1000 / total
+
+
+def eager_per_cert(records: list[SiteRecord], keyring: Keyring, sample: int) -> float:
+    """Seconds per site to open the envelope and build the context, as an eager start does."""
+    chosen = records[:sample]
+    started = time.perf_counter()
+    for r in chosen:
+        assert r.chain_pem and r.envelope
+        chain = r.chain_pem.encode()
+        leaf = x509.load_pem_x509_certificate(chain)
+        key = envelope.open_envelope(
+            envelope.from_text(r.envelope),
+            keyring,
+            domain=r.domain,
+            binding=envelope.spki_fingerprint(leaf.public_key()),
+        )
+        build_context(chain, key)
+    return (time.perf_counter() - started) / len(chosen)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sites", type=int, default=10_000)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--eager-sample", type=int, default=500)
+    args = parser.parse_args()
+    n = args.sites
+    records_file, hpke_dir, legacy_dir = make_fixtures(n)
+    ca_pem = (CACHE / str(n) / "ca.pem").read_bytes()
+    ctx = client_context(ca_pem)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        r = redis.Redis.from_url(url)
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        hpke = load_records(records_file, "hpke")
+        t = time.perf_counter()
+        replace_all(r, PREFIX, hpke)
+        print(f"snapshot of {n} sites written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        names = [rec.domain for rec in hpke]
+        rng = random.Random(1)
+        # What an edge does before it can handshake: read version + index, build the name map.
+        t = time.perf_counter()
+        with r.pipeline(transaction=True) as pipe:
+            pipe.get(f"{PREFIX}:version")
+            pipe.hgetall(f"{PREFIX}:index")
+            _, raw_index = pipe.execute()
+        index = SiteIndex()
+        index.replace(
+            {d.decode(): SiteMeta.from_index(d.decode(), v) for d, v in raw_index.items()}
+        )
+        snapshot_read = time.perf_counter() - t
+
+        # 1. cold start and first handshakes of not-yet-loaded names
+        edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
+        start = time_to_first_handshake(edge, ctx, rng.choice(names))
+        rss_before = edge.rss_kib()
+        cold = rng.sample(names, 300)
+        first: list[float] = []
+        for name in cold:
+            t = time.perf_counter()
+            handshake(ctx, edge.https, name)
+            first.append(time.perf_counter() - t)
+        warm: list[float] = []
+        for name in cold[:200]:
+            t = time.perf_counter()
+            handshake(ctx, edge.https, name)
+            warm.append(time.perf_counter() - t)
+        # memory: load 3,000 more contexts
+        loaded = rng.sample([x for x in names if x not in set(cold)], min(3000, n - 300))
+        for name in loaded:
+            handshake(ctx, edge.https, name)
+        rss_per = (edge.rss_kib() - rss_before) / (len(loaded))
+        load_names = cold + loaded
+        rate1, cpu1 = handshake_rate(edge, ca_pem, load_names, args.clients, args.duration)
+        edge.stop()
+
+        edge2 = EdgeProcess(hpke_dir, url, 2, max(n, 10_000))
+        time_to_first_handshake(edge2, ctx, names[0])
+        for name in load_names:  # load both processes' caches (connections spread over both)
+            handshake(ctx, edge2.https, name)
+        rate2, cpu2 = handshake_rate(edge2, ca_pem, load_names * 2, args.clients, args.duration)
+        edge2.stop()
+
+        # baseline: legacy-rsa, every envelope opened and context built before serving
+        legacy = load_records(records_file, "legacy")
+        per_legacy = eager_per_cert(legacy, Keyring.load_dir(legacy_dir), args.eager_sample)
+        per_hpke = eager_per_cert(hpke, Keyring.load_dir(hpke_dir), args.eager_sample)
+        legacy_start = per_legacy * n
+
+        p50, p99 = pct(first, 50) * 1000, pct(first, 99) * 1000
+        rows += [
+            ("start -> first handshake", f"{start * 1000:.0f} ms",
+             f"{legacy_start:.1f} s (eager legacy-rsa, {args.eager_sample}-site sample x {n})",
+             f"{legacy_start / start:.0f}x faster"),
+            ("  of which: index snapshot read", f"{snapshot_read * 1000:.0f} ms", "", ""),
+            ("first handshake, unloaded name p50", f"{p50:.2f} ms",
+             f"{per_legacy * 1000:.2f} ms open+build per legacy site",
+             f"hpke open+build {per_hpke * 1000:.2f} ms"),
+            ("first handshake, unloaded name p99", f"{p99:.2f} ms", "", ""),
+            ("handshake, cached context p50", f"{pct(warm, 50) * 1000:.2f} ms", "", ""),
+            ("full handshakes/s, 1 process", f"{rate1:.0f}/s",
+             f"server CPU {cpu1:.2f} ms each", ""),
+            ("full handshakes/s, 2 processes", f"{rate2:.0f}/s", f"server CPU {cpu2:.2f} ms each",
+             f"{rate2 / rate1:.2f}x 1 process"),
+            ("RSS per loaded context", f"{rss_per:.1f} KiB", f"over {len(loaded)} contexts", ""),
+        ]  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"\nedge benchmark, {n} sealed sites, {os.cpu_count()} CPUs, {args.clients} client procs")
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
