@@ -36,7 +36,9 @@ def build_client() -> AcmeClient:
 
     account = _load(directory)
     if account is None:
-        lock_name = f"{settings.redis_prefix}:lock:account:{hashlib.sha256(binding).hexdigest()[:16]}"
+        lock_name = (
+            f"{settings.redis_prefix}:lock:account:{hashlib.sha256(binding).hexdigest()[:16]}"
+        )
         with get_redis().lock(lock_name, timeout=120, blocking_timeout=130):
             account = _load(directory) or _register(directory, pipeline_key, ca_bundle)
     key_pem = envelope.open_envelope(
@@ -60,7 +62,7 @@ def _register(directory: str, pipeline_key: object, ca_bundle: str | None) -> Ac
 
     assert isinstance(pipeline_key, PrivateKey)
     settings = get_settings()
-    decision = get_limiter().reserve_new_account()
+    decision = get_limiter().reserve_new_account(pacing=False)
     if not decision.allowed:
         raise RateLimited("new-account limit", decision.retry_after)
     private_key = ec.generate_private_key(ec.SECP256R1())

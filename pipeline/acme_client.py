@@ -106,8 +106,16 @@ class AcmeClient:
             ("newAccount", "new-account"),
             ("newOrder", "new-order"),
         ):
-            if field in self.directory:
-                self.net.endpoints[self.directory[field]] = endpoint
+            url = self._directory_url(field)
+            if url:
+                self.net.endpoints[url] = endpoint
+
+    def _directory_url(self, field: str) -> str | None:
+        # messages.Directory has no __contains__: `in` would index it with integers.
+        try:
+            return str(self.directory[field])
+        except KeyError:
+            return None
 
     # --- account ---------------------------------------------------------------------------
     def register(self, email: str | None) -> messages.RegistrationResource:
@@ -116,7 +124,9 @@ class AcmeClient:
             regr = self._call(lambda: self.acme.new_account(new))
         except errors.ConflictError as exc:
             # The key is registered already (a crash after registering): fetch that account.
-            regr = messages.RegistrationResource(uri=str(exc.location), body=messages.Registration())
+            regr = messages.RegistrationResource(
+                uri=str(exc.location), body=messages.Registration()
+            )
             self.net.account = regr
             regr = self._call(lambda: self.acme.query_registration(regr))
         self.net.account = regr
@@ -128,7 +138,7 @@ class AcmeClient:
 
     @property
     def supports_ari(self) -> bool:
-        return "renewalInfo" in self.directory
+        return self._directory_url("renewalInfo") is not None
 
     @property
     def profiles(self) -> dict[str, str]:

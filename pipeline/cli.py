@@ -94,18 +94,20 @@ def domains_add(
     name: str, aliases: Sequence[str], upstream: str | None, customer_ref: str | None
 ) -> None:
     """Add a site and queue its certificate."""
-    from pipeline import issuance
+    from pipeline import snapshot
     from pipeline.db import session_scope
     from pipeline.sites import add_site, parse_site
+    from pipeline.tasks.maintenance import kick_dispatch
 
     new = parse_site(name, aliases, upstream, customer_ref)
     with session_scope() as session:
         site, created = add_site(session, new)
-        record = issuance.site_record(session, site)
-    issuance.publish_record(record)
+        record = snapshot.site_record(session, site)
+    # The edge can proxy plain HTTP for the site before it has a certificate.
+    snapshot.publish(record)
     if created:
         # Only after the commit: a worker must find the row the message talks about.
-        issuance.kick_dispatch()
+        kick_dispatch()
         click.echo(f"added {new.domain}; issuance queued")
     else:
         click.echo(f"{new.domain} already there")
@@ -115,14 +117,14 @@ def domains_add(
 @click.argument("name")
 def domains_remove(name: str) -> None:
     """Remove a site: stop its orders, and take its certificate off every edge."""
-    from pipeline import issuance
+    from pipeline import snapshot
     from pipeline.db import session_scope
     from pipeline.sites import remove_site
 
     with session_scope() as session:
         site = remove_site(session, name)
         domain = site.domain
-    issuance.unpublish(domain)
+    snapshot.unpublish(domain)
     click.echo(f"removed {domain}")
 
 

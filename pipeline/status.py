@@ -48,10 +48,6 @@ def collect() -> dict[str, Any]:
 
 
 def _bucket_report() -> list[dict[str, Any]]:
-    from pipeline.ratelimit import RateLimiter
-    from pipeline.redis_client import get_redis
-    from pipeline.settings import get_settings
+    from pipeline.connections import get_limiter
 
-    settings = get_settings()
-    limiter = RateLimiter.from_settings(get_redis(), settings)
-    return [bucket.as_dict() for bucket in limiter.status()]
+    return [bucket.as_dict() for bucket in get_limiter().status()]

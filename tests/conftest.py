@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -29,3 +30,79 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+# --- stores ------------------------------------------------------------------------------------
+PG_ADMIN_URL = os.environ.get(
+    "CERTMAN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A PostgreSQL database made for this test run, migrated to head, dropped at the end."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from pipeline.db import upgrade
+
+    name = f"certman_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    from pipeline import db
+
+    db.dispose_engines()
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """An empty, migrated store: a new SQLite file, or the run's PostgreSQL database emptied."""
+    from pipeline.db import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'certman.db'}"
+        upgrade(url)
+        yield url
+        return
+    url = request.getfixturevalue("pg_database_url")
+    import sqlalchemy as sa
+
+    from pipeline.db import get_engine
+    from pipeline.models import Base
+
+    with get_engine(url).begin() as connection:
+        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    yield url
+
+
+@pytest.fixture
+def certman_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, redis_url: str, database_url: str
+) -> Iterator[dict[str, str]]:
+    """The process's settings pointed at this test's store and Redis database."""
+    from pipeline import acme_client, connections
+    from pipeline.settings import get_settings
+
+    env = {
+        "CERTMAN_DATA_DIR": str(tmp_path),
+        "CERTMAN_DATABASE_URL": database_url,
+        "CERTMAN_REDIS_URL": redis_url,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    connections.reset()
+    acme_client.reset()
+    yield env
+    get_settings.cache_clear()
+    connections.reset()
+    acme_client.reset()

@@ -33,6 +33,8 @@ class Certificate(Base):
     # Fixed at issuance (lifetime rule + per-domain spread); moved by ARI refreshes.
     renew_at: Mapped[datetime]
     ari_checked_at: Mapped[datetime | None]
+    ari_window_start: Mapped[datetime | None]
+    ari_window_end: Mapped[datetime | None]
     current: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[created_at]
 

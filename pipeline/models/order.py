@@ -51,6 +51,8 @@ class Order(Base):
     # authorization URL -> {"name", "token", "challenge_url", "status"}
     authorizations: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     replaces: Mapped[str | None] = mapped_column(String(255))  # ARI id of the replaced cert
+    # A renewal inside the CA's ARI window: exempt from the CA's (and our) issuance limits.
+    exempt: Mapped[bool] = mapped_column(default=False)
     profile: Mapped[str | None] = mapped_column(String(64))
     # The new certificate key, sealed to the edge before it ever leaves the finalise task.
     key_envelope: Mapped[str | None] = mapped_column(Text)

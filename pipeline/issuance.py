@@ -1,0 +1,377 @@
+"""The issuance steps as plain functions, one per task of the chain.
+
+Each step is keyed by the order's id, checks where the order stands before doing anything, and
+records its progress in the database, so that running a step twice, or after a crash, neither
+loses the order nor places a second one. A step that must wait raises :class:`RetryLater`;
+the task turns that into ``self.retry(countdown=...)``; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from pipeline import renewal, selfcheck, snapshot
+from pipeline.acme_client import get_client
+from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
+from pipeline.connections import get_limiter
+from pipeline.db import session_scope
+from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
+from pipeline.keys import PublicKey
+from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site, SiteState
+from pipeline.models.base import utcnow
+from pipeline.settings import KeyType, get_settings
+
+log = logging.getLogger(__name__)
+
+CHALLENGE_TTL = 24 * 3600  # an authorization stays pending for days; the token must outlive polls
+MAX_COUNTDOWN = 15 * 60  # under the broker's visibility timeout
+
+
+class OrderGone(Exception):
+    """The order was removed (its site deleted): nothing left to do."""
+
+
+def _order(session: Session, order_id: int) -> Order:
+    order = session.get(Order, order_id)
+    if order is None:
+        raise OrderGone(order_id)
+    order.touched_at = utcnow()
+    return order
+
+
+def _advance(order: Order, step: OrderStep) -> None:
+    order.step = step
+    order.step_changed_at = order.touched_at = utcnow()
+    order.step_tries = 0
+    order.polls = 0
+
+
+def _poll_delay(polls: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return min(max(retry_after, 0.5), MAX_COUNTDOWN)
+    return min(0.5 * 2**polls, 30.0)
+
+
+# --- step 1 --------------------------------------------------------------------------------------
+def place_order(order_id: int) -> None:
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step != OrderStep.QUEUED:
+            return
+        names, profile, replaces = list(order.names), order.profile, order.replaces
+        exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
+    client = get_client()
+    account = client.net.account.uri
+    # pacing=False: the transport paces the new-order request itself.
+    decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
+    if not decision.allowed:
+        raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
+    try:
+        order_url, body = client.new_order(names, profile=profile, replaces=replaces)
+    except RateLimited as exc:
+        # Block the matching bucket for every worker, not just this task.
+        get_limiter().block_for_problem(exc.reason, exc.countdown, account=account, names=names)
+        raise
+    authorizations: dict[str, Any] = {}
+    for authz_url in body.authorizations:
+        authz = client.get_authorization(authz_url)
+        http01 = [c for c in authz.challenges if c.chall.typ == "http-01"]
+        if not http01:
+            raise AttemptFailed(f"{authz.identifier.value}: the CA offers no http-01 challenge")
+        authorizations[authz_url] = {
+            "name": authz.identifier.value,
+            "token": http01[0].chall.encode("token"),
+            "challenge_url": http01[0].uri,
+            "status": authz.status.name,
+        }
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step != OrderStep.QUEUED:
+            return
+        order.order_url = order_url
+        order.finalize_url = body.finalize
+        order.authorizations = authorizations
+        _advance(order, OrderStep.PLACED)
+
+
+# --- step 2 --------------------------------------------------------------------------------------
+def publish_challenges(order_id: int) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step != OrderStep.PLACED:
+            return
+        pending = [a for a in (order.authorizations or {}).values() if a["status"] != "valid"]
+        site_id = order.site_id
+    client = get_client()
+    # Every edge must be able to answer before the CA asks: store and announce first.
+    for authz in pending:
+        key_auth = client.key_authorization(authz["token"])
+        snapshot.set_challenge(authz["token"], key_auth, CHALLENGE_TTL)
+    if settings.self_check:
+        for authz in pending:
+            problem = selfcheck.check(
+                authz["name"],
+                authz["token"],
+                client.key_authorization(authz["token"]),
+                port=settings.http01_port,
+                resolver=settings.dns_resolver,
+            )
+            if problem:
+                _note_site_error(site_id, problem)
+                with session_scope() as session:
+                    order = _order(session, order_id)
+                    order.polls += 1
+                    polls = order.polls
+                raise RetryLater(problem, min(15 * 2**polls, MAX_COUNTDOWN))
+    for authz in pending:
+        client.answer_challenge(authz["challenge_url"])
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step == OrderStep.PLACED:
+            _advance(order, OrderStep.CHALLENGED)
+
+
+# --- step 3 --------------------------------------------------------------------------------------
+def poll_validation(order_id: int) -> None:
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step != OrderStep.CHALLENGED:
+            return
+        order_url = order.order_url
+        assert order_url
+        authorizations = dict(order.authorizations or {})
+    client = get_client()
+    body, retry_after = client.get_order(order_url)
+    status = body.status.name
+    if status in ("ready", "processing", "valid"):
+        with session_scope() as session:
+            order = _order(session, order_id)
+            if order.step == OrderStep.CHALLENGED:
+                _advance(order, OrderStep.READY)
+        return
+    if status == "invalid":
+        raise _validation_failure(client, authorizations, body)
+    with session_scope() as session:
+        order = _order(session, order_id)
+        order.polls += 1
+        polls = order.polls
+    raise RetryLater("waiting for the CA to validate", _poll_delay(polls, retry_after))
+
+
+def _validation_failure(client: Any, authorizations: dict[str, Any], body: Any) -> AttemptFailed:
+    limiter = get_limiter()
+    account = client.net.account.uri
+    for authz_url, info in authorizations.items():
+        authz = client.get_authorization(authz_url)
+        if authz.status.name != "invalid":
+            continue
+        limiter.record_authorization_failure(account, info["name"])
+        for challenge in authz.challenges:
+            if challenge.error is not None:
+                code = challenge.error.code or "validation failed"
+                detail = f"{info['name']}: {code}: {challenge.error.detail}"
+                if code in ("unauthorized", "rejectedIdentifier", "caa"):
+                    return NameRefused(detail, error_type=code)
+                return AttemptFailed(detail, error_type=code)
+    error = body.error
+    if error is not None:
+        return AttemptFailed(f"{error.code}: {error.detail}", error_type=error.code)
+    return AttemptFailed("the CA marked the order invalid without a reason")
+
+
+# --- step 4 --------------------------------------------------------------------------------------
+def finalise(order_id: int) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step != OrderStep.READY:
+            return
+        if order.csr_pem is None:
+            # The key is sealed before anything leaves this step; a re-run posts the same CSR.
+            request = new_sealed_request(
+                list(order.names),
+                KeyType(order.site.key_type or settings.key_type),
+                _edge_key(),
+                domain=order.site.domain,
+            )
+            order.key_envelope = request.key_envelope
+            order.csr_pem = request.csr_pem
+        order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
+    assert order_url and finalize_url
+    client = get_client()
+    body, retry_after = client.get_order(order_url)
+    if body.status.name == "ready":
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+        body = client.finalize(finalize_url, csr.public_bytes(serialization.Encoding.DER))
+    status = body.status.name
+    if status == "invalid":
+        error = body.error
+        raise AttemptFailed(f"finalisation refused: {error.detail if error else 'no reason'}")
+    if status != "valid" or not body.certificate:
+        with session_scope() as session:
+            order = _order(session, order_id)
+            order.polls += 1
+            polls = order.polls
+        raise RetryLater("waiting for the CA to issue", _poll_delay(polls, retry_after))
+    chain = client.download(body.certificate)
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step == OrderStep.READY:
+            order.certificate_url = body.certificate
+            order.chain_pem = chain
+            _advance(order, OrderStep.ISSUED)
+
+
+def _edge_key() -> PublicKey:
+    path = get_settings().edge_public_key
+    if path is None:
+        raise AttemptFailed("CERTMAN_EDGE_PUBLIC_KEY is not set: nothing to seal keys to")
+    return PublicKey.load(path)
+
+
+# --- step 5 --------------------------------------------------------------------------------------
+def encrypt_and_store(order_id: int) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        order = _order(session, order_id)
+        if order.step not in (OrderStep.ISSUED, OrderStep.DONE):
+            return
+        site = order.site
+        if order.step == OrderStep.ISSUED:
+            assert order.chain_pem and order.csr_pem and order.key_envelope
+            try:
+                info = inspect_chain(order.chain_pem, order.csr_pem)
+            except ChainMismatch as exc:
+                raise AttemptFailed(str(exc)) from None
+            renew_at = renewal.lifetime_renew_at(
+                site.domain,
+                info.not_before,
+                info.not_after,
+                fraction=settings.renew_fraction,
+                spread=settings.renew_spread,
+            )
+            session.execute(
+                update(Certificate)
+                .where(Certificate.site_id == site.id, Certificate.current)
+                .values(current=False)
+            )
+            edge_key = _edge_key()
+            session.add(
+                Certificate(
+                    site_id=site.id,
+                    order_id=order.id,
+                    chain_pem=order.chain_pem,
+                    key_envelope=order.key_envelope,
+                    scheme=str(edge_key.scheme),
+                    key_id=edge_key.key_id,
+                    serial=info.serial,
+                    ari_id=info.ari_id,
+                    not_before=info.not_before,
+                    not_after=info.not_after,
+                    renew_at=renew_at,
+                    current=True,
+                )
+            )
+            site.state = SiteState.ACTIVE
+            site.last_error = None
+            site.consecutive_failures = 0
+            site.next_attempt_at = None
+            _advance(order, OrderStep.DONE)
+            order.finished_at = utcnow()
+            # The order's copy of the envelope is no longer needed: the certificate holds it.
+            order.key_envelope = None
+            session.add(Attempt(site_id=site.id, order_id=order.id, step="store", outcome="ok"))
+        session.flush()
+        record = snapshot.site_record(session, site)
+        tokens = [a["token"] for a in (order.authorizations or {}).values()]
+    # Published after the commit, and again on a re-run: the snapshot follows the store.
+    snapshot.publish(record)
+    for token in tokens:
+        snapshot.remove_challenge(token)
+
+
+# --- failures ------------------------------------------------------------------------------------
+def fail_order(order_id: int, step: str, problem: AttemptFailed) -> None:
+    """End this attempt: record why, and schedule the next one (or block the site)."""
+    now = utcnow()
+    with session_scope() as session:
+        order = session.get(Order, order_id)
+        if order is None or order.step in (OrderStep.DONE, OrderStep.CANCELLED):
+            return
+        site = order.site
+        order.step = OrderStep.FAILED
+        order.error = problem.reason
+        order.finished_at = order.step_changed_at = now
+        tokens = [a["token"] for a in (order.authorizations or {}).values()]
+        site.last_error = problem.reason
+        site.consecutive_failures += 1
+        has_cert = session.scalar(
+            select(Certificate.id).where(Certificate.site_id == site.id, Certificate.current)
+        )
+        if isinstance(problem, NameRefused):
+            site.state = SiteState.BLOCKED
+            site.next_attempt_at = None
+            site.last_error = f"{problem.reason} (blocked until someone acts)"
+            outcome = "blocked"
+        else:
+            retry_at = now + renewal.backoff(site.consecutive_failures)
+            if has_cert:
+                # A renewal failed: keep serving the old certificate, try again later.
+                site.state = SiteState.ACTIVE
+                session.execute(
+                    update(Certificate)
+                    .where(Certificate.site_id == site.id, Certificate.current)
+                    .values(renew_at=retry_at)
+                )
+            else:
+                site.state = SiteState.RETRYING
+                site.next_attempt_at = retry_at
+            outcome = "failed"
+        session.add(
+            Attempt(
+                site_id=site.id,
+                order_id=order.id,
+                step=step,
+                outcome=outcome,
+                error_type=problem.error_type,
+                detail=problem.reason,
+            )
+        )
+        domain = site.domain
+    log.warning("order %s for %s failed at %s: %s", order_id, domain, step, problem.reason)
+    for token in tokens:
+        snapshot.remove_challenge(token)
+
+
+def note_retry(order_id: int, step: str, problem: RetryLater) -> None:
+    """Keep a trace of transient trouble without ending the attempt."""
+    with session_scope() as session:
+        order = session.get(Order, order_id)
+        if order is None:
+            return
+        order.touched_at = utcnow()
+        if not isinstance(problem, RateLimited) or "rate limited by the CA" in problem.reason:
+            session.add(
+                Attempt(
+                    site_id=order.site_id,
+                    order_id=order.id,
+                    step=step,
+                    outcome="retry",
+                    detail=problem.reason,
+                )
+            )
+
+
+def _note_site_error(site_id: int, message: str) -> None:
+    with session_scope() as session:
+        site = session.get(Site, site_id)
+        if site is not None:
+            site.last_error = message

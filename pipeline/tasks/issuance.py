@@ -1,0 +1,91 @@
+"""The issuance chain: one thin task per step over the functions in pipeline.issuance.
+
+Task names say the step and arguments carry the domain, so Flower shows which site is where.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task, chain
+
+from pipeline import issuance
+from pipeline.celery import app
+from pipeline.connections import get_redis
+from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.models import OrderStep
+from pipeline.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_TASK_OPTIONS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": None}
+
+
+def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain: str) -> None:
+    # Two copies of a step for one order (a sweeper re-enqueue racing a slow original) must not
+    # both talk to the CA: the second waits its turn, then finds the step already done.
+    lock = get_redis().lock(
+        f"{get_settings().redis_prefix}:lock:order:{order_id}", timeout=300, blocking=False
+    )
+    if not lock.acquire():
+        raise task.retry(countdown=5 + random.random() * 5)
+    try:
+        fn(order_id)
+    except issuance.OrderGone:
+        log.info("order %s for %s is gone; nothing to do", order_id, domain)
+    except AttemptFailed as problem:
+        issuance.fail_order(order_id, step, problem)
+    except RetryLater as problem:
+        issuance.note_retry(order_id, step, problem)
+        countdown = min(problem.countdown, issuance.MAX_COUNTDOWN)
+        # Jitter, so that workers refused together do not all come back in the same instant.
+        countdown += random.uniform(0, min(1.0, countdown * 0.1))
+        log.info("order %s for %s waits %.1fs at %s: %s", order_id, domain, countdown, step,
+                 problem.reason)  # fmt: skip
+        raise task.retry(countdown=countdown) from None
+    finally:
+        lock.release()
+
+
+@app.task(name="certman.issue.place_order", **_TASK_OPTIONS)
+def place_order(self: Task, order_id: int, domain: str) -> None:
+    _run(self, "place_order", issuance.place_order, order_id, domain)
+
+
+@app.task(name="certman.issue.publish_challenges", **_TASK_OPTIONS)
+def publish_challenges(self: Task, order_id: int, domain: str) -> None:
+    _run(self, "publish_challenges", issuance.publish_challenges, order_id, domain)
+
+
+@app.task(name="certman.issue.poll_validation", **_TASK_OPTIONS)
+def poll_validation(self: Task, order_id: int, domain: str) -> None:
+    _run(self, "poll_validation", issuance.poll_validation, order_id, domain)
+
+
+@app.task(name="certman.issue.finalise", **_TASK_OPTIONS)
+def finalise(self: Task, order_id: int, domain: str) -> None:
+    _run(self, "finalise", issuance.finalise, order_id, domain)
+
+
+@app.task(name="certman.issue.encrypt_and_store", **_TASK_OPTIONS)
+def encrypt_and_store(self: Task, order_id: int, domain: str) -> None:
+    _run(self, "encrypt_and_store", issuance.encrypt_and_store, order_id, domain)
+
+
+STEPS: list[tuple[OrderStep, Task]] = [
+    (OrderStep.QUEUED, place_order),
+    (OrderStep.PLACED, publish_challenges),
+    (OrderStep.CHALLENGED, poll_validation),
+    (OrderStep.READY, finalise),
+    (OrderStep.ISSUED, encrypt_and_store),
+]
+
+
+def enqueue_chain(order_id: int, domain: str, step: OrderStep, queue: str) -> None:
+    """Send the chain from ``step`` to the end; call only after the order's row is committed."""
+    index = next(i for i, (s, _) in enumerate(STEPS) if s == step)
+    signatures = [task.si(order_id, domain).set(queue=queue) for _, task in STEPS[index:]]
+    chain(*signatures).apply_async()
