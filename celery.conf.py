@@ -47,11 +47,8 @@ timezone = "UTC"
 enable_utc = True
 
 beat_schedule = {
+    # Starts due first issues, retries and renewals (renewal times are fixed in the store).
     "dispatch": {"task": "certman.maintenance.dispatch", "schedule": timedelta(seconds=15)},
-    "schedule-renewals": {
-        "task": "certman.maintenance.schedule_renewals",
-        "schedule": timedelta(minutes=5),
-    },
     "refresh-ari": {"task": "certman.maintenance.refresh_ari", "schedule": timedelta(minutes=10)},
     "check-expiry": {"task": "certman.maintenance.check_expiry", "schedule": timedelta(minutes=30)},
     "sweep-stuck-orders": {

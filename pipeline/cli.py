@@ -198,3 +198,7 @@ def status(as_json: bool) -> None:
         return
     for key, value in report.items():
         click.echo(f"{key}: {json.dumps(value, default=str)}")
+
+
+# Operations commands (orders, renew, exporter) live in their own module.
+from pipeline import cli_ops as _cli_ops  # noqa: E402,F401

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     alert_fraction: float = Field(1 / 6, gt=0, lt=1, description="Alert below this life left.")
     alert_webhook: str | None = None
 
+    # --- upkeep (beat) ----------------------------------------------------------------------
+    stuck_after: int = Field(1800, ge=60, description="Seconds an order may sit untouched.")
+    stuck_max_tries: int = Field(3, ge=1, description="Re-enqueues before a stuck order fails.")
+    ari_refresh_hours: float = Field(12, gt=0, description="Refresh each ARI window this often.")
+    alert_consecutive_failures: int = Field(
+        5, ge=1, description="Alert when a site has failed this many times in a row."
+    )
+
     # --- edge -------------------------------------------------------------------------------
     edge_cache_size: int = Field(10_000, ge=1, description="TLS contexts kept per edge process.")
     edge_processes: int = Field(1, ge=1)

@@ -96,6 +96,35 @@ class System:
         self.workers.append(worker)
         return worker
 
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        with (self.workdir / "beat.log").open("ab") as log:
+            beat = subprocess.Popen(
+                [
+                    str(BIN / "celery"), "-A", "pipeline", "beat", "-l", "info",
+                    "-s", str(self.workdir / "beat-schedule"),
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.workers.append(beat)
+        return beat
+
+    def start_flower(self, port: int) -> subprocess.Popen[bytes]:
+        env = self.env | {"FLOWER_UNAUTHENTICATED_API": "true"}
+        with (self.workdir / "flower.log").open("ab") as log:
+            flower = subprocess.Popen(
+                [str(BIN / "celery"), "-A", "pipeline", "flower", f"--port={port}",
+                 "--address=127.0.0.1"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.workers.append(flower)
+        return flower
+
     def start_edge(self) -> subprocess.Popen[bytes]:
         with (self.workdir / "edge.log").open("ab") as log:
             self.edge = subprocess.Popen(
