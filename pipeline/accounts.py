@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-import josepy as jose
 from acme import messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from josepy.jwk import JWKEC
 from sqlalchemy import select
 
 from pipeline import envelope
@@ -44,7 +44,7 @@ def build_client() -> AcmeClient:
     key_pem = envelope.open_envelope(
         envelope.from_text(account.key_envelope), keyring, domain=ACCOUNT_DOMAIN, binding=binding
     )
-    jwk = jose.JWKEC.load(key_pem)
+    jwk = JWKEC.load(key_pem)
     del key_pem
     registration = messages.RegistrationResource.json_loads(account.registration_json)
     return AcmeClient(
@@ -66,7 +66,7 @@ def _register(directory: str, pipeline_key: object, ca_bundle: str | None) -> Ac
     if not decision.allowed:
         raise RateLimited("new-account limit", decision.retry_after)
     private_key = ec.generate_private_key(ec.SECP256R1())
-    jwk = jose.JWKEC(key=private_key)
+    jwk = JWKEC(key=private_key)
     acme = AcmeClient(directory, jwk, ca_bundle=ca_bundle, limiter=get_limiter())
     registration = acme.register(settings.acme_contact_email)
     key_pem = private_key.private_bytes(

@@ -14,9 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import josepy as jose
 import requests
 from acme import challenges, client, errors, messages
+from josepy.b64 import b64encode
+from josepy.json_util import field
+from josepy.jwa import ES256, RS256
+from josepy.jwk import JWK, JWKEC
 
 from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
 from pipeline.ratelimit import RateLimiter
@@ -35,10 +38,10 @@ RETRYABLE_CODES = {"badNonce", "serverInternal", "rateLimited", "orderNotReady"}
 class NewOrderWithReplaces(messages.NewOrder):
     """RFC 9773 (ARI) ``replaces``: Let's Encrypt exempts such renewals from its limits."""
 
-    replaces: str | None = jose.field("replaces", omitempty=True)
+    replaces: str | None = field("replaces", omitempty=True)
 
 
-class _Network(client.ClientNetwork):  # type: ignore[misc]
+class _Network(client.ClientNetwork):
     """Keeps each error's Retry-After and paces every request through the limiter."""
 
     def __init__(self, *args: Any, limiter: RateLimiter | None, **kwargs: Any) -> None:
@@ -46,7 +49,9 @@ class _Network(client.ClientNetwork):  # type: ignore[misc]
         self.limiter = limiter
         self.endpoints: dict[str, str] = {}
 
-    def _check_response(self, response: requests.Response, content_type: str | None = None) -> Any:
+    def _check_response(  # type: ignore[override]  # called on instances, so a method will do
+        self, response: requests.Response, content_type: str | None = None
+    ) -> requests.Response:
         try:
             return super()._check_response(response, content_type=content_type)
         except messages.Error as exc:
@@ -82,13 +87,13 @@ class AcmeClient:
     def __init__(
         self,
         directory_url: str,
-        account_key: jose.JWK,
+        account_key: JWK,
         *,
         registration: messages.RegistrationResource | None = None,
         ca_bundle: str | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
-        alg = jose.ES256 if isinstance(account_key, jose.JWKEC) else jose.RS256
+        alg = ES256 if isinstance(account_key, JWKEC) else RS256
         self.net = _Network(
             key=account_key,
             account=registration,
@@ -101,12 +106,12 @@ class AcmeClient:
         self.account_key = account_key
         self.directory = self._call(lambda: client.ClientV2.get_directory(directory_url, self.net))
         self.acme = client.ClientV2(self.directory, self.net)
-        for field, endpoint in (
+        for directory_field, endpoint in (
             ("newNonce", "new-nonce"),
             ("newAccount", "new-account"),
             ("newOrder", "new-order"),
         ):
-            url = self._directory_url(field)
+            url = self._directory_url(directory_field)
             if url:
                 self.net.endpoints[url] = endpoint
 
@@ -133,8 +138,14 @@ class AcmeClient:
         return regr
 
     @property
+    def account_uri(self) -> str:
+        account = self.net.account
+        assert account is not None, "the client has no registered account"
+        return str(account.uri)
+
+    @property
     def thumbprint(self) -> str:
-        return jose.b64encode(self.account_key.thumbprint()).decode("ascii")
+        return b64encode(self.account_key.thumbprint()).decode("ascii")
 
     @property
     def supports_ari(self) -> bool:
@@ -164,7 +175,8 @@ class AcmeClient:
 
     def get_authorization(self, url: str) -> messages.Authorization:
         response = self._call(lambda: self.acme._post_as_get(url))
-        return messages.Authorization.from_json(response.json())
+        authz: messages.Authorization = messages.Authorization.from_json(response.json())
+        return authz
 
     def key_authorization(self, token: str) -> str:
         return f"{token}.{self.thumbprint}"
@@ -177,7 +189,8 @@ class AcmeClient:
 
         request = messages.CertificateRequest(csr=x509.load_der_x509_csr(csr_der))
         response = self._call(lambda: self.acme._post(url, request))
-        return messages.Order.from_json(response.json())
+        order: messages.Order = messages.Order.from_json(response.json())
+        return order
 
     def download(self, url: str) -> str:
         response = self._call(lambda: self.acme._post_as_get(url))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 
 from pipeline.ratelimit import Limits, RateLimiter
 from pipeline.settings import get_settings
 
-_redis: redis.Redis | None = None
+_redis: redis.Redis[Any] | None = None
 _limiter: RateLimiter | None = None
 
 
-def get_redis() -> redis.Redis:
+def get_redis() -> redis.Redis[Any]:
     global _redis
     if _redis is None:
         _redis = redis.Redis.from_url(

@@ -1,12 +1,12 @@
 """How issuance fails, told apart the way Let's Encrypt's integration guide asks.
 
-    IssuanceProblem
-    ├── RetryLater          try this step again after ``countdown`` seconds (network, badNonce,
-    │   └── RateLimited     5xx, a limiter wait, a CA ``rateLimited`` with its Retry-After)
-    ├── AttemptFailed       this attempt is over (validation failed); the next one is scheduled
-    │                       at 1 min, 10 min, 100 min, then daily
-    └── NameRefused         the CA will not issue for a name (unauthorized, rejectedIdentifier,
-                            caa): blocked until someone acts
+IssuanceProblem
+├── RetryLater          try this step again after ``countdown`` seconds (network, badNonce,
+│   └── RateLimited     5xx, a limiter wait, a CA ``rateLimited`` with its Retry-After)
+├── AttemptFailed       this attempt is over (validation failed); the next one is scheduled
+│                       at 1 min, 10 min, 100 min, then daily
+└── NameRefused         the CA will not issue for a name (unauthorized, rejectedIdentifier,
+                        caa): blocked until someone acts
 """
 
 from __future__ import annotations

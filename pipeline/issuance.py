@@ -52,8 +52,8 @@ def _advance(order: Order, step: OrderStep) -> None:
 
 def _poll_delay(polls: int, retry_after: float | None) -> float:
     if retry_after is not None:
-        return min(max(retry_after, 0.5), MAX_COUNTDOWN)
-    return min(0.5 * 2**polls, 30.0)
+        return float(min(max(retry_after, 0.5), MAX_COUNTDOWN))
+    return float(min(0.5 * 2**polls, 30.0))
 
 
 # --- step 1 --------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def place_order(order_id: int) -> None:
         names, profile, replaces = list(order.names), order.profile, order.replaces
         exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
     client = get_client()
-    account = client.net.account.uri
+    account = client.account_uri
     # pacing=False: the transport paces the new-order request itself.
     decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
     if not decision.allowed:
@@ -165,7 +165,7 @@ def poll_validation(order_id: int) -> None:
 
 def _validation_failure(client: Any, authorizations: dict[str, Any], body: Any) -> AttemptFailed:
     limiter = get_limiter()
-    account = client.net.account.uri
+    account = client.account_uri
     for authz_url, info in authorizations.items():
         authz = client.get_authorization(authz_url)
         if authz.status.name != "invalid":

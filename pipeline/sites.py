@@ -74,8 +74,8 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
     Re-adding a site with the same names is a no-op that may update its upstream; a name that
     already belongs to another site is refused, and nothing is written.
     """
-    owners = dict(
-        session.execute(
+    owners: dict[str, str] = dict(
+        session.execute(  # type: ignore[arg-type]
             select(SiteName.name, Site.domain).join(Site).where(SiteName.name.in_(new.names))
         ).all()
     )

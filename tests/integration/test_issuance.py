@@ -17,16 +17,20 @@ def fetch_certificate(port: int, name: str, root_pem: bytes) -> x509.Certificate
     """Handshake with the edge sending SNI ``name``, verifying against Pebble's root."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cadata=root_pem.decode())
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname=name) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der)
 
 
 def test_sites_issued_end_to_end_and_served(system: System) -> None:
     system.start(workers=1)
-    system.certman("domains", "add", "dealer-one.example.com", "--alias", "www.dealer-one.example.com")
+    system.certman(
+        "domains", "add", "dealer-one.example.com", "--alias", "www.dealer-one.example.com"
+    )
     system.certman("domains", "add", "dealer-two.example.org")
     system.certman("domains", "add", "dealer-three.example.net")
     names = ["dealer-one.example.com", "dealer-two.example.org", "dealer-three.example.net"]
