@@ -32,7 +32,11 @@ def get_limiter() -> RateLimiter:
     return _limiter
 
 
-def reset() -> None:
+def reset(*, close: bool = False) -> None:
+    """Forget the connection. After a fork it must only be dropped: closing it would shut the
+    socket the parent still uses."""
     global _redis, _limiter
+    if close and _redis is not None:
+        _redis.close()
     _redis = None
     _limiter = None

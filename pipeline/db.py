@@ -67,10 +67,11 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         session.close()
 
 
-def dispose_engines() -> None:
-    """Drop pooled connections: called in a child after fork, where they must not be shared."""
+def dispose_engines(*, close: bool = False) -> None:
+    """Drop pooled connections. In a child after fork they are only forgotten (``close=False``):
+    closing them would end the parent's sessions."""
     for maker in _makers.values():
-        maker.kw["bind"].dispose(close=False)
+        maker.kw["bind"].dispose(close=close)
 
 
 def alembic_config(url: str) -> Config:

@@ -45,6 +45,8 @@ def normalise(raw: str) -> str:
         raise InvalidName(raw, "wildcards are not supported (HTTP-01 cannot validate them)")
     if _is_ip_address(name):
         raise InvalidName(raw, "an IP address, not a domain name")
+    if len(name) > MAX_NAME:
+        raise InvalidName(raw, f"longer than {MAX_NAME} characters")
     try:
         # uts46 maps case and width the way browsers do before the IDNA 2008 check.
         name = idna.encode(name, uts46=True).decode("ascii")

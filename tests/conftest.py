@@ -56,7 +56,7 @@ def pg_database_url() -> Iterator[str]:
     yield url
     from pipeline import db
 
-    db.dispose_engines()
+    db.dispose_engines(close=True)
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
@@ -104,5 +104,5 @@ def certman_env(
     acme_client.reset()
     yield env
     get_settings.cache_clear()
-    connections.reset()
+    connections.reset(close=True)
     acme_client.reset()
