@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
+from typing import Any
 
 from celery import Task
 
-from pipeline import dispatch
+from pipeline import alerts, dispatch, upkeep
 from pipeline.celery import app
 from pipeline.connections import get_redis
 from pipeline.db import session_scope
+from pipeline.models.base import utcnow
 from pipeline.settings import get_settings
 from pipeline.tasks.issuance import enqueue_chain
 
@@ -38,3 +41,118 @@ def dispatch_due(self: Task) -> int:
 def kick_dispatch() -> None:
     """Ask for a dispatch now instead of at beat's next tick (after adding sites)."""
     dispatch_due.apply_async(queue="issuance")
+
+
+# --- upkeep (issue 7): thin tasks over pipeline.upkeep ------------------------------------------
+# Each is idempotent: a sweep claims orders with a conditional UPDATE, a refresh rewrites what the
+# CA says, an alert is deduplicated in Redis. Overlapping runs are harmless, retries are safe.
+ARI_INTERVAL_DEFAULT = 600.0
+
+
+def _beat_interval(entry: str, default: float) -> float:
+    # The batch is sized from beat's own schedule, so each certificate is checked about once per
+    # CERTMAN_ARI_REFRESH_HOURS whatever the interval someone configures.
+    schedule = (app.conf.beat_schedule or {}).get(entry, {}).get("schedule")
+    if isinstance(schedule, timedelta):
+        return schedule.total_seconds()
+    if isinstance(schedule, (int, float)):
+        return float(schedule)
+    return default
+
+
+@app.task(name="certman.maintenance.sweep_stuck_orders", bind=True, acks_late=True)
+def sweep_stuck_orders(self: Task) -> dict[str, int]:
+    """Re-send the chain of orders nothing has touched for a while; give up after N tries."""
+    settings = get_settings()
+    with session_scope() as session:
+        sweep = upkeep.sweep_stuck(
+            session,
+            now=utcnow(),
+            stuck_after=settings.stuck_after,
+            max_tries=settings.stuck_max_tries,
+        )
+    # After the commit: a worker must find the claimed row the message talks about.
+    for item in sweep.requeue:
+        log.warning("order %s for %s stuck at %s: sent again", item.order_id, item.domain,
+                    item.step)  # fmt: skip
+        enqueue_chain(item.order_id, item.domain, item.step, item.queue)
+    upkeep.fail_exhausted(sweep, max_tries=settings.stuck_max_tries)
+    return {"requeued": len(sweep.requeue), "failed": len(sweep.exhausted)}
+
+
+@app.task(name="certman.maintenance.refresh_ari", bind=True, acks_late=True)
+def refresh_ari(self: Task) -> dict[str, int]:
+    """Ask the CA for the ARI window of the stalest batch of certificates."""
+    from pipeline.acme_client import get_client
+    from pipeline.keys import PublicKey
+
+    settings = get_settings()
+    client = get_client()
+    if not client.supports_ari:
+        return {"checked": 0, "moved": 0, "errors": 0}
+    lock = get_redis().lock(
+        f"{settings.redis_prefix}:lock:refresh-ari", timeout=600, blocking=False
+    )
+    if not lock.acquire():
+        return {"checked": 0, "moved": 0, "errors": 0}  # a slow previous run is still at it
+    try:
+        period = timedelta(hours=settings.ari_refresh_hours)
+        with session_scope() as session:
+            total = upkeep.count_current(session)
+        limit = upkeep.ari_batch_size(
+            total,
+            interval=_beat_interval("refresh-ari", ARI_INTERVAL_DEFAULT),
+            period=period.total_seconds(),
+        )
+        edge_key_id = (
+            PublicKey.load(settings.edge_public_key).key_id if settings.edge_public_key else None
+        )
+        result = upkeep.refresh_ari(
+            session_scope,
+            client.renewal_window,
+            now=utcnow(),
+            period=period,
+            limit=limit,
+            edge_key_id=edge_key_id,
+        )
+    finally:
+        lock.release()
+    if result.checked:
+        log.info("ARI: %d checked, %d renewal times moved", result.checked, result.moved)
+    return {"checked": result.checked, "moved": result.moved, "errors": result.errors}
+
+
+@app.task(name="certman.maintenance.check_expiry", bind=True, acks_late=True)
+def check_expiry(self: Task) -> int:
+    """Alert on certificates running out of life unrenewed, and on sites failing repeatedly."""
+    settings = get_settings()
+    with session_scope() as session:
+        found = upkeep.expiring_alerts(session, now=utcnow(), fraction=settings.alert_fraction)
+        found += upkeep.failing_alerts(session, threshold=settings.alert_consecutive_failures)
+    raised = alerts.raise_alerts(found, send=_queue_webhook)
+    return len(raised)
+
+
+def _queue_webhook(payload: dict[str, Any]) -> None:
+    send_alert_webhook.apply_async((payload,), queue="maintenance")
+
+
+@app.task(
+    name="certman.maintenance.send_alert_webhook",
+    bind=True,
+    acks_late=True,
+    autoretry_for=(alerts.WebhookUnavailable,),
+    retry_backoff=5,
+    retry_backoff_max=600,
+    retry_jitter=True,
+    max_retries=12,
+)
+def send_alert_webhook(self: Task, payload: dict[str, Any]) -> None:
+    """POST one alert to CERTMAN_ALERT_WEBHOOK; retried with backoff while the receiver is down."""
+    url = get_settings().alert_webhook
+    if not url:
+        return  # unset since the alert was queued
+    try:
+        alerts.post_webhook(url, payload)
+    except alerts.WebhookRefused as exc:
+        log.error("alert webhook refused the alert for %s: %s", payload.get("domain"), exc)

@@ -1,0 +1,139 @@
+"""Alerts: Let's Encrypt sends no expiry emails any more, so certman must say it itself.
+
+An alert is an ERROR log line (domain, expiry, last error), a count in Redis that the exporter
+publishes as ``certman_alerts_total``, and, when ``CERTMAN_ALERT_WEBHOOK`` is set, a JSON POST
+sent by a Celery task with retries, so that a slow or dead receiver never holds up the
+pipeline. Each alert is raised at most once per subject and condition a day (a Redis SET NX
+with a TTL), however often beat runs the check and however many workers run it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+import requests
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.connections import get_redis
+from pipeline.models.base import utcnow
+from pipeline.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+DEDUP_SECONDS = 24 * 3600
+WEBHOOK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Alert:
+    condition: str  # "expiring" (little life left, not renewed) or "failing" (attempts failing)
+    subject: str  # what deduplication is keyed on: "certificate:<id>" or "site:<id>"
+    domain: str
+    not_after: datetime | None
+    last_error: str | None
+    detail: str
+
+    def payload(self) -> dict[str, Any]:
+        """The webhook's JSON body."""
+        return {
+            "source": "certman",
+            "condition": self.condition,
+            "domain": self.domain,
+            "not_after": self.not_after.isoformat() if self.not_after else None,
+            "last_error": self.last_error,
+            "detail": self.detail,
+            "subject": self.subject,
+            "raised_at": utcnow().isoformat(),
+        }
+
+
+def _key(prefix: str, alert: Alert) -> str:
+    return f"{prefix}:alert:{alert.condition}:{alert.subject}"
+
+
+def _counts_key(prefix: str) -> str:
+    return f"{prefix}:alerts:raised"
+
+
+def raise_alerts(
+    alerts: Iterable[Alert],
+    *,
+    send: Callable[[dict[str, Any]], object] | None = None,
+    client: redis.Redis[Any] | None = None,
+) -> list[Alert]:
+    """Raise each alert not raised in the last day; returns those raised now.
+
+    ``send`` hands the payload to the webhook task (``send_alert_webhook.delay``); it is called
+    only when a webhook is configured.
+    """
+    settings = get_settings()
+    r = client or get_redis()
+    raised = []
+    for alert in alerts:
+        key = _key(settings.redis_prefix, alert)
+        if not r.set(key, utcnow().isoformat(), nx=True, ex=DEDUP_SECONDS):
+            continue
+        log.error(
+            "ALERT %s: %s: %s; expires %s; last error: %s",
+            alert.condition,
+            alert.domain,
+            alert.detail,
+            alert.not_after.isoformat() if alert.not_after else "-",
+            alert.last_error or "-",
+        )
+        r.hincrby(_counts_key(settings.redis_prefix), alert.condition, 1)
+        if settings.alert_webhook and send is not None:
+            try:
+                send(alert.payload())
+            except Exception:
+                # Not sent: forget the deduplication so that the next check raises it again.
+                r.delete(key)
+                log.exception("could not queue the webhook for %s", alert.domain)
+                continue
+        raised.append(alert)
+    return raised
+
+
+class WebhookUnavailable(Exception):
+    """The receiver could not take the alert now (network, 5xx, 429): worth retrying."""
+
+
+class WebhookRefused(Exception):
+    """The receiver refused the alert (4xx): retrying will not help."""
+
+
+def post_webhook(url: str, payload: dict[str, Any], *, timeout: float = WEBHOOK_TIMEOUT) -> None:
+    try:
+        response = requests.post(url, json=payload, timeout=timeout)
+    except requests.RequestException as exc:
+        raise WebhookUnavailable(f"{url}: {exc}") from exc
+    if response.status_code >= 500 or response.status_code == 429:
+        raise WebhookUnavailable(f"{url}: HTTP {response.status_code}")
+    if response.status_code >= 400:
+        raise WebhookRefused(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+
+
+class AlertCountCollector(Collector):
+    """``certman_alerts_total{condition}``: alerts raised by any worker, counted in Redis."""
+
+    def __init__(self, client: redis.Redis[Any], prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counter = CounterMetricFamily(
+            "certman_alerts", "Alerts raised (deduplicated: once a day each).", labels=["condition"]
+        )
+        raw: dict[bytes, bytes] = self.client.hgetall(_counts_key(self.prefix))
+        # Both known conditions always appear, so that rate() works from the first alert on.
+        counts = {"expiring": 0.0, "failing": 0.0}
+        counts.update({k.decode(): float(v) for k, v in raw.items()})
+        for condition, n in sorted(counts.items()):
+            counter.add_metric([condition], n)
+        yield counter
