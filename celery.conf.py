@@ -15,9 +15,10 @@ _settings = get_settings()
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
-# Longer than the longest countdown any task gives itself (rate-limit waits are capped at
-# 15 minutes), so the Redis transport never redelivers a task that is merely waiting.
-broker_transport_options = {"visibility_timeout": 2 * 3600}
+# Longer than the longest countdown any task gives itself (waits are capped at 15 minutes), so
+# the Redis transport seldom redelivers a task that is merely waiting; when it does, the order
+# lock and the step checks make the copy harmless.
+broker_transport_options = {"visibility_timeout": _settings.broker_visibility_timeout}
 
 # JSON only: a pickle payload from the broker would be code execution in every worker.
 task_serializer = "json"

@@ -185,6 +185,23 @@ def keys_status(as_json: bool) -> None:
         click.echo(f"{row['scheme']:12} {row['key_id']:18} {row['certificates']}")
 
 
+# --- snapshot ------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def snapshot() -> None:
+    """What the edges read from Redis."""
+
+
+@snapshot.command("resync")
+def snapshot_resync() -> None:
+    """Rebuild the edges' snapshot in Redis from the store (after Redis lost its data)."""
+    from pipeline import snapshot as snapshots
+    from pipeline.db import session_scope
+
+    with session_scope() as session:
+        count = snapshots.resync(session)
+    click.echo(f"snapshot rebuilt: {count} sites")
+
+
 # --- status --------------------------------------------------------------------------------------
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True)

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; default: a SQLite file in data_dir.")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("certman", description="Prefix of every Redis key and channel.")
+    broker_visibility_timeout: int = Field(
+        7200, ge=1, description="Seconds before an unacknowledged task is delivered again."
+    )
 
     # --- ACME -------------------------------------------------------------------------------
     acme_directory: str = LETS_ENCRYPT_STAGING

@@ -9,12 +9,17 @@ from pipeline import distribution
 from pipeline.connections import get_redis
 from pipeline.models import Certificate, Site
 from pipeline.settings import get_settings
+from pipeline.sites import current_certificates
 
 
 def site_record(session: Session, site: Site) -> distribution.SiteRecord:
     cert = session.scalar(
         select(Certificate).where(Certificate.site_id == site.id, Certificate.current)
     )
+    return _record(site, cert)
+
+
+def _record(site: Site, cert: Certificate | None) -> distribution.SiteRecord:
     return distribution.SiteRecord(
         domain=site.domain,
         names=tuple(site.all_names),
@@ -44,9 +49,15 @@ def remove_challenge(token: str) -> None:
     distribution.remove_challenge(get_redis(), get_settings().redis_prefix, token)
 
 
+def exists() -> bool:
+    """Whether Redis holds a snapshot at all (its version counter is set by every write)."""
+    return bool(get_redis().exists(f"{get_settings().redis_prefix}:version"))
+
+
 def resync(session: Session) -> int:
     """Rebuild the whole snapshot from the store (after a Redis loss); returns the site count."""
     sites = session.scalars(select(Site).options(selectinload(Site.names))).all()
-    records = [site_record(session, site) for site in sites]
+    certs = current_certificates(session, [site.id for site in sites])
+    records = [_record(site, certs.get(site.id)) for site in sites]
     distribution.replace_all(get_redis(), get_settings().redis_prefix, records)
     return len(records)
