@@ -260,6 +260,9 @@ class Onboarding:
         # that grows with the input; it is what tells an in-file duplicate from a new site.
         self._seen: dict[str, tuple[str, int]] = {}
         self._aliases: dict[str, int] = {}  # alias count of the file's sites that have aliases
+        # Lines rejected by a check against the store: a re-check after a lost race must not
+        # count them twice.
+        self._rejected_lines: set[int] = set()
         self._next_attempt_at: datetime | None = None
 
     # The public entry point.
@@ -404,19 +407,33 @@ class Onboarding:
             ]
             if taken:
                 name, owner = taken[0]
-                self._reject(candidate.line, f"{name} already belongs to site {owner}")
+                self._reject_stored(candidate, f"{name} already belongs to site {owner}")
             elif site.domain in stored:
                 if stored[site.domain] == set(site.names):
                     already.append(site)
                 else:
-                    self._reject(
-                        candidate.line,
+                    self._reject_stored(
+                        candidate,
                         f"{site.domain} exists with names {', '.join(sorted(stored[site.domain]))}"
                         "; remove it first to change its names",
                     )
             else:
                 fresh.append(site)
         return fresh, already
+
+    def _reject_stored(self, candidate: Candidate, reason: str) -> None:
+        """Reject a line the store conflicts with, and free its names for later lines.
+
+        Lines of the same batch were checked against it already: one that shares a name with
+        it stays rejected, and its reason names this line, which the rejected file shows too.
+        """
+        if candidate.line.number not in self._rejected_lines:
+            self._rejected_lines.add(candidate.line.number)
+            self._reject(candidate.line, reason)
+        for name in candidate.site.names:
+            if self._seen.get(name, ("", 0))[1] == candidate.line.number:
+                del self._seen[name]
+        self._aliases.pop(candidate.site.domain, None)
 
     def _insert(self, connection: Connection, fresh: list[NewSite]) -> bool:
         """One INSERT per table; False if any row was not inserted (someone else has it)."""

@@ -29,7 +29,7 @@ from typing import IO, Any
 # Run from a checkout as well as from an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.onboarding import (  # noqa: E402
+from pipeline.onboarding import (
     Onboarding,
     Options,
     RejectedWriter,
