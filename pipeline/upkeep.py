@@ -27,15 +27,6 @@ from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, S
 
 log = logging.getLogger(__name__)
 
-# The task each unfinished step is waiting for (the names fail_order records in attempts).
-STEP_TASK = {
-    OrderStep.QUEUED: "place_order",
-    OrderStep.PLACED: "publish_challenges",
-    OrderStep.CHALLENGED: "poll_validation",
-    OrderStep.READY: "finalise",
-    OrderStep.ISSUED: "encrypt_and_store",
-}
-
 
 # --- stuck orders --------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -174,9 +165,11 @@ def fail_exhausted(sweep: Sweep, *, max_tries: int) -> None:
     from pipeline.issuance import fail_order
 
     for item in sweep.exhausted:
+        # The order's step, not the task's name: attempts.step is VARCHAR(16), and
+        # "publish_challenges" does not fit on PostgreSQL.
         fail_order(
             item.order_id,
-            STEP_TASK[item.step],
+            str(item.step),
             AttemptFailed(
                 f"order stuck at step {item.step} after {max_tries} re-enqueues",
                 error_type="stuck",
