@@ -1,0 +1,221 @@
+"""Renewals, ARI, re-seal migration and stuck orders, end to end against Pebble.
+
+Beat's intervals are minutes (celery.conf.py); where a test cannot wait for them it sends the
+beat task itself with ``celery call``, to the real worker, as beat would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from pipeline.db import session_scope
+from pipeline.envelope import Scheme
+from pipeline.keys import generate_keypair
+from pipeline.models import Certificate, Order, OrderKind, OrderStep
+from pipeline.models.base import utcnow
+from tests.integration.test_issuance import fetch_certificate
+from tests.support.ports import wait_until
+from tests.support.system import BIN, System
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def make_system(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
+    systems: list[System] = []
+
+    def make(**kwargs: Any) -> System:
+        system = System(redis_url=redis_url, **kwargs)
+        systems.append(system)
+        return system
+
+    yield make
+    for system in systems:
+        system.stop()
+
+
+def call_task(system: System, name: str) -> None:
+    """Send a beat task now, as beat would (routes apply: it goes to the maintenance queue)."""
+    subprocess.run(
+        [str(BIN / "celery"), "-A", "pipeline", "call", name],
+        env=system.env,
+        check=True,
+        capture_output=True,
+    )
+
+
+def served_serial(system: System, name: str) -> str:
+    cert = fetch_certificate(system.https_port, name, system.pebble.root_pem())
+    return format(cert.serial_number, "x")
+
+
+def current_cert(system: System, domain: str) -> Certificate:
+    with session_scope(system.database_url) as s:
+        cert = s.scalar(
+            select(Certificate)
+            .join(Certificate.site)
+            .where(Certificate.current, Certificate.site.has(domain=domain))
+        )
+        assert cert is not None
+        return cert
+
+
+def directory(system: System) -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=str(system.pebble.ca_bundle))
+    with urllib.request.urlopen(system.pebble.directory_url, context=context) as response:
+        return dict(json.load(response))
+
+
+def test_short_certificates_renewed_by_beat_at_two_thirds(make_system: Any) -> None:
+    """60-second certificates: beat renews them on the lifetime rule, with ``replaces``."""
+    system = make_system(pebble_options={"validity_seconds": 60})
+    system.start(workers=1)
+    system.start_beat()
+    name = "short-lived.example.com"
+    system.certman("domains", "add", name)
+    try:
+        first = system.wait_active([name], timeout=30)[name]
+        old = current_cert(system, name)
+        # The lifetime rule: 2/3 of the certificate's own 60 s, minus at most 10 % spread.
+        lifetime = old.not_after - old.not_before
+        assert old.not_before + lifetime * 0.56 <= old.renew_at <= old.not_before + lifetime * 0.67
+        assert served_serial(system, name) == first["serial"]
+
+        def renewed() -> bool:
+            row = system.domains()[name]
+            return row["state"] == "active" and row["serial"] != first["serial"]
+
+        wait_until(renewed, timeout=60, what="beat to renew the certificate", every=0.5)
+        new = system.domains()[name]
+        wait_until(lambda: served_serial(system, name) == new["serial"], timeout=10,
+                   what="the edge to serve the new certificate")  # fmt: skip
+    except (TimeoutError, AssertionError):
+        print(system.logs())
+        raise
+    assert "renewalInfo" in directory(system)  # so new_order sent ``replaces``
+    with session_scope(system.database_url) as s:
+        order = s.scalar(select(Order).where(Order.kind == OrderKind.RENEW))
+        assert order is not None and order.step == OrderStep.DONE
+        assert order.replaces == old.ari_id and order.replaces is not None
+    # Pebble's ARI windows for such short certificates are nonsense: never stored as usable.
+    renewed_cert = current_cert(system, name)
+    assert renewed_cert.ari_window_start is None
+
+
+def test_ari_refresh_moves_renewal_into_the_window(make_system: Any) -> None:
+    """A normal 90-day certificate: refresh_ari stores the CA's window and renews inside it."""
+    system = make_system(pebble_options={"validity_seconds": 90 * 86400})
+    system.start(workers=1)
+    name = "ari.example.com"
+    system.certman("domains", "add", name)
+    try:
+        system.wait_active([name], timeout=30)
+        before = current_cert(system, name)
+        assert before.ari_checked_at is None
+        call_task(system, "certman.maintenance.refresh_ari")
+        wait_until(lambda: current_cert(system, name).ari_checked_at is not None, timeout=20,
+                   what="refresh_ari to check the certificate")  # fmt: skip
+    except (TimeoutError, AssertionError):
+        print(system.logs())
+        raise
+    cert = current_cert(system, name)
+    assert cert.ari_window_start is not None and cert.ari_window_end is not None
+    assert cert.not_before < cert.ari_window_start < cert.ari_window_end < cert.not_after
+    assert cert.ari_window_start <= cert.renew_at <= cert.ari_window_end
+
+
+def test_reseal_migration_from_legacy_rsa(make_system: Any) -> None:
+    """Issue sealed to legacy-rsa, switch the pipeline to hpke-x25519, ``certman renew``."""
+    system = make_system()
+    system.start(workers=0, edge=False)
+    legacy_id = generate_keypair(system.key_dir, Scheme.LEGACY_RSA)
+    # The edge's key directory holds both keys; the pipeline seals to the legacy one first.
+    system.extra_env["CERTMAN_EDGE_PUBLIC_KEY"] = str(system.key_dir / f"{legacy_id}.pub")
+    system.start_edge()
+    worker = system.start_worker()
+    names = ["legacy-one.example.com", "legacy-two.example.net"]
+    for name in names:
+        system.certman("domains", "add", name)
+    try:
+        before = system.wait_active(names, timeout=30)
+        status = json.loads(system.certman("keys", "status", "--json").stdout)
+        assert [(r["scheme"], r["certificates"]) for r in status] == [("legacy-rsa", 2)]
+
+        system.extra_env["CERTMAN_EDGE_PUBLIC_KEY"] = str(system.edge_public_key)
+        system.kill_worker(worker, signal.SIGTERM)
+        system.start_worker()
+        system.start_beat()
+        out = system.certman("renew", "--scheme", "legacy-rsa", "--within", "1m").stdout
+        assert out.startswith("2 certificates")
+
+        def resealed() -> bool:
+            rows = json.loads(system.certman("keys", "status", "--json").stdout)
+            return [(r["scheme"], r["certificates"]) for r in rows] == [("hpke-x25519", 2)]
+
+        wait_until(resealed, timeout=75, what="both sites re-sealed to hpke-x25519", every=0.5)
+        after = system.wait_active(names, timeout=10)
+        for name in names:
+            assert after[name]["serial"] != before[name]["serial"]
+            wait_until(lambda n=name: served_serial(system, n) == after[n]["serial"], timeout=10,
+                       what=f"the edge to serve the re-sealed {name}")  # fmt: skip
+    except (TimeoutError, AssertionError):
+        print(system.logs())
+        raise
+
+
+def test_stuck_order_found_and_completed_by_the_sweeper(
+    make_system: Any, redis_client: redis.Redis
+) -> None:
+    """A worker SIGKILLed while holding the order's retry: the message is lost; the sweeper
+    re-sends the chain from the order's step and the site is issued."""
+    system = make_system()
+    # No edge yet: the self-check fails, so the order waits at "placed" on a retry countdown.
+    system.start(workers=0, edge=False)
+    worker = system.start_worker()
+    name = "stuck.example.com"
+    system.certman("domains", "add", name)
+
+    def order() -> Order | None:
+        with session_scope(system.database_url) as s:
+            return s.scalar(select(Order).where(Order.kind == OrderKind.ISSUE))
+
+    try:
+        wait_until(lambda: (o := order()) is not None and o.polls >= 1, timeout=30,
+                   what="the order to wait at its self-check")  # fmt: skip
+        system.kill_worker(worker)  # SIGKILL: its retry message dies with it (acked late,
+        # but the Redis transport only redelivers after the 2-hour visibility timeout)
+        stuck = order()
+        assert stuck is not None and stuck.step == OrderStep.PLACED
+        # A dead worker's per-order lock would hold the step for its 300 s timeout.
+        redis_client.delete(f"{system.redis_prefix}:lock:order:{stuck.id}")
+        with session_scope(system.database_url) as s:  # as if CERTMAN_STUCK_AFTER had passed
+            s.execute(
+                update(Order)
+                .where(Order.id == stuck.id)
+                .values(touched_at=utcnow() - timedelta(hours=1))
+            )
+        listed = json.loads(system.certman("orders", "stuck", "--json").stdout)
+        assert [(r["domain"], r["order_id"], r["step"]) for r in listed] == [
+            (name, stuck.id, "placed")
+        ]
+        system.start_edge()
+        system.start_worker()
+        call_task(system, "certman.maintenance.sweep_stuck_orders")
+        system.wait_active([name], timeout=40)
+    except (TimeoutError, AssertionError):
+        print(system.logs())
+        raise
+    assert f"order {stuck.id} for {name} stuck at placed: sent again" in system.logs()
+    assert json.loads(system.certman("orders", "stuck", "--json").stdout) == []
+    assert served_serial(system, name) == system.domains()[name]["serial"]
