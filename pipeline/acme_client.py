@@ -235,7 +235,7 @@ def classify(exc: messages.Error) -> Exception:
     if code == "rateLimited":
         return RateLimited(f"rate limited by the CA: {detail}", retry_after or 3600)
     if code in TERMINAL_CODES:
-        return NameRefused(f"the CA refuses: {detail}", error_type=code)
+        return NameRefused(f"the CA refuses ({code}): {detail}", error_type=code)
     if code in RETRYABLE_CODES or exc.typ is None or "serverInternal" in (exc.typ or ""):
         return RetryLater(f"{code or 'server error'}: {detail}", retry_after or 5)
     return AttemptFailed(f"{code}: {detail}", error_type=code)

@@ -127,7 +127,7 @@ def publish_challenges(order_id: int) -> None:
                     order = _order(session, order_id)
                     order.polls += 1
                     polls = order.polls
-                raise RetryLater(problem, min(15 * 2**polls, MAX_COUNTDOWN))
+                raise RetryLater(problem, min(5 * 2**polls, MAX_COUNTDOWN))
     for authz in pending:
         client.answer_challenge(authz["challenge_url"])
     with session_scope() as session:
@@ -304,8 +304,8 @@ def fail_order(order_id: int, step: str, problem: AttemptFailed) -> None:
     now = utcnow()
     with session_scope() as session:
         order = session.get(Order, order_id)
-        if order is None or order.step in (OrderStep.DONE, OrderStep.CANCELLED):
-            return
+        if order is None or OrderStep(order.step).finished:
+            return  # already ended: a second report of the same failure changes nothing
         site = order.site
         order.step = OrderStep.FAILED
         order.error = problem.reason

@@ -14,7 +14,7 @@ class Attempt(Base):
     id: Mapped[intpk]
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
     order_id: Mapped[int | None] = mapped_column(ForeignKey("orders.id", ondelete="SET NULL"))
-    step: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(32))
     outcome: Mapped[str] = mapped_column(String(16))  # ok, retry, failed, blocked
     error_type: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)

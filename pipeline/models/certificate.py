@@ -44,4 +44,5 @@ class Certificate(Base):
         Index("ix_certificates_current_renew_at", "current", "renew_at"),
         Index("ix_certificates_current_not_after", "current", "not_after"),
         Index("ix_certificates_scheme_key_id", "scheme", "key_id"),
+        Index("ix_certificates_current_ari_checked_at", "current", "ari_checked_at"),
     )

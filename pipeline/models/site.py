@@ -51,7 +51,10 @@ class Site(Base):
         back_populates="site", cascade="all, delete-orphan"
     )
 
-    __table_args__ = (Index("ix_sites_state_next_attempt_at", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_sites_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_sites_consecutive_failures", "consecutive_failures"),
+    )
 
     @property
     def all_names(self) -> list[str]:

@@ -1,0 +1,150 @@
+"""Issuance survives what production throws at it: crashes, flaky CAs, refusals, Redis restarts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from tests.support.ports import free_port, wait_until
+from tests.support.system import System
+
+pytestmark = pytest.mark.integration
+
+
+def orders_placed(system: System) -> int:
+    """Orders the CA created (a POST whose nonce was rejected does not create one)."""
+    return system.pebble.log_text().count('Added order "')
+
+
+def order_rows(system: System) -> list[tuple[str, str | None]]:
+    engine = create_engine(str(system.database_url))
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT step, order_url FROM orders ORDER BY id"))
+            return [(row[0], row[1]) for row in rows]
+    finally:
+        engine.dispose()
+
+
+def test_flaky_nonces_every_domain_still_issued(redis_url: str, redis_client: redis.Redis) -> None:
+    names = [f"nonce{i}.example.com" for i in range(4)]
+    with System(redis_url=redis_url, pebble_options={"nonce_reject_percent": 30}) as system:
+        system.start(workers=1)
+        for name in names:
+            system.certman("domains", "add", name)
+        system.wait_active(names, timeout=120)
+        assert "reject 30% of good nonces" in system.pebble.log_text()
+        assert orders_placed(system) == len(names)
+
+
+def test_a_refused_name_is_blocked_and_the_others_unaffected(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    with System(
+        redis_url=redis_url, pebble_options={"blocklist": ["refused.example.com"]}
+    ) as system:
+        system.start(workers=1)
+        system.certman("domains", "add", "refused.example.com")
+        system.certman("domains", "add", "fine.example.com")
+        system.wait_active(["fine.example.com"], timeout=90)
+
+        def blocked() -> bool:
+            return system.domains()["refused.example.com"]["state"] == "blocked"
+
+        wait_until(blocked, timeout=60, what="the refused site to be blocked", every=0.5)
+        error = system.domains()["refused.example.com"]["last_error"]
+        assert "rejectedIdentifier" in error and "blocked until someone acts" in error
+
+
+def test_self_check_holds_the_challenge_until_dns_reaches_the_edge(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    with System(redis_url=redis_url) as system:
+        system.start(workers=1, edge=False)
+        system.certman("domains", "add", "not-yet.example.com")
+
+        def noted() -> bool:
+            error = system.domains()["not-yet.example.com"]["last_error"] or ""
+            return "does not reach the edge" in error
+
+        wait_until(noted, timeout=60, what="the self-check to note the problem", every=0.5)
+        # The CA was never asked to validate, so no failed-validation limit was burnt.
+        assert "POST /chalZ/" not in system.pebble.log_text()
+        system.start_edge()
+        system.wait_active(["not-yet.example.com"], timeout=90)
+        assert system.domains()["not-yet.example.com"]["last_error"] is None
+
+
+def test_worker_killed_mid_chain_the_order_completes_once(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # A short visibility timeout makes the broker hand the killed worker's unacknowledged task
+    # to the next worker within seconds (in production: 2 hours, then the sweeper's job).
+    env = {"CERTMAN_BROKER_VISIBILITY_TIMEOUT": "5"}
+    with System(redis_url=redis_url, extra_env=env, pebble_options={"va_sleep": True}) as system:
+        system.start(workers=0)
+        first = system.start_worker(concurrency=1)
+        system.certman("domains", "add", "crash.example.com", "--alias", "www.crash.example.com")
+
+        def mid_chain() -> bool:
+            return any(step in ("placed", "challenged", "ready") for step, _ in order_rows(system))
+
+        wait_until(mid_chain, timeout=60, what="the order to be mid-chain", every=0.02)
+        system.kill_worker(first, signal.SIGKILL)
+        system.start_worker(concurrency=2)
+        # The dead worker's order lock expires within 90 s; the redelivered step waits for it.
+        system.wait_active(["crash.example.com"], timeout=180)
+        rows = order_rows(system)
+        assert [step for step, _ in rows] == ["done"]
+        assert orders_placed(system) == 1
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[str, Path, int]]:
+    """A Redis server of this test's own, with an append-only file, which it may restart."""
+    directory = Path(tempfile.mkdtemp(prefix="certman-redis-"))
+    port = free_port()
+    yield f"redis://127.0.0.1:{port}/0", directory, port
+    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    wait_until(client.ping, timeout=10, what="redis-server to start")
+    client.close()
+    return process
+
+
+def test_redis_restarted_mid_run_work_resumes(own_redis: tuple[str, Path, int]) -> None:
+    url, directory, port = own_redis
+    server = start_redis(directory, port)
+    names = [f"restart{i}.example.com" for i in range(3)]
+    try:
+        with System(redis_url=url, pebble_options={"va_sleep": True}) as system:
+            system.start(workers=1)
+            for name in names:
+                system.certman("domains", "add", name)
+            wait_until(lambda: orders_placed(system) >= 1, timeout=60, what="a first order")
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=20)
+            server = start_redis(directory, port)
+            system.wait_active(names, timeout=150)
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
