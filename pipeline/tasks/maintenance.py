@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task
 
-from pipeline import alerts, dispatch, upkeep
+from pipeline import alerts, dispatch, snapshot, upkeep
 from pipeline.celery import app
 from pipeline.connections import get_redis
 from pipeline.db import session_scope
@@ -27,6 +27,11 @@ def dispatch_due(self: Task) -> int:
     if not lock.acquire():
         return 0  # another dispatcher is at it; beat will call again
     try:
+        if not snapshot.exists():
+            # Redis lost its data (a restart without persistence): rebuild what edges read.
+            with session_scope() as session:
+                count = snapshot.resync(session)
+            log.warning("edge snapshot was missing from Redis; rebuilt %d sites", count)
         with session_scope() as session:
             started = dispatch.start_due(session, limit=settings.max_orders_in_flight)
         for item in started:
