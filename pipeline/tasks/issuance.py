@@ -30,7 +30,9 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
     lock = get_redis().lock(
         # Longer than a step takes (a few requests of at most 30 s each), short enough that a
         # SIGKILLed worker's lock does not hold up the redelivered step for long.
-        f"{get_settings().redis_prefix}:lock:order:{order_id}", timeout=90, blocking=False
+        f"{get_settings().redis_prefix}:lock:order:{order_id}",
+        timeout=90,
+        blocking=False,
     )
     if not lock.acquire():
         raise task.retry(countdown=5 + random.random() * 5)

@@ -52,9 +52,12 @@ def test_adding_again_is_a_no_op_that_may_update_upstream(database_url: str) -> 
 def test_a_name_of_another_site_is_refused_and_nothing_written(database_url: str) -> None:
     with session_scope(database_url) as session:
         add_site(session, parse_site("dealer.example.com", ["www.dealer.example.com"]))
-    with pytest.raises(
-        SiteError, match="www.dealer.example.com already belongs to site dealer.example.com"
-    ), session_scope(database_url) as session:
+    with (
+        pytest.raises(
+            SiteError, match="www.dealer.example.com already belongs to site dealer.example.com"
+        ),
+        session_scope(database_url) as session,
+    ):
         add_site(session, parse_site("other.example.com", ["www.dealer.example.com"]))
     assert count(database_url, Site) == 1
     assert count(database_url, SiteName) == 2
