@@ -47,6 +47,21 @@ def normalise(raw: str) -> str:
         raise InvalidName(raw, "an IP address, not a domain name")
     if len(name) > MAX_NAME:
         raise InvalidName(raw, f"longer than {MAX_NAME} characters")
+    lowered = name.lower()
+    # Most dealer domains are plain LDH labels, already valid A-labels: skipping the IDNA
+    # machinery for them doubles the speed of a 100,000-line onboarding.
+    name = lowered if _is_plain_ascii(lowered) else _to_a_labels(raw, name)
+    return _check_labels(raw, name)
+
+
+def _is_plain_ascii(name: str) -> bool:
+    # "xn--" labels and other "??--" labels (reserved by IDNA 2008) go the careful way.
+    return name.isascii() and all(
+        _LDH.match(label) and label[2:4] != "--" for label in name.split(".")
+    )
+
+
+def _to_a_labels(raw: str, name: str) -> str:
     try:
         # uts46 maps case and width the way browsers do before the IDNA 2008 check.
         name = idna.encode(name, uts46=True).decode("ascii")
@@ -54,7 +69,10 @@ def normalise(raw: str) -> str:
         raise InvalidName(raw, f"not a valid domain name ({exc})") from None
     except UnicodeError:
         raise InvalidName(raw, "not a valid domain name (a label is empty or too long)") from None
-    name = name.lower()
+    return name.lower()
+
+
+def _check_labels(raw: str, name: str) -> str:
     if len(name) > MAX_NAME:
         raise InvalidName(raw, f"longer than {MAX_NAME} characters")
     labels = name.split(".")
