@@ -1,6 +1,6 @@
 """Edge benchmark: cold start, first-handshake latency, handshakes/s, memory per context.
 
-    .venv/bin/python -m benchmarks.edge [--sites 10000] [--duration 4] [--clients 3]
+    .venv/bin/python -m benchmarks.edge [--sites 10000] [--duration 4] [--clients 3] [--caddy]
 
 (as a module: run as a script, this file would shadow the ``edge`` package).
 
@@ -9,6 +9,14 @@ Runs its own redis-server on a free port (never the machine's), fills it with N 
 Each certificate has its own P-256 key and its own envelope (no key reuse). The baseline is the
 original system's approach measured in this same run: ``legacy-rsa`` envelopes opened and every
 context built eagerly before serving (timed on a sample and scaled to N, said so in the table).
+
+``--caddy`` adds a side-by-side run against Debian's ``caddy`` (``caddy run --config``, loopback
+only, its admin API off) serving the same N names from the same chains and (clear) keys: the
+same multi-process client makes new-connection HTTPS requests (full TLS 1.3 handshake, no
+session offered, ``GET /`` with ``Connection: close``, response read to EOF) over many names,
+first against each server with one core (edge: 1 process; Caddy: GOMAXPROCS=1), then two. CPU
+is utime+stime from /proc of every server process (all threads), and the client's own CPU is
+reported too: on 2 cores the client, not the server, is usually what saturates.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -155,9 +164,17 @@ def handshake(ctx: ssl.SSLContext, port: int, name: str) -> None:
 
 
 class EdgeProcess:
-    def __init__(self, key_dir: Path, redis_url: str, processes: int, cache: int) -> None:
+    def __init__(
+        self,
+        key_dir: Path,
+        redis_url: str,
+        processes: int,
+        cache: int,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.https = free_port()
         self.metrics = free_port()
+        self.processes = processes
         env = {**os.environ, "CERTMAN_REDIS_PREFIX": PREFIX}
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -183,6 +200,7 @@ class EdgeProcess:
                 "127.0.0.1",
                 "--log-level",
                 "WARNING",
+                *extra,
             ],  # fmt: skip
             env=env,
         )
@@ -203,6 +221,32 @@ class EdgeProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
+
+    def cache_misses(self) -> float:
+        """Context builds so far, summed over the workers' metrics ports."""
+        total = 0.0
+        for port in range(self.metrics, self.metrics + self.processes):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                body = b""
+                while chunk := s.recv(65536):
+                    body += chunk
+            for line in body.decode().splitlines():
+                if line.startswith("certman_edge_context_cache_misses_total "):
+                    total += float(line.split()[1])
+        return total
+
+    def warm(self, ctx: ssl.SSLContext, names: list[str]) -> None:
+        """Handshake every name until no worker builds a context any more: connections are spread
+        over the workers at random, and a build (~1.5 ms) in the measured runs would count as
+        handshake cost."""
+        for _ in range(30):
+            before = self.cache_misses()
+            for name in names:
+                handshake(ctx, self.https, name)
+            if self.cache_misses() == before:
+                return
+        raise RuntimeError("the edge's caches never settled")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -242,6 +286,225 @@ def handshake_rate(
     return total / duration, (edge.cpu_seconds() - cpu0) * 1000 / total
 
 
+# ---- side by side with Caddy ------------------------------------------------------------------
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nUser-Agent: bench\r\n\r\n"
+
+
+def load_client_context() -> ssl.SSLContext:
+    """The load loop's context: certificates were verified name by name in the warm-up pass, so
+    the loop skips verification (it costs the client, not the server). No session is ever offered,
+    so every connection is a full handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def https_request(ctx: ssl.SSLContext, port: int, name: str) -> int:
+    """One new connection, full handshake, one request; the response's status code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        # As curl and browsers do: without it, Nagle holds the request back behind the
+        # unacknowledged client Finished until the server's delayed ACK (40 ms).
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            if tls.session_reused:
+                raise RuntimeError("a session was resumed: this would not be a full handshake")
+            tls.sendall(REQUEST % name.encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    return int(data[9:12])
+
+
+def _request_worker(args: tuple[int, list[str], float]) -> tuple[int, int, float]:
+    port, names, duration = args
+    ctx = load_client_context()
+    done = errors = 0
+    cpu0 = time.process_time()
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
+        try:
+            if https_request(ctx, port, names[done % len(names)]) != 404:
+                errors += 1
+        except (OSError, ssl.SSLError):
+            errors += 1
+        done += 1
+    return done, errors, time.process_time() - cpu0
+
+
+def proc_cpu(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def threads_cpu(pid: int) -> float:
+    return proc_cpu([pid])  # a process's stat counts all its threads
+
+
+def request_rate(
+    port: int, server_cpu: Callable[[], float], names: list[str], clients: int, duration: float
+) -> dict[str, float]:
+    cpu0 = server_cpu()
+    with multiprocessing.get_context("fork").Pool(clients) as pool:
+        parts = [names[i::clients] for i in range(clients)]
+        results = pool.map(_request_worker, [(port, p, duration) for p in parts])
+    server = server_cpu() - cpu0
+    total = sum(r[0] for r in results)
+    return {
+        "rate": total / duration,
+        "errors": sum(r[1] for r in results),
+        "server_ms": server * 1000 / total,
+        "client_ms": sum(r[2] for r in results) * 1000 / total,
+        "load": os.getloadavg()[0],
+    }
+
+
+def clear_keys(n: int, records: list[SiteRecord], keyring: Keyring) -> list[tuple[str, str]]:
+    """(chain, clear key) per site, for Caddy; opened from the same envelopes the edge gets."""
+    out = []
+    for r in records:
+        assert r.chain_pem and r.envelope
+        leaf = x509.load_pem_x509_certificate(r.chain_pem.encode())
+        key = envelope.open_envelope(
+            envelope.from_text(r.envelope),
+            keyring,
+            domain=r.domain,
+            binding=envelope.spki_fingerprint(leaf.public_key()),
+        )
+        out.append((r.chain_pem, key.decode()))
+    return out
+
+
+class CaddyProcess:
+    """``caddy run`` on a loopback port with every site's certificate loaded from the config."""
+
+    def __init__(self, n: int, pems: list[tuple[str, str]], cores: int) -> None:
+        self.https = free_port()
+        config = {
+            "admin": {"disabled": True},
+            "logging": {"logs": {"default": {"level": "ERROR"}}},
+            "apps": {
+                "http": {
+                    "servers": {
+                        "bench": {
+                            "listen": [f"127.0.0.1:{self.https}"],
+                            "automatic_https": {"disable": True},
+                            "tls_connection_policies": [{}],
+                            "routes": [
+                                {
+                                    "handle": [
+                                        {
+                                            "handler": "static_response",
+                                            "status_code": 404,
+                                            "headers": {
+                                                "Content-Type": ["text/plain; charset=utf-8"]
+                                            },
+                                            "body": "404 Not Found: no upstream for this site\n",
+                                        }
+                                    ]
+                                }
+                            ],
+                        }
+                    }
+                },
+                "tls": {
+                    "cache": {"capacity": n + 10},
+                    "certificates": {"load_pem": [{"certificate": c, "key": k} for c, k in pems]},
+                },
+            },
+        }
+        self.config = CACHE / str(n) / f"caddy-{os.getpid()}.json"
+        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        env = {**os.environ, "GOMAXPROCS": str(cores), "XDG_DATA_HOME": str(CACHE / "caddy-data"),
+               "XDG_CONFIG_HOME": str(CACHE / "caddy-config")}  # fmt: skip
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            ["caddy", "run", "--config", str(self.config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def cpu_seconds(self) -> float:
+        return threads_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.config.unlink(missing_ok=True)
+
+
+def wait_https(port: int, ctx: ssl.SSLContext, name: str, started: float) -> float:
+    while time.perf_counter() - started < 120:
+        try:
+            handshake(ctx, port, name)
+            return time.perf_counter() - started
+        except (OSError, ssl.SSLError):
+            time.sleep(0.01)
+    raise RuntimeError("server never answered")
+
+
+def side_by_side(
+    hpke_dir: Path,
+    url: str,
+    n: int,
+    hpke: list[SiteRecord],
+    load_names: list[str],
+    ca_pem: bytes,
+    args: argparse.Namespace,
+) -> list[tuple[str, str, str, str]]:
+    """Edge and Caddy, same client, same names, same cores; each configuration run twice."""
+    verify = client_context(ca_pem)
+    pems = clear_keys(n, hpke, Keyring.load_dir(hpke_dir))
+    rows: list[tuple[str, str, str, str]] = []
+    for cores in (1, 2):
+        results: dict[str, list[dict[str, float]]] = {"edge": [], "caddy": []}
+        for server in ("edge", "caddy"):
+            proc: EdgeProcess | CaddyProcess
+            if server == "edge":
+                proc = EdgeProcess(hpke_dir, url, cores, max(n, 10_000), tuple(args.edge_arg))
+                start = wait_https(proc.https, verify, load_names[0], proc.started)
+            else:
+                proc = CaddyProcess(n, pems, cores)
+                start = wait_https(proc.https, verify, load_names[0], proc.started)
+            try:
+                # Every name with verification; the edge's contexts loaded in every process.
+                if isinstance(proc, EdgeProcess):
+                    proc.warm(verify, load_names)
+                else:
+                    for name in load_names:
+                        handshake(verify, proc.https, name)
+                for _ in range(args.repeat):
+                    results[server].append(
+                        request_rate(
+                            proc.https, proc.cpu_seconds, load_names, args.clients, args.duration
+                        )
+                    )
+            finally:
+                proc.stop()
+            print(f"  {server} ({cores} core(s)) ready in {start:.2f} s: {results[server]}",
+                  file=sys.stderr)  # fmt: skip
+        for i, (e, c) in enumerate(zip(results["edge"], results["caddy"], strict=True)):
+            rows += [
+                (f"new-conn HTTPS req/s, {cores} core(s), run {i + 1}",
+                 f"edge {e['rate']:.0f}/s, CPU {e['server_ms']:.2f} ms",
+                 f"Caddy {c['rate']:.0f}/s, CPU {c['server_ms']:.2f} ms",
+                 f"ratio {e['rate'] / c['rate']:.2f} req/s, "
+                 f"{e['server_ms'] / c['server_ms']:.2f} CPU/handshake"),
+                ("  client CPU per request, load avg",
+                 f"{e['client_ms']:.2f} ms, {e['load']:.1f}",
+                 f"{c['client_ms']:.2f} ms, {c['load']:.1f}",
+                 f"errors {e['errors']:.0f} / {c['errors']:.0f}"),
+            ]  # fmt: skip
+    return rows
+
+
 def eager_per_cert(records: list[SiteRecord], keyring: Keyring, sample: int) -> float:
     """Seconds per site to open the envelope and build the context, as an eager start does."""
     chosen = records[:sample]
@@ -271,6 +534,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--eager-sample", type=int, default=500)
+    parser.add_argument("--caddy", action="store_true", help="also measure Caddy side by side")
+    parser.add_argument("--caddy-only", action="store_true", help="only the side-by-side runs")
+    parser.add_argument("--names", type=int, default=1000, help="names in side-by-side load")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per side-by-side config")
+    parser.add_argument(
+        "--edge-arg", action="append", default=[], help="extra certman-edge argument"
+    )
     args = parser.parse_args()
     n = args.sites
     records_file, hpke_dir, legacy_dir = make_fixtures(n)
@@ -319,60 +589,64 @@ def main() -> None:
         )
         snapshot_read = time.perf_counter() - t
 
-        # 1. cold start and first handshakes of not-yet-loaded names
-        edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
-        start = time_to_first_handshake(edge, ctx, rng.choice(names))
-        rss_before = edge.rss_kib()
-        cold = rng.sample(names, 300)
-        first: list[float] = []
-        for name in cold:
-            t = time.perf_counter()
-            handshake(ctx, edge.https, name)
-            first.append(time.perf_counter() - t)
-        warm: list[float] = []
-        for name in cold[:200]:
-            t = time.perf_counter()
-            handshake(ctx, edge.https, name)
-            warm.append(time.perf_counter() - t)
-        # memory: load 3,000 more contexts
-        loaded = rng.sample([x for x in names if x not in set(cold)], min(3000, n - 300))
-        for name in loaded:
-            handshake(ctx, edge.https, name)
-        rss_per = (edge.rss_kib() - rss_before) / (len(loaded))
-        load_names = cold + loaded
-        rate1, cpu1 = handshake_rate(edge, ca_pem, load_names, args.clients, args.duration)
-        edge.stop()
+        if not args.caddy_only:
+            # 1. cold start and first handshakes of not-yet-loaded names
+            edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
+            start = time_to_first_handshake(edge, ctx, rng.choice(names))
+            rss_before = edge.rss_kib()
+            cold = rng.sample(names, 300)
+            first: list[float] = []
+            for name in cold:
+                t = time.perf_counter()
+                handshake(ctx, edge.https, name)
+                first.append(time.perf_counter() - t)
+            warm: list[float] = []
+            for name in cold[:200]:
+                t = time.perf_counter()
+                handshake(ctx, edge.https, name)
+                warm.append(time.perf_counter() - t)
+            # memory: load 3,000 more contexts
+            loaded = rng.sample([x for x in names if x not in set(cold)], min(3000, n - 300))
+            for name in loaded:
+                handshake(ctx, edge.https, name)
+            rss_per = (edge.rss_kib() - rss_before) / (len(loaded))
+            load_names = cold + loaded
+            rate1, cpu1 = handshake_rate(edge, ca_pem, load_names, args.clients, args.duration)
+            edge.stop()
 
-        edge2 = EdgeProcess(hpke_dir, url, 2, max(n, 10_000))
-        time_to_first_handshake(edge2, ctx, names[0])
-        for name in load_names:  # load both processes' caches (connections spread over both)
-            handshake(ctx, edge2.https, name)
-        rate2, cpu2 = handshake_rate(edge2, ca_pem, load_names * 2, args.clients, args.duration)
-        edge2.stop()
+            edge2 = EdgeProcess(hpke_dir, url, 2, max(n, 10_000))
+            time_to_first_handshake(edge2, ctx, names[0])
+            edge2.warm(ctx, load_names)  # every name's context in both processes
+            rate2, cpu2 = handshake_rate(edge2, ca_pem, load_names, args.clients, args.duration)
+            edge2.stop()
 
-        # baseline: legacy-rsa, every envelope opened and context built before serving
-        legacy = load_records(records_file, "legacy")
-        per_legacy = eager_per_cert(legacy, Keyring.load_dir(legacy_dir), args.eager_sample)
-        per_hpke = eager_per_cert(hpke, Keyring.load_dir(hpke_dir), args.eager_sample)
-        legacy_start = per_legacy * n
+            # baseline: legacy-rsa, every envelope opened and context built before serving
+            legacy = load_records(records_file, "legacy")
+            per_legacy = eager_per_cert(legacy, Keyring.load_dir(legacy_dir), args.eager_sample)
+            per_hpke = eager_per_cert(hpke, Keyring.load_dir(hpke_dir), args.eager_sample)
+            legacy_start = per_legacy * n
 
-        p50, p99 = pct(first, 50) * 1000, pct(first, 99) * 1000
-        rows += [
-            ("start -> first handshake", f"{start * 1000:.0f} ms",
-             f"{legacy_start:.1f} s (eager legacy-rsa, {args.eager_sample}-site sample x {n})",
-             f"{legacy_start / start:.0f}x faster"),
-            ("  of which: index snapshot read", f"{snapshot_read * 1000:.0f} ms", "", ""),
-            ("first handshake, unloaded name p50", f"{p50:.2f} ms",
-             f"{per_legacy * 1000:.2f} ms open+build per legacy site",
-             f"hpke open+build {per_hpke * 1000:.2f} ms"),
-            ("first handshake, unloaded name p99", f"{p99:.2f} ms", "", ""),
-            ("handshake, cached context p50", f"{pct(warm, 50) * 1000:.2f} ms", "", ""),
-            ("full handshakes/s, 1 process", f"{rate1:.0f}/s",
-             f"server CPU {cpu1:.2f} ms each", ""),
-            ("full handshakes/s, 2 processes", f"{rate2:.0f}/s", f"server CPU {cpu2:.2f} ms each",
-             f"{rate2 / rate1:.2f}x 1 process"),
-            ("RSS per loaded context", f"{rss_per:.1f} KiB", f"over {len(loaded)} contexts", ""),
-        ]  # fmt: skip
+            p50, p99 = pct(first, 50) * 1000, pct(first, 99) * 1000
+            rows += [
+                ("start -> first handshake", f"{start * 1000:.0f} ms",
+                 f"{legacy_start:.1f} s (eager legacy-rsa, {args.eager_sample}-site sample x {n})",
+                 f"{legacy_start / start:.0f}x faster"),
+                ("  of which: index snapshot read", f"{snapshot_read * 1000:.0f} ms", "", ""),
+                ("first handshake, unloaded name p50", f"{p50:.2f} ms",
+                 f"{per_legacy * 1000:.2f} ms open+build per legacy site",
+                 f"hpke open+build {per_hpke * 1000:.2f} ms"),
+                ("first handshake, unloaded name p99", f"{p99:.2f} ms", "", ""),
+                ("handshake, cached context p50", f"{pct(warm, 50) * 1000:.2f} ms", "", ""),
+                ("full handshakes/s, 1 process", f"{rate1:.0f}/s",
+                 f"server CPU {cpu1:.2f} ms each", ""),
+                ("full handshakes/s, 2 processes", f"{rate2:.0f}/s",
+                 f"server CPU {cpu2:.2f} ms each", f"{rate2 / rate1:.2f}x 1 process"),
+                ("RSS per loaded context", f"{rss_per:.1f} KiB",
+                 f"over {len(loaded)} contexts", ""),
+            ]  # fmt: skip
+        if args.caddy or args.caddy_only:
+            load_names = rng.sample(names, min(n, args.names))
+            rows += side_by_side(hpke_dir, url, n, hpke, load_names, ca_pem, args)
     finally:
         server.terminate()
         server.wait()

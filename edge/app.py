@@ -18,6 +18,7 @@ import redis.asyncio
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.httpserver import HTTPServer
+from tornado.log import access_log
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from edge.challenges import ChallengeHandler, ChallengeStore
@@ -58,7 +59,26 @@ def make_site_app(
             (r"/\.well-known/acme-challenge/([^/]+)", ChallengeHandler, {"challenges": challenges})
         )
     routes.append((r".*", SiteHandler, {"settings": proxy, "scheme": scheme}))
-    return tornado.web.Application(routes)
+    return tornado.web.Application(routes, log_function=log_request)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log line, but a 4xx (the site's or its client's answer, passed through)
+    is INFO like any other answer rather than an edge WARNING; a 5xx stays an ERROR. So
+    ``--log-level WARNING`` really turns per-request logging off."""
+    status = handler.get_status()
+    level = logging.ERROR if status >= 500 else logging.INFO
+    if access_log.isEnabledFor(level):
+        req = handler.request
+        access_log.log(
+            level,
+            "%d %s %s (%s) %.2fms",
+            status,
+            req.method,
+            req.uri,
+            req.remote_ip,
+            1000.0 * req.request_time(),
+        )
 
 
 class MetricsHandler(tornado.web.RequestHandler):

@@ -166,6 +166,8 @@ class SniSelector:
         self._index = index
         self._contexts = contexts
         self._metrics = metrics
+        # The callback runs once per handshake: resolve the labelled counters once.
+        self._ok = metrics.handshakes.labels("ok")
 
     def __call__(
         self, sslobj: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
@@ -195,7 +197,7 @@ class SniSelector:
             return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         sslobj.context = ctx
         setattr(sslobj, _SNI_ATTR, name)
-        outcome("ok").inc()
+        self._ok.inc()
         return None
 
 
