@@ -103,6 +103,8 @@ class AcmeClient:
             timeout=30,
             limiter=limiter,
         )
+        # No proxy variables or ~/.netrc for the CA: requests would read them on every call.
+        self.net.session.trust_env = False
         self.account_key = account_key
         self.directory = self._call(lambda: client.ClientV2.get_directory(directory_url, self.net))
         self.acme = client.ClientV2(self.directory, self.net)

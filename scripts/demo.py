@@ -276,6 +276,7 @@ def main() -> int:
         workdir=DEMO / "run",
         pebble_options={"workdir": DEMO / "pebble"},
         redis_prefix=PREFIX,
+        supervise=True,
     )
     try:
         with dealer_server() as upstream:

@@ -38,10 +38,13 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
         raise task.retry(countdown=5 + random.random() * 5)
     try:
         fn(order_id)
+        if fn is issuance.encrypt_and_store:
+            _order_slot_freed()
     except issuance.OrderGone:
         log.info("order %s for %s is gone; nothing to do", order_id, domain)
     except AttemptFailed as problem:
         issuance.fail_order(order_id, step, problem)
+        _order_slot_freed()
     except RetryLater as problem:
         issuance.note_retry(order_id, step, problem)
         countdown = min(problem.countdown, issuance.MAX_COUNTDOWN)
@@ -52,6 +55,12 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
         raise task.retry(countdown=countdown) from None
     finally:
         lock.release()
+
+
+def _order_slot_freed() -> None:
+    # An order ended, so one more may start: ask for a dispatch now rather than at beat's next
+    # tick, or a bulk onboarding would go in steps of CERTMAN_MAX_ORDERS_IN_FLIGHT per tick.
+    app.send_task("certman.maintenance.dispatch", queue="issuance")
 
 
 @app.task(name="certman.issue.place_order", **_TASK_OPTIONS)

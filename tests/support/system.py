@@ -32,6 +32,9 @@ class System:
     pebble_options: dict[str, Any] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     redis_prefix: str = "certman"
+    # Restart a worker or beat that exits, as systemd's Restart=always does in production:
+    # Celery 5.5/kombu 5.7 workers exit when the broker connection drops.
+    supervise: bool = False
 
     def __post_init__(self) -> None:
         self.http_port = free_port()
@@ -83,11 +86,11 @@ class System:
         index = len(self.workers)
         with (self.workdir / f"worker{index}.log").open("ab") as log:
             worker = subprocess.Popen(
-            [
+            self._supervised([
                 str(BIN / "celery"), "-A", "pipeline", "worker", "-l", "info",
                 "-c", str(concurrency), "-n", name or f"w{index}-{os.getpid()}@%h",
                 "--without-gossip", "--without-mingle", "-E",
-            ],
+            ]),
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -96,13 +99,21 @@ class System:
         self.workers.append(worker)
         return worker
 
+    def _supervised(self, command: list[str]) -> list[str]:
+        if not self.supervise:
+            return command
+        loop = (
+            'while :; do "$@"; echo "certman test supervisor: exited $?, restarting"; sleep 1; done'
+        )
+        return ["bash", "-c", loop, "supervisor", *command]
+
     def start_beat(self) -> subprocess.Popen[bytes]:
         with (self.workdir / "beat.log").open("ab") as log:
             beat = subprocess.Popen(
-                [
+                self._supervised([
                     str(BIN / "celery"), "-A", "pipeline", "beat", "-l", "info",
                     "-s", str(self.workdir / "beat-schedule"),
-                ],
+                ]),
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

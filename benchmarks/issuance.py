@@ -1,0 +1,126 @@
+"""Issuance throughput: N sites from queued to sealed in the store, against a real Pebble.
+
+    .venv/bin/python benchmarks/issuance.py [--sites 100 1000] [--workers 2] [--concurrency 4]
+
+The whole system runs as in production, on loopback: Pebble with its validation delay off
+(``PEBBLE_VA_NOSLEEP=1``) and the rate limits lifted, the edge answering HTTP-01 challenges,
+and ``--workers`` Celery worker processes on one ACME account. Sites go in with the real
+``scripts/bulk_onboard.py --no-queue``; the clock starts when the dispatcher is kicked and stops
+when the last certificate is stored. Where the time goes is read from the workers' own logs:
+time inside each step's task, and how often each step waited (a retry with a countdown).
+
+The baseline, measured in the same run, is one site issued alone: the latency of the chain
+with nothing else in flight, so the ratio says how much concurrency the pipeline gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import redis
+from sqlalchemy import create_engine, func, select
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.models import Certificate  # noqa: E402
+from tests.support.ports import wait_until  # noqa: E402
+from tests.support.system import System  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/7"
+TASK_DONE = re.compile(r"Task (certman\.issue\.\w+)\[[^\]]+\] (succeeded|retry)[^\d]*([\d.]+)s")
+
+
+def stored(database_url: str) -> int:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).select_from(Certificate)) or 0)
+    finally:
+        engine.dispose()
+
+
+def onboard(system: System, names: list[str]) -> None:
+    csv = Path(tempfile.mkstemp(suffix=".csv")[1])
+    csv.write_text("".join(f"{name}\n" for name in names))
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bulk_onboard.py"), "--no-queue", str(csv)],
+        env=system.env,
+        check=True,
+        capture_output=True,
+    )
+
+
+def kick(system: System) -> None:
+    subprocess.run(
+        [str(Path(sys.executable).parent / "celery"), "-A", "pipeline", "call",
+         "certman.maintenance.dispatch", "--queue", "issuance"],
+        env=system.env, check=True, capture_output=True,
+    )  # fmt: skip
+
+
+def run(count: int, workers: int, concurrency: int, tag: str) -> tuple[float, dict[str, str]]:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    env = {"CERTMAN_MAX_ORDERS_IN_FLIGHT": "200"}
+    with System(redis_url=REDIS_URL, extra_env=env) as system:
+        system.start(workers=0)
+        for _ in range(workers):
+            system.start_worker(concurrency=concurrency)
+        names = [f"{tag}-{i}.bench-dealer.com" for i in range(count)]
+        onboard(system, names)
+        start = time.monotonic()
+        kick(system)
+        wait_until(
+            lambda: stored(str(system.database_url)) >= count,
+            timeout=60 + count,
+            what=f"{count} certificates",
+            every=0.2,
+        )
+        elapsed = time.monotonic() - start
+        logs = "\n".join(p.read_text() for p in system.workdir.glob("worker*.log"))
+    busy: dict[str, float] = defaultdict(float)
+    waits: Counter[str] = Counter()
+    for task, outcome, seconds in TASK_DONE.findall(logs):
+        step = task.rsplit(".", 1)[1]
+        if outcome == "succeeded":
+            busy[step] += float(seconds)
+        else:
+            waits[step] += 1
+    where = {
+        step: f"{busy[step] / count * 1000:.1f} ms in task per site, "
+        f"{waits[step] / count:.2f} waits per site"
+        for step in ("place_order", "publish_challenges", "poll_validation", "finalise",
+                     "encrypt_and_store")
+    }  # fmt: skip
+    return elapsed, where
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
+    parser.add_argument("--concurrency", type=int, default=4, help="pool size of each worker")
+    args = parser.parse_args()
+
+    single, _ = run(1, args.workers, args.concurrency, "baseline")
+    print(f"baseline: one site alone, queued to stored: {single:.2f} s")
+    print(f"workers: {args.workers} x concurrency {args.concurrency}; one ACME account; "
+          "limits lifted; Pebble validation delay off")  # fmt: skip
+    for count in args.sites:
+        elapsed, where = run(count, args.workers, args.concurrency, f"n{count}")
+        rate = count / elapsed
+        print(f"\n{count} sites: {elapsed:.1f} s, {rate:.1f} certificates/s "
+              f"({rate * single:.1f}x the single-site rate)")  # fmt: skip
+        for step, text in where.items():
+            print(f"  {step:19} {text}")
+
+
+if __name__ == "__main__":
+    main()
