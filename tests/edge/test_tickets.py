@@ -1,0 +1,114 @@
+"""Session tickets: one per full handshake, and any worker process resumes any other's."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+
+import redis
+
+from edge.tls import listening_context
+from pipeline.distribution import publish_site
+
+from .conftest import DEADLINE, Keys, Sites, free_port, get_status, wait_for
+
+NAME = "tickets.test"
+
+
+def _get(
+    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None
+) -> tuple[bool, ssl.SSLSession | None]:
+    """GET / on a new connection (offering ``session`` if given): whether the session was
+    resumed, and the session holding the ticket the server sent after the handshake."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    tls = ctx.wrap_socket(raw, server_hostname=NAME, session=session)
+    with tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 404"), data[:100]  # no upstream: reached the handler
+        return tls.session_reused, tls.session
+
+
+def _sni_ok(metrics_port: int) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=DEADLINE) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith('certman_edge_sni_total{outcome="ok"}'):
+                return float(line.split()[1])
+    return 0.0
+
+
+def test_listening_context_sends_one_ticket() -> None:
+    assert listening_context().num_tickets == 1
+
+
+def test_tickets_resume_across_worker_processes(
+    redis_url: str,
+    redis_client: redis.Redis,
+    prefix: str,
+    keys: Keys,
+    sites: Sites,
+) -> None:
+    publish_site(redis_client, prefix, sites.record(NAME))
+    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from edge.cli import main; main()",
+            "--http-port",
+            str(http_port),
+            "--https-port",
+            str(https_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--processes",
+            "2",
+            "--key-dir",
+            str(keys.directory),
+            "--address",
+            "127.0.0.1",
+            "--log-level",
+            "WARNING",
+        ],  # fmt: skip
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        workers = (metrics_port, metrics_port + 1)
+        for port in workers:
+            url = f"http://127.0.0.1:{port}/healthz"
+            wait_for(lambda url=url: get_status(url) == 200, 10, "worker healthz")
+        ctx = sites.pki.client_context()
+        reused, session = _get(ctx, https_port, None)
+        assert not reused
+        assert session is not None and session.has_ticket
+        # Connections go to either worker; keep resuming until both have served some.
+        resumed = 0
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and not all(_sni_ok(p) for p in workers):
+            reused, _ = _get(ctx, https_port, session)
+            assert reused, "a worker did not resume the other's ticket"
+            resumed += 1
+        assert all(_sni_ok(p) for p in workers), "connections never reached both workers"
+        assert resumed >= 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(DEADLINE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            with proc.stderr:
+                stderr = proc.stderr.read().decode()
+    assert "Traceback" not in stderr, stderr
