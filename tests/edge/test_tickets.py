@@ -33,7 +33,7 @@ def _get(
         while chunk := tls.recv(65536):
             data += chunk
         assert data.startswith(b"HTTP/1.1 404"), data[:100]  # no upstream: reached the handler
-        return tls.session_reused, tls.session
+        return bool(tls.session_reused), tls.session
 
 
 def _sni_ok(metrics_port: int) -> float:
@@ -51,7 +51,7 @@ def test_listening_context_sends_one_ticket() -> None:
 
 def test_tickets_resume_across_worker_processes(
     redis_url: str,
-    redis_client: redis.Redis,
+    redis_client: redis.Redis[bytes],
     prefix: str,
     keys: Keys,
     sites: Sites,
