@@ -66,10 +66,29 @@ def kick(system: System) -> None:
     )  # fmt: skip
 
 
-def run(count: int, workers: int, concurrency: int, tag: str) -> tuple[float, dict[str, str]]:
+def fresh_database(admin_url: str | None) -> str | None:
+    """A new PostgreSQL database for one run (None: the embedded SQLite default)."""
+    if admin_url is None:
+        return None
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"certman_bench_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def run(
+    count: int, workers: int, concurrency: int, tag: str, admin_url: str | None
+) -> tuple[float, dict[str, str]]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     env = {"CERTMAN_MAX_ORDERS_IN_FLIGHT": "200"}
-    with System(redis_url=REDIS_URL, extra_env=env) as system:
+    database_url = fresh_database(admin_url)
+    with System(redis_url=REDIS_URL, extra_env=env, database_url=database_url) as system:
         system.start(workers=0)
         for _ in range(workers):
             system.start_worker(concurrency=concurrency)
@@ -107,14 +126,22 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--concurrency", type=int, default=4, help="pool size of each worker")
+    parser.add_argument(
+        "--postgresql",
+        metavar="ADMIN_URL",
+        nargs="?",
+        const="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        help="store in a new PostgreSQL database (default: the embedded SQLite)",
+    )
     args = parser.parse_args()
 
-    single, _ = run(1, args.workers, args.concurrency, "baseline")
+    print(f"store: {'PostgreSQL' if args.postgresql else 'SQLite'}")
+    single, _ = run(1, args.workers, args.concurrency, "baseline", args.postgresql)
     print(f"baseline: one site alone, queued to stored: {single:.2f} s")
     print(f"workers: {args.workers} x concurrency {args.concurrency}; one ACME account; "
           "limits lifted; Pebble validation delay off")  # fmt: skip
     for count in args.sites:
-        elapsed, where = run(count, args.workers, args.concurrency, f"n{count}")
+        elapsed, where = run(count, args.workers, args.concurrency, f"n{count}", args.postgresql)
         rate = count / elapsed
         print(f"\n{count} sites: {elapsed:.1f} s, {rate:.1f} certificates/s "
               f"({rate * single:.1f}x the single-site rate)")  # fmt: skip

@@ -36,10 +36,11 @@ class OrderGone(Exception):
 
 
 def _order(session: Session, order_id: int) -> Order:
+    # No write here: every way out of a step writes the order (its next step, note_retry or
+    # fail_order), and that write is what tells the sweeper the order is alive.
     order = session.get(Order, order_id)
     if order is None:
         raise OrderGone(order_id)
-    order.touched_at = utcnow()
     return order
 
 
@@ -191,7 +192,8 @@ def finalise(order_id: int) -> None:
         order = _order(session, order_id)
         if order.step != OrderStep.READY:
             return
-        if order.csr_pem is None:
+        first_try = order.csr_pem is None
+        if first_try:
             # The key is sealed before anything leaves this step; a re-run posts the same CSR.
             request = new_sealed_request(
                 list(order.names),
@@ -202,10 +204,15 @@ def finalise(order_id: int) -> None:
             order.key_envelope = request.key_envelope
             order.csr_pem = request.csr_pem
         order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
-    assert order_url and finalize_url
+    assert order_url and finalize_url and csr_pem
     client = get_client()
-    body, retry_after = client.get_order(order_url)
-    if body.status.name == "ready":
+    # poll_validation just saw the order ready: on the first try, finalise without asking again
+    # (an order that is not ready after all answers orderNotReady, which is retried).
+    body: Any = None
+    retry_after: float | None = None
+    if not first_try:
+        body, retry_after = client.get_order(order_url)
+    if body is None or body.status.name == "ready":
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
