@@ -82,6 +82,16 @@ def fresh_database(admin_url: str | None) -> str | None:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
+def drop_database(admin_url: str, database_url: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        name = database_url.rsplit("/", 1)[1]
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
 def run(
     count: int, workers: int, concurrency: int, tag: str, admin_url: str | None
 ) -> tuple[float, dict[str, str]]:
@@ -104,6 +114,8 @@ def run(
         )
         elapsed = time.monotonic() - start
         logs = "\n".join(p.read_text() for p in system.workdir.glob("worker*.log"))
+    if admin_url and database_url:
+        drop_database(admin_url, database_url)
     busy: dict[str, float] = defaultdict(float)
     waits: Counter[str] = Counter()
     for task, outcome, seconds in TASK_DONE.findall(logs):
