@@ -22,6 +22,7 @@ reported too: on 2 cores the client, not the server, is usually what saturates.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import multiprocessing
@@ -44,10 +45,13 @@ from cryptography.x509.oid import NameOID
 from edge.state import SiteIndex, SiteMeta
 from edge.tls import build_context
 from pipeline import envelope
-from pipeline.distribution import SiteRecord, replace_all
+from pipeline.distribution import SiteRecord, publish_site, replace_all
 from pipeline.keys import Keyring, PublicKey, generate_keypair
 
 CACHE = Path("/tmp/certman-edge-bench")
+LIVE: list[
+    subprocess.Popen[bytes]
+] = []  # every server started, stopped at the end whatever happens
 PREFIX = "bench"
 
 
@@ -55,6 +59,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_block(count: int) -> int:
+    """A port P with P .. P+count-1 all free now (worker i's metrics port is P+i)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports")
 
 
 def make_fixtures(n: int) -> tuple[Path, Path, Path]:
@@ -173,7 +191,7 @@ class EdgeProcess:
         extra: tuple[str, ...] = (),
     ) -> None:
         self.https = free_port()
-        self.metrics = free_port()
+        self.metrics = free_port_block(processes)
         self.processes = processes
         env = {**os.environ, "CERTMAN_REDIS_PREFIX": PREFIX}
         self.started = time.perf_counter()
@@ -204,6 +222,7 @@ class EdgeProcess:
             ],  # fmt: skip
             env=env,
         )
+        LIVE.append(self.proc)
 
     def pids(self) -> list[int]:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
@@ -382,42 +401,39 @@ def clear_keys(n: int, records: list[SiteRecord], keyring: Keyring) -> list[tupl
 class CaddyProcess:
     """``caddy run`` on a loopback port with every site's certificate loaded from the config."""
 
-    def __init__(self, n: int, pems: list[tuple[str, str]], cores: int) -> None:
+    def __init__(
+        self,
+        n: int,
+        pems: list[tuple[str, str]],
+        cores: int,
+        handler: dict[str, object] | None = None,
+    ) -> None:
         self.https = free_port()
+        handler = handler or {
+            "handler": "static_response",
+            "status_code": 404,
+            "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+            "body": "404 Not Found: no upstream for this site\n",
+        }
+        server: dict[str, object] = {
+            "listen": [f"127.0.0.1:{self.https}"],
+            "automatic_https": {"disable": True},
+            "routes": [{"handle": [handler]}],
+        }
+        if pems:
+            server["tls_connection_policies"] = [{}]
         config = {
             "admin": {"disabled": True},
             "logging": {"logs": {"default": {"level": "ERROR"}}},
             "apps": {
-                "http": {
-                    "servers": {
-                        "bench": {
-                            "listen": [f"127.0.0.1:{self.https}"],
-                            "automatic_https": {"disable": True},
-                            "tls_connection_policies": [{}],
-                            "routes": [
-                                {
-                                    "handle": [
-                                        {
-                                            "handler": "static_response",
-                                            "status_code": 404,
-                                            "headers": {
-                                                "Content-Type": ["text/plain; charset=utf-8"]
-                                            },
-                                            "body": "404 Not Found: no upstream for this site\n",
-                                        }
-                                    ]
-                                }
-                            ],
-                        }
-                    }
-                },
+                "http": {"servers": {"bench": server}},
                 "tls": {
                     "cache": {"capacity": n + 10},
                     "certificates": {"load_pem": [{"certificate": c, "key": k} for c, k in pems]},
                 },
             },
         }
-        self.config = CACHE / str(n) / f"caddy-{os.getpid()}.json"
+        self.config = CACHE / str(n) / f"caddy-{os.getpid()}-{self.https}.json"
         fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(config, f)
@@ -430,6 +446,7 @@ class CaddyProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        LIVE.append(self.proc)
 
     def cpu_seconds(self) -> float:
         return threads_cpu(self.proc.pid)
@@ -505,6 +522,128 @@ def side_by_side(
     return rows
 
 
+def read_response(tls: ssl.SSLSocket, buf: bytes) -> tuple[int, bytes]:
+    """(status, what was read past the response) for a Content-Length response."""
+    while b"\r\n\r\n" not in buf:
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed mid-response")
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buf) < length:
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed mid-body")
+        buf += chunk
+    return int(head[9:12]), buf[length:]
+
+
+def _keepalive_worker(args: tuple[int, list[str], float]) -> tuple[int, int, float]:
+    """One request in flight on each of this worker's keep-alive connections (one per name)."""
+    port, names, duration = args
+    ctx = load_client_context()
+    conns = []
+    for name in names:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = f"GET / HTTP/1.1\r\nHost: {name}\r\nUser-Agent: bench\r\n\r\n".encode()
+        conns.append((ctx.wrap_socket(raw, server_hostname=name), request))
+    bufs = [b""] * len(conns)
+    done = errors = 0
+    cpu0 = time.process_time()
+    end = time.perf_counter() + duration
+    try:
+        while time.perf_counter() < end:
+            for tls, request in conns:
+                tls.sendall(request)
+            for i, (tls, _) in enumerate(conns):
+                status, bufs[i] = read_response(tls, bufs[i])
+                done += 1
+                errors += status != 200
+    finally:
+        for tls, _ in conns:
+            tls.close()
+    return done, errors, time.process_time() - cpu0
+
+
+def keepalive_rate(
+    port: int, server_cpu: Callable[[], float], names: list[str], clients: int, duration: float
+) -> dict[str, float]:
+    cpu0 = server_cpu()
+    with multiprocessing.get_context("fork").Pool(clients) as pool:
+        parts = [names[i::clients] for i in range(clients)]
+        results = pool.map(_keepalive_worker, [(port, p, duration) for p in parts])
+    total = sum(r[0] for r in results)
+    return {
+        "rate": total / duration,
+        "errors": sum(r[1] for r in results),
+        "server_ms": (server_cpu() - cpu0) * 1000 / total,
+        "client_ms": sum(r[2] for r in results) * 1000 / total,
+        "load": os.getloadavg()[0],
+    }
+
+
+def proxy_side_by_side(
+    r: redis.Redis[bytes],
+    hpke_dir: Path,
+    url: str,
+    n: int,
+    hpke: list[SiteRecord],
+    ca_pem: bytes,
+    args: argparse.Namespace,
+) -> list[tuple[str, str, str, str]]:
+    """Keep-alive requests through each proxy to the same upstream (a plain-HTTP Caddy)."""
+    sites = hpke[: args.keepalive_conns]
+    names = [s.domain for s in sites]
+    upstream = CaddyProcess(n, [], 1, {"handler": "static_response", "body": "ok\n"})
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        origin = f"http://127.0.0.1:{upstream.https}"
+        for site in sites:
+            publish_site(r, PREFIX, dataclasses.replace(site, upstream=origin))
+        pems = clear_keys(n, sites, Keyring.load_dir(hpke_dir))
+        verify = client_context(ca_pem)
+        for cores in (1, 2):
+            res: dict[str, list[dict[str, float]]] = {"edge": [], "caddy": []}
+            for server in ("edge", "caddy"):
+                proc: EdgeProcess | CaddyProcess
+                if server == "edge":
+                    proc = EdgeProcess(hpke_dir, url, cores, max(n, 10_000), tuple(args.edge_arg))
+                else:
+                    proxy: dict[str, object] = {
+                        "handler": "reverse_proxy",
+                        "upstreams": [{"dial": origin[7:]}],
+                    }
+                    proc = CaddyProcess(n, pems, cores, proxy)
+                wait_https(proc.https, verify, names[0], proc.started)
+                try:
+                    for _ in range(args.repeat):
+                        res[server].append(
+                            keepalive_rate(
+                                proc.https, proc.cpu_seconds, names, args.clients, args.duration
+                            )
+                        )
+                finally:
+                    proc.stop()
+                print(f"  keep-alive {server} ({cores} core(s)): {res[server]}", file=sys.stderr)
+            for i, (e, c) in enumerate(zip(res["edge"], res["caddy"], strict=True)):
+                rows += [
+                    (f"keep-alive proxied req/s, {cores} core(s), run {i + 1}",
+                     f"edge {e['rate']:.0f}/s, CPU {e['server_ms']:.3f} ms",
+                     f"Caddy {c['rate']:.0f}/s, CPU {c['server_ms']:.3f} ms",
+                     f"ratio {e['rate'] / c['rate']:.2f} req/s, errors {e['errors']:.0f}/"
+                     f"{c['errors']:.0f}, load {e['load']:.1f}/{c['load']:.1f}"),
+                ]  # fmt: skip
+    finally:
+        upstream.stop()
+    return rows
+
+
 def eager_per_cert(records: list[SiteRecord], keyring: Keyring, sample: int) -> float:
     """Seconds per site to open the envelope and build the context, as an eager start does."""
     chosen = records[:sample]
@@ -536,6 +675,9 @@ def main() -> None:
     parser.add_argument("--eager-sample", type=int, default=500)
     parser.add_argument("--caddy", action="store_true", help="also measure Caddy side by side")
     parser.add_argument("--caddy-only", action="store_true", help="only the side-by-side runs")
+    parser.add_argument("--keepalive", action="store_true", help="keep-alive proxy vs Caddy")
+    parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument("--keepalive-conns", type=int, default=24)
     parser.add_argument("--names", type=int, default=1000, help="names in side-by-side load")
     parser.add_argument("--repeat", type=int, default=2, help="runs per side-by-side config")
     parser.add_argument(
@@ -589,7 +731,7 @@ def main() -> None:
         )
         snapshot_read = time.perf_counter() - t
 
-        if not args.caddy_only:
+        if not (args.caddy_only or args.keepalive_only):
             # 1. cold start and first handshakes of not-yet-loaded names
             edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
             start = time_to_first_handshake(edge, ctx, rng.choice(names))
@@ -647,13 +789,21 @@ def main() -> None:
         if args.caddy or args.caddy_only:
             load_names = rng.sample(names, min(n, args.names))
             rows += side_by_side(hpke_dir, url, n, hpke, load_names, ca_pem, args)
+        if args.keepalive or args.keepalive_only:
+            rows += proxy_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
     finally:
+        for proc in LIVE:  # servers left running by a failed measurement
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
         server.terminate()
         server.wait()
-    print(f"\nedge benchmark, {n} sealed sites, {os.cpu_count()} CPUs, {args.clients} client procs")
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        load = os.getloadavg()[0]
+        print(f"\nedge benchmark, {n} sealed sites, {os.cpu_count()} CPUs, "
+              f"{args.clients} client procs, load average {load:.1f} at the end")  # fmt: skip
+        widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

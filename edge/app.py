@@ -23,7 +23,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from edge.challenges import ChallengeHandler, ChallengeStore
 from edge.metrics import EdgeMetrics
-from edge.proxy import Lifecycle, ProxySettings, SiteHandler
+from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
@@ -146,8 +146,10 @@ class Edge:
         m.soonest_expiry.set_function(self.index.soonest_expiry)
         m.cached_contexts.set_function(lambda: len(self.contexts.cache))
         self.lifecycle = Lifecycle()
+        self._resolver = LiteralFirstResolver()
         self._client = SimpleAsyncHTTPClient(
             force_instance=True,
+            resolver=self._resolver,
             max_clients=config.max_upstream_connections,
             max_body_size=1 << 40,  # bodies are streamed, never held whole
         )
@@ -250,5 +252,6 @@ class Edge:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._client.close()
+        self._resolver.close()
         await aclose(self._async_redis)
         self._blocking_redis.close()

@@ -9,21 +9,25 @@ returned flush future makes Tornado wait for a slow client before reading more f
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import tornado.web
 from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.netutil import DefaultLoopResolver
 from tornado.simple_httpclient import HTTPTimeoutError
 
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
 from edge.state import SiteIndex, normalize_host
 
-__all__ = ["Lifecycle", "ProxySettings", "SiteHandler", "HOP_BY_HOP"]
+__all__ = ["HOP_BY_HOP", "Lifecycle", "LiteralFirstResolver", "ProxySettings", "SiteHandler"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,23 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 _BODY_QUEUE_CHUNKS = 8
 _END = b""
+
+
+class LiteralFirstResolver(DefaultLoopResolver):
+    """Upstreams are usually IP literals: answer those at once, without the thread hop of
+    ``getaddrinfo`` that Tornado's default resolver takes on every upstream connection."""
+
+    async def resolve(
+        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[tuple[int, Any]]:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return await super().resolve(host, port, family)
+        found = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        if family not in (socket.AF_UNSPEC, found):
+            return await super().resolve(host, port, family)  # let getaddrinfo say why not
+        return [(found, (host, port) if ip.version == 4 else (host, port, 0, 0))]
 
 
 @dataclass

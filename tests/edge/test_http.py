@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
+from edge.proxy import LiteralFirstResolver
 from pipeline.distribution import publish_site, remove_challenge, set_challenge
 
 from .conftest import RunningEdge, Sites, free_port, wait_for
@@ -138,3 +142,21 @@ def test_https_421_and_upstream_failures(
     status, _, _ = edge.https("one.test", path="/slow")
     assert status == 504
     assert 'certman_edge_upstream_errors_total{kind="timeout"} 1.0' in edge.metrics()
+
+
+def test_upstream_resolver_answers_ip_literals_itself() -> None:
+    async def resolve_all() -> list[list[tuple[int, Any]]]:
+        resolver = LiteralFirstResolver()
+        try:
+            return [
+                await resolver.resolve("127.0.0.1", 8080),
+                await resolver.resolve("::1", 8080),
+                await resolver.resolve("localhost", 8080, socket.AF_INET),
+            ]
+        finally:
+            resolver.close()
+
+    v4, v6, named = asyncio.run(resolve_all())
+    assert v4 == [(socket.AF_INET, ("127.0.0.1", 8080))]
+    assert v6 == [(socket.AF_INET6, ("::1", 8080, 0, 0))]
+    assert (socket.AF_INET, ("127.0.0.1", 8080)) in named  # names still go to getaddrinfo
