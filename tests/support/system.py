@@ -80,65 +80,69 @@ class System:
         env.update(self.extra_env)
         return env
 
+    def _spawn(
+        self,
+        log_name: str,
+        command: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        supervised: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        if supervised and self.supervise:
+            # As systemd's Restart=always does in production.
+            loop = 'while :; do "$@"; echo "test supervisor: exited $?, restarting"; sleep 1; done'
+            command = ["bash", "-c", loop, "supervisor", *command]
+        with (self.workdir / log_name).open("ab") as log:
+            # A session of its own, so that stopping kills the pool children (or the loop) too.
+            return subprocess.Popen(
+                command,
+                env=env or self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
     def start_worker(
         self, *, concurrency: int = 4, name: str | None = None
     ) -> subprocess.Popen[bytes]:
         index = len(self.workers)
-        with (self.workdir / f"worker{index}.log").open("ab") as log:
-            worker = subprocess.Popen(
-            self._supervised([
+        worker = self._spawn(
+            f"worker{index}.log",
+            [
                 str(BIN / "celery"), "-A", "pipeline", "worker", "-l", "info",
                 "-c", str(concurrency), "-n", name or f"w{index}-{os.getpid()}@%h",
                 "--without-gossip", "--without-mingle", "-E",
-            ]),
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            ],
+            supervised=True,
         )  # fmt: skip
         self.workers.append(worker)
         return worker
 
-    def _supervised(self, command: list[str]) -> list[str]:
-        if not self.supervise:
-            return command
-        loop = (
-            'while :; do "$@"; echo "certman test supervisor: exited $?, restarting"; sleep 1; done'
-        )
-        return ["bash", "-c", loop, "supervisor", *command]
-
     def start_beat(self) -> subprocess.Popen[bytes]:
-        with (self.workdir / "beat.log").open("ab") as log:
-            beat = subprocess.Popen(
-                self._supervised([
-                    str(BIN / "celery"), "-A", "pipeline", "beat", "-l", "info",
-                    "-s", str(self.workdir / "beat-schedule"),
-                ]),
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        beat = self._spawn(
+            "beat.log",
+            [
+                str(BIN / "celery"), "-A", "pipeline", "beat", "-l", "info",
+                "-s", str(self.workdir / "beat-schedule"),
+            ],
+            supervised=True,
+        )  # fmt: skip
         self.workers.append(beat)
         return beat
 
     def start_flower(self, port: int) -> subprocess.Popen[bytes]:
-        env = self.env | {"FLOWER_UNAUTHENTICATED_API": "true"}
-        with (self.workdir / "flower.log").open("ab") as log:
-            flower = subprocess.Popen(
-                [str(BIN / "celery"), "-A", "pipeline", "flower", f"--port={port}",
-                 "--address=127.0.0.1"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        flower = self._spawn(
+            "flower.log",
+            [str(BIN / "celery"), "-A", "pipeline", "flower", f"--port={port}",
+             "--address=127.0.0.1"],
+            env=self.env | {"FLOWER_UNAUTHENTICATED_API": "true"},
+        )  # fmt: skip
         self.workers.append(flower)
         return flower
 
     def start_edge(self) -> subprocess.Popen[bytes]:
-        with (self.workdir / "edge.log").open("ab") as log:
-            self.edge = subprocess.Popen(
+        self.edge = self._spawn(
+            "edge.log",
             [
                 str(BIN / "certman-edge"),
                 "--http-port", str(self.http_port),
@@ -146,9 +150,6 @@ class System:
                 "--metrics-port", str(self.metrics_port),
                 "--address", "127.0.0.1",
             ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_until(lambda: port_open(self.https_port), timeout=20, what="the edge to listen")
         return self.edge
