@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
+import urllib.request
+from typing import Any
 
 import pytest
 from cryptography import x509
 
+from tests.support.ports import free_port, port_open, wait_until
 from tests.support.system import System
 
 pytestmark = pytest.mark.integration
@@ -26,8 +30,17 @@ def fetch_certificate(port: int, name: str, root_pem: bytes) -> x509.Certificate
     return x509.load_der_x509_certificate(der)
 
 
+def flower_tasks(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks", timeout=5) as response:
+        tasks: dict[str, Any] = json.load(response)
+    return tasks
+
+
 def test_sites_issued_end_to_end_and_served(system: System) -> None:
     system.start(workers=1)
+    flower_port = free_port()
+    system.start_flower(flower_port)
+    wait_until(lambda: port_open(flower_port), timeout=30, what="Flower to listen")
     system.certman(
         "domains", "add", "dealer-one.example.com", "--alias", "www.dealer-one.example.com"
     )
@@ -47,3 +60,23 @@ def test_sites_issued_end_to_end_and_served(system: System) -> None:
     one = rows["dealer-one.example.com"]
     assert one["aliases"] == ["www.dealer-one.example.com"]
     assert one["not_after"] is not None and one["last_error"] is None
+
+    # Flower shows each step by name with the domain among its arguments.
+    steps = {
+        "place_order",
+        "publish_challenges",
+        "poll_validation",
+        "finalise",
+        "encrypt_and_store",
+    }
+
+    def every_step_seen() -> bool:
+        seen = {
+            task["name"].rsplit(".", 1)[1]
+            for task in flower_tasks(flower_port).values()
+            if task.get("name", "").startswith("certman.issue.")
+            and "dealer-two.example.org" in task.get("args", "")
+        }
+        return seen == steps
+
+    wait_until(every_step_seen, timeout=30, what="Flower to show every step for dealer-two")
