@@ -90,8 +90,19 @@ def domains() -> None:
 @click.option("--alias", "aliases", multiple=True, help="Another name on the same certificate.")
 @click.option("--upstream", help="Where to proxy the site, e.g. http://10.0.0.5:8080.")
 @click.option("--customer-ref", help="The platform's own reference for this site.")
+@click.option("--profile", help="ACME profile for this site (default: CERTMAN_ACME_PROFILE).")
+@click.option(
+    "--key-type",
+    type=click.Choice(["ec-p256", "rsa-2048"]),
+    help="Certificate key type for this site (default: CERTMAN_KEY_TYPE).",
+)
 def domains_add(
-    name: str, aliases: Sequence[str], upstream: str | None, customer_ref: str | None
+    name: str,
+    aliases: Sequence[str],
+    upstream: str | None,
+    customer_ref: str | None,
+    profile: str | None,
+    key_type: str | None,
 ) -> None:
     """Add a site and queue its certificate."""
     from pipeline import snapshot
@@ -99,7 +110,7 @@ def domains_add(
     from pipeline.sites import add_site, parse_site
     from pipeline.tasks.maintenance import kick_dispatch
 
-    new = parse_site(name, aliases, upstream, customer_ref)
+    new = parse_site(name, aliases, upstream, customer_ref, profile=profile, key_type=key_type)
     with session_scope() as session:
         site, created = add_site(session, new)
         record = snapshot.site_record(session, site)

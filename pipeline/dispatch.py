@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from pipeline.models import Certificate, Order, OrderKind, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
+from pipeline.settings import get_settings
 
 UNFINISHED = (
     OrderStep.QUEUED,
@@ -109,7 +110,7 @@ def _new_order(
         site_id=site.id,
         kind=kind,
         names=site.all_names,
-        profile=site.profile,
+        profile=site.profile or get_settings().acme_profile,
         replaces=cert.ari_id if cert is not None else None,
         exempt=exempt,
         step=OrderStep.QUEUED,

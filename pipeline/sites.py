@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
+from pipeline.settings import KeyType
 
 
 class SiteError(ValueError):
@@ -28,6 +29,8 @@ class NewSite:
     aliases: tuple[str, ...] = ()
     upstream: str | None = None
     customer_ref: str | None = None
+    profile: str | None = None  # None: the installation's CERTMAN_ACME_PROFILE
+    key_type: str | None = None  # None: the installation's CERTMAN_KEY_TYPE
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -51,8 +54,13 @@ def parse_site(
     aliases: Sequence[str] = (),
     upstream: str | None = None,
     customer_ref: str | None = None,
+    *,
+    profile: str | None = None,
+    key_type: str | None = None,
 ) -> NewSite:
     """Validate and normalise a site request: the one function the CLI and onboarding share."""
+    if key_type is not None and key_type not in {k.value for k in KeyType}:
+        raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
     primary = normalise(domain)
     extra: list[str] = []
     for raw in aliases:
@@ -65,7 +73,9 @@ def parse_site(
     # Let's Encrypt's limit on names per certificate.
     if len(extra) + 1 > 100:
         raise SiteError(f"{primary}: more than 100 names in one certificate")
-    return NewSite(primary, tuple(extra), validate_upstream(upstream), customer_ref)
+    return NewSite(
+        primary, tuple(extra), validate_upstream(upstream), customer_ref, profile or None, key_type
+    )
 
 
 def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> tuple[Site, bool]:
@@ -99,6 +109,8 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
         domain=new.domain,
         upstream=new.upstream,
         customer_ref=new.customer_ref,
+        profile=new.profile,
+        key_type=new.key_type,
         state=SiteState.PENDING,
         next_attempt_at=now or utcnow(),
         names=[SiteName(name=name) for name in new.names],

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.support.ports import free_port, port_open, wait_until
 from tests.support.system import System
@@ -45,7 +46,7 @@ def test_sites_issued_end_to_end_and_served(system: System) -> None:
         "domains", "add", "dealer-one.example.com", "--alias", "www.dealer-one.example.com"
     )
     system.certman("domains", "add", "dealer-two.example.org")
-    system.certman("domains", "add", "dealer-three.example.net")
+    system.certman("domains", "add", "dealer-three.example.net", "--key-type", "rsa-2048")
     names = ["dealer-one.example.com", "dealer-two.example.org", "dealer-three.example.net"]
     try:
         rows = system.wait_active(names, timeout=120)
@@ -57,6 +58,10 @@ def test_sites_issued_end_to_end_and_served(system: System) -> None:
         cert = fetch_certificate(system.https_port, name, root)  # verifies the chain to the root
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert name in sans.get_values_for_type(x509.DNSName)
+    rsa_cert = fetch_certificate(system.https_port, "dealer-three.example.net", root)
+    assert isinstance(rsa_cert.public_key(), rsa.RSAPublicKey)
+    ec_cert = fetch_certificate(system.https_port, names[0], root)
+    assert isinstance(ec_cert.public_key(), ec.EllipticCurvePublicKey)
     one = rows["dealer-one.example.com"]
     assert one["aliases"] == ["www.dealer-one.example.com"]
     assert one["not_after"] is not None and one["last_error"] is None

@@ -92,3 +92,12 @@ def test_remove_by_alias_cancels_orders_and_deletes_names(database_url: str) -> 
 def test_remove_unknown_says_so(database_url: str) -> None:
     with pytest.raises(SiteError, match="not a known site"), session_scope(database_url) as session:
         remove_site(session, "nobody.example.com")
+
+
+def test_a_site_may_choose_its_key_type_and_profile(database_url: str) -> None:
+    with pytest.raises(SiteError, match="key type 'dsa'"):
+        parse_site("dealer.example.com", key_type="dsa")
+    new = parse_site("dealer.example.com", key_type="rsa-2048", profile="shortlived")
+    with session_scope(database_url) as session:
+        site, _ = add_site(session, new)
+        assert (site.key_type, site.profile) == ("rsa-2048", "shortlived")
