@@ -19,7 +19,6 @@ import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.httpserver import HTTPServer
 from tornado.log import access_log
-from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from edge.challenges import ChallengeHandler, ChallengeStore
 from edge.metrics import EdgeMetrics
@@ -27,6 +26,7 @@ from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandl
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
+from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
 
@@ -48,6 +48,10 @@ class EdgeConfig:
     idle_timeout: float = 60.0
     shutdown_grace: float = 30.0
     max_upstream_connections: int = 1000
+    # Idle keep-alive connections kept per upstream (0: a new connection per request), and how
+    # long one may stay idle: under every common server's keep-alive timeout (Node's is 5 s).
+    upstream_keepalive: int = 32
+    upstream_idle_timeout: float = 2.0
 
 
 def make_site_app(
@@ -147,8 +151,10 @@ class Edge:
         m.cached_contexts.set_function(lambda: len(self.contexts.cache))
         self.lifecycle = Lifecycle()
         self._resolver = LiteralFirstResolver()
-        self._client = SimpleAsyncHTTPClient(
+        self._pool = UpstreamPool(config.upstream_keepalive, config.upstream_idle_timeout)
+        self._client = KeepAliveHTTPClient(
             force_instance=True,
+            pool=self._pool,
             resolver=self._resolver,
             max_clients=config.max_upstream_connections,
             max_body_size=1 << 40,  # bodies are streamed, never held whole
@@ -181,6 +187,7 @@ class Edge:
             https_port=self.config.https_public_port,
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
+            pool=self._pool if self.config.upstream_keepalive > 0 else None,
         )
         timeouts: dict[str, Any] = {
             "idle_connection_timeout": self.config.idle_timeout,

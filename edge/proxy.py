@@ -26,6 +26,7 @@ from tornado.simple_httpclient import HTTPTimeoutError
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
 from edge.state import SiteIndex, normalize_host
+from edge.upstream import UpstreamPool
 
 __all__ = ["HOP_BY_HOP", "Lifecycle", "LiteralFirstResolver", "ProxySettings", "SiteHandler"]
 
@@ -51,6 +52,8 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 _BODY_QUEUE_CHUNKS = 8
 _END = b""
+# RFC 9110 section 9.2.2: what may be sent again after the connection failed under it.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class LiteralFirstResolver(DefaultLoopResolver):
@@ -97,6 +100,7 @@ class ProxySettings:
     https_port: int  # the public HTTPS port, for redirects
     connect_timeout: float = 5.0
     request_timeout: float = 300.0
+    pool: UpstreamPool | None = None  # the client's keep-alive pool, if it has one
 
 
 def _hop_by_hop(headers: httputil.HTTPHeaders) -> frozenset[str]:
@@ -121,6 +125,8 @@ class SiteHandler(tornado.web.RequestHandler):
         self._fetch: asyncio.Future[HTTPResponse] | None = None
         self._response_started = False
         self._pending_headers: list[str] = []
+        self._upstream: HTTPRequest | None = None
+        self._retried = False
 
     def compute_etag(self) -> str | None:
         return None  # the upstream's ETag (if any) passes through untouched
@@ -164,6 +170,8 @@ class SiteHandler(tornado.web.RequestHandler):
         headers["X-Forwarded-For"] = req.remote_ip or ""
         headers["X-Forwarded-Proto"] = self._scheme
         headers["X-Forwarded-Host"] = req.host or ""
+        if self._cfg.pool is not None:
+            headers["Connection"] = "keep-alive"  # else Tornado's client asks for close
         has_body = "Content-Length" in req.headers or "Transfer-Encoding" in req.headers
         if has_body and req.headers.get("Content-Length") != "0":
             self._queue = asyncio.Queue(_BODY_QUEUE_CHUNKS)
@@ -183,8 +191,30 @@ class SiteHandler(tornado.web.RequestHandler):
             request_timeout=self._cfg.request_timeout,
             validate_cert=True,
         )
-        self._fetch = asyncio.ensure_future(self._cfg.client.fetch(upstream, raise_error=False))
+        self._upstream = upstream
+        self._send_upstream()
+
+    def _send_upstream(self) -> None:
+        assert self._upstream is not None
+        fetch = self._cfg.client.fetch(self._upstream, raise_error=False)
+        self._fetch = asyncio.ensure_future(fetch)
         self._fetch.add_done_callback(self._upstream_done)
+
+    def _may_retry(self, exc: Exception) -> bool:
+        """Once, for a body-less idempotent request whose reused upstream connection failed
+        before any byte of the response: the upstream closed it as the request left."""
+        pool = self._cfg.pool
+        return (
+            pool is not None
+            and not self._retried
+            and not isinstance(exc, HTTPTimeoutError)
+            and self._queue is None
+            and not self._response_started
+            and not self._pending_headers
+            and self.request.connection is not None
+            and (self.request.method or "GET") in _IDEMPOTENT
+            and pool.failed_on_reused(self._upstream)
+        )
 
     async def data_received(self, chunk: bytes) -> None:
         if self._queue is not None and self._fetch is not None and not self._fetch.done():
@@ -236,7 +266,15 @@ class SiteHandler(tornado.web.RequestHandler):
         if self._queue is not None and not self._fetch.done():
             await self._queue.put(_END)
         try:
-            await self._fetch
+            try:
+                await self._fetch
+            except Exception as exc:
+                if not self._may_retry(exc):
+                    raise
+                log.debug("retrying %s on a new upstream connection: %s", self.request.host, exc)
+                self._retried = True
+                self._send_upstream()
+                await self._fetch
         except Exception as exc:
             # raise_error=False still raises transport failures (refused, reset, timeout, TLS).
             timeout = isinstance(exc, HTTPTimeoutError)
