@@ -72,8 +72,13 @@ def test_names_dropped_from_a_certificate_stop_resolving(
 
 
 def test_unknown_and_missing_sni_refused(
-    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="tornado.general")
     publish_site(redis_client, prefix, sites.record("known.test"))
     publish_site(redis_client, prefix, sites.record("nocert.test", cert=False))
     edge = start_edge()
@@ -85,6 +90,8 @@ def test_unknown_and_missing_sni_refused(
     metrics = edge.metrics()
     assert 'certman_edge_sni_total{outcome="unknown_name"} 2.0' in metrics
     assert 'certman_edge_sni_total{outcome="no_sni"} 1.0' in metrics
+    # Counted above, not logged per connection.
+    assert not [r for r in caplog.records if r.getMessage().startswith("SSL Error")]
 
 
 def test_tampered_envelope_refused_for_that_name_only(
