@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-prefix", default=None, help="default: CERTMAN_REDIS_PREFIX")
     p.add_argument("--cache-size", type=int, default=None, help="default: CERTMAN_EDGE_CACHE_SIZE")
     p.add_argument("--warm", action="store_true", help="build contexts in the background at start")
+    p.add_argument(
+        "--upstream-keepalive",
+        type=int,
+        default=32,
+        help="idle keep-alive connections kept per upstream (0: one connection per request)",
+    )
     p.add_argument("--reconcile-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--loop",
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         warm=args.warm,
         https_public_port=args.public_https_port or args.https_port,
         reconcile_interval=args.reconcile_interval,
+        upstream_keepalive=max(0, args.upstream_keepalive),
     )
     worker = 0
     if processes > 1:
