@@ -3,11 +3,12 @@
 Keys (``P`` is the configured prefix, ``certman`` by default):
 
 ``P:sites``        hash  domain -> ``SiteRecord.to_json()`` (chain + sealed envelope, no clear key)
-``P:index``        hash  domain -> small JSON ``{"h": content hash, "n": [names], "u": upstream,
-                   "c": has_certificate, "na": not_after epoch seconds|null}``; an edge reads only
-                   this at start (~100 bytes a site) and fetches a site's blob on its first
-                   handshake; "h" changes whenever the chain or envelope does, so a reconcile
-                   knows which cached TLS contexts are stale without reading any blob
+``P:index``        hash  domain -> "content hash<TAB>1|0 has certificate<TAB>not_after epoch
+                   seconds or empty<TAB>upstream or empty<TAB>names space-separated"
+                   (see index_entry); an edge reads only this at start (~100 bytes a site) and
+                   fetches a site's blob on its first handshake; the content hash changes
+                   whenever the chain or envelope does, so a reconcile knows which cached TLS
+                   contexts are stale without reading any blob
 ``P:names``        hash  name -> domain, for every name a certificate covers (primary included)
 ``P:version``      integer, incremented by every change to the three hashes above
 ``P:challenge:T``  string key authorization of HTTP-01 token T, with a TTL
@@ -45,6 +46,7 @@ __all__ = [
     "challenge_key",
     "content_hash",
     "index_entry",
+    "parse_index_entry",
     "publish_site",
     "remove_challenge",
     "remove_site",
@@ -99,17 +101,34 @@ def content_hash(record: SiteRecord) -> str:
 
 
 def index_entry(record: SiteRecord) -> str:
-    """The small per-site summary an edge loads at start instead of the blob."""
-    return json.dumps(
-        {
-            "h": content_hash(record),
-            "n": list(record.names),
-            "u": record.upstream,
-            "c": bool(record.chain_pem and record.envelope),
-            "na": int(record.not_after.timestamp()) if record.not_after else None,
-        },
-        separators=(",", ":"),
+    """The small per-site summary an edge loads at start instead of the blob.
+
+    Tab-separated rather than JSON: an edge parses every entry at start, and at 100,000 sites
+    ``str.split`` against ``json.loads`` is the difference between a start under a second and
+    one over it. No field can hold a tab (names are LDH, upstreams are validated URLs).
+    """
+    return "\t".join(
+        (
+            content_hash(record),
+            "1" if record.chain_pem and record.envelope else "0",
+            str(int(record.not_after.timestamp())) if record.not_after else "",
+            record.upstream or "",
+            " ".join(record.names),
+        )
     )
+
+
+IndexFields = tuple[str, bool, float | None, str | None, tuple[str, ...]]
+
+
+def parse_index_entry(raw: str | bytes) -> IndexFields:
+    """(content hash, has certificate, not_after, upstream, names) from :func:`index_entry`."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    digest, cert, not_after, upstream, names = text.split("\t")
+    return (
+        digest, cert == "1", float(not_after) if not_after else None, upstream or None,
+        tuple(names.split()),
+    )  # fmt: skip
 
 
 def channel(prefix: str) -> str:

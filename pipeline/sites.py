@@ -41,6 +41,8 @@ def validate_upstream(raw: str | None) -> str | None:
     if raw is None or not raw.strip():
         return None
     url = raw.strip()
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise SiteError(f"upstream {raw!r}: must not contain spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SiteError(f"upstream {raw!r}: must be an http:// or https:// URL with a host")
