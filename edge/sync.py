@@ -106,10 +106,17 @@ class Syncer:
             pipe.get(f"{self._prefix}:version")
             pipe.hgetall(f"{self._prefix}:index")
             version_raw, raw_index = await pipe.execute()
-        metas = {
-            (d := domain.decode()): SiteMeta.from_index(d, entry)
-            for domain, entry in raw_index.items()
-        }
+        metas: dict[str, SiteMeta] = {}
+        malformed = 0
+        for raw_domain, entry in raw_index.items():
+            domain = raw_domain.decode()
+            try:
+                metas[domain] = SiteMeta.from_index(domain, entry)
+            except (ValueError, UnicodeDecodeError):
+                malformed += 1  # one bad entry must not keep every other site dark
+        if malformed:
+            log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
+                      "rewrites them)", malformed)  # fmt: skip
         self._index.replace(metas)
         self._challenges.clear()
         self.version = int(version_raw or 0)

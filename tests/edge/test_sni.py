@@ -152,3 +152,15 @@ def test_warm_start_builds_contexts_in_background(
     wait_for(lambda: "certman_edge_context_cache_size 3.0" in edge.metrics(), what="warm cache")
     edge.peer_cert("w1.test")
     assert "certman_edge_context_cache_hits_total 1.0" in edge.metrics()
+
+
+def test_a_malformed_index_entry_is_skipped_not_fatal(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    """An entry the edge cannot read (an older format, say) leaves every other site served."""
+    good = sites.record("good.test")
+    publish_site(redis_client, prefix, good)
+    redis_client.hset(f"{prefix}:index", "old-format.test", '{"h": "x", "n": ["old-format.test"]}')
+    edge = start_edge()
+    edge.wait_ready()
+    assert serial_of(edge.peer_cert("good.test")) == good.serial
