@@ -85,7 +85,7 @@ def test_short_certificates_renewed_by_beat_at_two_thirds(make_system: Any) -> N
     name = "short-lived.example.com"
     system.certman("domains", "add", name)
     try:
-        first = system.wait_active([name], timeout=30)[name]
+        first = system.wait_active([name], timeout=90)[name]
         old = current_cert(system, name)
         # The lifetime rule: 2/3 of the certificate's own 60 s, minus at most 10 % spread.
         lifetime = old.not_after - old.not_before
@@ -96,9 +96,9 @@ def test_short_certificates_renewed_by_beat_at_two_thirds(make_system: Any) -> N
             row = system.domains()[name]
             return row["state"] == "active" and row["serial"] != first["serial"]
 
-        wait_until(renewed, timeout=60, what="beat to renew the certificate", every=0.5)
+        wait_until(renewed, timeout=150, what="beat to renew the certificate", every=0.5)
         new = system.domains()[name]
-        wait_until(lambda: served_serial(system, name) == new["serial"], timeout=10,
+        wait_until(lambda: served_serial(system, name) == new["serial"], timeout=30,
                    what="the edge to serve the new certificate")  # fmt: skip
     except (TimeoutError, AssertionError):
         print(system.logs())
@@ -120,11 +120,11 @@ def test_ari_refresh_moves_renewal_into_the_window(make_system: Any) -> None:
     name = "ari.example.com"
     system.certman("domains", "add", name)
     try:
-        system.wait_active([name], timeout=30)
+        system.wait_active([name], timeout=90)
         before = current_cert(system, name)
         assert before.ari_checked_at is None
         call_task(system, "certman.maintenance.refresh_ari")
-        wait_until(lambda: current_cert(system, name).ari_checked_at is not None, timeout=20,
+        wait_until(lambda: current_cert(system, name).ari_checked_at is not None, timeout=60,
                    what="refresh_ari to check the certificate")  # fmt: skip
     except (TimeoutError, AssertionError):
         print(system.logs())
@@ -148,7 +148,7 @@ def test_reseal_migration_from_legacy_rsa(make_system: Any) -> None:
     for name in names:
         system.certman("domains", "add", name)
     try:
-        before = system.wait_active(names, timeout=30)
+        before = system.wait_active(names, timeout=90)
         status = json.loads(system.certman("keys", "status", "--json").stdout)
         assert [(r["scheme"], r["certificates"]) for r in status] == [("legacy-rsa", 2)]
 
@@ -163,11 +163,11 @@ def test_reseal_migration_from_legacy_rsa(make_system: Any) -> None:
             rows = json.loads(system.certman("keys", "status", "--json").stdout)
             return [(r["scheme"], r["certificates"]) for r in rows] == [("hpke-x25519", 2)]
 
-        wait_until(resealed, timeout=75, what="both sites re-sealed to hpke-x25519", every=0.5)
-        after = system.wait_active(names, timeout=10)
+        wait_until(resealed, timeout=150, what="both sites re-sealed to hpke-x25519", every=0.5)
+        after = system.wait_active(names, timeout=60)
         for name in names:
             assert after[name]["serial"] != before[name]["serial"]
-            wait_until(lambda n=name: served_serial(system, n) == after[n]["serial"], timeout=10,
+            wait_until(lambda n=name: served_serial(system, n) == after[n]["serial"], timeout=30,
                        what=f"the edge to serve the re-sealed {name}")  # fmt: skip
     except (TimeoutError, AssertionError):
         print(system.logs())
@@ -191,7 +191,7 @@ def test_stuck_order_found_and_completed_by_the_sweeper(
             return s.scalar(select(Order).where(Order.kind == OrderKind.ISSUE))
 
     try:
-        wait_until(lambda: (o := order()) is not None and o.polls >= 1, timeout=30,
+        wait_until(lambda: (o := order()) is not None and o.polls >= 1, timeout=60,
                    what="the order to wait at its self-check")  # fmt: skip
         system.kill_worker(worker)  # SIGKILL: its retry message dies with it (acked late,
         # but the Redis transport only redelivers after the 2-hour visibility timeout)
@@ -212,7 +212,7 @@ def test_stuck_order_found_and_completed_by_the_sweeper(
         system.start_edge()
         system.start_worker()
         call_task(system, "certman.maintenance.sweep_stuck_orders")
-        system.wait_active([name], timeout=40)
+        system.wait_active([name], timeout=120)
     except (TimeoutError, AssertionError):
         print(system.logs())
         raise
