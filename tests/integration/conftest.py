@@ -12,7 +12,4 @@ from tests.support.system import System
 def system(redis_url: str, redis_client: redis.Redis) -> Iterator[System]:
     """Pebble + edge + (started by the test) Celery workers, on this test's Redis database."""
     with System(redis_url=redis_url) as system:
-        try:
-            yield system
-        finally:
-            pass
+        yield system
