@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipeline import renewal, selfcheck, snapshot
+from pipeline import envelope, renewal, selfcheck, snapshot
 from pipeline.acme_client import get_client
 from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
 from pipeline.connections import get_limiter
@@ -270,15 +270,18 @@ def encrypt_and_store(order_id: int) -> None:
                 .where(Certificate.site_id == site.id, Certificate.current)
                 .values(current=False)
             )
-            edge_key = _edge_key()
+            # The envelope says which key it is sealed to; the setting may have moved since.
+            sealed_to = envelope.read_header(
+                envelope.from_text(order.key_envelope, domain=site.domain), domain=site.domain
+            )
             session.add(
                 Certificate(
                     site_id=site.id,
                     order_id=order.id,
                     chain_pem=order.chain_pem,
                     key_envelope=order.key_envelope,
-                    scheme=str(edge_key.scheme),
-                    key_id=edge_key.key_id,
+                    scheme=str(sealed_to.scheme),
+                    key_id=sealed_to.key_id,
                     serial=info.serial,
                     ari_id=info.ari_id,
                     not_before=info.not_before,
