@@ -20,7 +20,7 @@ from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_reque
 from pipeline.connections import get_limiter
 from pipeline.db import session_scope
 from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
-from pipeline.keys import PublicKey
+from pipeline.keys import KeyFileError, PublicKey
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
 from pipeline.settings import KeyType, get_settings
@@ -65,6 +65,8 @@ def place_order(order_id: int) -> None:
             return
         names, profile, replaces = list(order.names), order.profile, order.replaces
         exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
+    # Nothing to seal the new key to means no certificate: find out before asking the CA.
+    _edge_key()
     client = get_client()
     account = client.account_uri
     # pacing=False: the transport paces the new-order request itself.
@@ -241,7 +243,10 @@ def _edge_key() -> PublicKey:
     path = get_settings().edge_public_key
     if path is None:
         raise AttemptFailed("CERTMAN_EDGE_PUBLIC_KEY is not set: nothing to seal keys to")
-    return PublicKey.load(path)
+    try:
+        return PublicKey.load(path)
+    except KeyFileError as exc:
+        raise AttemptFailed(f"CERTMAN_EDGE_PUBLIC_KEY: {exc}") from None
 
 
 # --- step 5 --------------------------------------------------------------------------------------

@@ -67,3 +67,21 @@ def test_a_refused_name_blocks_the_site(order_id: int) -> None:
         assert site.state == SiteState.BLOCKED
         assert site.next_attempt_at is None
         assert site.last_error is not None and "blocked until someone acts" in site.last_error
+
+
+def test_no_edge_key_fails_before_the_ca_is_asked(
+    order_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import issuance
+    from pipeline.settings import get_settings
+
+    with session_scope() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        order.step = OrderStep.QUEUED
+    monkeypatch.delenv("CERTMAN_EDGE_PUBLIC_KEY", raising=False)
+    get_settings.cache_clear()
+    # No ACME directory is reachable in this test: reaching the CA would be a different error.
+    monkeypatch.setenv("CERTMAN_ACME_DIRECTORY", "https://127.0.0.1:1/dir")
+    with pytest.raises(AttemptFailed, match="CERTMAN_EDGE_PUBLIC_KEY is not set"):
+        issuance.place_order(order_id)
