@@ -229,7 +229,7 @@ class Edge:
         """Build contexts for as many sites as the cache holds, in the background."""
         await self.syncer.ready.wait()
         started = time.monotonic()
-        domains = [d for d, meta in self.index.sites.items() if meta.has_cert]
+        domains = [meta.domain for meta in self.index.all() if meta.has_cert]
         domains = domains[: self.contexts.cache.size]
         built = 0
         for i in range(0, len(domains), 100):
@@ -244,7 +244,7 @@ class Edge:
             for raw in blobs:
                 if raw is not None:
                     record = SiteRecord.from_json(raw)
-                    meta = self.index.sites.get(record.domain)
+                    meta = self.index.get(record.domain)
                     if meta is not None and not self.contexts.failed(meta):
                         self.contexts.install(record)
                         built += 1

@@ -48,6 +48,7 @@ class Syncer:
         self._url = redis_url
         self._prefix = prefix
         self._index = index
+        self._parsing: asyncio.Task[None] | None = None
         self._challenges = challenges
         self._metrics = metrics
         self._reconcile_interval = reconcile_interval
@@ -106,24 +107,23 @@ class Syncer:
             pipe.get(f"{self._prefix}:version")
             pipe.hgetall(f"{self._prefix}:index")
             version_raw, raw_index = await pipe.execute()
-        metas: dict[str, SiteMeta] = {}
-        malformed = 0
-        for raw_domain, entry in raw_index.items():
-            domain = raw_domain.decode()
-            try:
-                metas[domain] = SiteMeta.from_index(domain, entry)
-            except (ValueError, UnicodeDecodeError):
-                malformed += 1  # one bad entry must not keep every other site dark
-        if malformed:
+        self._index.load_snapshot(raw_index)
+        if self._index.malformed:
             log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
-                      "rewrites them)", malformed)  # fmt: skip
-        self._index.replace(metas)
+                      "rewrites them)", self._index.malformed)  # fmt: skip
+        if self._parsing is None or self._parsing.done():
+            self._parsing = asyncio.create_task(self._parse_in_background())
         self._challenges.clear()
         self.version = int(version_raw or 0)
         self._in_sync_at = time.monotonic()
         self._metrics.sync_resnapshots.labels(cause).inc()
-        log.info("snapshot: %d sites at version %d (%s)", len(metas), self.version, cause)
+        log.info("snapshot: %d sites at version %d (%s)", len(raw_index), self.version, cause)
         self.ready.set()
+
+    async def _parse_in_background(self) -> None:
+        # Ready first, parse the rest a slice at a time so handshakes are never held up long.
+        while self._index.parse_some(2_000):
+            await asyncio.sleep(0)
 
     async def _follow(
         self, client: redis.asyncio.Redis[Any], pubsub: redis.asyncio.client.PubSub
