@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edge.state import SiteIndex, SiteMeta
+from edge.state import SiteIndex
 from edge.tls import build_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord, publish_site, replace_all
@@ -725,10 +725,7 @@ def main() -> None:
             pipe.get(f"{PREFIX}:version")
             pipe.hgetall(f"{PREFIX}:index")
             _, raw_index = pipe.execute()
-        index = SiteIndex()
-        index.replace(
-            {d.decode(): SiteMeta.from_index(d.decode(), v) for d, v in raw_index.items()}
-        )
+        SiteIndex().load_snapshot(raw_index)
         snapshot_read = time.perf_counter() - t
 
         if not (args.caddy_only or args.keepalive_only):
