@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Certificate, Order, OrderStep
+from pipeline.models.base import utcnow
+from pipeline.settings import get_settings
 from pipeline.sites import counts_by_state
 
 _UNFINISHED = [
@@ -37,9 +40,16 @@ def collect() -> dict[str, Any]:
         in_flight = session.scalar(
             select(func.count()).select_from(Order).where(Order.step.in_(_UNFINISHED))
         )
+        cutoff = utcnow() - timedelta(seconds=get_settings().stuck_after)
+        stuck = session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(Order.step.in_(_UNFINISHED), Order.touched_at < cutoff)
+        )
         report: dict[str, Any] = {
             "sites": counts_by_state(session),
             "orders_in_flight": int(in_flight or 0),
+            "orders_stuck": int(stuck or 0),
             "soonest_expiry": soonest.isoformat() if soonest else None,
             "envelopes": envelope_counts(session),
         }

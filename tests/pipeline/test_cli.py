@@ -88,6 +88,7 @@ def test_status_json(env: dict[str, str], redis_client: object) -> None:
     report = json.loads(certman(env, "status", "--json").stdout)
     assert report["sites"] == {"pending": 1}
     assert report["orders_in_flight"] == 0
+    assert report["orders_stuck"] == 0
     assert isinstance(report["rate_limits"], list)
 
 
