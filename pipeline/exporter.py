@@ -129,18 +129,11 @@ class InventoryCollector(Collector):
                 in_flight.add_metric([step.value], float(by_step.get(step.value, 0)))
             yield in_flight
 
-            stuck = session.scalar(
-                select(func.count())
-                .select_from(Order)
-                .where(
-                    Order.step.in_(UNFINISHED),
-                    Order.touched_at < now - timedelta(seconds=self.settings.stuck_after),
-                )
-            )
+            stuck = upkeep.count_stuck(session, now=now, stuck_after=self.settings.stuck_after)
             yield GaugeMetricFamily(
                 "certman_orders_stuck",
                 "Unfinished orders untouched for longer than CERTMAN_STUCK_AFTER.",
-                value=float(stuck or 0),
+                value=float(stuck),
             )
 
             failed = session.scalar(

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from pipeline.dispatch import UNFINISHED
 from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
@@ -136,15 +137,12 @@ def remove_site(session: Session, name: str) -> Site:
     site = find_site(session, name)
     session.execute(
         update(Order)
-        .where(Order.site_id == site.id, Order.step.not_in([s.value for s in _FINISHED]))
+        .where(Order.site_id == site.id, Order.step.in_(UNFINISHED))
         .values(step=OrderStep.CANCELLED, finished_at=utcnow())
     )
     session.delete(site)
     session.flush()
     return site
-
-
-_FINISHED = (OrderStep.DONE, OrderStep.FAILED, OrderStep.CANCELLED)
 
 
 def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int, Certificate]:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models import Certificate, Order, OrderStep
+from pipeline.dispatch import in_flight
+from pipeline.models import Certificate
 from pipeline.models.base import utcnow
 from pipeline.settings import get_settings
 from pipeline.sites import counts_by_state
-
-_UNFINISHED = [
-    OrderStep.QUEUED,
-    OrderStep.PLACED,
-    OrderStep.CHALLENGED,
-    OrderStep.READY,
-    OrderStep.ISSUED,
-]
+from pipeline.upkeep import count_stuck
 
 
 def envelope_counts(session: Session) -> list[dict[str, Any]]:
@@ -37,19 +30,11 @@ def collect() -> dict[str, Any]:
 
     with session_scope() as session:
         soonest = session.scalar(select(func.min(Certificate.not_after)).where(Certificate.current))
-        in_flight = session.scalar(
-            select(func.count()).select_from(Order).where(Order.step.in_(_UNFINISHED))
-        )
-        cutoff = utcnow() - timedelta(seconds=get_settings().stuck_after)
-        stuck = session.scalar(
-            select(func.count())
-            .select_from(Order)
-            .where(Order.step.in_(_UNFINISHED), Order.touched_at < cutoff)
-        )
+        stuck = count_stuck(session, now=utcnow(), stuck_after=get_settings().stuck_after)
         report: dict[str, Any] = {
             "sites": counts_by_state(session),
-            "orders_in_flight": int(in_flight or 0),
-            "orders_stuck": int(stuck or 0),
+            "orders_in_flight": in_flight(session),
+            "orders_stuck": stuck,
             "soonest_expiry": soonest.isoformat() if soonest else None,
             "envelopes": envelope_counts(session),
         }

@@ -123,6 +123,19 @@ class Sweep:
     exhausted: list[StuckOrder] = field(default_factory=list)
 
 
+def count_stuck(session: Session, *, now: datetime, stuck_after: float) -> int:
+    """How many orders :func:`find_stuck` would return: for status and metrics."""
+    cutoff = now - timedelta(seconds=stuck_after)
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(Order.step.in_(UNFINISHED), Order.touched_at < cutoff)
+        )
+        or 0
+    )
+
+
 def sweep_stuck(
     session: Session,
     *,
