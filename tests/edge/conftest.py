@@ -7,8 +7,11 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -311,6 +314,10 @@ def start_edge(
 # ---- an upstream that reports what it received --------------------------------------------
 
 
+# Set when the upstream starts on a /slow request, so a test knows it is in flight.
+slow_request_arrived = threading.Event()
+
+
 class _Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -325,7 +332,8 @@ class _Echo(BaseHTTPRequestHandler):
         else:
             body = self.rfile.read(length)
         if self.path.startswith("/slow"):
-            time.sleep(1.0)
+            slow_request_arrived.set()
+            time.sleep(1.0)  # the slow upstream being simulated
         seen = {
             "method": self.command,
             "path": self.path,
@@ -368,3 +376,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def edge_command(*args: str) -> list[str]:
+    """``certman-edge`` with these arguments, run by this test's interpreter."""
+    return [sys.executable, "-c", "from edge.cli import main; main()", *args]
+
+
+@dataclass
+class PreforkEdge:
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    https_port: int
+    metrics_port: int
+
+
+def start_prefork_edge(redis_url: str, prefix: str, key_dir: Path, *extra: str) -> PreforkEdge:
+    """A two-process edge as a real subprocess, returned once both workers are healthy."""
+    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
+    proc = subprocess.Popen(
+        edge_command(
+            "--http-port", str(http_port), "--https-port", str(https_port),
+            "--metrics-port", str(metrics_port), "--processes", "2",
+            "--key-dir", str(key_dir), "--address", "127.0.0.1", *extra,
+        ),
+        env=env,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for port in (metrics_port, metrics_port + 1):  # worker i serves metrics on port + i
+            url = f"http://127.0.0.1:{port}/healthz"
+            wait_for(lambda url=url: get_status(url) == 200, 10, "worker healthz")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return PreforkEdge(proc, http_port, https_port, metrics_port)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +15,18 @@ import redis
 
 from pipeline.distribution import publish_site
 
-from .conftest import DEADLINE, Keys, RunningEdge, Sites, free_port, get_status, serial_of, wait_for
+from .conftest import (
+    DEADLINE,
+    Keys,
+    RunningEdge,
+    Sites,
+    edge_command,
+    free_port,
+    serial_of,
+    slow_request_arrived,
+    start_prefork_edge,
+    wait_for,
+)
 
 
 class OwnRedis:
@@ -139,14 +147,10 @@ def test_garbage_and_idle_clients_do_not_block_others(
 # ---- the command line, as a real process --------------------------------------------------
 
 
-def _edge_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from edge.cli import main; main()", *args]
-
-
 def test_cli_bad_key_dir_exits_2_with_one_line(tmp_path: Path) -> None:
     for key_dir in (tmp_path / "missing", tmp_path):
         result = subprocess.run(
-            _edge_cmd("--key-dir", str(key_dir), "--http-port", "0", "--https-port", "0"),
+            edge_command("--key-dir", str(key_dir), "--http-port", "0", "--https-port", "0"),
             capture_output=True,
             text=True,
             timeout=30,
@@ -158,7 +162,7 @@ def test_cli_bad_key_dir_exits_2_with_one_line(tmp_path: Path) -> None:
     bad.mkdir()
     (bad / "0000000000000000.key").write_text("not a key")
     result = subprocess.run(
-        _edge_cmd("--key-dir", str(bad)), capture_output=True, text=True, timeout=30
+        edge_command("--key-dir", str(bad)), capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
 
@@ -172,38 +176,19 @@ def test_sigterm_drains_in_flight_requests_across_processes(
     upstream: str,
 ) -> None:
     publish_site(redis_client, prefix, sites.record("multi.test", upstream=upstream))
-    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
-    proc = subprocess.Popen(
-        _edge_cmd(
-            "--http-port",
-            str(http_port),
-            "--https-port",
-            str(https_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--processes",
-            "2",
-            "--key-dir",
-            str(keys.directory),
-            "--address",
-            "127.0.0.1",
-        ),  # fmt: skip
-        env=env,
-        stderr=subprocess.PIPE,
-    )
+    prefork = start_prefork_edge(redis_url, prefix, keys.directory)
+    proc = prefork.proc
     try:
-        for port in (metrics_port, metrics_port + 1):
-            url = f"http://127.0.0.1:{port}/healthz"
-            wait_for(lambda url=url: get_status(url) == 200, 10, "worker healthz")
         edge = RunningEdge.__new__(RunningEdge)
-        edge.pki, edge.https_port = sites.pki, https_port
+        edge.pki, edge.https_port = sites.pki, prefork.https_port
         results: list[int] = []
         slow = threading.Thread(
             target=lambda: results.append(edge.https("multi.test", path="/slow")[0])
         )
+        slow_request_arrived.clear()
         slow.start()
-        time.sleep(0.3)  # let the slow request reach the upstream (it takes 1 s there)
+        # SIGTERM only once the request is in flight at the upstream (which takes 1 s there).
+        assert slow_request_arrived.wait(DEADLINE), "the slow request reached the upstream"
         proc.send_signal(signal.SIGTERM)
         slow.join(DEADLINE)
         assert results == [200], "the in-flight request finished"

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,7 +12,7 @@ import redis
 from edge.tls import listening_context
 from pipeline.distribution import publish_site
 
-from .conftest import DEADLINE, Keys, Sites, free_port, get_status, wait_for
+from .conftest import DEADLINE, Keys, Sites, start_prefork_edge
 
 NAME = "tickets.test"
 
@@ -57,36 +54,10 @@ def test_tickets_resume_across_worker_processes(
     sites: Sites,
 ) -> None:
     publish_site(redis_client, prefix, sites.record(NAME))
-    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from edge.cli import main; main()",
-            "--http-port",
-            str(http_port),
-            "--https-port",
-            str(https_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--processes",
-            "2",
-            "--key-dir",
-            str(keys.directory),
-            "--address",
-            "127.0.0.1",
-            "--log-level",
-            "WARNING",
-        ],  # fmt: skip
-        env=env,
-        stderr=subprocess.PIPE,
-    )
+    prefork = start_prefork_edge(redis_url, prefix, keys.directory, "--log-level", "WARNING")
+    proc, https_port = prefork.proc, prefork.https_port
+    workers = (prefork.metrics_port, prefork.metrics_port + 1)
     try:
-        workers = (metrics_port, metrics_port + 1)
-        for port in workers:
-            url = f"http://127.0.0.1:{port}/healthz"
-            wait_for(lambda url=url: get_status(url) == 200, 10, "worker healthz")
         ctx = sites.pki.client_context()
         reused, session = _get(ctx, https_port, None)
         assert not reused
