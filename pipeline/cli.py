@@ -12,7 +12,7 @@ import click
 import redis
 import sqlalchemy.exc
 
-from pipeline.settings import Settings, SettingsError, get_settings
+from pipeline.settings import SettingsError, get_settings
 
 # Errors a user can act on: shown as one line, never as a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -50,10 +50,6 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def _settings() -> Settings:
-    return get_settings()
-
-
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
@@ -75,7 +71,7 @@ def db_upgrade(revision: str) -> None:
     """Apply the migrations (creates the SQLite file for the embedded default)."""
     from pipeline import db as store
 
-    store.upgrade(_settings().effective_database_url, revision)
+    store.upgrade(get_settings().effective_database_url, revision)
     click.echo(f"database at {revision}")
 
 

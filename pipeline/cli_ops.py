@@ -7,7 +7,8 @@ from datetime import timedelta
 
 import click
 
-from pipeline.cli import _Group, _print_json, _settings, main
+from pipeline.cli import _Group, _print_json, main
+from pipeline.settings import get_settings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
@@ -55,7 +56,7 @@ def orders_stuck(as_json: bool, older_than: timedelta | None) -> None:
     from pipeline.models.base import utcnow
     from pipeline.upkeep import find_stuck
 
-    stuck_after = older_than.total_seconds() if older_than else _settings().stuck_after
+    stuck_after = older_than.total_seconds() if older_than else get_settings().stuck_after
     now = utcnow()
     with session_scope() as session:
         rows = find_stuck(session, now=now, stuck_after=stuck_after, with_attempts=True)
@@ -101,6 +102,6 @@ def exporter(port: int, address: str) -> None:
     """Serve inventory metrics for Prometheus on http://ADDRESS:PORT/metrics."""
     from pipeline.exporter import run_forever
 
-    settings = _settings()
+    settings = get_settings()
     click.echo(f"certman exporter on http://{address}:{port}/metrics")
     run_forever(settings, port=port, address=address)

@@ -7,6 +7,7 @@ authority fetches HTTP-01 challenges from ``http_port`` on this machine (the edg
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
 import shutil
@@ -63,7 +64,7 @@ def _tls_files(directory: Path) -> Path:
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
-                    x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                 ]
             ),
             critical=False,
