@@ -2,7 +2,8 @@
 
 IssuanceProblem
 ├── RetryLater          try this step again after ``countdown`` seconds (network, badNonce,
-│   └── RateLimited     5xx, a limiter wait, a CA ``rateLimited`` with its Retry-After)
+│   ├── RateLimited     5xx, a limiter wait, a CA ``rateLimited`` with its Retry-After)
+│   └── PollAgain       the CA is still validating or issuing: expected, not trouble
 ├── AttemptFailed       this attempt is over (validation failed); the next one is scheduled
 │                       at 1 min, 10 min, 100 min, then daily
 └── NameRefused         the CA will not issue for a name (unauthorized, rejectedIdentifier,
@@ -26,6 +27,11 @@ class RetryLater(IssuanceProblem):
 
 class RateLimited(RetryLater):
     """The CA (or our own limiter) said not now."""
+
+
+class PollAgain(RetryLater):
+    """The CA has not finished yet. Every order waits like this once or twice, so it leaves no
+    attempt row behind (the step records the poll count itself)."""
 
 
 class AttemptFailed(IssuanceProblem):

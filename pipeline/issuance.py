@@ -19,7 +19,7 @@ from pipeline.acme_client import get_client
 from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
 from pipeline.connections import get_limiter
 from pipeline.db import session_scope
-from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
+from pipeline.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
 from pipeline.keys import KeyFileError, PublicKey
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
@@ -49,6 +49,15 @@ def _advance(order: Order, step: OrderStep) -> None:
     order.step_changed_at = order.touched_at = utcnow()
     order.step_tries = 0
     order.polls = 0
+
+
+def _count_poll(order_id: int) -> int:
+    # A poll is a task run like any other: it tells the sweeper the order is alive.
+    with session_scope() as session:
+        order = _order(session, order_id)
+        order.polls += 1
+        order.touched_at = utcnow()
+        return order.polls
 
 
 def _poll_delay(polls: int, retry_after: float | None) -> float:
@@ -159,11 +168,9 @@ def poll_validation(order_id: int) -> None:
         return
     if status == "invalid":
         raise _validation_failure(client, authorizations, body)
-    with session_scope() as session:
-        order = _order(session, order_id)
-        order.polls += 1
-        polls = order.polls
-    raise RetryLater("waiting for the CA to validate", _poll_delay(polls, retry_after))
+    raise PollAgain(
+        "waiting for the CA to validate", _poll_delay(_count_poll(order_id), retry_after)
+    )
 
 
 def _validation_failure(client: Any, authorizations: dict[str, Any], body: Any) -> AttemptFailed:
@@ -225,11 +232,9 @@ def finalise(order_id: int) -> None:
         error = body.error
         raise AttemptFailed(f"finalisation refused: {error.detail if error else 'no reason'}")
     if status != "valid" or not body.certificate:
-        with session_scope() as session:
-            order = _order(session, order_id)
-            order.polls += 1
-            polls = order.polls
-        raise RetryLater("waiting for the CA to issue", _poll_delay(polls, retry_after))
+        raise PollAgain(
+            "waiting for the CA to issue", _poll_delay(_count_poll(order_id), retry_after)
+        )
     chain = client.download(body.certificate)
     with session_scope() as session:
         order = _order(session, order_id)

@@ -15,7 +15,7 @@ from celery import Task, chain
 from pipeline import issuance
 from pipeline.celery import app
 from pipeline.connections import get_redis
-from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.errors import AttemptFailed, PollAgain, RetryLater
 from pipeline.models import OrderStep
 from pipeline.settings import get_settings
 
@@ -46,7 +46,8 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
         issuance.fail_order(order_id, step, problem)
         _order_slot_freed()
     except RetryLater as problem:
-        issuance.note_retry(order_id, step, problem)
+        if not isinstance(problem, PollAgain):
+            issuance.note_retry(order_id, step, problem)
         countdown = min(problem.countdown, issuance.MAX_COUNTDOWN)
         # Jitter, so that workers refused together do not all come back in the same instant.
         countdown += random.uniform(0, min(1.0, countdown * 0.1))
@@ -57,10 +58,19 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
         lock.release()
 
 
+# At most one dispatch asked for per this many seconds by finishing orders.
+DISPATCH_DEBOUNCE = 0.5
+
+
 def _order_slot_freed() -> None:
-    # An order ended, so one more may start: ask for a dispatch now rather than at beat's next
+    # An order ended, so one more may start: ask for a dispatch soon rather than at beat's next
     # tick, or a bulk onboarding would go in steps of CERTMAN_MAX_ORDERS_IN_FLIGHT per tick.
-    app.send_task("certman.maintenance.dispatch", queue="issuance")
+    # One request per DISPATCH_DEBOUNCE, not one per order: that dispatch fills every slot freed
+    # meanwhile, where a task per order cost two queries per certificate. The flag lapses before
+    # the dispatch runs, so an order that found it set ended before the dispatch looks.
+    flag = f"{get_settings().redis_prefix}:dispatch-requested"
+    if get_redis().set(flag, 1, nx=True, px=int(DISPATCH_DEBOUNCE * 800)):
+        app.send_task("certman.maintenance.dispatch", queue="issuance", countdown=DISPATCH_DEBOUNCE)
 
 
 @app.task(name="certman.issue.place_order", **_TASK_OPTIONS)

@@ -25,7 +25,11 @@ def dispatch_due(self: Task) -> int:
     settings = get_settings()
     lock = get_redis().lock(f"{settings.redis_prefix}:lock:dispatch", timeout=120, blocking=False)
     if not lock.acquire():
-        return 0  # another dispatcher is at it; beat will call again
+        # Another dispatch is at it, and may have looked before the order that asked for this
+        # one ended: look again shortly rather than leave its slot empty until beat's next tick.
+        if self.request.retries < 3:
+            raise self.retry(countdown=1.0)
+        return 0
     try:
         if not snapshot.exists():
             # Redis lost its data (a restart without persistence): rebuild what edges read.
