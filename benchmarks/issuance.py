@@ -16,6 +16,7 @@ with nothing else in flight, so the ratio says how much concurrency the pipeline
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,41 @@ from tests.support.system import System  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 TASK_DONE = re.compile(r"Task (certman\.issue\.\w+)\[[^\]]+\] (succeeded|retry)[^\d]*([\d.]+)s")
+
+
+def process_cpu() -> dict[int, tuple[int, float]]:
+    """pid -> (process group, CPU seconds: user + system, reaped children included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue  # exited meanwhile
+        # After the command: state ppid pgrp ...; utime stime cutime cstime are 12th-15th.
+        pgrp = -1 if comm == "redis-server" else int(fields[2])
+        table[int(entry.name)] = (pgrp, sum(int(f) for f in fields[11:15]) / tick)
+    return table
+
+
+def cpu_by_part(system: System) -> dict[str, float]:
+    """CPU seconds so far of each part of the system. Workers and the edge run in process groups
+    of their own (their pool children included); Redis is the machine's, used by nothing else
+    meanwhile."""
+    table = process_cpu()
+
+    def groups(leaders: list[int]) -> float:
+        return sum(cpu for pgrp, cpu in table.values() if pgrp in leaders)
+
+    return {
+        "workers": groups([w.pid for w in system.workers]),
+        "Pebble": sum(table.get(p.pid, (0, 0.0))[1] for p in system.pebble._processes),
+        "edge": groups([system.edge.pid] if system.edge else []),
+        "Redis": groups([-1]),
+    }
 
 
 def stored(database_url: str) -> int:
@@ -104,6 +140,7 @@ def run(
             system.start_worker(concurrency=concurrency)
         names = [f"{tag}-{i}.bench-dealer.com" for i in range(count)]
         onboard(system, names)
+        cpu_before = cpu_by_part(system)
         start = time.monotonic()
         kick(system)
         wait_until(
@@ -113,6 +150,7 @@ def run(
             every=0.2,
         )
         elapsed = time.monotonic() - start
+        cpu_after = cpu_by_part(system)
         logs = "\n".join(p.read_text() for p in system.workdir.glob("worker*.log"))
     if admin_url and database_url:
         drop_database(admin_url, database_url)
@@ -130,6 +168,14 @@ def run(
         for step in ("place_order", "publish_challenges", "poll_validation", "finalise",
                      "encrypt_and_store")
     }  # fmt: skip
+    used = {part: (cpu_after[part] - cpu_before[part]) / count * 1000 for part in cpu_after}
+    where["CPU per certificate"] = ", ".join(f"{part} {ms:.1f} ms" for part, ms in used.items())
+    cores = os.cpu_count() or 1
+    where["CPU-bound ceiling"] = (
+        f"{cores} cores / {sum(used.values()):.1f} ms = {cores * 1000 / sum(used.values()):.0f} "
+        f"certificates/s; {sum(used.values()) * count / 1000 / (cores * elapsed):.0%} of the "
+        "machine busy with these parts during the run"
+    )
     return elapsed, where
 
 
