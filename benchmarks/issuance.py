@@ -1,6 +1,6 @@
 """Issuance throughput: N sites from queued to sealed in the store, against a real Pebble.
 
-    .venv/bin/python benchmarks/issuance.py [--sites 100 1000] [--workers 2] [--concurrency 4]
+    .venv/bin/python benchmarks/issuance.py [--sites 100 1000] [--workers 2] [--concurrency N]
 
 The whole system runs as in production, on loopback: Pebble with its validation delay off
 (``PEBBLE_VA_NOSLEEP=1``) and the rate limits lifted, the edge answering HTTP-01 challenges,
@@ -39,6 +39,10 @@ REDIS_URL = "redis://127.0.0.1:6379/7"
 TASK_DONE = re.compile(r"Task (certman\.issue\.\w+)\[[^\]]+\] (succeeded|retry)[^\d]*([\d.]+)s")
 
 
+# The machine's own servers, which this benchmark has to itself while it runs.
+SHARED = {"redis-server": -1, "postgres": -2}
+
+
 def process_cpu() -> dict[int, tuple[int, float]]:
     """pid -> (process group, CPU seconds: user + system, reaped children included)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -52,15 +56,15 @@ def process_cpu() -> dict[int, tuple[int, float]]:
         except OSError:
             continue  # exited meanwhile
         # After the command: state ppid pgrp ...; utime stime cutime cstime are 12th-15th.
-        pgrp = -1 if comm == "redis-server" else int(fields[2])
+        pgrp = SHARED.get(comm, int(fields[2]))
         table[int(entry.name)] = (pgrp, sum(int(f) for f in fields[11:15]) / tick)
     return table
 
 
-def cpu_by_part(system: System) -> dict[str, float]:
+def cpu_by_part(system: System, postgresql: bool) -> dict[str, float]:
     """CPU seconds so far of each part of the system. Workers and the edge run in process groups
-    of their own (their pool children included); Redis is the machine's, used by nothing else
-    meanwhile."""
+    of their own (their pool children included); Redis and PostgreSQL are the machine's, used by
+    nothing else meanwhile."""
     table = process_cpu()
 
     def groups(leaders: list[int]) -> float:
@@ -70,7 +74,8 @@ def cpu_by_part(system: System) -> dict[str, float]:
         "workers": groups([w.pid for w in system.workers]),
         "Pebble": sum(table.get(p.pid, (0, 0.0))[1] for p in system.pebble._processes),
         "edge": groups([system.edge.pid] if system.edge else []),
-        "Redis": groups([-1]),
+        "Redis": groups([SHARED["redis-server"]]),
+        **({"PostgreSQL": groups([SHARED["postgres"]])} if postgresql else {}),
     }
 
 
@@ -140,7 +145,7 @@ def run(
             system.start_worker(concurrency=concurrency)
         names = [f"{tag}-{i}.bench-dealer.com" for i in range(count)]
         onboard(system, names)
-        cpu_before = cpu_by_part(system)
+        cpu_before = cpu_by_part(system, admin_url is not None)
         start = time.monotonic()
         kick(system)
         wait_until(
@@ -150,7 +155,7 @@ def run(
             every=0.2,
         )
         elapsed = time.monotonic() - start
-        cpu_after = cpu_by_part(system)
+        cpu_after = cpu_by_part(system, admin_url is not None)
         logs = "\n".join(p.read_text() for p in system.workdir.glob("worker*.log"))
     if admin_url and database_url:
         drop_database(admin_url, database_url)
@@ -183,7 +188,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
-    parser.add_argument("--concurrency", type=int, default=4, help="pool size of each worker")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="pool size of each worker (default: Celery's own, one per core)",
+    )
     parser.add_argument(
         "--postgresql",
         metavar="ADMIN_URL",
