@@ -6,8 +6,12 @@ The whole system runs as in production, on loopback: Pebble with its validation 
 (``PEBBLE_VA_NOSLEEP=1``) and the rate limits lifted, the edge answering HTTP-01 challenges,
 and ``--workers`` Celery worker processes on one ACME account. Sites go in with the real
 ``scripts/bulk_onboard.py --no-queue``; the clock starts when the dispatcher is kicked and stops
-when the last certificate is stored. Where the time goes is read from the workers' own logs:
-time inside each step's task, and how often each step waited (a retry with a countdown).
+when the last certificate is stored. Where the time goes: the CPU each part of the system
+(workers, Pebble, the edge, Redis, PostgreSQL) spent per certificate, read from /proc, with the
+throughput that implies if the machine is CPU-bound; time inside each step's task and how often
+each step waited (from the workers' logs); and, first, the CPU of each step's own code run in
+this process with no Celery around it (``--steps-alone``), so that the difference from the
+workers' figure is what the task queue, its locks and concurrency cost.
 
 The baseline, measured in the same run, is one site issued alone: the latency of the chain
 with nothing else in flight, so the ratio says how much concurrency the pipeline gets.
@@ -170,9 +174,8 @@ def run(
     where = {
         step: f"{busy[step] / count * 1000:.1f} ms in task per site, "
         f"{waits[step] / count:.2f} waits per site"
-        for step in ("place_order", "publish_challenges", "poll_validation", "finalise",
-                     "encrypt_and_store")
-    }  # fmt: skip
+        for step in STEPS
+    }
     used = {part: (cpu_after[part] - cpu_before[part]) / count * 1000 for part in cpu_after}
     where["CPU per certificate"] = ", ".join(f"{part} {ms:.1f} ms" for part, ms in used.items())
     cores = os.cpu_count() or 1
@@ -182,6 +185,73 @@ def run(
         "machine busy with these parts during the run"
     )
     return elapsed, where
+
+
+STEPS = ("place_order", "publish_challenges", "poll_validation", "finalise", "encrypt_and_store")
+
+
+def steps_alone(count: int, admin_url: str | None) -> dict[str, float]:
+    """CPU per certificate of each step's own code, called in this process one at a time with no
+    Celery around it: what the workers would spend if the task queue and its concurrency cost
+    nothing. Waiting for the CA happens between calls, outside what is measured."""
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    database_url = fresh_database(admin_url)
+    saved = dict(os.environ)
+    with System(redis_url=REDIS_URL, database_url=database_url) as system:
+        system.start(workers=0)
+        onboard(system, [f"alone-{i}.bench-dealer.com" for i in range(count)])
+        os.environ.update(system.env)
+        try:
+            cpu = _steps_inline(count)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            _forget_settings()
+    if admin_url and database_url:
+        drop_database(admin_url, database_url)
+    return cpu
+
+
+def _forget_settings() -> None:
+    from pipeline import acme_client, connections, db
+    from pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+    db.dispose_engines(close=True)
+    connections.reset(close=True)
+    acme_client.reset()
+
+
+def _steps_inline(count: int) -> dict[str, float]:
+    import heapq
+
+    from pipeline import issuance
+    from pipeline.acme_client import get_client
+    from pipeline.db import session_scope
+    from pipeline.dispatch import start_due
+    from pipeline.errors import RetryLater
+
+    _forget_settings()
+    get_client()  # the account's registration is not a step's cost
+    with session_scope() as session:
+        orders = [started.order_id for started in start_due(session, limit=count)]
+    cpu: dict[str, float] = defaultdict(float)
+    due = [(0.0, order_id, 0) for order_id in orders]  # (not before, order, step index)
+    while due:
+        not_before, order_id, index = heapq.heappop(due)
+        time.sleep(max(0.0, not_before - time.monotonic()))
+        step = STEPS[index]
+        started = time.process_time()
+        try:
+            getattr(issuance, step)(order_id)
+        except RetryLater as problem:
+            cpu[step] += time.process_time() - started
+            heapq.heappush(due, (time.monotonic() + min(problem.countdown, 2.0), order_id, index))
+            continue
+        cpu[step] += time.process_time() - started
+        if index + 1 < len(STEPS):
+            heapq.heappush(due, (time.monotonic(), order_id, index + 1))
+    return {step: cpu[step] / count * 1000 for step in STEPS}
 
 
 def main() -> None:
@@ -195,6 +265,9 @@ def main() -> None:
         help="pool size of each worker (default: Celery's own, one per core)",
     )
     parser.add_argument(
+        "--steps-alone", type=int, default=100, help="sites for the no-Celery step timing"
+    )
+    parser.add_argument(
         "--postgresql",
         metavar="ADMIN_URL",
         nargs="?",
@@ -204,6 +277,10 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"store: {'PostgreSQL' if args.postgresql else 'SQLite'}")
+    alone = steps_alone(args.steps_alone, args.postgresql)
+    print(f"steps alone ({args.steps_alone} sites, in one process, no Celery): "
+          f"{sum(alone.values()):.1f} ms CPU per certificate")  # fmt: skip
+    print("  " + ", ".join(f"{step} {ms:.1f}" for step, ms in alone.items()))
     single, _ = run(1, args.workers, args.concurrency, "baseline", args.postgresql)
     print(f"baseline: one site alone, queued to stored: {single:.2f} s")
     print(f"workers: {args.workers} x concurrency {args.concurrency}; one ACME account; "
