@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Task, chain
 
 from pipeline import issuance
@@ -69,7 +70,13 @@ def _order_slot_freed() -> None:
     # meanwhile, where a task per order cost two queries per certificate. The flag lapses before
     # the dispatch runs, so an order that found it set ended before the dispatch looks.
     flag = f"{get_settings().redis_prefix}:dispatch-requested"
-    if get_redis().set(flag, 1, nx=True, px=int(DISPATCH_DEBOUNCE * 800)):
+    try:
+        first = get_redis().set(flag, 1, nx=True, px=int(DISPATCH_DEBOUNCE * 800))
+    except redis.RedisError as exc:
+        # The order is stored either way; beat's next dispatch fills the slot.
+        log.warning("could not ask for a dispatch now (%s); beat will dispatch", exc)
+        return
+    if first:
         app.send_task("certman.maintenance.dispatch", queue="issuance", countdown=DISPATCH_DEBOUNCE)
 
 

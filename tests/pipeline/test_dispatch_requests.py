@@ -9,7 +9,7 @@ import redis
 
 from pipeline.celery import app
 from pipeline.tasks import issuance as issuance_tasks
-from tests.support.ports import wait_until
+from tests.support.ports import free_port, wait_until
 
 
 @pytest.fixture
@@ -43,3 +43,20 @@ def test_an_order_ending_after_the_window_asks_again(
         return len(sent) == 2
 
     wait_until(asked_again, timeout=5, what="a second dispatch request")
+
+
+def test_redis_down_leaves_the_dispatch_to_beat(
+    certman_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    sent: list[tuple[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pipeline import connections
+    from pipeline.settings import get_settings
+
+    monkeypatch.setenv("CERTMAN_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    get_settings.cache_clear()
+    connections.reset()
+    issuance_tasks._order_slot_freed()  # the order is stored already: this must not raise
+    assert sent == []
+    assert "beat will dispatch" in caplog.text
