@@ -38,27 +38,21 @@ from pathlib import Path
 
 import redis
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edge.state import SiteIndex
 from edge.tls import build_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord, publish_site, replace_all
 from pipeline.keys import Keyring, PublicKey, generate_keypair
+from tests.support.pki import Pki
+from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
 
 CACHE = Path("/tmp/certman-edge-bench")
 LIVE: list[
     subprocess.Popen[bytes]
 ] = []  # every server started, stopped at the end whatever happens
 PREFIX = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_block(count: int) -> int:
@@ -87,46 +81,15 @@ def make_fixtures(n: int) -> tuple[Path, Path, Path]:
     legacy_pub = PublicKey.load(
         legacy_dir / f"{generate_keypair(legacy_dir, envelope.Scheme.LEGACY_RSA)}.pub"
     )
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
-    now = dt.datetime.now(dt.UTC)
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
-    (base / "ca.pem").write_bytes(ca_pem)
+    pki = Pki("bench CA", days=365)
+    (base / "ca.pem").write_bytes(pki.ca_pem)
     started = time.monotonic()
     tmp = records.with_suffix(".tmp")
     with tmp.open("w") as out:
         for i in range(n):
             domain = f"site{i}.bench.test"
-            key = ec.generate_private_key(ec.SECP256R1())
-            leaf = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(hours=1))
-                .not_valid_after(now + dt.timedelta(days=90))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), False)
-                .sign(ca_key, hashes.SHA256())
-            )
-            key_pem = key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+            chain, key_pem, leaf = pki.leaf([domain], days=90)
             binding = envelope.spki_fingerprint(leaf.public_key())
-            chain = (leaf.public_bytes(serialization.Encoding.PEM) + ca_pem).decode()
             row = {
                 "domain": domain,
                 "chain": chain,
@@ -688,31 +651,11 @@ def main() -> None:
     records_file, hpke_dir, legacy_dir = make_fixtures(n)
     ca_pem = (CACHE / str(n) / "ca.pem").read_bytes()
     ctx = client_context(ca_pem)
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--bind",
-            "127.0.0.1",
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer()
+    url = server.url
     rows: list[tuple[str, str, str, str]] = []
     try:
-        r = redis.Redis.from_url(url)
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
+        r = server.start()
         hpke = load_records(records_file, "hpke")
         t = time.perf_counter()
         replace_all(r, PREFIX, hpke)
@@ -793,8 +736,7 @@ def main() -> None:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(30)
-        server.terminate()
-        server.wait()
+        server.stop()
         load = os.getloadavg()[0]
         print(f"\nedge benchmark, {n} sealed sites, {os.cpu_count()} CPUs, "
               f"{args.clients} client procs, load average {load:.1f} at the end")  # fmt: skip

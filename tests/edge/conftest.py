@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import http.client
 import json
 import os
@@ -24,9 +23,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from tornado.netutil import bind_sockets
 
 from edge.app import Edge, EdgeConfig
@@ -34,6 +30,8 @@ from edge.tls import listening_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring, PublicKey, generate_keypair
+from tests.support.pki import Pki
+from tests.support.ports import free_port
 
 DEADLINE = 5.0
 
@@ -52,54 +50,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str 
                 return last
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what or predicate}: last {last!r}")
-
-
-class Pki:
-    """A throwaway CA; leaves are signed by it and it is sent as the 'intermediate'."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certman test CA")])
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.ca_pem = self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def leaf(self, names: list[str], days: int = 10) -> tuple[str, bytes, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-            .sign(self.key, hashes.SHA256())
-        )
-        chain = (cert.public_bytes(serialization.Encoding.PEM) + self.ca_pem).decode()
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return chain, key_pem, cert
-
-    def client_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cadata=self.ca_pem.decode())
-        return ctx
 
 
 @dataclass
@@ -372,12 +322,6 @@ def upstream() -> Iterator[str]:
     server.server_close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def edge_command(*args: str) -> list[str]:
     """``certman-edge`` with these arguments, run by this test's interpreter."""
     return [sys.executable, "-c", "from edge.cli import main; main()", *args]
@@ -389,6 +333,15 @@ class PreforkEdge:
     http_port: int
     https_port: int
     metrics_port: int
+
+    def reap(self) -> str:
+        """Kill it if it is still running, wait for it, and return what it wrote to stderr."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            return self.proc.stderr.read().decode()
 
 
 def start_prefork_edge(redis_url: str, prefix: str, key_dir: Path, *extra: str) -> PreforkEdge:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from pipeline.distribution import publish_site
+from tests.support.redis_server import RedisServer
 
 from .conftest import (
     DEADLINE,
@@ -29,52 +30,16 @@ from .conftest import (
 )
 
 
-class OwnRedis:
-    """A redis-server of this test's own, which it may kill: never the machine's."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> redis.Redis:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--bind",
-                "127.0.0.1",
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url)
-        wait_for(client.ping, what="own redis-server")
-        return client
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may kill: never the machine's."""
+    server = RedisServer()
     yield server
     server.kill()
 
 
 def test_redis_lost_then_back(
-    own_redis: OwnRedis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+    own_redis: RedisServer, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
 ) -> None:
     client = own_redis.start()
     first = sites.record("kept.test")
@@ -194,10 +159,5 @@ def test_sigterm_drains_in_flight_requests_across_processes(
         assert results == [200], "the in-flight request finished"
         assert proc.wait(DEADLINE) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        with proc.stderr:
-            stderr = proc.stderr.read().decode()
+        stderr = prefork.reap()
     assert "Traceback" not in stderr, stderr

@@ -76,10 +76,5 @@ def test_tickets_resume_across_worker_processes(
         try:
             proc.wait(DEADLINE)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            assert proc.stderr is not None
-            with proc.stderr:
-                stderr = proc.stderr.read().decode()
+            stderr = prefork.reap()
     assert "Traceback" not in stderr, stderr

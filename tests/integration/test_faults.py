@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,8 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from tests.support.ports import free_port, wait_until
+from tests.support.ports import wait_until
+from tests.support.redis_server import RedisServer
 from tests.support.system import System
 
 pytestmark = pytest.mark.integration
@@ -109,47 +108,30 @@ def test_worker_killed_mid_chain_the_order_completes_once(
 
 
 @pytest.fixture
-def own_redis() -> Iterator[tuple[str, Path, int]]:
+def own_redis() -> Iterator[RedisServer]:
     """A Redis server of this test's own, with an append-only file, which it may restart."""
     directory = Path(tempfile.mkdtemp(prefix="certman-redis-"))
-    port = free_port()
-    yield f"redis://127.0.0.1:{port}/0", directory, port
-    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+    server = RedisServer(directory)
+    yield server
+    server.stop()
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    wait_until(client.ping, timeout=10, what="redis-server to start")
-    client.close()
-    return process
-
-
-def test_redis_restarted_mid_run_work_resumes(own_redis: tuple[str, Path, int]) -> None:
-    url, directory, port = own_redis
-    server = start_redis(directory, port)
+def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
+    own_redis.start().close()
     names = [f"restart{i}.example.com" for i in range(3)]
-    try:
-        # Tasks a worker had reserved stay unacknowledged in Redis across the restart; the
-        # broker hands them out again after the visibility timeout (2 h in production, where
-        # the stuck-order sweeper is quicker; seconds here).
-        env = {"CERTMAN_BROKER_VISIBILITY_TIMEOUT": "5"}
-        options = {"va_sleep": True}
-        with System(redis_url=url, extra_env=env, pebble_options=options, supervise=True) as system:
-            system.start(workers=1)
-            for name in names:
-                system.certman("domains", "add", name)
-            wait_until(lambda: orders_placed(system) >= 1, timeout=60, what="a first order")
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=20)
-            server = start_redis(directory, port)
-            system.wait_active(names, timeout=150)
-    finally:
-        if server.poll() is None:
-            os.kill(server.pid, signal.SIGTERM)
-            server.wait(timeout=20)
+    # Tasks a worker had reserved stay unacknowledged in Redis across the restart; the broker
+    # hands them out again after the visibility timeout (2 h in production, where the
+    # stuck-order sweeper is quicker; seconds here).
+    env = {"CERTMAN_BROKER_VISIBILITY_TIMEOUT": "5"}
+    options = {"va_sleep": True}
+    with System(
+        redis_url=own_redis.url, extra_env=env, pebble_options=options, supervise=True
+    ) as system:
+        system.start(workers=1)
+        for name in names:
+            system.certman("domains", "add", name)
+        wait_until(lambda: orders_placed(system) >= 1, timeout=60, what="a first order")
+        own_redis.stop()
+        own_redis.start().close()
+        system.wait_active(names, timeout=150)
