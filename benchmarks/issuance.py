@@ -76,7 +76,7 @@ def cpu_by_part(system: System, postgresql: bool) -> dict[str, float]:
 
     return {
         "workers": groups([w.pid for w in system.workers]),
-        "Pebble": sum(table.get(p.pid, (0, 0.0))[1] for p in system.pebble._processes),
+        "Pebble": sum(table.get(pid, (0, 0.0))[1] for pid in system.pebble.pids),
         "edge": groups([system.edge.pid] if system.edge else []),
         "Redis": groups([SHARED["redis-server"]]),
         **({"PostgreSQL": groups([SHARED["postgres"]])} if postgresql else {}),

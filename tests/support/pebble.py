@@ -111,6 +111,11 @@ class Pebble:
     def dns_resolver(self) -> str:
         return f"127.0.0.1:{self.dns_port}"
 
+    @property
+    def pids(self) -> list[int]:
+        """Pebble's and its DNS server's, while they run."""
+        return [process.pid for process in self._processes]
+
     def start(self) -> Pebble:
         ensure_installed()
         self.ca_bundle = _tls_files(self.workdir)
