@@ -117,15 +117,19 @@ def publish_challenges(order_id: int) -> None:
         order = _order(session, order_id)
         if order.step != OrderStep.PLACED:
             return
-        pending = [a for a in (order.authorizations or {}).values() if a["status"] != "valid"]
+        pending = {
+            url: authz
+            for url, authz in (order.authorizations or {}).items()
+            if authz["status"] != "valid"
+        }
         site_id = order.site_id
     client = get_client()
     # Every edge must be able to answer before the CA asks: store and announce first.
-    for authz in pending:
+    for authz in pending.values():
         key_auth = client.key_authorization(authz["token"])
         snapshot.set_challenge(authz["token"], key_auth, CHALLENGE_TTL)
     if settings.self_check:
-        for authz in pending:
+        for authz in pending.values():
             problem = selfcheck.check(
                 authz["name"],
                 authz["token"],
@@ -140,12 +144,27 @@ def publish_challenges(order_id: int) -> None:
                     order.polls += 1
                     polls = order.polls
                 raise RetryLater(problem, min(5 * 2**polls, MAX_COUNTDOWN))
-    for authz in pending:
-        client.answer_challenge(authz["challenge_url"])
+    for authz_url, authz in pending.items():
+        _answer(client, authz_url, authz["challenge_url"])
     with session_scope() as session:
         order = _order(session, order_id)
         if order.step == OrderStep.PLACED:
             _advance(order, OrderStep.CHALLENGED)
+
+
+def _answer(client: Any, authz_url: str, challenge_url: str) -> None:
+    try:
+        client.answer_challenge(challenge_url)
+    except AttemptFailed:
+        # A re-run after a crash between answering and recording it finds the challenge answered
+        # already, and the CA refuses a second answer (Pebble: "malformed ... only status
+        # pending"). The first answer stands: poll_validation reads its outcome.
+        challenge = next(
+            (c for c in client.get_authorization(authz_url).challenges if c.uri == challenge_url),
+            None,
+        )
+        if challenge is None or challenge.status.name == "pending":
+            raise
 
 
 # --- step 3 --------------------------------------------------------------------------------------

@@ -135,3 +135,54 @@ def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
         own_redis.stop()
         own_redis.start().close()
         system.wait_active(names, timeout=150)
+
+
+def test_publish_challenges_rerun_after_its_answer_went_out(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window the SIGKILL test may or may not hit: the challenge answered, the worker gone
+    before the step was recorded. The re-run must not fail the order on the CA's refusal of a
+    second answer."""
+    from pipeline import acme_client, connections, issuance
+    from pipeline.db import session_scope
+    from pipeline.dispatch import start_due
+    from pipeline.models import Order, OrderStep
+    from pipeline.settings import get_settings
+    from pipeline.sites import add_site, parse_site
+
+    system.start(workers=0)
+    for key, value in system.env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    connections.reset()
+    acme_client.reset()
+    try:
+        with session_scope() as session:
+            add_site(session, parse_site("rerun.example.com"))
+        with session_scope() as session:
+            [started] = start_due(session, limit=1)
+        order_id = started.order_id
+        issuance.place_order(order_id)
+        issuance.publish_challenges(order_id)
+
+        with session_scope() as session:
+            order = session.get(Order, order_id)
+            assert order is not None
+            [(authz_url, authz)] = (order.authorizations or {}).items()
+            order.step = OrderStep.PLACED  # as if the worker died before recording the step
+        client = acme_client.get_client()
+
+        def answered() -> bool:
+            challenges = client.get_authorization(authz_url).challenges
+            mine = [c for c in challenges if c.uri == authz["challenge_url"]]
+            return bool(mine) and mine[0].status.name != "pending"
+
+        wait_until(answered, timeout=30, what="the CA to take the first answer")
+        issuance.publish_challenges(order_id)  # the CA refuses the second answer
+        with session_scope() as session:
+            order = session.get(Order, order_id)
+            assert order is not None and order.step == OrderStep.CHALLENGED
+    finally:
+        get_settings.cache_clear()
+        connections.reset(close=True)
+        acme_client.reset()
