@@ -36,7 +36,7 @@ def test_challenge_from_memory_after_the_event(
     status, ctype, body = _challenge(edge, TOKEN)
     assert (status, ctype, body) == (200, "application/octet-stream", KEY_AUTH.encode())
     remove_challenge(redis_client, prefix, TOKEN)
-    wait_for(lambda: _challenge(edge, TOKEN)[0] == 404, 1.0, "removed challenge")
+    wait_for(lambda: _challenge(edge, TOKEN)[0] == 404, what="removed challenge")
 
 
 def test_challenge_from_redis_when_the_event_was_missed(
