@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from acme import messages
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pipeline import envelope, renewal, selfcheck, snapshot
-from pipeline.acme_client import get_client
+from pipeline.acme_client import AcmeClient, get_client
 from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
 from pipeline.connections import get_limiter
 from pipeline.db import session_scope
@@ -74,20 +75,23 @@ def place_order(order_id: int) -> None:
             return
         names, profile, replaces = list(order.names), order.profile, order.replaces
         exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
+        order_url = order.order_url
     # Nothing to seal the new key to means no certificate: find out before asking the CA.
     _edge_key()
     client = get_client()
-    account = client.account_uri
-    # pacing=False: the transport paces the new-order request itself.
-    decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
-    if not decision.allowed:
-        raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
-    try:
-        order_url, body = client.new_order(names, profile=profile, replaces=replaces)
-    except RateLimited as exc:
-        # Block the matching bucket for every worker, not just this task.
-        get_limiter().block_for_problem(exc.reason, exc.countdown, account=account, names=names)
-        raise
+    body = _ca_order_to_resume(client, order_url) if order_url else None
+    if order_url is None or body is None:
+        order_url, body = _new_ca_order(client, names, profile, replaces, exempt)
+        # Recorded before the authorizations are fetched: if fetching them fails (a network
+        # blip, a crash), the re-run resumes this CA order instead of placing a second one,
+        # which would count against the CA's order limits and, for an ARI renewal, be
+        # refused as a second replacement of the same certificate.
+        with session_scope() as session:
+            order = _order(session, order_id)
+            if order.step != OrderStep.QUEUED:
+                return
+            order.order_url = order_url
+            order.finalize_url = body.finalize
     authorizations: dict[str, Any] = {}
     for authz_url in body.authorizations:
         authz = client.get_authorization(authz_url)
@@ -104,10 +108,39 @@ def place_order(order_id: int) -> None:
         order = _order(session, order_id)
         if order.step != OrderStep.QUEUED:
             return
-        order.order_url = order_url
-        order.finalize_url = body.finalize
         order.authorizations = authorizations
         _advance(order, OrderStep.PLACED)
+
+
+def _new_ca_order(
+    client: AcmeClient,
+    names: list[str],
+    profile: str | None,
+    replaces: str | None,
+    exempt: bool,
+) -> tuple[str, messages.Order]:
+    account = client.account_uri
+    # pacing=False: the transport paces the new-order request itself.
+    decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
+    if not decision.allowed:
+        raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
+    try:
+        return client.new_order(names, profile=profile, replaces=replaces)
+    except RateLimited as exc:
+        # Block the matching bucket for every worker, not just this task.
+        get_limiter().block_for_problem(exc.reason, exc.countdown, account=account, names=names)
+        raise
+
+
+def _ca_order_to_resume(client: AcmeClient, order_url: str) -> messages.Order | None:
+    """The CA order an earlier run of this step placed, or None if it can no longer be used."""
+    body, _ = client.get_order(order_url)
+    if body.status not in (messages.STATUS_PENDING, messages.STATUS_READY):
+        # Expired, or an authorization deactivated (RFC 8555 says "invalid"; Pebble says
+        # "deactivated"): nothing of it can be finished, so start afresh.
+        log.info("CA order %s is %s; placing a new one", order_url, body.status)
+        return None
+    return body
 
 
 # --- step 2 --------------------------------------------------------------------------------------

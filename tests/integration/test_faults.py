@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from acme import messages
 from sqlalchemy import create_engine, text
 
 from tests.support.ports import wait_until
@@ -137,18 +138,12 @@ def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
         system.wait_active(names, timeout=150)
 
 
-def test_publish_challenges_rerun_after_its_answer_went_out(
-    system: System, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The window the SIGKILL test may or may not hit: the challenge answered, the worker gone
-    before the step was recorded. The re-run must not fail the order on the CA's refusal of a
-    second answer."""
-    from pipeline import acme_client, connections, issuance
-    from pipeline.db import session_scope
-    from pipeline.dispatch import start_due
-    from pipeline.models import Order, OrderStep
+@pytest.fixture
+def in_process(system: System, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
+    """The system's CA, database and Redis, with the steps called here rather than by workers,
+    so that a test can stop one between two of its requests."""
+    from pipeline import acme_client, connections
     from pipeline.settings import get_settings
-    from pipeline.sites import add_site, parse_site
 
     system.start(workers=0)
     for key, value in system.env.items():
@@ -157,32 +152,110 @@ def test_publish_challenges_rerun_after_its_answer_went_out(
     connections.reset()
     acme_client.reset()
     try:
-        with session_scope() as session:
-            add_site(session, parse_site("rerun.example.com"))
-        with session_scope() as session:
-            [started] = start_due(session, limit=1)
-        order_id = started.order_id
-        issuance.place_order(order_id)
-        issuance.publish_challenges(order_id)
-
-        with session_scope() as session:
-            order = session.get(Order, order_id)
-            assert order is not None
-            [(authz_url, authz)] = (order.authorizations or {}).items()
-            order.step = OrderStep.PLACED  # as if the worker died before recording the step
-        client = acme_client.get_client()
-
-        def answered() -> bool:
-            challenges = client.get_authorization(authz_url).challenges
-            mine = [c for c in challenges if c.uri == authz["challenge_url"]]
-            return bool(mine) and mine[0].status.name != "pending"
-
-        wait_until(answered, timeout=30, what="the CA to take the first answer")
-        issuance.publish_challenges(order_id)  # the CA refuses the second answer
-        with session_scope() as session:
-            order = session.get(Order, order_id)
-            assert order is not None and order.step == OrderStep.CHALLENGED
+        yield system
     finally:
         get_settings.cache_clear()
         connections.reset(close=True)
         acme_client.reset()
+
+
+def _start_order(name: str) -> int:
+    from pipeline.db import session_scope
+    from pipeline.dispatch import start_due
+    from pipeline.sites import add_site, parse_site
+
+    with session_scope() as session:
+        add_site(session, parse_site(name))
+    with session_scope() as session:
+        [started] = start_due(session, limit=1)
+    return started.order_id
+
+
+def _order(order_id: int) -> tuple[str, str | None]:
+    from pipeline.db import session_scope
+    from pipeline.models import Order
+
+    with session_scope() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        return order.step, order.order_url
+
+
+def test_place_order_rerun_after_a_failed_authorization_fetch_resumes_the_ca_order(
+    in_process: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import acme_client, issuance
+    from pipeline.errors import RetryLater
+
+    order_id = _start_order("resume.example.com")
+    client = acme_client.get_client()
+    with monkeypatch.context() as patch:
+
+        def unreachable(url: str) -> None:
+            raise RetryLater("ACME server unreachable: as if the network blinked", 10)
+
+        patch.setattr(client, "get_authorization", unreachable)
+        with pytest.raises(RetryLater):
+            issuance.place_order(order_id)
+    step, first_url = _order(order_id)
+    assert step == "queued" and first_url is not None
+    issuance.place_order(order_id)
+    assert _order(order_id) == ("placed", first_url)
+    assert orders_placed(in_process) == 1
+
+
+def test_place_order_rerun_replaces_a_ca_order_that_went_invalid(
+    in_process: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import acme_client, issuance
+    from pipeline.errors import RetryLater
+
+    order_id = _start_order("expired.example.com")
+    client = acme_client.get_client()
+    fetch = client.get_authorization
+    with monkeypatch.context() as patch:
+
+        def deactivate_then_fail(url: str) -> None:
+            # Deactivating an authorization makes its order invalid, as expiry would.
+            client.acme.deactivate_authorization(
+                messages.AuthorizationResource(body=fetch(url), uri=url)
+            )
+            raise RetryLater("ACME server unreachable: as if the network blinked", 10)
+
+        patch.setattr(client, "get_authorization", deactivate_then_fail)
+        with pytest.raises(RetryLater):
+            issuance.place_order(order_id)
+    _, first_url = _order(order_id)
+    issuance.place_order(order_id)
+    step, second_url = _order(order_id)
+    assert step == "placed" and second_url not in (None, first_url)
+    assert orders_placed(in_process) == 2
+
+
+def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) -> None:
+    """The window the SIGKILL test may or may not hit: the challenge answered, the worker gone
+    before the step was recorded. The re-run must not fail the order on the CA's refusal of a
+    second answer."""
+    from pipeline import acme_client, issuance
+    from pipeline.db import session_scope
+    from pipeline.models import Order, OrderStep
+
+    order_id = _start_order("rerun.example.com")
+    issuance.place_order(order_id)
+    issuance.publish_challenges(order_id)
+
+    with session_scope() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        [(authz_url, authz)] = (order.authorizations or {}).items()
+        order.step = OrderStep.PLACED  # as if the worker died before recording the step
+    client = acme_client.get_client()
+
+    def answered() -> bool:
+        challenges = client.get_authorization(authz_url).challenges
+        mine = [c for c in challenges if c.uri == authz["challenge_url"]]
+        return bool(mine) and mine[0].status.name != "pending"
+
+    wait_until(answered, timeout=30, what="the CA to take the first answer")
+    issuance.publish_challenges(order_id)  # the CA refuses the second answer
+    assert _order(order_id)[0] == "challenged"
