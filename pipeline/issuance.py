@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 CHALLENGE_TTL = 24 * 3600  # an authorization stays pending for days; the token must outlive polls
 MAX_COUNTDOWN = 15 * 60  # under the broker's visibility timeout
+# Challenge errors that mean the CA will not issue for the name whatever we serve.
+VALIDATION_REFUSALS = frozenset({"rejectedIdentifier", "caa", "unsupportedIdentifier"})
 
 
 class OrderGone(Exception):
@@ -237,7 +239,10 @@ def _validation_failure(client: Any, authorizations: dict[str, Any], body: Any) 
             if challenge.error is not None:
                 code = challenge.error.code or "validation failed"
                 detail = f"{info['name']}: {code}: {challenge.error.detail}"
-                if code in ("unauthorized", "rejectedIdentifier", "caa"):
+                # Not "unauthorized": that is what the CA says when it fetched the token and got
+                # a 404 or the wrong body (DNS or an AAAA record pointing elsewhere), which the
+                # customer can fix, so the site backs off and tries again rather than blocking.
+                if code in VALIDATION_REFUSALS:
                     return NameRefused(detail, error_type=code)
                 return AttemptFailed(detail, error_type=code)
     error = body.error

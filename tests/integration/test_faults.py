@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,42 @@ def test_a_refused_name_is_blocked_and_the_others_unaffected(
         wait_until(blocked, timeout=60, what="the refused site to be blocked", every=0.5)
         error = system.domains()["refused.example.com"]["last_error"]
         assert "rejectedIdentifier" in error and "blocked until someone acts" in error
+
+
+class _KnowsNoToken(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_validation_the_ca_fails_backs_off_instead_of_blocking(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # The self-check reaches the edge, but the CA's fetch reaches a server that knows no token,
+    # as when an AAAA record points elsewhere: the CA says "unauthorized". The customer can fix
+    # that, so the site must try again later, not wait for someone to unblock it.
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), _KnowsNoToken)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    try:
+        with System(redis_url=redis_url) as system:
+            system.pebble.http_port = elsewhere.server_address[1]
+            system.start(workers=1)
+            system.certman("domains", "add", "elsewhere.example.com")
+
+            def ended() -> bool:
+                return system.domains()["elsewhere.example.com"]["state"] in ("retrying", "blocked")
+
+            wait_until(ended, timeout=90, what="the attempt to end", every=0.5)
+            site = system.domains()["elsewhere.example.com"]
+            assert site["state"] == "retrying"
+            assert "unauthorized" in site["last_error"]
+            assert "blocked" not in site["last_error"]
+            assert site["next_attempt_at"] is not None
+    finally:
+        elsewhere.shutdown()
+        elsewhere.server_close()
 
 
 def test_self_check_holds_the_challenge_until_dns_reaches_the_edge(
