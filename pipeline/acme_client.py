@@ -32,6 +32,7 @@ BAD_NONCE_TRIES = 5
 # milliseconds); a longer one goes back to Celery as a countdown.
 MAX_INLINE_PACING_WAIT = 1.0
 TERMINAL_CODES = {"unauthorized", "rejectedIdentifier", "caa", "unsupportedIdentifier"}
+NOT_FOUND = "notFound"  # ours, not RFC 8555's: a 404 without a problem document
 RETRYABLE_CODES = {"badNonce", "serverInternal", "rateLimited", "orderNotReady"}
 
 
@@ -225,6 +226,13 @@ class AcmeClient:
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise RetryLater(f"ACME server unreachable: {exc}", 10) from exc
             except errors.ClientError as exc:
+                response = exc.args[0] if exc.args else None
+                if isinstance(response, requests.Response) and response.status_code == 404:
+                    # A bare 404 (Pebble's answer for an order or authorization it no longer
+                    # holds) will not change on a retry: end the attempt, start afresh.
+                    raise AttemptFailed(
+                        f"the CA knows no {response.url} (404)", error_type=NOT_FOUND
+                    ) from exc
                 raise RetryLater(f"ACME client error: {exc}", 10) from exc
         raise AssertionError("unreachable")
 

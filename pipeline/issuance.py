@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from acme import messages
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pipeline import envelope, renewal, selfcheck, snapshot
-from pipeline.acme_client import AcmeClient, get_client
+from pipeline.acme_client import NOT_FOUND, AcmeClient, get_client
 from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
 from pipeline.connections import get_limiter
 from pipeline.db import session_scope
@@ -81,19 +82,28 @@ def place_order(order_id: int) -> None:
     # Nothing to seal the new key to means no certificate: find out before asking the CA.
     _edge_key()
     client = get_client()
-    body = _ca_order_to_resume(client, order_url) if order_url else None
+    recorded = order_url
+    body = _ca_order_to_resume(client, recorded) if recorded else None
     if order_url is None or body is None:
         order_url, body = _new_ca_order(client, names, profile, replaces, exempt)
         # Recorded before the authorizations are fetched: if fetching them fails (a network
         # blip, a crash), the re-run resumes this CA order instead of placing a second one,
         # which would count against the CA's order limits and, for an ARI renewal, be
-        # refused as a second replacement of the same certificate.
+        # refused as a second replacement of the same certificate. Only over what this run
+        # read: a copy of the step that outlived its lock may have recorded its own order.
         with session_scope() as session:
-            order = _order(session, order_id)
-            if order.step != OrderStep.QUEUED:
+            claimed = session.execute(
+                update(Order)
+                .where(
+                    Order.id == order_id,
+                    Order.step == OrderStep.QUEUED,
+                    Order.order_url.is_(None) if recorded is None else Order.order_url == recorded,
+                )
+                .values(order_url=order_url, finalize_url=body.finalize)
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                log.warning("order %s: another run placed its CA order first", order_id)
                 return
-            order.order_url = order_url
-            order.finalize_url = body.finalize
     authorizations: dict[str, Any] = {}
     for authz_url in body.authorizations:
         authz = client.get_authorization(authz_url)
@@ -136,7 +146,15 @@ def _new_ca_order(
 
 def _ca_order_to_resume(client: AcmeClient, order_url: str) -> messages.Order | None:
     """The CA order an earlier run of this step placed, or None if it can no longer be used."""
-    body, _ = client.get_order(order_url)
+    try:
+        body, _ = client.get_order(order_url)
+    except AttemptFailed as exc:
+        if exc.error_type not in ("malformed", NOT_FOUND):
+            raise
+        # What Boulder (404, malformed) and Pebble (a bare 404) answer for an order they no
+        # longer hold: after a restart, or once it expired and was cleaned up.
+        log.info("CA order %s is unknown to the CA (%s); placing a new one", order_url, exc)
+        return None
     if body.status not in (messages.STATUS_PENDING, messages.STATUS_READY):
         # Expired, or an authorization deactivated (RFC 8555 says "invalid"; Pebble says
         # "deactivated"): nothing of it can be finished, so start afresh.
@@ -370,9 +388,14 @@ def encrypt_and_store(order_id: int) -> None:
         record = snapshot.site_record(session, site)
         tokens = [a["token"] for a in (order.authorizations or {}).values()]
     # Published after the commit, and again on a re-run: the snapshot follows the store.
-    snapshot.publish(record)
-    for token in tokens:
-        snapshot.remove_challenge(token)
+    try:
+        snapshot.publish(record)
+        for token in tokens:
+            snapshot.remove_challenge(token)
+    except redis.RedisError as exc:
+        # Stored but not on the edges yet: the retry, at DONE, publishes again (and if even
+        # the retry cannot be sent, beat's snapshot reconcile finds the difference).
+        raise RetryLater(f"stored, but not yet published to the edges: {exc}", 5) from exc
 
 
 # --- failures ------------------------------------------------------------------------------------

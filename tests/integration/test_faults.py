@@ -6,7 +6,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -268,6 +268,68 @@ def test_place_order_rerun_replaces_a_ca_order_that_went_invalid(
     step, second_url = _order(order_id)
     assert step == "placed" and second_url not in (None, first_url)
     assert orders_placed(in_process) == 2
+
+
+def test_place_order_rerun_replaces_a_ca_order_the_ca_no_longer_knows(
+    in_process: System,
+) -> None:
+    # As after a CA restart (Pebble keeps nothing) or its clean-up of old orders: the CA
+    # answers 404 for the recorded order, so the step places a new one instead of failing.
+    from pipeline import issuance
+    from pipeline.db import session_scope
+    from pipeline.models import Order
+
+    order_id = _start_order("forgotten.example.com")
+    gone = in_process.pebble.directory_url.replace("/dir", "/my-order/forgotten")
+    with session_scope() as session:
+        order = session.get(Order, order_id)
+        assert order is not None
+        order.order_url = gone
+    issuance.place_order(order_id)
+    step, url = _order(order_id)
+    assert step == "placed" and url not in (None, gone)
+    assert orders_placed(in_process) == 1
+
+
+def _step_until(step: Callable[[int], None], order_id: int, reached: str) -> None:
+    """Run a step as its task would, again after each wait, until the order reaches ``reached``."""
+    from pipeline.errors import RetryLater
+
+    def done() -> bool:
+        try:
+            step(order_id)
+        except RetryLater:
+            return False
+        return _order(order_id)[0] == reached
+
+    wait_until(done, timeout=60, what=f"the order to reach {reached}", every=0.2)
+
+
+def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
+    in_process: System, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import issuance, snapshot
+    from pipeline.errors import RetryLater
+
+    order_id = _start_order("unpublished.example.com")
+    _step_until(issuance.place_order, order_id, "placed")
+    _step_until(issuance.publish_challenges, order_id, "challenged")
+    _step_until(issuance.poll_validation, order_id, "ready")
+    _step_until(issuance.finalise, order_id, "issued")
+    with monkeypatch.context() as patch:
+
+        def redis_gone(record: object) -> None:
+            raise redis.ConnectionError("Connection reset by peer")
+
+        patch.setattr(snapshot, "publish", redis_gone)
+        with pytest.raises(RetryLater, match="not yet published to the edges"):
+            issuance.encrypt_and_store(order_id)
+    assert _order(order_id)[0] == "done"  # stored: the certificate is not lost
+    prefix = in_process.redis_prefix
+    assert redis_client.hget(f"{prefix}:index", "unpublished.example.com") is None
+    issuance.encrypt_and_store(order_id)  # the task's retry
+    entry = redis_client.hget(f"{prefix}:index", "unpublished.example.com")
+    assert entry is not None and entry.split(b"\t")[1] == b"1"  # has its certificate
 
 
 def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) -> None:
