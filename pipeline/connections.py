@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from pipeline.ratelimit import Limits, RateLimiter
 from pipeline.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 _redis: redis.Redis[Any] | None = None
 _limiter: RateLimiter | None = None
@@ -40,3 +45,16 @@ def reset(*, close: bool = False) -> None:
         _redis.close()
     _redis = None
     _limiter = None
+
+
+def release(lock: Lock) -> None:
+    """Release a lock taken with a timeout.
+
+    Work that outlived the timeout finds its lock expired, perhaps taken by someone else: say
+    so rather than raise, which would turn work that is done into a failed task (and, for a
+    step of the issuance chain, stop the chain until the sweeper sends it again).
+    """
+    try:
+        lock.release()
+    except LockError as exc:
+        log.warning("lock %s expired before its work ended: %s", lock.name, exc)

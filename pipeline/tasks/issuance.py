@@ -15,7 +15,7 @@ from celery import Task, chain
 
 from pipeline import issuance
 from pipeline.celery import app
-from pipeline.connections import get_redis
+from pipeline.connections import get_redis, release
 from pipeline.errors import AttemptFailed, PollAgain, RetryLater
 from pipeline.models import OrderStep
 from pipeline.settings import get_settings
@@ -56,7 +56,7 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
                  problem.reason)  # fmt: skip
         raise task.retry(countdown=countdown) from None
     finally:
-        lock.release()
+        release(lock)
 
 
 # At most one dispatch asked for per this many seconds by finishing orders.

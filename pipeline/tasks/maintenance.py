@@ -10,7 +10,7 @@ from celery import Task
 
 from pipeline import alerts, dispatch, snapshot, upkeep
 from pipeline.celery import app
-from pipeline.connections import get_redis
+from pipeline.connections import get_redis, release
 from pipeline.db import session_scope
 from pipeline.models.base import utcnow
 from pipeline.settings import get_settings
@@ -44,7 +44,7 @@ def dispatch_due(self: Task) -> int:
             log.info("started %d orders", len(started))
         return len(started)
     finally:
-        lock.release()
+        release(lock)
 
 
 def kick_dispatch() -> None:
@@ -125,7 +125,7 @@ def refresh_ari(self: Task) -> dict[str, int]:
             edge_key_id=edge_key_id,
         )
     finally:
-        lock.release()
+        release(lock)
     if result.checked:
         log.info("ARI: %d checked, %d renewal times moved", result.checked, result.moved)
     return {"checked": result.checked, "moved": result.moved, "errors": result.errors}
