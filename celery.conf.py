@@ -52,6 +52,11 @@ beat_schedule = {
     "dispatch": {"task": "certman.maintenance.dispatch", "schedule": timedelta(seconds=15)},
     "refresh-ari": {"task": "certman.maintenance.refresh_ari", "schedule": timedelta(minutes=10)},
     "check-expiry": {"task": "certman.maintenance.check_expiry", "schedule": timedelta(minutes=30)},
+    # The backstop for a publish to the edges that was lost after the store's commit.
+    "reconcile-snapshot": {
+        "task": "certman.maintenance.reconcile_snapshot",
+        "schedule": timedelta(minutes=10),
+    },
     "sweep-stuck-orders": {
         "task": "certman.maintenance.sweep_stuck_orders",
         "schedule": timedelta(minutes=2),

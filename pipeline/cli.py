@@ -209,6 +209,34 @@ def snapshot_resync() -> None:
     click.echo(f"snapshot rebuilt: {count} sites")
 
 
+@snapshot.command("reconcile")
+@click.option("--dry-run", is_flag=True, help="Only report where Redis and the store differ.")
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_reconcile(dry_run: bool, as_json: bool) -> None:
+    """Publish sites the snapshot lacks or has wrong; remove sites the store no longer has."""
+    from pipeline import snapshot as snapshots
+    from pipeline.db import session_scope
+
+    if dry_run:
+        with session_scope() as session:
+            drift = snapshots.find_drift(session)
+    else:
+        drift = snapshots.reconcile(session_scope, limit=1_000_000)
+    if as_json:
+        _print_json({"stale": drift.stale, "extra": drift.extra, "fixed": not dry_run})
+        return
+    stale, extra = ("differ", "to remove") if dry_run else ("published again", "removed")
+    click.echo(f"{len(drift.stale)} sites {stale}{_some(drift.stale)}")
+    click.echo(f"{len(drift.extra)} sites {extra}{_some(drift.extra)}")
+
+
+def _some(domains: list[str], shown: int = 20) -> str:
+    if not domains:
+        return ""
+    more = f" and {len(domains) - shown} more" if len(domains) > shown else ""
+    return ": " + " ".join(domains[:shown]) + more
+
+
 # --- status --------------------------------------------------------------------------------------
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True)

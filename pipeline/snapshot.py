@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
@@ -10,6 +15,8 @@ from pipeline.connections import get_redis
 from pipeline.models import Certificate, Site
 from pipeline.settings import get_settings
 from pipeline.sites import current_certificates
+
+log = logging.getLogger(__name__)
 
 
 def site_record(session: Session, site: Site) -> distribution.SiteRecord:
@@ -61,3 +68,82 @@ def resync(session: Session) -> int:
     records = [_record(site, certs.get(site.id)) for site in sites]
     distribution.replace_all(get_redis(), get_settings().redis_prefix, records)
     return len(records)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Where the edges' snapshot and the store disagree."""
+
+    stale: list[str]  # in the store, but missing from Redis or different there
+    extra: list[str]  # in Redis, but no longer in the store
+
+
+def _summary(record: distribution.SiteRecord) -> tuple[object, ...]:
+    # The index entry without its content hash: what can be compared without reading every
+    # certificate's chain and envelope out of the store. A new certificate changes not_after.
+    return distribution.parse_index_entry(distribution.index_entry(record))[1:]
+
+
+def find_drift(session: Session) -> Drift:
+    """Compare the store with the snapshot's index, reading only the small columns."""
+    not_after = dict(
+        session.execute(
+            select(Certificate.site_id, Certificate.not_after).where(Certificate.current)
+        )
+        .tuples()
+        .all()
+    )
+    expected: dict[str, tuple[object, ...]] = {}
+    for site in session.scalars(select(Site).options(selectinload(Site.names))):
+        has_cert = site.id in not_after
+        record = distribution.SiteRecord(
+            domain=site.domain,
+            names=tuple(site.all_names),
+            upstream=site.upstream,
+            chain_pem="-" if has_cert else None,
+            envelope="-" if has_cert else None,
+            not_after=not_after.get(site.id),
+            serial=None,
+        )
+        expected[site.domain] = _summary(record)
+    found: dict[str, tuple[object, ...] | None] = {}
+    index = f"{get_settings().redis_prefix}:index"
+    for raw_domain, raw_entry in get_redis().hscan_iter(index, count=1000):
+        domain = raw_domain.decode()
+        try:
+            found[domain] = distribution.parse_index_entry(raw_entry)[1:]
+        except ValueError:
+            found[domain] = None  # unreadable: published again if the store has it
+    stale = sorted(domain for domain, want in expected.items() if found.get(domain) != want)
+    extra = sorted(domain for domain in found if domain not in expected)
+    return Drift(stale=stale, extra=extra)
+
+
+def reconcile(session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int) -> Drift:
+    """Publish what the snapshot lacks and remove what the store no longer has.
+
+    The backstop for a publish that never happened (Redis failed after the store's commit and
+    the retry could not be sent) and for one that raced a removal. Each fix re-reads the site
+    in a transaction of its own and publishes what the store says then, so a certificate stored
+    while the comparison ran is never replaced by the older state it saw. At most ``limit``
+    fixes a run; a snapshot that is wholly wrong is for ``resync``.
+    """
+    with session_scope() as session:
+        drift = find_drift(session)
+    for domain in [*drift.stale, *drift.extra][:limit]:
+        with session_scope() as session:
+            site = session.scalar(
+                select(Site).where(Site.domain == domain).options(selectinload(Site.names))
+            )
+            record = site_record(session, site) if site is not None else None
+        if record is not None:
+            publish(record)
+        else:
+            unpublish(domain)
+    if drift.stale or drift.extra:
+        log.warning(
+            "edge snapshot differed from the store: %d sites missing or different, %d no "
+            "longer stored; fixed %d", len(drift.stale), len(drift.extra),
+            min(limit, len(drift.stale) + len(drift.extra)),
+        )  # fmt: skip
+    return drift

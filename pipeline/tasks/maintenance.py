@@ -131,6 +131,20 @@ def refresh_ari(self: Task) -> dict[str, int]:
     return {"checked": result.checked, "moved": result.moved, "errors": result.errors}
 
 
+# Fixes per run: enough for any drift that single lost publishes make, bounded so that one run
+# never republishes a whole fleet (a snapshot that is wholly wrong is resync's job).
+RECONCILE_LIMIT = 1000
+
+
+@app.task(name="certman.maintenance.reconcile_snapshot", bind=True, acks_late=True)
+def reconcile_snapshot(self: Task) -> dict[str, int]:
+    """Make the edges' snapshot match the store where a publish was lost."""
+    if not snapshot.exists():
+        return {"stale": 0, "extra": 0}  # nothing to compare: the next dispatch rebuilds it all
+    drift = snapshot.reconcile(session_scope, limit=RECONCILE_LIMIT)
+    return {"stale": len(drift.stale), "extra": len(drift.extra)}
+
+
 @app.task(name="certman.maintenance.check_expiry", bind=True, acks_late=True)
 def check_expiry(self: Task) -> int:
     """Alert on certificates running out of life unrenewed, and on sites failing repeatedly."""
