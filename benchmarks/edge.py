@@ -45,7 +45,7 @@ from pipeline import envelope
 from pipeline.distribution import SiteRecord, publish_site, replace_all
 from pipeline.keys import Keyring, PublicKey, generate_keypair
 from tests.support.pki import Pki
-from tests.support.ports import free_port
+from tests.support.ports import free_port, free_port_block
 from tests.support.redis_server import RedisServer
 
 CACHE = Path("/tmp/certman-edge-bench")
@@ -53,20 +53,6 @@ LIVE: list[
     subprocess.Popen[bytes]
 ] = []  # every server started, stopped at the end whatever happens
 PREFIX = "bench"
-
-
-def free_port_block(count: int) -> int:
-    """A port P with P .. P+count-1 all free now (worker i's metrics port is P+i)."""
-    for _ in range(100):
-        base = free_port()
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
 
 
 def make_fixtures(n: int) -> tuple[Path, Path, Path]:

@@ -1,26 +1,52 @@
 """Fixtures shared by every test: real Redis, real PostgreSQL, SQLite and Pebble.
 
-Redis tests use one database number (CERTMAN_TEST_REDIS_DB, default 15), flushed around each
-test, so that the machine's other Redis users are never touched.
+Redis tests get a redis-server of this pytest session's own (started on first use, on a free
+port, keeping nothing on disk, stopped at the end), flushed around each test: two runs on one
+machine, or a run and the machine's other Redis users, never see each other's keys, key prefix
+(``certman``) or Celery queues. To use an existing server instead, set CERTMAN_TEST_REDIS_URL,
+or any of CERTMAN_TEST_REDIS_HOST / _PORT / _DB (defaults 127.0.0.1, 6379, 15): that database is
+flushed around each test, so give each concurrent run a database of its own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from tests.support.redis_server import RedisServer
+
 REDIS_HOST = os.environ.get("CERTMAN_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CERTMAN_TEST_REDIS_PORT", "6379"))
 REDIS_DB = int(os.environ.get("CERTMAN_TEST_REDIS_DB", "15"))
+# An existing server asked for explicitly, or None for a private one.
+EXPLICIT_REDIS_URL: str | None = os.environ.get("CERTMAN_TEST_REDIS_URL") or (
+    f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+    if any(f"CERTMAN_TEST_REDIS_{var}" in os.environ for var in ("HOST", "PORT", "DB"))
+    else None
+)
 
 
-@pytest.fixture
-def redis_url() -> str:
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if EXPLICIT_REDIS_URL is not None:
+        yield EXPLICIT_REDIS_URL
+        return
+    # A directory of its own to work in, so that nothing it might write lands in the checkout.
+    directory = Path(tempfile.mkdtemp(prefix="certman-test-redis-"))
+    server = RedisServer(directory, append_only=False)
+    try:
+        server.start().close()
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from cryptography import x509
 from tornado.netutil import bind_sockets
 
@@ -31,7 +32,7 @@ from pipeline import envelope
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring, PublicKey, generate_keypair
 from tests.support.pki import Pki
-from tests.support.ports import free_port
+from tests.support.ports import free_port, free_port_block
 
 DEADLINE = 5.0
 
@@ -149,6 +150,15 @@ class RunningEdge:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self.edge = Edge(self.config, self.keyring, listening_context())
+            # The edge looks a site up in Redis during the handshake with a 0.5 s read timeout,
+            # right for production but one a loaded CI machine can miss (and the handshake then
+            # fails as "site unavailable"): give the tests' edges more, under the clients' own.
+            self.edge._blocking_redis.close()
+            self.edge._blocking_redis = redis.Redis.from_url(
+                self.config.redis_url,
+                socket_connect_timeout=DEADLINE / 2,
+                socket_timeout=DEADLINE / 2,
+            )
             self.edge.start(http, https, metrics)
             self._started.set()
             await self.edge.run_until_stopped()
@@ -183,7 +193,8 @@ class RunningEdge:
         wait_for(lambda: self.health() == 200, what="healthz 200")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=DEADLINE) as resp:
             return str(resp.read().decode())
 
     def tls(self, name: str | None, *, ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
@@ -334,6 +345,11 @@ class PreforkEdge:
     https_port: int
     metrics_port: int
 
+    @property
+    def worker_metrics_ports(self) -> tuple[int, int]:
+        """Worker i serves metrics on ``metrics_port`` + i (both reserved when started)."""
+        return self.metrics_port, self.metrics_port + 1
+
     def reap(self) -> str:
         """Kill it if it is still running, wait for it, and return what it wrote to stderr."""
         if self.proc.poll() is None:
@@ -346,7 +362,8 @@ class PreforkEdge:
 
 def start_prefork_edge(redis_url: str, prefix: str, key_dir: Path, *extra: str) -> PreforkEdge:
     """A two-process edge as a real subprocess, returned once both workers are healthy."""
-    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
+    # Worker i serves metrics on metrics_port + i: reserve both, not just the first.
+    http_port, https_port, metrics_port = free_port(), free_port(), free_port_block(2)
     env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
     proc = subprocess.Popen(
         edge_command(
@@ -357,12 +374,13 @@ def start_prefork_edge(redis_url: str, prefix: str, key_dir: Path, *extra: str) 
         env=env,
         stderr=subprocess.PIPE,
     )  # fmt: skip
+    prefork = PreforkEdge(proc, http_port, https_port, metrics_port)
     try:
-        for port in (metrics_port, metrics_port + 1):  # worker i serves metrics on port + i
+        for port in prefork.worker_metrics_ports:
             url = f"http://127.0.0.1:{port}/healthz"
             wait_for(lambda url=url: get_status(url) == 200, 10, "worker healthz")
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return PreforkEdge(proc, http_port, https_port, metrics_port)
+    return prefork

@@ -22,7 +22,6 @@ from .conftest import (
     RunningEdge,
     Sites,
     edge_command,
-    free_port,
     serial_of,
     slow_request_arrived,
     start_prefork_edge,
@@ -59,14 +58,23 @@ def test_redis_lost_then_back(
     later = sites.record("new.test")
     publish_site(client, prefix, second)
     publish_site(client, prefix, later)
-    wait_for(lambda: serial_of(edge.peer_cert("new.test")) == later.serial, what="new site")
-    wait_for(lambda: serial_of(edge.peer_cert("kept.test")) == second.serial, what="replaced")
+    # The syncer reconnects after a backoff of up to 5 s, as long as DEADLINE: allow for it.
+    wait_for(
+        lambda: serial_of(edge.peer_cert("new.test")) == later.serial,
+        timeout=3 * DEADLINE,
+        what="new site",
+    )
+    wait_for(
+        lambda: serial_of(edge.peer_cert("kept.test")) == second.serial,
+        timeout=3 * DEADLINE,
+        what="replaced",
+    )
     assert "certman_edge_sync_connected 1.0" in edge.metrics()
     client.close()
 
 
 def test_health_is_503_until_the_first_snapshot(start_edge: Callable[..., RunningEdge]) -> None:
-    edge = start_edge(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    edge = start_edge(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
     assert edge.health() == 503
     assert "certman_edge_sync_connected 0.0" in edge.metrics()
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):

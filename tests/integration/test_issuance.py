@@ -42,6 +42,18 @@ def test_sites_issued_end_to_end_and_served(system: System) -> None:
     flower_port = free_port()
     system.start_flower(flower_port)
     wait_until(lambda: port_open(flower_port), timeout=30, what="Flower to listen")
+
+    # Flower listens before its event receiver has subscribed, and events sent before that are
+    # lost to it: send a harmless task (a dispatch with nothing due) until Flower shows one, so
+    # that it sees every step of the issuance that follows.
+    def flower_sees_events() -> bool:
+        system.call_task("certman.maintenance.dispatch")
+        return any(
+            task.get("name") == "certman.maintenance.dispatch"
+            for task in flower_tasks(flower_port).values()
+        )
+
+    wait_until(flower_sees_events, timeout=60, what="Flower to receive task events", every=0.5)
     system.certman(
         "domains", "add", "dealer-one.example.com", "--alias", "www.dealer-one.example.com"
     )
@@ -55,6 +67,9 @@ def test_sites_issued_end_to_end_and_served(system: System) -> None:
         raise
     root = system.pebble.root_pem()
     for name in [*names, "www.dealer-one.example.com"]:
+        # The pipeline publishes to Redis after its commit: the edge may not have the site yet.
+        wait_until(lambda n=name: fetch_certificate(system.https_port, n, root), timeout=30,
+                   what=f"the edge to serve {name}")  # fmt: skip
         cert = fetch_certificate(system.https_port, name, root)  # verifies the chain to the root
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert name in sans.get_values_for_type(x509.DNSName)

@@ -401,14 +401,17 @@ def test_keys_expire_when_full_again(limiter: RateLimiter, redis_client: redis.R
 def test_idle_key_disappears_on_the_real_clock(
     limiter: RateLimiter, redis_client: redis.Redis
 ) -> None:
-    assert limiter.acquire([Spend("short", parse_rate("2/0.2s"))]).allowed
+    # One token spent: the key lives one interval (1 s), long enough to see it before it goes
+    # even on a slow machine (0.1 s was not).
+    assert limiter.acquire([Spend("short", parse_rate("2/2s"))]).allowed
     assert redis_client.exists(limiter.key("short"))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while redis_client.exists(limiter.key("short")):
         assert time.monotonic() < deadline, "the bucket key never expired"
+        time.sleep(0.02)
     # Gone means full: a whole burst again.
     for _ in range(2):
-        assert limiter.acquire([Spend("short", parse_rate("2/0.2s"))]).allowed
+        assert limiter.acquire([Spend("short", parse_rate("2/2s"))]).allowed
 
 
 def test_status_reports_levels_and_refill(limiter: RateLimiter) -> None:

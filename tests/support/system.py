@@ -154,13 +154,32 @@ class System:
         wait_until(lambda: port_open(self.https_port), timeout=20, what="the edge to listen")
         return self.edge
 
-    def certman(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def certman(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        # A timeout, so that a command stalled on the database or Redis fails the test instead
+        # of hanging the run.
         result = subprocess.run(
-            [str(BIN / "certman"), *args], env=self.env, capture_output=True, text=True
+            [str(BIN / "certman"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"certman {' '.join(args)} failed: {result.stderr.strip()}")
         return result
+
+    def call_task(self, name: str) -> None:
+        """Send a beat task now, as beat would (routes apply: it goes to the maintenance
+        queue)."""
+        subprocess.run(
+            [str(BIN / "celery"), "-A", "pipeline", "call", name],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,  # a broker that does not answer fails the test instead of hanging it
+        )
 
     def domains(self) -> dict[str, dict[str, Any]]:
         rows = json.loads(self.certman("domains", "list", "--json").stdout)
@@ -182,9 +201,17 @@ class System:
         worker.wait(timeout=30)
 
     def logs(self) -> str:
+        """The end of each log, for printing when a test fails."""
         return "\n".join(
             f"== {path.name}\n{path.read_text(errors='replace')[-4000:]}"
             for path in sorted(self.workdir.glob("*.log"))
+        )
+
+    def log_text(self) -> str:
+        """Every log whole, for asserting that a line was logged (``logs()`` keeps only the
+        end of each, which later lines can push a line out of)."""
+        return "\n".join(
+            path.read_text(errors="replace") for path in sorted(self.workdir.glob("*.log"))
         )
 
     def stop(self) -> None:
