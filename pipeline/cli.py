@@ -135,6 +135,34 @@ def domains_remove(name: str) -> None:
     click.echo(f"removed {domain}")
 
 
+@domains.command("retry")
+@click.argument("names", nargs=-1)
+@click.option("--blocked", is_flag=True, help="Every site blocked by a refusal.")
+@click.option("--retrying", is_flag=True, help="Every site waiting to try again after a failure.")
+@click.option("--json", "as_json", is_flag=True)
+def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json: bool) -> None:
+    """Try sites that wait on a failure again now (after DNS or CAA was put right)."""
+    from pipeline.db import session_scope
+    from pipeline.models import SiteState
+    from pipeline.sites import retry_sites
+    from pipeline.tasks.maintenance import kick_dispatch
+
+    states = [SiteState.BLOCKED] * blocked + [SiteState.RETRYING] * retrying
+    if not names and not states:
+        raise click.UsageError("name the sites, or say --blocked and/or --retrying")
+    with session_scope() as session:
+        retried = retry_sites(session, names, states=states)
+    if retried:
+        kick_dispatch()  # after the commit, as for domains add
+    if as_json:
+        _print_json([{"domain": domain, "was": was} for domain, was in retried])
+        return
+    for domain, was in retried:
+        click.echo(f"{domain}: was {was}; queued")
+    if not retried:
+        click.echo("no site waiting")
+
+
 @domains.command("list")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array (the scripting contract).")
 def domains_list(as_json: bool) -> None:

@@ -9,6 +9,7 @@ the task turns that into ``self.retry(countdown=...)``; nothing here sleeps.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import redis
@@ -23,12 +24,13 @@ from pipeline.connections import get_limiter
 from pipeline.db import session_scope
 from pipeline.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
 from pipeline.keys import KeyFileError, PublicKey
-from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site, SiteState
+from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, SiteState
 from pipeline.models.base import utcnow
 from pipeline.settings import KeyType, get_settings
 
 log = logging.getLogger(__name__)
 
+PROBE_TTL = 60  # a pre-flight probe lives only as long as its fetch
 CHALLENGE_TTL = 24 * 3600  # an authorization stays pending for days; the token must outlive polls
 MAX_COUNTDOWN = 15 * 60  # under the broker's visibility timeout
 # Challenge errors that mean the CA will not issue for the name whatever we serve.
@@ -85,6 +87,8 @@ def place_order(order_id: int) -> None:
     recorded = order_url
     body = _ca_order_to_resume(client, recorded) if recorded else None
     if order_url is None or body is None:
+        if get_settings().self_check:
+            _preflight(names)
         order_url, body = _new_ca_order(client, names, profile, replaces, exempt)
         # Recorded before the authorizations are fetched: if fetching them fails (a network
         # blip, a crash), the re-run resumes this CA order instead of placing a second one,
@@ -122,6 +126,28 @@ def place_order(order_id: int) -> None:
             return
         order.authorizations = authorizations
         _advance(order, OrderStep.PLACED)
+
+
+def _preflight(names: list[str]) -> None:
+    """Fetch a probe token from every name the way the CA will fetch the real one.
+
+    Before the CA is asked for anything: a dealer who has not pointed DNS at the edges yet
+    costs no order, no pending authorization (the CA allows an account only so many) and no
+    failed validation, and holds no in-flight slot while waiting. The attempt ends and the
+    site tries again on the usual backoff.
+    """
+    settings = get_settings()
+    token, expected = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    snapshot.set_challenge(token, expected, PROBE_TTL)
+    try:
+        for name in names:
+            problem = selfcheck.check(
+                name, token, expected, port=settings.http01_port, resolver=settings.dns_resolver
+            )
+            if problem:
+                raise AttemptFailed(f"{problem}; no order placed", error_type="selfCheck")
+    finally:
+        snapshot.remove_challenge(token)
 
 
 def _new_ca_order(
@@ -165,7 +191,6 @@ def _ca_order_to_resume(client: AcmeClient, order_url: str) -> messages.Order | 
 
 # --- step 2 --------------------------------------------------------------------------------------
 def publish_challenges(order_id: int) -> None:
-    settings = get_settings()
     with session_scope() as session:
         order = _order(session, order_id)
         if order.step != OrderStep.PLACED:
@@ -175,28 +200,12 @@ def publish_challenges(order_id: int) -> None:
             for url, authz in (order.authorizations or {}).items()
             if authz["status"] != "valid"
         }
-        site_id = order.site_id
     client = get_client()
-    # Every edge must be able to answer before the CA asks: store and announce first.
+    # Every edge must be able to answer before the CA asks: store and announce first. (That
+    # DNS reaches the edges was checked before the order was placed: _preflight.)
     for authz in pending.values():
         key_auth = client.key_authorization(authz["token"])
         snapshot.set_challenge(authz["token"], key_auth, CHALLENGE_TTL)
-    if settings.self_check:
-        for authz in pending.values():
-            problem = selfcheck.check(
-                authz["name"],
-                authz["token"],
-                client.key_authorization(authz["token"]),
-                port=settings.http01_port,
-                resolver=settings.dns_resolver,
-            )
-            if problem:
-                _note_site_error(site_id, problem)
-                with session_scope() as session:
-                    order = _order(session, order_id)
-                    order.polls += 1
-                    polls = order.polls
-                raise RetryLater(problem, min(5 * 2**polls, MAX_COUNTDOWN))
     for authz_url, authz in pending.items():
         _answer(client, authz_url, authz["challenge_url"])
     with session_scope() as session:
@@ -468,10 +477,3 @@ def note_retry(order_id: int, step: str, problem: RetryLater) -> None:
                     detail=problem.reason,
                 )
             )
-
-
-def _note_site_error(site_id: int, message: str) -> None:
-    with session_scope() as session:
-        site = session.get(Site, site_id)
-        if site is not None:
-            site.last_error = message

@@ -132,6 +132,48 @@ def find_site(session: Session, name: str) -> Site:
     return site
 
 
+WAITING = (SiteState.RETRYING, SiteState.BLOCKED)
+
+
+def retry_sites(
+    session: Session,
+    names: Sequence[str] = (),
+    *,
+    states: Sequence[SiteState] = (),
+    now: datetime | None = None,
+) -> list[tuple[str, str]]:
+    """Make sites that wait on a failure (named, or in ``states``) due now.
+
+    For after someone has acted: DNS pointed at the edges, a CAA record changed, a refused
+    name sorted out with the CA. A site with a certificate is due for renewal now; one without
+    is pending again. Its failure count stays, so a site that fails again keeps its backoff.
+    Returns (domain, the state it was in) for each site made due; a named site that is not
+    waiting is a :class:`SiteError`, and nothing is written.
+    """
+    now = now or utcnow()
+    chosen: dict[int, Site] = {}
+    for name in names:
+        site = find_site(session, name)
+        if site.state not in WAITING:
+            raise SiteError(f"{site.domain} is {site.state}, not waiting on a failure")
+        chosen[site.id] = site
+    if states:
+        for site in session.scalars(select(Site).where(Site.state.in_(states))):
+            chosen[site.id] = site
+    retried = []
+    for site in sorted(chosen.values(), key=lambda s: s.domain):
+        was = str(site.state)
+        has_cert = session.execute(
+            update(Certificate)
+            .where(Certificate.site_id == site.id, Certificate.current)
+            .values(renew_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+        site.state = SiteState.ACTIVE if has_cert else SiteState.PENDING
+        site.next_attempt_at = None if has_cert else now
+        retried.append((site.domain, was))
+    return retried
+
+
 def remove_site(session: Session, name: str) -> Site:
     """Delete a site with its names, orders and certificates; unfinished orders are cancelled."""
     site = find_site(session, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import tempfile
@@ -103,21 +104,25 @@ def test_a_validation_the_ca_fails_backs_off_instead_of_blocking(
         elsewhere.server_close()
 
 
-def test_self_check_holds_the_challenge_until_dns_reaches_the_edge(
+def test_dns_not_at_the_edge_yet_costs_the_ca_nothing_and_frees_the_slot(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     with System(redis_url=redis_url) as system:
         system.start(workers=1, edge=False)
         system.certman("domains", "add", "not-yet.example.com")
 
-        def noted() -> bool:
-            error = system.domains()["not-yet.example.com"]["last_error"] or ""
-            return "does not reach the edge" in error
+        def ended() -> bool:
+            return system.domains()["not-yet.example.com"]["state"] == "retrying"
 
-        wait_until(noted, timeout=60, what="the self-check to note the problem", every=0.5)
-        # The CA was never asked to validate, so no failed-validation limit was burnt.
-        assert "POST /chalZ/" not in system.pebble.log_text()
+        wait_until(ended, timeout=60, what="the pre-flight to end the attempt", every=0.5)
+        site = system.domains()["not-yet.example.com"]
+        assert "does not reach the edge" in site["last_error"]
+        # No order, so no pending authorization and no failed validation at the CA; and no
+        # order in flight, so a fleet of such sites cannot starve the others of slots.
+        assert orders_placed(system) == 0
+        assert json.loads(system.certman("status", "--json").stdout)["orders_in_flight"] == 0
         system.start_edge()
+        system.certman("domains", "retry", "not-yet.example.com")  # the dealer pointed DNS
         system.wait_active(["not-yet.example.com"], timeout=90)
         assert system.domains()["not-yet.example.com"]["last_error"] is None
 

@@ -1,0 +1,77 @@
+"""Sites that wait on a failure, tried again on an operator's word (certman domains retry)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pipeline.db import session_scope
+from pipeline.models import Certificate, Site, SiteState
+from pipeline.sites import SiteError, retry_sites
+from tests.pipeline.test_cli import certman
+from tests.support.factories import NOW, make_cert, make_site
+
+
+def _state(domain: str) -> tuple[str, object, object]:
+    with session_scope() as session:
+        site = session.scalar(select(Site).where(Site.domain == domain))
+        assert site is not None
+        renew_at = session.scalar(
+            select(Certificate.renew_at).where(Certificate.site_id == site.id, Certificate.current)
+        )
+        return str(site.state), site.next_attempt_at, renew_at
+
+
+def test_a_new_site_is_pending_again_and_a_renewal_due_now(certman_env: dict[str, str]) -> None:
+    with session_scope() as session:
+        make_site(session, "blocked.example.com", state=SiteState.BLOCKED, failures=3)
+        renewing = make_site(session, "refused-renewal.example.com", state=SiteState.BLOCKED)
+        make_cert(session, renewing)
+        make_site(session, "retrying.example.com", state=SiteState.RETRYING, failures=1)
+    with session_scope() as session:
+        retried = retry_sites(session, states=[SiteState.BLOCKED], now=NOW)
+    assert retried == [
+        ("blocked.example.com", "blocked"),
+        ("refused-renewal.example.com", "blocked"),
+    ]
+    assert _state("blocked.example.com") == ("pending", NOW, None)
+    assert _state("refused-renewal.example.com") == ("active", None, NOW)
+    assert _state("retrying.example.com")[0] == "retrying"  # not asked for
+    with session_scope() as session:
+        failures = session.scalar(
+            select(Site.consecutive_failures).where(Site.domain == "blocked.example.com")
+        )
+    assert failures == 3  # a site that fails again keeps its backoff
+
+
+def test_a_named_site_that_is_not_waiting_is_refused_and_nothing_written(
+    certman_env: dict[str, str],
+) -> None:
+    with session_scope() as session:
+        make_site(session, "waiting.example.com", state=SiteState.RETRYING)
+        make_site(session, "fine.example.com", state=SiteState.ACTIVE)
+    refused = pytest.raises(SiteError, match="fine.example.com is active, not waiting")
+    with refused, session_scope() as session:
+        retry_sites(session, ["waiting.example.com", "fine.example.com"])
+    assert _state("waiting.example.com")[0] == "retrying"
+    with pytest.raises(SiteError, match="not a known site"), session_scope() as session:
+        retry_sites(session, ["nowhere.example.com"])
+
+
+def test_cli(certman_env: dict[str, str], tmp_path: Path) -> None:
+    env = certman_env | {"CERTMAN_PIPELINE_KEY": str(tmp_path / "pipeline.key")}
+    with session_scope() as session:
+        make_site(session, "a.example.com", state=SiteState.RETRYING)
+        make_site(session, "b.example.com", state=SiteState.BLOCKED)
+    usage = certman(env, "domains", "retry")
+    assert usage.returncode == 2 and "--blocked" in usage.stderr
+    named = certman(env, "domains", "retry", "A.example.com", "--json")
+    assert named.returncode == 0, named.stderr
+    assert json.loads(named.stdout) == [{"domain": "a.example.com", "was": "retrying"}]
+    again = certman(env, "domains", "retry", "a.example.com")
+    assert again.returncode == 1 and "a.example.com is pending, not waiting" in again.stderr
+    every = certman(env, "domains", "retry", "--blocked", "--retrying")
+    assert every.returncode == 0 and every.stdout == "b.example.com: was blocked; queued\n"
