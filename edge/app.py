@@ -52,6 +52,9 @@ class EdgeConfig:
     # long one may stay idle: under every common server's keep-alive timeout (Node's is 5 s).
     upstream_keepalive: int = 32
     upstream_idle_timeout: float = 2.0
+    # The SNI callback's Redis lookup blocks the event loop: a short timeout, so that a stalled
+    # Redis costs one handshake, not every connection the process holds.
+    handshake_redis_timeout: float = 0.5
 
 
 def make_site_app(
@@ -150,7 +153,9 @@ class Edge:
         # The SNI callback runs inside OpenSSL's handshake, which cannot await: it gets a plain
         # blocking client with short timeouts, used only when the site's context is not cached.
         self._blocking_redis: redis.Redis[Any] = redis.Redis.from_url(
-            config.redis_url, socket_connect_timeout=0.2, socket_timeout=0.5
+            config.redis_url,
+            socket_connect_timeout=min(0.2, config.handshake_redis_timeout),
+            socket_timeout=config.handshake_redis_timeout,
         )
         self.challenges = ChallengeStore(self._async_redis, config.prefix)
         self.syncer = Syncer(

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from cryptography import x509
 from tornado.netutil import bind_sockets
 
@@ -145,20 +144,16 @@ class RunningEdge:
         http, self.http_port = _listen()
         https, self.https_port = _listen()
         metrics, self.metrics_port = _listen()
-        self.config = replace(self.config, https_public_port=self.https_port)
+        # The edge looks a site up in Redis during the handshake with a 0.5 s read timeout,
+        # right for production but one a loaded CI machine can miss (and the handshake then
+        # fails as "site unavailable"): give the tests' edges more, under the clients' own.
+        self.config = replace(
+            self.config, https_public_port=self.https_port, handshake_redis_timeout=DEADLINE / 2
+        )
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self.edge = Edge(self.config, self.keyring, listening_context())
-            # The edge looks a site up in Redis during the handshake with a 0.5 s read timeout,
-            # right for production but one a loaded CI machine can miss (and the handshake then
-            # fails as "site unavailable"): give the tests' edges more, under the clients' own.
-            self.edge._blocking_redis.close()
-            self.edge._blocking_redis = redis.Redis.from_url(
-                self.config.redis_url,
-                socket_connect_timeout=DEADLINE / 2,
-                socket_timeout=DEADLINE / 2,
-            )
             self.edge.start(http, https, metrics)
             self._started.set()
             await self.edge.run_until_stopped()
