@@ -10,7 +10,7 @@ import redis
 import redis.asyncio
 import tornado.web
 
-from pipeline.distribution import challenge_key
+from pipeline.distribution import EDGE_HEADER, challenge_key
 
 __all__ = ["ChallengeHandler", "ChallengeStore", "valid_token"]
 
@@ -70,6 +70,7 @@ class ChallengeHandler(tornado.web.RequestHandler):
 
     async def get(self, token: str) -> None:
         key_authorization = await self._challenges.get(token)
+        self.set_header(EDGE_HEADER, "1")
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Cache-Control", "no-store")
         if key_authorization is None:

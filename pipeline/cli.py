@@ -138,20 +138,20 @@ def domains_remove(name: str) -> None:
 @domains.command("retry")
 @click.argument("names", nargs=-1)
 @click.option("--blocked", is_flag=True, help="Every site blocked by a refusal.")
-@click.option("--retrying", is_flag=True, help="Every site waiting to try again after a failure.")
+@click.option(
+    "--retrying", is_flag=True, help="Every site (or renewal) waiting to try again after a failure."
+)
 @click.option("--json", "as_json", is_flag=True)
 def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json: bool) -> None:
     """Try sites that wait on a failure again now (after DNS or CAA was put right)."""
     from pipeline.db import session_scope
-    from pipeline.models import SiteState
     from pipeline.sites import retry_sites
     from pipeline.tasks.maintenance import kick_dispatch
 
-    states = [SiteState.BLOCKED] * blocked + [SiteState.RETRYING] * retrying
-    if not names and not states:
+    if not names and not blocked and not retrying:
         raise click.UsageError("name the sites, or say --blocked and/or --retrying")
     with session_scope() as session:
-        retried = retry_sites(session, names, states=states)
+        retried = retry_sites(session, names, blocked=blocked, retrying=retrying)
     if retried:
         kick_dispatch()  # after the commit, as for domains add
     if as_json:

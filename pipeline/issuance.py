@@ -30,7 +30,7 @@ from pipeline.settings import KeyType, get_settings
 
 log = logging.getLogger(__name__)
 
-PROBE_TTL = 60  # a pre-flight probe lives only as long as its fetch
+PROBE_TTL = 30  # per name: a pre-flight probe lives only as long as its fetches
 CHALLENGE_TTL = 24 * 3600  # an authorization stays pending for days; the token must outlive polls
 MAX_COUNTDOWN = 15 * 60  # under the broker's visibility timeout
 # Challenge errors that mean the CA will not issue for the name whatever we serve.
@@ -106,7 +106,9 @@ def place_order(order_id: int) -> None:
                 .values(order_url=order_url, finalize_url=body.finalize)
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                log.warning("order %s: another run placed its CA order first", order_id)
+                # Left pending at the CA, which expires it; named here for whoever counts.
+                log.warning("order %s: another run recorded its CA order first; %s unused",
+                            order_id, order_url)  # fmt: skip
                 return
     authorizations: dict[str, Any] = {}
     for authz_url in body.authorizations:
@@ -122,8 +124,8 @@ def place_order(order_id: int) -> None:
         }
     with session_scope() as session:
         order = _order(session, order_id)
-        if order.step != OrderStep.QUEUED:
-            return
+        if order.step != OrderStep.QUEUED or order.order_url != order_url:
+            return  # another run moved on, or replaced the CA order this one fetched
         order.authorizations = authorizations
         _advance(order, OrderStep.PLACED)
 
@@ -138,16 +140,33 @@ def _preflight(names: list[str]) -> None:
     """
     settings = get_settings()
     token, expected = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    snapshot.set_challenge(token, expected, PROBE_TTL)
     try:
-        for name in names:
-            problem = selfcheck.check(
-                name, token, expected, port=settings.http01_port, resolver=settings.dns_resolver
-            )
-            if problem:
-                raise AttemptFailed(f"{problem}; no order placed", error_type="selfCheck")
+        # Long enough for every name's fetches, each of which may take its full timeout.
+        snapshot.set_challenge(token, expected, PROBE_TTL * len(names))
+    except redis.RedisError as exc:
+        raise RetryLater(f"cannot store the self-check's probe in Redis: {exc}", 10) from exc
+    try:
+        problems = [
+            problem
+            for name in names
+            if (problem := selfcheck.check(name, token, expected, port=settings.http01_port,
+                                           resolver=settings.dns_resolver))
+        ]  # fmt: skip
     finally:
-        snapshot.remove_challenge(token)
+        try:
+            snapshot.remove_challenge(token)
+        except redis.RedisError as exc:  # it expires on its own
+            log.warning("could not remove the self-check's probe: %s", exc)
+    if any(problem.ours for problem in problems):
+        # Our outage, not the dealer's DNS: wait for it to end rather than count a failure
+        # against the site and push it onto the daily backoff.
+        reasons = "; ".join(problem.reason for problem in problems if problem.ours)
+        raise RetryLater(reasons, 30)
+    if problems:
+        # Every name at once: a dealer fixing DNS should not find the next broken alias only
+        # on the next attempt, a backoff later.
+        reasons = "; ".join(problem.reason for problem in problems)
+        raise AttemptFailed(f"{reasons}; no order placed", error_type="selfCheck")
 
 
 def _new_ca_order(

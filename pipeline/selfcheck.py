@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import http.client
 import socket
+from dataclasses import dataclass
 
 import dns.exception
 import dns.resolver
+
+from pipeline.distribution import EDGE_HEADER
 
 
 def resolve(name: str, resolver: str | None) -> list[str]:
@@ -31,11 +34,21 @@ def resolve(name: str, resolver: str | None) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def check(name: str, token: str, expected: str, *, port: int, resolver: str | None) -> str | None:
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    # An edge answered without the token: DNS is right, and the fault is ours (an edge that
+    # lost Redis, say), not the dealer's.
+    ours: bool = False
+
+
+def check(
+    name: str, token: str, expected: str, *, port: int, resolver: str | None
+) -> Problem | None:
     """None when the challenge comes back as the CA will see it, else the reason it does not."""
     addresses = resolve(name, resolver)
     if not addresses:
-        return f"DNS for {name} does not resolve"
+        return Problem(f"DNS for {name} does not resolve")
     path = f"/.well-known/acme-challenge/{token}"
     for address in addresses:
         connection = http.client.HTTPConnection(address, port, timeout=5)
@@ -44,11 +57,17 @@ def check(name: str, token: str, expected: str, *, port: int, resolver: str | No
             response = connection.getresponse()
             body = response.read(4096).decode("ascii", "replace").strip()
         except OSError as exc:
-            return f"DNS for {name} does not reach the edge ({address}:{port}: {exc})"
+            return Problem(f"DNS for {name} does not reach the edge ({address}:{port}: {exc})")
         finally:
             connection.close()
         if response.status != 200 or body != expected:
-            return (
+            if response.getheader(EDGE_HEADER):
+                return Problem(
+                    f"the edge at {address}:{port} answered {response.status} for {name} "
+                    "without the challenge (is it connected to Redis?)",
+                    ours=True,
+                )
+            return Problem(
                 f"DNS for {name} does not reach the edge "
                 f"({address}:{port} answered {response.status} without the key authorization)"
             )

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from pipeline.dispatch import UNFINISHED
@@ -132,45 +132,81 @@ def find_site(session: Session, name: str) -> Site:
     return site
 
 
-WAITING = (SiteState.RETRYING, SiteState.BLOCKED)
+def _waiting(site: Site, *, blocked: bool = True, retrying: bool = True) -> bool:
+    if site.state == SiteState.BLOCKED:
+        return blocked
+    # A failed renewal leaves its site active (the old certificate is still served), with the
+    # failure counted and the renewal pushed back.
+    return retrying and (
+        site.state == SiteState.RETRYING
+        or (site.state == SiteState.ACTIVE and site.consecutive_failures > 0)
+    )
 
 
 def retry_sites(
     session: Session,
     names: Sequence[str] = (),
     *,
-    states: Sequence[SiteState] = (),
+    blocked: bool = False,
+    retrying: bool = False,
     now: datetime | None = None,
 ) -> list[tuple[str, str]]:
-    """Make sites that wait on a failure (named, or in ``states``) due now.
+    """Make sites that wait on a failure due now: those named, every blocked one, and/or every
+    one waiting to try again (a first issue or a renewal).
 
     For after someone has acted: DNS pointed at the edges, a CAA record changed, a refused
     name sorted out with the CA. A site with a certificate is due for renewal now; one without
     is pending again. Its failure count stays, so a site that fails again keeps its backoff.
     Returns (domain, the state it was in) for each site made due; a named site that is not
-    waiting is a :class:`SiteError`, and nothing is written.
+    waiting is a :class:`SiteError`, and nothing is written. A site the dispatcher starts
+    meanwhile is left to it.
     """
     now = now or utcnow()
     chosen: dict[int, Site] = {}
     for name in names:
         site = find_site(session, name)
-        if site.state not in WAITING:
+        if not _waiting(site):
             raise SiteError(f"{site.domain} is {site.state}, not waiting on a failure")
         chosen[site.id] = site
-    if states:
-        for site in session.scalars(select(Site).where(Site.state.in_(states))):
-            chosen[site.id] = site
+    if blocked or retrying:
+        candidates = session.scalars(
+            select(Site).where(
+                or_(
+                    Site.state.in_([SiteState.BLOCKED, SiteState.RETRYING]),
+                    and_(Site.state == SiteState.ACTIVE, Site.consecutive_failures > 0),
+                )
+            )
+        )
+        for site in candidates:
+            if _waiting(site, blocked=blocked, retrying=retrying):
+                chosen[site.id] = site
     retried = []
     for site in sorted(chosen.values(), key=lambda s: s.domain):
-        was = str(site.state)
-        has_cert = session.execute(
-            update(Certificate)
-            .where(Certificate.site_id == site.id, Certificate.current)
-            .values(renew_at=now)
+        was = SiteState(site.state)
+        has_cert = session.scalar(
+            select(Certificate.id).where(Certificate.site_id == site.id, Certificate.current)
+        )
+        # Only from the state read above, as the dispatcher claims a site: one it started since
+        # is not set back, which would start a second order.
+        moved = session.execute(
+            update(Site)
+            .where(Site.id == site.id, Site.state == was)
+            .values(
+                state=SiteState.ACTIVE if has_cert else SiteState.PENDING,
+                next_attempt_at=None if has_cert else now,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
-        site.state = SiteState.ACTIVE if has_cert else SiteState.PENDING
-        site.next_attempt_at = None if has_cert else now
-        retried.append((site.domain, was))
+        if not moved:
+            continue
+        if has_cert:
+            session.execute(
+                update(Certificate)
+                .where(Certificate.site_id == site.id, Certificate.current)
+                .values(renew_at=now)
+            )
+        retried.append((site.domain, str(was)))
     return retried
 
 

@@ -133,13 +133,15 @@ def reconcile(session_scope: Callable[[], AbstractContextManager[Session]], *, l
 
     The backstop for a publish that never happened (Redis failed after the store's commit and
     the retry could not be sent) and for one that raced a removal. Each fix re-reads the site
-    in a transaction of its own and publishes what the store says then, so a certificate stored
-    while the comparison ran is never replaced by the older state it saw. At most ``limit``
-    fixes a run; a snapshot that is wholly wrong is for ``resync``.
+    in a transaction of its own and publishes what the store says then, not what the comparison
+    saw. (A change committed and published in the instant between that read and the fix can
+    still be overtaken by it; the next run puts that right.) At most ``limit`` fixes a run,
+    removals first, as they are few and a removed site must stop being served; a snapshot
+    that is wholly wrong is for ``resync``.
     """
     with session_scope() as session:
         drift = find_drift(session)
-    for domain in [*drift.stale, *drift.extra][:limit]:
+    for domain in [*drift.extra, *drift.stale][:limit]:
         with session_scope() as session:
             site = session.scalar(
                 select(Site).where(Site.domain == domain).options(selectinload(Site.names))

@@ -109,14 +109,18 @@ def test_dns_not_at_the_edge_yet_costs_the_ca_nothing_and_frees_the_slot(
 ) -> None:
     with System(redis_url=redis_url) as system:
         system.start(workers=1, edge=False)
-        system.certman("domains", "add", "not-yet.example.com")
+        system.certman(
+            "domains", "add", "not-yet.example.com", "--alias", "www.not-yet.example.com"
+        )
 
         def ended() -> bool:
             return system.domains()["not-yet.example.com"]["state"] == "retrying"
 
         wait_until(ended, timeout=60, what="the pre-flight to end the attempt", every=0.5)
         site = system.domains()["not-yet.example.com"]
-        assert "does not reach the edge" in site["last_error"]
+        # Every name at once, so that the dealer can fix them all before the next attempt.
+        assert "DNS for not-yet.example.com does not reach the edge" in site["last_error"]
+        assert "DNS for www.not-yet.example.com does not reach the edge" in site["last_error"]
         # No order, so no pending authorization and no failed validation at the CA; and no
         # order in flight, so a fleet of such sites cannot starve the others of slots.
         assert orders_placed(system) == 0
@@ -335,6 +339,22 @@ def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
     issuance.encrypt_and_store(order_id)  # the task's retry
     entry = redis_client.hget(f"{prefix}:index", "unpublished.example.com")
     assert entry is not None and entry.split(b"\t")[1] == b"1"  # has its certificate
+
+
+def test_an_edge_that_lacks_the_probe_is_our_outage_not_the_dealers_dns(
+    in_process: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DNS reaches the edge, but the edge cannot see the probe (as when it lost Redis): wait
+    # for that to end, without counting a failure against the site or placing an order.
+    from pipeline import issuance, snapshot
+    from pipeline.errors import RetryLater
+
+    order_id = _start_order("our-outage.example.com")
+    monkeypatch.setattr(snapshot, "set_challenge", lambda *args: None)
+    with pytest.raises(RetryLater, match="without the challenge .is it connected to Redis"):
+        issuance.place_order(order_id)
+    assert _order(order_id) == ("queued", None)
+    assert orders_placed(in_process) == 0
 
 
 def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pipeline.db import session_scope
 from pipeline.models import Certificate, Site, SiteState
@@ -32,7 +33,7 @@ def test_a_new_site_is_pending_again_and_a_renewal_due_now(certman_env: dict[str
         make_cert(session, renewing)
         make_site(session, "retrying.example.com", state=SiteState.RETRYING, failures=1)
     with session_scope() as session:
-        retried = retry_sites(session, states=[SiteState.BLOCKED], now=NOW)
+        retried = retry_sites(session, blocked=True, now=NOW)
     assert retried == [
         ("blocked.example.com", "blocked"),
         ("refused-renewal.example.com", "blocked"),
@@ -45,6 +46,37 @@ def test_a_new_site_is_pending_again_and_a_renewal_due_now(certman_env: dict[str
             select(Site.consecutive_failures).where(Site.domain == "blocked.example.com")
         )
     assert failures == 3  # a site that fails again keeps its backoff
+
+
+def test_a_failed_renewal_counts_as_waiting(certman_env: dict[str, str]) -> None:
+    # fail_order leaves a site whose renewal failed active, its failure counted and its renewal
+    # pushed back: --retrying and its name both bring the renewal forward.
+    with session_scope() as session:
+        failing = make_site(session, "failing-renewal.example.com", failures=2)
+        make_cert(session, failing, renew_at=NOW + timedelta(days=1))
+        healthy = make_site(session, "healthy.example.com")
+        make_cert(session, healthy, renew_at=NOW + timedelta(days=1))
+    with session_scope() as session:
+        retried = retry_sites(session, retrying=True, now=NOW)
+    assert retried == [("failing-renewal.example.com", "active")]
+    assert _state("failing-renewal.example.com") == ("active", None, NOW)
+    assert _state("healthy.example.com")[2] == NOW + timedelta(days=1)
+
+
+def test_a_site_the_dispatcher_claimed_meanwhile_is_left_to_it(
+    certman_env: dict[str, str],
+) -> None:
+    with session_scope() as session:
+        make_site(session, "raced.example.com", state=SiteState.RETRYING, failures=1)
+    with session_scope() as session:
+        site = session.scalar(select(Site).where(Site.domain == "raced.example.com"))
+        assert site is not None and site.state == SiteState.RETRYING  # read as waiting...
+        with session_scope() as dispatcher:  # ...then the dispatcher claims it and commits
+            dispatcher.execute(
+                update(Site).where(Site.id == site.id).values(state=SiteState.ISSUING)
+            )
+        assert retry_sites(session, retrying=True, now=NOW) == []
+    assert _state("raced.example.com")[0] == "issuing"  # not set back to pending
 
 
 def test_a_named_site_that_is_not_waiting_is_refused_and_nothing_written(
