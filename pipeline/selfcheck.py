@@ -15,8 +15,9 @@ import dns.resolver
 from pipeline.distribution import EDGE_HEADER
 
 
-def resolve(name: str, resolver: str | None) -> list[str]:
-    """IPv4 addresses of a name, through ``host:port`` when given, else the system's resolver."""
+def resolve(name: str, resolver: str | None, *, ipv6: bool = False) -> list[str]:
+    """A name's IPv4 (or IPv6) addresses, through ``host:port`` when given, else the system's
+    resolver."""
     if resolver:
         host, _, port = resolver.rpartition(":")
         r = dns.resolver.Resolver(configure=False)
@@ -24,11 +25,12 @@ def resolve(name: str, resolver: str | None) -> list[str]:
         r.port = int(port)
         r.lifetime = 5
         try:
-            return [a.to_text() for a in r.resolve(name, "A")]
+            return [a.to_text() for a in r.resolve(name, "AAAA" if ipv6 else "A")]
         except dns.exception.DNSException:
             return []
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
     try:
-        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
     except OSError:
         return []
     return sorted({str(info[4][0]) for info in infos})
@@ -45,30 +47,59 @@ class Problem:
 def check(
     name: str, token: str, expected: str, *, port: int, resolver: str | None
 ) -> Problem | None:
-    """None when the challenge comes back as the CA will see it, else the reason it does not."""
-    addresses = resolve(name, resolver)
-    if not addresses:
+    """None when the challenge comes back as the CA will see it, else the reason it does not.
+
+    Like Let's Encrypt: every IPv6 address first, where an address that does not answer is
+    passed over (the CA falls back to IPv4) but a wrong answer fails; then every IPv4 address.
+    """
+    ipv6 = resolve(name, resolver, ipv6=True)
+    ipv4 = resolve(name, resolver)
+    if not ipv4 and not ipv6:
         return Problem(f"DNS for {name} does not resolve")
-    path = f"/.well-known/acme-challenge/{token}"
-    for address in addresses:
-        connection = http.client.HTTPConnection(address, port, timeout=5)
+    answered = False
+    for address in ipv6:
         try:
-            connection.request("GET", path, headers={"Host": name, "User-Agent": "certman"})
-            response = connection.getresponse()
-            body = response.read(4096).decode("ascii", "replace").strip()
+            problem = _fetch(name, f"[{address}]", port, token, expected)
+        except OSError:
+            continue  # the CA falls back to IPv4 when IPv6 does not answer
+        answered = True
+        if problem is not None:
+            return problem
+    for address in ipv4:
+        try:
+            problem = _fetch(name, address, port, token, expected)
         except OSError as exc:
             return Problem(f"DNS for {name} does not reach the edge ({address}:{port}: {exc})")
-        finally:
-            connection.close()
-        if response.status != 200 or body != expected:
-            if response.getheader(EDGE_HEADER):
-                return Problem(
-                    f"the edge at {address}:{port} answered {response.status} for {name} "
-                    "without the challenge (is it connected to Redis?)",
-                    ours=True,
-                )
-            return Problem(
-                f"DNS for {name} does not reach the edge "
-                f"({address}:{port} answered {response.status} without the key authorization)"
-            )
+        if problem is not None:
+            return problem
+    if not ipv4 and not answered:
+        return Problem(f"DNS for {name} has only IPv6 addresses, and none answered from here")
     return None
+
+
+def _fetch(name: str, host: str, port: int, token: str, expected: str) -> Problem | None:
+    """Fetch the token from one address (``host``: an IPv4 address or a bracketed IPv6 one);
+    OSError when nothing answers there."""
+    connection = http.client.HTTPConnection(host.strip("[]"), port, timeout=5)
+    try:
+        connection.request(
+            "GET",
+            f"/.well-known/acme-challenge/{token}",
+            headers={"Host": name, "User-Agent": "certman"},
+        )
+        response = connection.getresponse()
+        body = response.read(4096).decode("ascii", "replace").strip()
+    finally:
+        connection.close()
+    if response.status == 200 and body == expected:
+        return None
+    if response.getheader(EDGE_HEADER):
+        return Problem(
+            f"the edge at {host}:{port} answered {response.status} for {name} "
+            "without the challenge (is it connected to Redis?)",
+            ours=True,
+        )
+    return Problem(
+        f"DNS for {name} does not reach the edge "
+        f"({host}:{port} answered {response.status} without the key authorization)"
+    )

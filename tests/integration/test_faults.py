@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -355,6 +357,34 @@ def test_an_edge_that_lacks_the_probe_is_our_outage_not_the_dealers_dns(
         issuance.place_order(order_id)
     assert _order(order_id) == ("queued", None)
     assert orders_placed(in_process) == 0
+
+
+class _KnowsNoTokenOverIPv6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_an_aaaa_record_pointing_elsewhere_is_found_before_ordering(in_process: System) -> None:
+    # The CA tries IPv6 first and fails on a wrong answer there: so must the self-check, or a
+    # stray AAAA record would cost a failed validation instead of no order at all.
+    from pipeline import issuance
+    from pipeline.errors import AttemptFailed
+
+    elsewhere = _KnowsNoTokenOverIPv6(("::1", in_process.http_port), _KnowsNoToken)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    try:
+        record = {"host": "six.example.com.", "addresses": ["::1"]}
+        urllib.request.urlopen(
+            f"http://127.0.0.1:{in_process.pebble.dns_management_port}/add-aaaa",
+            json.dumps(record).encode(),
+            timeout=10,
+        ).close()
+        order_id = _start_order("six.example.com")
+        with pytest.raises(AttemptFailed, match=r"\[::1\]:\d+ answered 404"):
+            issuance.place_order(order_id)
+        assert orders_placed(in_process) == 0
+    finally:
+        elsewhere.shutdown()
+        elsewhere.server_close()
 
 
 def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) -> None:
