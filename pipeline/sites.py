@@ -223,11 +223,20 @@ def remove_site(session: Session, name: str) -> Site:
     return site
 
 
+# Ids per IN (...) list: one bound parameter each, and PostgreSQL refuses a statement with more
+# than 65,535 (SQLite, 32,766), which a fleet of 100,000 sites passes.
+IN_BATCH = 10_000
+
+
 def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int, Certificate]:
-    rows = session.scalars(
-        select(Certificate).where(Certificate.site_id.in_(site_ids), Certificate.current)
-    )
-    return {cert.site_id: cert for cert in rows}
+    certs: dict[int, Certificate] = {}
+    for start in range(0, len(site_ids), IN_BATCH):
+        batch = site_ids[start : start + IN_BATCH]
+        rows = session.scalars(
+            select(Certificate).where(Certificate.site_id.in_(batch), Certificate.current)
+        )
+        certs.update((cert.site_id, cert) for cert in rows)
+    return certs
 
 
 def list_sites(session: Session) -> list[dict[str, Any]]:
@@ -235,7 +244,15 @@ def list_sites(session: Session) -> list[dict[str, Any]]:
     sites = session.scalars(
         select(Site).options(selectinload(Site.names)).order_by(Site.domain)
     ).all()
-    certs = current_certificates(session, [s.id for s in sites])
+    # Every site is listed, so every current certificate is wanted: its dates, not its chain.
+    certs = {
+        row.site_id: row
+        for row in session.execute(
+            select(
+                Certificate.site_id, Certificate.not_after, Certificate.renew_at, Certificate.serial
+            ).where(Certificate.current)
+        )
+    }
     out = []
     for site in sites:
         cert = certs.get(site.id)

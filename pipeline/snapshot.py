@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -62,13 +62,34 @@ def exists() -> bool:
     return bool(get_redis().exists(f"{get_settings().redis_prefix}:version"))
 
 
+RESYNC_BATCH = 1000
+
+
 def resync(session: Session) -> int:
     """Rebuild the whole snapshot from the store (after a Redis loss); returns the site count."""
-    sites = session.scalars(select(Site).options(selectinload(Site.names))).all()
-    certs = current_certificates(session, [site.id for site in sites])
-    records = [_record(site, certs.get(site.id)) for site in sites]
-    distribution.replace_all(get_redis(), get_settings().redis_prefix, records)
-    return len(records)
+    count = 0
+
+    def records() -> Iterator[distribution.SiteRecord]:
+        # A batch of sites at a time, each let go once staged: 100,000 chains and envelopes
+        # never sit in memory together.
+        nonlocal count
+        after = 0
+        while sites := session.scalars(
+            select(Site)
+            .where(Site.id > after)
+            .order_by(Site.id)
+            .limit(RESYNC_BATCH)
+            .options(selectinload(Site.names))
+        ).all():
+            certs = current_certificates(session, [site.id for site in sites])
+            for site in sites:
+                yield _record(site, certs.get(site.id))
+            count += len(sites)
+            after = sites[-1].id
+            session.expunge_all()
+
+    distribution.replace_all(get_redis(), get_settings().redis_prefix, records())
+    return count
 
 
 @dataclass(frozen=True)

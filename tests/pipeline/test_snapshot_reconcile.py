@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
 import redis
 from click.testing import CliRunner
 from sqlalchemy import delete, select
@@ -100,3 +101,26 @@ def test_cli_dry_run_reports_without_fixing(
     assert result.exit_code == 0, result.output
     assert "1 sites published again: a.example" in result.output
     assert _entry(redis_client, "a.example") is not None
+
+
+def test_resync_and_listing_in_batches_miss_no_site(
+    certman_env: dict[str, str], redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At 100,000 sites both go in batches (PostgreSQL refuses an IN list of more than 65,535
+    # ids); batches of two over five sites check the joins between batches.
+    from pipeline import sites
+
+    monkeypatch.setattr(snapshot, "RESYNC_BATCH", 2)
+    monkeypatch.setattr(sites, "IN_BATCH", 2)
+    _stored(*(f"s{i}.example" for i in range(5)))
+    _stored("bare.example", certified=False)
+    with session_scope() as session:
+        assert snapshot.resync(session) == 6
+        listed = sites.list_sites(session)
+        assert len(sites.current_certificates(session, list(range(1, 7)))) == 5
+    assert all(_entry(redis_client, f"s{i}.example")[1] for i in range(5))  # type: ignore[index]
+    assert _entry(redis_client, "bare.example")[1] is False  # type: ignore[index]
+    assert sum(row["serial"] is not None for row in listed) == 5
+    with session_scope() as session:
+        drift = snapshot.find_drift(session)
+    assert (drift.stale, drift.extra) == ([], [])
