@@ -54,6 +54,8 @@ class _Network(client.ClientNetwork):
         self, response: requests.Response, content_type: str | None = None
     ) -> requests.Response:
         try:
+            if response.status_code == 409:
+                _raise_problem(response)  # before the library turns it into a bare ConflictError
             return super()._check_response(response, content_type=content_type)
         except messages.Error as exc:
             exc.retry_after = _retry_after_seconds(response)  # the library drops the response
@@ -67,6 +69,20 @@ class _Network(client.ClientNetwork):
                     raise RateLimited(f"pacing {url}", decision.retry_after)
                 time.sleep(decision.retry_after)
         return super()._send_request(method, url, *args, **kwargs)
+
+
+def _raise_problem(response: requests.Response) -> None:
+    """Raise the problem document a response carries, if it carries one.
+
+    The library answers every 409 with a ConflictError holding only the Location header (an
+    ACME v1 habit), which drops the problem: RFC 9773's ``alreadyReplaced`` among them.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        return
+    if isinstance(body, dict) and isinstance(body.get("type"), str):
+        raise messages.Error.from_json(body)
 
 
 def _retry_after_seconds(response: requests.Response) -> float | None:
@@ -128,17 +144,21 @@ class AcmeClient:
     # --- account ---------------------------------------------------------------------------
     def register(self, email: str | None) -> messages.RegistrationResource:
         new = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
-        try:
-            regr = self._call(lambda: self.acme.new_account(new))
-        except errors.ConflictError as exc:
-            # The key is registered already (a crash after registering): fetch that account.
-            regr = messages.RegistrationResource(
-                uri=str(exc.location), body=messages.Registration()
-            )
+
+        def new_account() -> messages.RegistrationResource | str:
+            try:
+                return self.acme.new_account(new)
+            except errors.ConflictError as exc:
+                # The key is registered already: the library's way to give its account's URL.
+                return str(exc.location)
+
+        created = self._call(new_account)
+        if isinstance(created, str):
+            regr = messages.RegistrationResource(uri=created, body=messages.Registration())
             self.net.account = regr
-            regr = self._call(lambda: self.acme.query_registration(regr))
-        self.net.account = regr
-        return regr
+            created = self._call(lambda: self.acme.query_registration(regr))
+        self.net.account = created
+        return created
 
     @property
     def account_uri(self) -> str:
@@ -225,6 +245,11 @@ class AcmeClient:
                 raise classify(exc) from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise RetryLater(f"ACME server unreachable: {exc}", 10) from exc
+            except errors.ConflictError as exc:
+                # A 409 without a problem document: retrying the same request cannot help.
+                raise AttemptFailed(
+                    f"the CA answered 409 Conflict ({exc})", error_type="conflict"
+                ) from exc
             except errors.ClientError as exc:
                 response = exc.args[0] if exc.args else None
                 if isinstance(response, requests.Response) and response.status_code == 404:
@@ -239,7 +264,10 @@ class AcmeClient:
 
 def classify(exc: messages.Error) -> Exception:
     """Map a CA problem document to what the pipeline should do about it."""
-    code = exc.code or ""
+    # The library knows only the codes of its day (not RFC 9773's alreadyReplaced, say) and
+    # gives None for the rest: read any ACME error type's code from the type itself.
+    typ = exc.typ or ""
+    code = exc.code or (typ.rsplit(":", 1)[-1] if typ.startswith(messages.ERROR_PREFIX) else "")
     detail = exc.detail or str(exc)
     retry_after = getattr(exc, "retry_after", None)
     if code == "rateLimited":

@@ -176,6 +176,34 @@ def _new_ca_order(
     replaces: str | None,
     exempt: bool,
 ) -> tuple[str, messages.Order]:
+    try:
+        return _request_order(client, names, profile, replaces, exempt)
+    except AttemptFailed as exc:
+        if replaces is None or not _already_replaced(exc):
+            raise
+    # An earlier attempt's order (it failed, or was abandoned) already names the certificate as
+    # the one it replaces, and the CA takes only one: ask without naming it, rather than send
+    # the same refused request on every attempt until the certificate expires. Without it the
+    # order is no longer exempt from the CA's limits.
+    log.warning("renewal of %s: the CA says %s already has a replacement order; ordering "
+                "without naming it", names[0], replaces)  # fmt: skip
+    return _request_order(client, names, profile, None, exempt=False)
+
+
+def _already_replaced(problem: AttemptFailed) -> bool:
+    # RFC 9773's alreadyReplaced; Boulder said "conflict" before it, Pebble "malformed".
+    return problem.error_type == "alreadyReplaced" or (
+        problem.error_type in ("conflict", "malformed") and "replacement order" in problem.reason
+    )
+
+
+def _request_order(
+    client: AcmeClient,
+    names: list[str],
+    profile: str | None,
+    replaces: str | None,
+    exempt: bool,
+) -> tuple[str, messages.Order]:
     account = client.account_uri
     # pacing=False: the transport paces the new-order request itself.
     decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)

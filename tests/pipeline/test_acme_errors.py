@@ -75,3 +75,56 @@ def test_codes_are_classified(code: str, status: int, kind: type[Exception]) -> 
     assert type(problem) is kind
     if kind is NameRefused:
         assert f"({code})" in str(problem)
+
+
+class _LetsEncrypt:
+    """Let's Encrypt refusing a second order that names a certificate it already has a
+    replacement order for (Pebble 2.6 refuses only once the replacement is finalised)."""
+
+    account_uri = "https://ca.test/acme/acct/1"
+
+    def __init__(self, refusal: Exception) -> None:
+        self.refusal = refusal
+        self.asked: list[str | None] = []
+
+    def new_order(
+        self, names: list[str], *, profile: str | None, replaces: str | None
+    ) -> tuple[str, messages.Order]:
+        self.asked.append(replaces)
+        if replaces is not None:
+            raise self.refusal
+        return "https://ca.test/acme/order/2", messages.Order(status=messages.STATUS_PENDING)
+
+
+REPLACED = 'cannot indicate an order replaces certificate with serial "03ab", which already has a replacement order'  # noqa: E501
+
+
+@pytest.mark.parametrize("code", ["alreadyReplaced", "conflict", "malformed"])
+def test_a_renewal_refused_as_already_replaced_orders_without_naming_it(
+    certman_env: dict[str, str], redis_client: object, code: str
+) -> None:
+    from pipeline.issuance import _new_ca_order
+
+    refusal = check(
+        problem_response(
+            409, {"type": f"urn:ietf:params:acme:error:{code}", "detail": REPLACED}, {}
+        )
+    )
+    ca = _LetsEncrypt(refusal)
+    url, _ = _new_ca_order(ca, ["r.example.com"], None, "aki.03ab", True)  # type: ignore[arg-type]
+    assert url == "https://ca.test/acme/order/2"
+    assert ca.asked == ["aki.03ab", None]
+
+
+def test_another_refusal_of_a_renewal_is_not_retried(
+    certman_env: dict[str, str], redis_client: object
+) -> None:
+    from pipeline.issuance import _new_ca_order
+
+    refusal = check(
+        problem_response(400, {"type": "urn:ietf:params:acme:error:malformed", "detail": "x"}, {})
+    )
+    ca = _LetsEncrypt(refusal)
+    with pytest.raises(AttemptFailed):
+        _new_ca_order(ca, ["r.example.com"], None, "aki.03ab", True)  # type: ignore[arg-type]
+    assert ca.asked == ["aki.03ab"]
