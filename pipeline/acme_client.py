@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import requests
 from acme import challenges, client, errors, messages
 from josepy.b64 import b64encode
+from josepy.errors import DeserializationError
 from josepy.json_util import field
 from josepy.jwa import ES256, RS256
 from josepy.jwk import JWK, JWKEC
@@ -82,7 +83,11 @@ def _raise_problem(response: requests.Response) -> None:
     except ValueError:
         return
     if isinstance(body, dict) and isinstance(body.get("type"), str):
-        raise messages.Error.from_json(body)
+        try:
+            problem = messages.Error.from_json(body)
+        except DeserializationError:
+            return  # malformed: the library's own handling says what it can
+        raise problem
 
 
 def _retry_after_seconds(response: requests.Response) -> float | None:
@@ -248,7 +253,8 @@ class AcmeClient:
             except errors.ConflictError as exc:
                 # A 409 without a problem document: retrying the same request cannot help.
                 raise AttemptFailed(
-                    f"the CA answered 409 Conflict ({exc})", error_type="conflict"
+                    f"the CA answered 409 Conflict (Location: {exc.location})",
+                    error_type="conflict",
                 ) from exc
             except errors.ClientError as exc:
                 response = exc.args[0] if exc.args else None

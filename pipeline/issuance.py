@@ -177,7 +177,7 @@ def _new_ca_order(
     exempt: bool,
 ) -> tuple[str, messages.Order]:
     try:
-        return _request_order(client, names, profile, replaces, exempt)
+        return _request_order(client, names, profile, replaces, exempt=exempt)
     except AttemptFailed as exc:
         if replaces is None or not _already_replaced(exc):
             raise
@@ -187,7 +187,8 @@ def _new_ca_order(
     # order is no longer exempt from the CA's limits.
     log.warning("renewal of %s: the CA says %s already has a replacement order; ordering "
                 "without naming it", names[0], replaces)  # fmt: skip
-    return _request_order(client, names, profile, None, exempt=False)
+    # An exempt request spent nothing from our limiter; a counted one has spent already.
+    return _request_order(client, names, profile, None, exempt=False, reserve=exempt)
 
 
 def _already_replaced(problem: AttemptFailed) -> bool:
@@ -202,13 +203,16 @@ def _request_order(
     names: list[str],
     profile: str | None,
     replaces: str | None,
+    *,
     exempt: bool,
+    reserve: bool = True,
 ) -> tuple[str, messages.Order]:
     account = client.account_uri
-    # pacing=False: the transport paces the new-order request itself.
-    decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
-    if not decision.allowed:
-        raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
+    if reserve:
+        # pacing=False: the transport paces the new-order request itself.
+        decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
+        if not decision.allowed:
+            raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
     try:
         return client.new_order(names, profile=profile, replaces=replaces)
     except RateLimited as exc:

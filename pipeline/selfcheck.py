@@ -44,51 +44,70 @@ class Problem:
     ours: bool = False
 
 
+class _NoConnection(Exception):
+    """Nothing accepted a connection at the address."""
+
+
 def check(
     name: str, token: str, expected: str, *, port: int, resolver: str | None
 ) -> Problem | None:
     """None when the challenge comes back as the CA will see it, else the reason it does not.
 
-    Like Let's Encrypt: every IPv6 address first, where an address that does not answer is
-    passed over (the CA falls back to IPv4) but a wrong answer fails; then every IPv4 address.
+    IPv6 first, as Let's Encrypt does: an address that accepts no connection is passed over
+    (the CA falls back to IPv4), but anything else that goes wrong there fails. Then every
+    IPv4 address, since the CA may pick any of them. (Unlike the CA, it does not skip reserved
+    addresses, so that it works on loopback.)
     """
     ipv6 = resolve(name, resolver, ipv6=True)
     ipv4 = resolve(name, resolver)
     if not ipv4 and not ipv6:
         return Problem(f"DNS for {name} does not resolve")
-    answered = False
+    connected = False
     for address in ipv6:
         try:
-            problem = _fetch(name, f"[{address}]", port, token, expected)
-        except OSError:
-            continue  # the CA falls back to IPv4 when IPv6 does not answer
-        answered = True
+            problem = _fetch(name, f"[{address}]", port, token, expected, connect_timeout=2)
+        except _NoConnection:
+            continue
+        connected = True
         if problem is not None:
             return problem
     for address in ipv4:
         try:
-            problem = _fetch(name, address, port, token, expected)
-        except OSError as exc:
+            problem = _fetch(name, address, port, token, expected, connect_timeout=5)
+        except _NoConnection as exc:
             return Problem(f"DNS for {name} does not reach the edge ({address}:{port}: {exc})")
         if problem is not None:
             return problem
-    if not ipv4 and not answered:
+    if not ipv4 and not connected:
         return Problem(f"DNS for {name} has only IPv6 addresses, and none answered from here")
     return None
 
 
-def _fetch(name: str, host: str, port: int, token: str, expected: str) -> Problem | None:
+def _fetch(
+    name: str, host: str, port: int, token: str, expected: str, *, connect_timeout: float
+) -> Problem | None:
     """Fetch the token from one address (``host``: an IPv4 address or a bracketed IPv6 one);
-    OSError when nothing answers there."""
-    connection = http.client.HTTPConnection(host.strip("[]"), port, timeout=5)
+    :class:`_NoConnection` when nothing accepts a connection there."""
+    connection = http.client.HTTPConnection(host.strip("[]"), port, timeout=connect_timeout)
     try:
-        connection.request(
-            "GET",
-            f"/.well-known/acme-challenge/{token}",
-            headers={"Host": name, "User-Agent": "certman"},
-        )
-        response = connection.getresponse()
-        body = response.read(4096).decode("ascii", "replace").strip()
+        try:
+            connection.connect()
+        except OSError as exc:
+            raise _NoConnection(str(exc)) from exc
+        connection.sock.settimeout(5)
+        try:
+            connection.request(
+                "GET",
+                f"/.well-known/acme-challenge/{token}",
+                headers={"Host": name, "User-Agent": "certman"},
+            )
+            response = connection.getresponse()
+            body = response.read(4096).decode("ascii", "replace").strip()
+        except (OSError, http.client.HTTPException) as exc:
+            return Problem(
+                f"DNS for {name} does not reach the edge ({host}:{port} accepted the "
+                f"connection, then: {exc!r})"
+            )
     finally:
         connection.close()
     if response.status == 200 and body == expected:

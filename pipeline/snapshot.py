@@ -68,6 +68,10 @@ RESYNC_BATCH = 1000
 def resync(session: Session) -> int:
     """Rebuild the whole snapshot from the store (after a Redis loss); returns the site count."""
     count = 0
+    if session.get_bind().dialect.name == "postgresql":
+        # The batches are read one after another: one snapshot of the store for all of them,
+        # or a name moving between two sites meanwhile could be staged for neither.
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
     def records() -> Iterator[distribution.SiteRecord]:
         # A batch of sites at a time, each let go once staged: 100,000 chains and envelopes

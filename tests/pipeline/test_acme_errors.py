@@ -8,6 +8,7 @@ class; everything else about the ACME client runs against Pebble in tests/integr
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import requests
@@ -100,20 +101,37 @@ REPLACED = 'cannot indicate an order replaces certificate with serial "03ab", wh
 
 
 @pytest.mark.parametrize("code", ["alreadyReplaced", "conflict", "malformed"])
+@pytest.mark.parametrize("exempt", [True, False])
 def test_a_renewal_refused_as_already_replaced_orders_without_naming_it(
-    certman_env: dict[str, str], redis_client: object, code: str
+    certman_env: dict[str, str],
+    redis_client: object,
+    monkeypatch: pytest.MonkeyPatch,
+    code: str,
+    exempt: bool,
 ) -> None:
-    from pipeline.issuance import _new_ca_order
+    from pipeline import issuance
+    from pipeline.connections import get_limiter
 
+    limiter = get_limiter()
+    reserved: list[bool] = []
+    real = limiter.reserve_new_order
+
+    def counting(*args: Any, exempt: bool, **kwargs: Any) -> Any:
+        reserved.append(exempt)
+        return real(*args, exempt=exempt, **kwargs)
+
+    monkeypatch.setattr(limiter, "reserve_new_order", counting)
     refusal = check(
         problem_response(
             409, {"type": f"urn:ietf:params:acme:error:{code}", "detail": REPLACED}, {}
         )
     )
     ca = _LetsEncrypt(refusal)
-    url, _ = _new_ca_order(ca, ["r.example.com"], None, "aki.03ab", True)  # type: ignore[arg-type]
+    url, _ = issuance._new_ca_order(ca, ["r.example.com"], None, "aki.03ab", exempt)  # type: ignore[arg-type]
     assert url == "https://ca.test/acme/order/2"
     assert ca.asked == ["aki.03ab", None]
+    # The order without the exemption counts against the limits once, never twice.
+    assert reserved == ([True, False] if exempt else [False])
 
 
 def test_another_refusal_of_a_renewal_is_not_retried(
