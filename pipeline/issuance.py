@@ -345,8 +345,18 @@ def finalise(order_id: int) -> None:
                 _edge_key(),
                 domain=order.site.domain,
             )
-            order.key_envelope = request.key_envelope
-            order.csr_pem = request.csr_pem
+            # Only where no run has stored one: a copy of this step that outlived its lock may
+            # have, and the CSR posted must be the one whose key is kept.
+            first_try = bool(
+                session.execute(
+                    update(Order)
+                    .where(Order.id == order_id, Order.csr_pem.is_(None))
+                    .values(key_envelope=request.key_envelope, csr_pem=request.csr_pem)
+                    .execution_options(synchronize_session=False)
+                ).rowcount  # type: ignore[attr-defined]
+            )
+            del request
+            session.refresh(order, ["csr_pem"])
         order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
     assert order_url and finalize_url and csr_pem
     client = get_client()

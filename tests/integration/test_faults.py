@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -402,6 +403,44 @@ def test_an_aaaa_record_pointing_elsewhere_is_found_before_ordering(
     finally:
         elsewhere.shutdown()
         elsewhere.server_close()
+
+
+def test_finalise_keeps_the_key_of_the_csr_another_copy_posted_first(
+    in_process: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two copies of finalise (one outlived its lock): the other stores its key and posts its
+    # CSR while this one is making its own key. The key kept must be the one the CA certifies.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from pipeline import acme_client, certificates, issuance
+    from pipeline.db import session_scope
+    from pipeline.models import Order
+
+    order_id = _start_order("two-copies.example.com")
+    _step_until(issuance.place_order, order_id, "placed")
+    _step_until(issuance.publish_challenges, order_id, "challenged")
+    _step_until(issuance.poll_validation, order_id, "ready")
+    made = certificates.new_sealed_request
+
+    def while_the_other_copy_posts(*args: Any, **kwargs: Any) -> certificates.SealedRequest:
+        theirs = made(*args, **kwargs)
+        with session_scope() as session:
+            order = session.get(Order, order_id)
+            assert order is not None and order.finalize_url is not None
+            order.csr_pem, order.key_envelope = theirs.csr_pem, theirs.key_envelope
+            finalize_url = order.finalize_url
+        csr = x509.load_pem_x509_csr(theirs.csr_pem.encode())
+        acme_client.get_client().finalize(
+            finalize_url, csr.public_bytes(serialization.Encoding.DER)
+        )
+        monkeypatch.setattr(issuance, "new_sealed_request", made)
+        return made(*args, **kwargs)  # this copy's own key, made meanwhile
+
+    monkeypatch.setattr(issuance, "new_sealed_request", while_the_other_copy_posts)
+    _step_until(issuance.finalise, order_id, "issued")
+    issuance.encrypt_and_store(order_id)  # checks the chain against the stored CSR's key
+    assert _order(order_id)[0] == "done"
 
 
 def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) -> None:
