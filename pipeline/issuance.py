@@ -355,7 +355,6 @@ def finalise(order_id: int) -> None:
                     .execution_options(synchronize_session=False)
                 ).rowcount  # type: ignore[attr-defined]
             )
-            del request
             session.refresh(order, ["csr_pem"])
         order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
     assert order_url and finalize_url and csr_pem
