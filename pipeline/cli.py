@@ -249,7 +249,7 @@ def snapshot_reconcile(dry_run: bool, as_json: bool) -> None:
         with session_scope() as session:
             drift = snapshots.find_drift(session)
     else:
-        drift = snapshots.reconcile(session_scope, limit=1_000_000)
+        drift = snapshots.reconcile(session_scope, limit=None)
     if as_json:
         _print_json({"stale": drift.stale, "extra": drift.extra, "fixed": not dry_run})
         return

@@ -80,13 +80,12 @@ def place_order(order_id: int) -> None:
             return
         names, profile, replaces = list(order.names), order.profile, order.replaces
         exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
-        order_url = order.order_url
+        recorded = order_url = order.order_url
     # Nothing to seal the new key to means no certificate: find out before asking the CA.
     _edge_key()
     client = get_client()
-    recorded = order_url
     body = _ca_order_to_resume(client, recorded) if recorded else None
-    if order_url is None or body is None:
+    if body is None:
         if get_settings().self_check:
             _preflight(names)
         order_url, body = _new_ca_order(client, names, profile, replaces, exempt)

@@ -65,7 +65,7 @@ def check(
     connected = False
     for address in ipv6:
         try:
-            problem = _fetch(name, f"[{address}]", port, token, expected, connect_timeout=2)
+            problem = _fetch(name, address, port, token, expected, connect_timeout=2)
         except _NoConnection:
             continue
         connected = True
@@ -84,11 +84,12 @@ def check(
 
 
 def _fetch(
-    name: str, host: str, port: int, token: str, expected: str, *, connect_timeout: float
+    name: str, address: str, port: int, token: str, expected: str, *, connect_timeout: float
 ) -> Problem | None:
-    """Fetch the token from one address (``host``: an IPv4 address or a bracketed IPv6 one);
-    :class:`_NoConnection` when nothing accepts a connection there."""
-    connection = http.client.HTTPConnection(host.strip("[]"), port, timeout=connect_timeout)
+    """Fetch the token from one address; :class:`_NoConnection` when nothing accepts a
+    connection there."""
+    host = f"[{address}]" if ":" in address else address  # as the reasons show it
+    connection = http.client.HTTPConnection(address, port, timeout=connect_timeout)
     try:
         try:
             connection.connect()

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from pipeline.dispatch import UNFINISHED
@@ -132,15 +132,17 @@ def find_site(session: Session, name: str) -> Site:
     return site
 
 
-def _waiting(site: Site, *, blocked: bool = True, retrying: bool = True) -> bool:
-    if site.state == SiteState.BLOCKED:
-        return blocked
-    # A failed renewal leaves its site active (the old certificate is still served), with the
-    # failure counted and the renewal pushed back.
-    return retrying and (
-        site.state == SiteState.RETRYING
-        or (site.state == SiteState.ACTIVE and site.consecutive_failures > 0)
-    )
+def _waiting(*, blocked: bool, retrying: bool) -> ColumnElement[bool]:
+    """Sites that wait on a failure: blocked by a refusal, and/or waiting to try again."""
+    clauses: list[ColumnElement[bool]] = []
+    if blocked:
+        clauses.append(Site.state == SiteState.BLOCKED)
+    if retrying:
+        clauses.append(Site.state == SiteState.RETRYING)
+        # A failed renewal leaves its site active (the old certificate is still served), with
+        # the failure counted and the renewal pushed back.
+        clauses.append(and_(Site.state == SiteState.ACTIVE, Site.consecutive_failures > 0))
+    return or_(false(), *clauses)
 
 
 def retry_sites(
@@ -165,21 +167,15 @@ def retry_sites(
     chosen: dict[int, Site] = {}
     for name in names:
         site = find_site(session, name)
-        if not _waiting(site):
+        named = select(Site.id).where(Site.id == site.id, _waiting(blocked=True, retrying=True))
+        if session.scalar(named) is None:
             raise SiteError(f"{site.domain} is {site.state}, not waiting on a failure")
         chosen[site.id] = site
     if blocked or retrying:
-        candidates = session.scalars(
-            select(Site).where(
-                or_(
-                    Site.state.in_([SiteState.BLOCKED, SiteState.RETRYING]),
-                    and_(Site.state == SiteState.ACTIVE, Site.consecutive_failures > 0),
-                )
-            )
-        )
-        for site in candidates:
-            if _waiting(site, blocked=blocked, retrying=retrying):
-                chosen[site.id] = site
+        for site in session.scalars(
+            select(Site).where(_waiting(blocked=blocked, retrying=retrying))
+        ):
+            chosen[site.id] = site
     retried = []
     for site in sorted(chosen.values(), key=lambda s: s.domain):
         was = SiteState(site.state)

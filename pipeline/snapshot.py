@@ -153,20 +153,23 @@ def find_drift(session: Session) -> Drift:
     return Drift(stale=stale, extra=extra)
 
 
-def reconcile(session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int) -> Drift:
+def reconcile(
+    session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int | None
+) -> Drift:
     """Publish what the snapshot lacks and remove what the store no longer has.
 
     The backstop for a publish that never happened (Redis failed after the store's commit and
     the retry could not be sent) and for one that raced a removal. Each fix re-reads the site
     in a transaction of its own and publishes what the store says then, not what the comparison
     saw. (A change committed and published in the instant between that read and the fix can
-    still be overtaken by it; the next run puts that right.) At most ``limit`` fixes a run,
-    removals first, as they are few and a removed site must stop being served; a snapshot
-    that is wholly wrong is for ``resync``.
+    still be overtaken by it; the next run puts that right.) At most ``limit`` fixes a run
+    (None: all), removals first, as they are few and a removed site must stop being served;
+    a snapshot that is wholly wrong is for ``resync``.
     """
     with session_scope() as session:
         drift = find_drift(session)
-    for domain in [*drift.extra, *drift.stale][:limit]:
+    fixes = [*drift.extra, *drift.stale][:limit]
+    for domain in fixes:
         with session_scope() as session:
             site = session.scalar(
                 select(Site).where(Site.domain == domain).options(selectinload(Site.names))
@@ -179,7 +182,6 @@ def reconcile(session_scope: Callable[[], AbstractContextManager[Session]], *, l
     if drift.stale or drift.extra:
         log.warning(
             "edge snapshot differed from the store: %d sites missing or different, %d no "
-            "longer stored; fixed %d", len(drift.stale), len(drift.extra),
-            min(limit, len(drift.stale) + len(drift.extra)),
+            "longer stored; fixed %d", len(drift.stale), len(drift.extra), len(fixes),
         )  # fmt: skip
     return drift
