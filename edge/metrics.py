@@ -69,6 +69,34 @@ class EdgeMetrics:
             ["kind"],
             registry=r,
         )
+        self.tls_failures = Counter(
+            "certman_edge_tls_failures_total",
+            "TLS handshakes that failed after the ClientHello, by OpenSSL's reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.sync_malformed_events = Counter(
+            "certman_edge_sync_malformed_events_total",
+            "Change events that could not be applied (each answered by a snapshot re-read).",
+            registry=r,
+        )
+        self.sync_failures = Counter(
+            "certman_edge_sync_failures_total",
+            "Unexpected errors that stopped the sync loop before it restarted with backoff.",
+            registry=r,
+        )
+        self.requests_rejected = Counter(
+            "certman_edge_requests_rejected_total",
+            "Requests answered by the edge itself with a 4xx before reaching an upstream.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_cancelled = Counter(
+            "certman_edge_upstream_cancelled_total",
+            "Upstream requests cancelled because the client left or its body was malformed.",
+            ["reason"],
+            registry=r,
+        )
         self.certificates_known = Gauge(
             "certman_edge_certificates_known", "Sites with a certificate in the index.", registry=r
         )
