@@ -21,14 +21,17 @@ from tornado.httpserver import HTTPServer
 from tornado.log import access_log, gen_log
 
 from edge.challenges import ChallengeHandler, ChallengeStore
+from edge.forwarding import TrustedProxies
 from edge.metrics import EdgeMetrics
 from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
+from edge.proxy_protocol import ProxyProtocolAcceptor
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
 from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
+from pipeline.outbound import OutboundPolicy
 
 __all__ = ["Edge", "EdgeConfig", "make_metrics_app", "make_site_app"]
 
@@ -55,6 +58,17 @@ class EdgeConfig:
     # The SNI callback's Redis lookup blocks the event loop: a short timeout, so that a stalled
     # Redis costs one handshake, not every connection the process holds.
     handshake_redis_timeout: float = 0.5
+    # Peers (an HTTP load balancer) whose forwarding headers are kept: addresses or networks.
+    trusted_proxies: tuple[str, ...] = ()
+    # Every connection on both site ports starts with a PROXY protocol header (v1 or v2) from
+    # an L4 load balancer, carrying the client's address.
+    proxy_protocol: bool = False
+    # A header block above this gets 431; Tornado itself closes a connection at twice it.
+    max_header_size: int = 32 * 1024
+    max_body_size: int = 100 * 1024 * 1024
+    # /healthz answers 503 once the sync with Redis has been down this long (0: never).
+    sync_down_limit: float = 300.0
+    outbound: OutboundPolicy = OutboundPolicy()
 
 
 def make_site_app(
@@ -116,25 +130,51 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(generate_latest(self._metrics.registry))
 
 
+@dataclass(frozen=True)
+class Health:
+    """What /healthz says: 200 while the edge serves a snapshot it can trust to be recent;
+    503 before the first snapshot, once the sync loop has stopped, or once Redis has been
+    out of reach longer than ``sync_down_limit`` (the edge still serves what it has, but a
+    load balancer with a healthier edge should prefer it)."""
+
+    syncer: Syncer
+    sync_down_limit: float
+    sync_task: asyncio.Task[None] | None = None
+
+    def check(self) -> tuple[bool, str]:
+        syncer = self.syncer
+        if not syncer.ready.is_set():
+            return False, "starting: no snapshot yet"
+        if self.sync_task is not None and self.sync_task.done():
+            return False, f"sync stopped; serving version {syncer.version}"
+        if syncer.connected:
+            return True, f"ok, version {syncer.version}, in sync"
+        lag = syncer.lag()
+        if 0 < self.sync_down_limit < lag:
+            return False, (
+                f"sync down for {lag:.0f}s (limit {self.sync_down_limit:.0f}s); "
+                f"serving version {syncer.version}"
+            )
+        return True, f"ok, version {syncer.version}, Redis lost {lag:.0f}s ago"
+
+
 class HealthHandler(tornado.web.RequestHandler):
-    def initialize(self, syncer: Syncer) -> None:
-        self._syncer = syncer
+    def initialize(self, health: Health) -> None:
+        self._health = health
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        if not self._syncer.ready.is_set():
+        healthy, text = self._health.check()
+        if not healthy:
             self.set_status(503)
-            self.finish("starting: no snapshot yet\n")
-            return
-        state = "in sync" if self._syncer.connected else f"Redis lost {self._syncer.lag():.0f}s ago"
-        self.finish(f"ok, version {self._syncer.version}, {state}\n")
+        self.finish(text + "\n")
 
 
-def make_metrics_app(metrics: EdgeMetrics, syncer: Syncer) -> tornado.web.Application:
+def make_metrics_app(metrics: EdgeMetrics, health: Health) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (r"/metrics", MetricsHandler, {"metrics": metrics}),
-            (r"/healthz", HealthHandler, {"syncer": syncer}),
+            (r"/healthz", HealthHandler, {"health": health}),
         ]
     )
 
@@ -175,7 +215,7 @@ class Edge:
         m.soonest_expiry.set_function(self.index.soonest_expiry)
         m.cached_contexts.set_function(lambda: len(self.contexts.cache))
         self.lifecycle = Lifecycle()
-        self._resolver = LiteralFirstResolver()
+        self._resolver = LiteralFirstResolver(policy=config.outbound)
         self._pool = UpstreamPool(config.upstream_keepalive, config.upstream_idle_timeout)
         self._client = KeepAliveHTTPClient(
             force_instance=True,
@@ -185,6 +225,7 @@ class Edge:
             max_body_size=1 << 40,  # bodies are streamed, never held whole
         )
         self._servers: list[HTTPServer] = []
+        self._acceptors: list[ProxyProtocolAcceptor] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -213,22 +254,42 @@ class Edge:
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
             pool=self._pool if self.config.upstream_keepalive > 0 else None,
+            trusted_proxies=TrustedProxies(self.config.trusted_proxies),
+            max_header_size=self.config.max_header_size,
+            max_body_size=self.config.max_body_size,
         )
-        timeouts: dict[str, Any] = {
+        options: dict[str, Any] = {
             "idle_connection_timeout": self.config.idle_timeout,
             "body_timeout": self.config.idle_timeout,
+            # The hard limit, where Tornado closes the connection without an answer; the
+            # handler answers 431 from max_header_size, below it.
+            "max_header_size": 2 * self.config.max_header_size,
         }
-        plain = HTTPServer(make_site_app(proxy, "http", self.challenges), **timeouts)
-        tls = HTTPServer(
-            make_site_app(proxy, "https", None), ssl_options=self.listening, **timeouts
-        )
-        stats = HTTPServer(make_metrics_app(self.metrics, self.syncer))
-        for server, socks in ((plain, http), (tls, https), (stats, metrics)):
-            server.add_sockets(socks)
-            self._servers.append(server)
-        self._tasks.append(asyncio.create_task(self.syncer.run(), name="certman-sync"))
+        plain = HTTPServer(make_site_app(proxy, "http", self.challenges), **options)
+        tls = HTTPServer(make_site_app(proxy, "https", None), ssl_options=self.listening, **options)
+        sync_task = asyncio.create_task(self.syncer.run(), name="certman-sync")
+        self._tasks.append(sync_task)
+        health = Health(self.syncer, self.config.sync_down_limit, sync_task)
+        stats = HTTPServer(make_metrics_app(self.metrics, health))
+        stats.add_sockets(metrics)
+        self._servers += [plain, tls, stats]
+        for server, socks, tls_context in ((plain, http, None), (tls, https, self.listening)):
+            if self.config.proxy_protocol:
+                acceptor = ProxyProtocolAcceptor(
+                    server,
+                    socks,
+                    tls_context,
+                    on_refused=self._proxy_header_refused,
+                )
+                acceptor.start()
+                self._acceptors.append(acceptor)
+            else:
+                server.add_sockets(socks)
         if self.config.warm:
             self._tasks.append(asyncio.create_task(self._warm(), name="certman-warm"))
+
+    def _proxy_header_refused(self, reason: str) -> None:
+        self.metrics.requests_rejected.labels(f"proxy_protocol_{reason}").inc()
 
     async def _warm(self) -> None:
         """Build contexts for as many sites as the cache holds, in the background."""
@@ -270,6 +331,8 @@ class Edge:
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace period), then close."""
         self.lifecycle.draining = True
+        for acceptor in self._acceptors:
+            acceptor.stop()
         for server in self._servers:
             server.stop()
         if self.lifecycle.in_flight:

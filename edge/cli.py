@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
+import ipaddress
 import logging
 import os
 import signal
@@ -27,6 +29,7 @@ from tornado.netutil import bind_sockets
 from edge.app import Edge, EdgeConfig
 from edge.tls import listening_context
 from pipeline.keys import KeyFileError, Keyring
+from pipeline.outbound import OutboundPolicy
 from pipeline.settings import SettingsError, get_settings
 
 __all__ = ["main"]
@@ -39,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None, help="default: CERTMAN_HTTP01_PORT")
     p.add_argument("--https-port", type=int, default=443)
     p.add_argument("--metrics-port", type=int, default=9443, help="worker i uses this + i")
-    p.add_argument("--address", default="", help="address to bind (default: all)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--address", default="", help="address of the site ports (default: all)")
+    p.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address of /metrics and /healthz (default: 127.0.0.1; they are for operators)",
+    )
     p.add_argument("--public-https-port", type=int, default=None, help="port in redirects")
     p.add_argument("--processes", type=int, default=None, help="default: CERTMAN_EDGE_PROCESSES")
     p.add_argument("--key-dir", type=Path, default=None, help="default: CERTMAN_EDGE_KEY_DIR")
@@ -53,6 +62,28 @@ def _parser() -> argparse.ArgumentParser:
         default=32,
         help="idle keep-alive connections kept per upstream (0: one connection per request)",
     )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a load balancer whose forwarding headers are kept (repeatable)",
+    )
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every connection on the site ports starts with a PROXY protocol v1/v2 header",
+    )
+    p.add_argument("--max-header-size", type=int, default=32 * 1024, help="bytes; larger gets 431")
+    p.add_argument(
+        "--max-body-size", type=int, default=100 * 1024 * 1024, help="bytes; larger gets 413"
+    )
+    p.add_argument(
+        "--sync-down-limit",
+        type=float,
+        default=300.0,
+        help="seconds without Redis after which /healthz answers 503 (0: never)",
+    )
     p.add_argument("--reconcile-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--loop",
@@ -62,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("certman")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _fail(message: str) -> NoReturn:
@@ -92,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     cache_size = args.cache_size or settings.edge_cache_size
     if processes < 1 or cache_size < 1:
         _fail("--processes and --cache-size must be at least 1")
+    if args.max_header_size < 1024 or args.max_body_size < 0 or args.sync_down_limit < 0:
+        _fail("--max-header-size must be at least 1024; sizes and limits not negative")
+    try:
+        trusted = tuple(str(ipaddress.ip_network(n, strict=False)) for n in args.trusted_proxy)
+    except ValueError as exc:
+        _fail(f"--trusted-proxy: {exc}")
     http_port = args.http_port if args.http_port is not None else settings.http01_port
     try:
         http = bind_sockets(http_port, args.address or None)
@@ -107,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         https_public_port=args.public_https_port or args.https_port,
         reconcile_interval=args.reconcile_interval,
         upstream_keepalive=max(0, args.upstream_keepalive),
+        trusted_proxies=trusted,
+        proxy_protocol=args.proxy_protocol,
+        max_header_size=args.max_header_size,
+        max_body_size=args.max_body_size,
+        sync_down_limit=args.sync_down_limit,
+        outbound=OutboundPolicy.from_settings(settings),
     )
     worker = 0
     if processes > 1:
@@ -115,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             return  # the supervisor: every worker has exited
         worker = forked
     try:
-        metrics = bind_sockets(args.metrics_port + worker, args.address or None)
+        metrics = bind_sockets(args.metrics_port + worker, args.metrics_address or None)
     except OSError as exc:
         _fail(f"cannot listen for metrics: {exc.strerror or exc}")
     loop_factory = _loop_factory(args.loop)

@@ -4,6 +4,13 @@ Bodies are streamed both ways: the request body flows from ``data_received`` thr
 queue into the upstream request's ``body_producer`` (a full queue stops reading from the
 client), and the response body goes out chunk by chunk from ``streaming_callback``, whose
 returned flush future makes Tornado wait for a slow client before reading more from upstream.
+
+What a client sends is checked before anything leaves the edge: the request target
+(:mod:`edge.targets`: the upstream URL is composed from parts, never concatenated), the size of
+its header block (431) and of its body (413), and its forwarding headers
+(:mod:`edge.forwarding`). A client that leaves, or whose body turns out malformed, takes its
+upstream request with it at once (:meth:`KeepAliveHTTPClient.cancel`): an abandoned request
+must not hold an upstream slot until the request timeout.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ from typing import Any
 
 import tornado.web
 from tornado import httputil
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.netutil import DefaultLoopResolver
 from tornado.simple_httpclient import HTTPTimeoutError
 
+from edge.forwarding import TrustedProxies, forwarding_headers
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
 from edge.state import SiteIndex, normalize_host
-from edge.upstream import UpstreamPool
+from edge.targets import ASTERISK, BadTarget, Target, parse_target, upstream_url
+from edge.upstream import KeepAliveHTTPClient, UpstreamCancelled, UpstreamPool
+from pipeline.outbound import OutboundPolicy, RefusedAddress
 
 __all__ = ["HOP_BY_HOP", "Lifecycle", "LiteralFirstResolver", "ProxySettings", "SiteHandler"]
 
@@ -49,16 +59,27 @@ HOP_BY_HOP = frozenset(
 )
 # Tornado answers "Expect: 100-continue" itself before reading the body; passing it on would make
 # the upstream send a second 100 the client never asked for.
-_NOT_FORWARDED = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+_NOT_FORWARDED = HOP_BY_HOP | {"expect"}
 _BODY_QUEUE_CHUNKS = 8
 _END = b""
+_ABORT = None  # in the body queue: stop producing, the request is cancelled
+# What Tornado itself answers for OPTIONS *: the methods the edge forwards.
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # RFC 9110 section 9.2.2: what may be sent again after the connection failed under it.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class LiteralFirstResolver(DefaultLoopResolver):
     """Upstreams are usually IP literals: answer those at once, without the thread hop of
-    ``getaddrinfo`` that Tornado's default resolver takes on every upstream connection."""
+    ``getaddrinfo`` that Tornado's default resolver takes on every upstream connection.
+
+    Every address, a literal's or a name's, passes the outbound policy before the client may
+    connect to it: a dealer's upstream name that resolves to a cloud metadata address is
+    refused here, where the connection would be made, not only when the upstream was added.
+    """
+
+    def initialize(self, policy: OutboundPolicy | None = None) -> None:  # Tornado's Configurable
+        self._policy = policy or OutboundPolicy()
 
     async def resolve(
         self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
@@ -66,11 +87,26 @@ class LiteralFirstResolver(DefaultLoopResolver):
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return await super().resolve(host, port, family)
+            return self._allowed(await super().resolve(host, port, family))
         found = socket.AF_INET if ip.version == 4 else socket.AF_INET6
         if family not in (socket.AF_UNSPEC, found):
             return await super().resolve(host, port, family)  # let getaddrinfo say why not
+        self._policy.check_address(ip)
         return [(found, (host, port) if ip.version == 4 else (host, port, 0, 0))]
+
+    def _allowed(self, addresses: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        refused: RefusedAddress | None = None
+        allowed = []
+        for family, sockaddr in addresses:
+            try:
+                self._policy.check_address(sockaddr[0])
+            except RefusedAddress as exc:
+                refused = exc
+                continue
+            allowed.append((family, sockaddr))
+        if not allowed and refused is not None:
+            raise refused
+        return allowed
 
 
 @dataclass
@@ -95,12 +131,15 @@ class Lifecycle:
 class ProxySettings:
     index: SiteIndex
     metrics: EdgeMetrics
-    client: AsyncHTTPClient
+    client: KeepAliveHTTPClient
     lifecycle: Lifecycle
     https_port: int  # the public HTTPS port, for redirects
     connect_timeout: float = 5.0
     request_timeout: float = 300.0
     pool: UpstreamPool | None = None  # the client's keep-alive pool, if it has one
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    max_header_size: int = 32 * 1024
+    max_body_size: int = 100 * 1024 * 1024
 
 
 def _hop_by_hop(headers: httputil.HTTPHeaders) -> frozenset[str]:
@@ -108,11 +147,22 @@ def _hop_by_hop(headers: httputil.HTTPHeaders) -> frozenset[str]:
     return _NOT_FORWARDED | frozenset(named)
 
 
-def _plain(handler: tornado.web.RequestHandler, status: int, text: str) -> None:
+def _plain(
+    handler: tornado.web.RequestHandler, status: int, text: str, *, close: bool = False
+) -> None:
     handler.clear()
     handler.set_status(status)
     handler.set_header("Content-Type", "text/plain; charset=utf-8")
+    if close:
+        handler.set_header("Connection", "close")
     handler.finish(f"{status} {HTTPStatus(status).phrase}: {text}\n")
+
+
+def _header_block_size(request: httputil.HTTPServerRequest) -> int:
+    """What the client sent before the body, as near as the parsed form tells: the request
+    line and every field line with its separator and CRLF."""
+    start = len(request.method or "") + len(request.uri or "") + len(request.version) + 4
+    return start + sum(len(name) + len(value) + 4 for name, value in request.headers.get_all())
 
 
 @tornado.web.stream_request_body
@@ -121,15 +171,23 @@ class SiteHandler(tornado.web.RequestHandler):
         self._cfg = settings
         self._scheme = scheme
         self._counted = False
-        self._queue: asyncio.Queue[bytes] | None = None
+        self._queue: asyncio.Queue[bytes | None] | None = None
         self._fetch: asyncio.Future[HTTPResponse] | None = None
         self._response_started = False
         self._pending_headers: list[str] = []
         self._upstream: HTTPRequest | None = None
         self._retried = False
+        self._cancelled = False
+        self._body_received = 0
 
     def compute_etag(self) -> str | None:
         return None  # the upstream's ETag (if any) passes through untouched
+
+    def _reject(self, status: int, reason: str, text: str) -> None:
+        self._cfg.metrics.requests_rejected.labels(reason).inc()
+        # After a malformed or oversized request the rest of the connection cannot be trusted
+        # to be framed as the client meant it.
+        _plain(self, status, text, close=status in (400, 413, 431))
 
     # ---- request side -----------------------------------------------------------------------
 
@@ -138,44 +196,79 @@ class SiteHandler(tornado.web.RequestHandler):
         self._counted = True
         if self._cfg.lifecycle.draining:
             self.set_header("Connection", "close")
-        host = normalize_host(self.request.host or "")
+        req = self.request
+        if _header_block_size(req) > self._cfg.max_header_size:
+            self._reject(431, "header_too_large", "the request's header fields are too large")
+            return
+        host = normalize_host(req.host or "")
+        try:
+            target = parse_target(req.method or "GET", req.uri or "", host)
+        except BadTarget as exc:
+            self._reject(400, "bad_target", str(exc))
+            return
+        length = req.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self._cfg.max_body_size:
+            # Read no further than this answer: Tornado closes the connection after it rather
+            # than read a body nobody wants (its own limit must not answer 400 first).
+            req.connection.set_max_body_size(int(length))  # type: ignore[union-attr]
+            self._reject(413, "body_too_large", "the request body is too large")
+            return
+        # Room for one chunk past the limit, so that data_received (413), not Tornado (400),
+        # notices a chunked body that grows too large.
+        req.connection.set_max_body_size(self._cfg.max_body_size + 65536)  # type: ignore[union-attr]
         if self._scheme == "https":
-            stream = getattr(self.request.connection, "stream", None)
+            stream = getattr(req.connection, "stream", None)
             sni = sni_name(getattr(stream, "socket", None))
             if sni is None or host != sni:
-                _plain(self, 421, "this connection is not for that host")
+                self._reject(421, "misdirected", "this connection is not for that host")
                 return
         meta = self._cfg.index.lookup(host)
         if meta is None:
-            _plain(self, 404, "unknown site")
+            self._reject(404, "unknown_site", "unknown site")
+            return
+        if target is ASTERISK:
+            self.set_header("Allow", _ALLOW)
+            self.set_status(200)
+            self.finish()
             return
         if self._scheme == "http" and meta.has_cert:
+            # Built from the site's own name and the parsed target: nothing the client sent
+            # can move the redirect to another site.
             port = "" if self._cfg.https_port == 443 else f":{self._cfg.https_port}"
-            status = 301 if self.request.method in ("GET", "HEAD") else 308
-            self.redirect(f"https://{host}{port}{self.request.uri}", status=status)
+            status = 301 if req.method in ("GET", "HEAD") else 308
+            self.redirect(f"https://{host}{port}{target.uri}", status=status)
             return
         if not meta.upstream:
-            _plain(self, 404, "no upstream for this site")
+            self._reject(404, "no_upstream", "no upstream for this site")
             return
-        self._start_upstream(meta.upstream.rstrip("/") + (self.request.uri or "/"))
+        self._start_upstream(meta.upstream, target, host)
 
-    def _start_upstream(self, url: str) -> None:
+    def _start_upstream(self, upstream: str, target: Target, host: str) -> None:
         req = self.request
+        try:
+            url = upstream_url(upstream, target)
+        except BadTarget as exc:
+            self._reject(400, "bad_target", str(exc))
+            return
         skip = _hop_by_hop(req.headers)
         headers = httputil.HTTPHeaders()
         for name, value in req.headers.get_all():
             if name.lower() not in skip:
                 headers.add(name, value)
-        # Replace, never append: the edge is the first hop, so what a client claims is not trusted.
-        headers["X-Forwarded-For"] = req.remote_ip or ""
-        headers["X-Forwarded-Proto"] = self._scheme
-        headers["X-Forwarded-Host"] = req.host or ""
+        peer = req.remote_ip or ""
+        forwarding_headers(
+            headers,
+            peer=peer,
+            scheme=self._scheme,
+            host=req.host or host,
+            trusted=self._cfg.trusted_proxies.trusts(peer),
+        )
         if self._cfg.pool is not None:
             headers["Connection"] = "keep-alive"  # else Tornado's client asks for close
         has_body = "Content-Length" in req.headers or "Transfer-Encoding" in req.headers
         if has_body and req.headers.get("Content-Length") != "0":
             self._queue = asyncio.Queue(_BODY_QUEUE_CHUNKS)
-        upstream = HTTPRequest(
+        upstream_request = HTTPRequest(
             url,
             method=req.method or "GET",
             headers=headers,
@@ -191,7 +284,7 @@ class SiteHandler(tornado.web.RequestHandler):
             request_timeout=self._cfg.request_timeout,
             validate_cert=True,
         )
-        self._upstream = upstream
+        self._upstream = upstream_request
         self._send_upstream()
 
     def _send_upstream(self) -> None:
@@ -207,7 +300,8 @@ class SiteHandler(tornado.web.RequestHandler):
         return (
             pool is not None
             and not self._retried
-            and not isinstance(exc, HTTPTimeoutError)
+            and not self._cancelled
+            and not isinstance(exc, HTTPTimeoutError | UpstreamCancelled)
             and self._queue is None
             and not self._response_started
             and not self._pending_headers
@@ -217,12 +311,20 @@ class SiteHandler(tornado.web.RequestHandler):
         )
 
     async def data_received(self, chunk: bytes) -> None:
+        if self._cancelled:
+            return
+        self._body_received += len(chunk)
+        if self._body_received > self._cfg.max_body_size:
+            self._cancel("body_too_large")
+            if not self._response_started and not self._finished:
+                self._reject(413, "body_too_large", "the request body is too large")
+            return
         if self._queue is not None and self._fetch is not None and not self._fetch.done():
             await self._queue.put(chunk)
 
     async def _produce_body(self, write: Callable[[bytes], Awaitable[None]]) -> None:
         assert self._queue is not None
-        while (chunk := await self._queue.get()) != _END:
+        while chunk := await self._queue.get():  # _END and _ABORT are both falsy
             await write(chunk)
 
     def _upstream_done(self, fetch: asyncio.Future[HTTPResponse]) -> None:
@@ -232,6 +334,20 @@ class SiteHandler(tornado.web.RequestHandler):
         if self._queue is not None:
             while not self._queue.empty():
                 self._queue.get_nowait()
+
+    def _cancel(self, reason: str) -> None:
+        """End the upstream request now: the client left, or its body is unusable."""
+        if self._cancelled or self._upstream is None or self._fetch is None or self._fetch.done():
+            self._cancelled = True
+            return
+        self._cancelled = True
+        self._cfg.metrics.upstream_cancelled.labels(reason).inc()
+        self._cfg.client.cancel(self._upstream)
+        if self._queue is not None:
+            # Wake a producer waiting for the next chunk, so nothing stays suspended.
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queue.put_nowait(_ABORT)
 
     # ---- response side ----------------------------------------------------------------------
 
@@ -248,6 +364,8 @@ class SiteHandler(tornado.web.RequestHandler):
         skip = _hop_by_hop(headers)
         self.clear_header("Content-Type")
         self.clear_header("Server")
+        if "Date" in headers:
+            self.clear_header("Date")  # the upstream's, not a second one of ours
         self.set_status(start.code, start.reason or None)
         for name, value in headers.get_all():
             if name.lower() not in skip:
@@ -255,7 +373,7 @@ class SiteHandler(tornado.web.RequestHandler):
         self._response_started = True
 
     def _on_chunk(self, chunk: bytes) -> Awaitable[None] | None:
-        if self.request.connection is None or self._finished:
+        if self.request.connection is None or self._finished or self._cancelled:
             return None
         self.write(chunk)
         return self.flush()
@@ -276,9 +394,18 @@ class SiteHandler(tornado.web.RequestHandler):
                 self._send_upstream()
                 await self._fetch
         except Exception as exc:
+            if self._cancelled or isinstance(exc, UpstreamCancelled):
+                return
             # raise_error=False still raises transport failures (refused, reset, timeout, TLS).
             timeout = isinstance(exc, HTTPTimeoutError)
-            self._cfg.metrics.upstream_errors.labels("timeout" if timeout else "connect").inc()
+            kind = (
+                "timeout"
+                if timeout
+                else "refused"
+                if isinstance(exc, RefusedAddress)
+                else "connect"
+            )
+            self._cfg.metrics.upstream_errors.labels(kind).inc()
             log.info("upstream of %s failed: %s", self.request.host, exc)
             if self._response_started:
                 # Too late for an error page: cut the connection so the client sees a truncation.
@@ -297,9 +424,11 @@ class SiteHandler(tornado.web.RequestHandler):
         self._release()
 
     def on_connection_close(self) -> None:
+        self._cancel("client_left")
         self._release()
 
     def _release(self) -> None:
         if self._counted:
             self._counted = False
             self._cfg.lifecycle.finished()
+        self._upstream = None

@@ -7,6 +7,12 @@ snapshot and is skipped; one that skips a number means an event was lost, and th
 read again. A periodic reconcile compares the version counter for the case where the last
 events were lost. On a lost connection the edge keeps serving what it has and retries with
 backoff.
+
+Whatever is in Redis is input, not instructions: an event that does not parse, or names a bad
+token, is counted, logged (at most once a minute) and answered by re-reading the snapshot,
+never by stopping the sync. Any other failure of the loop is logged and retried with backoff
+too: a sync that died silently would leave the edge serving an ever older snapshot while its
+health check said all was well.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from edge.challenges import ChallengeStore
+from edge.challenges import ChallengeStore, valid_token
 from edge.metrics import EdgeMetrics
+from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex, SiteMeta
 from pipeline.distribution import SiteRecord, channel
 
@@ -31,6 +38,12 @@ __all__ = ["Syncer"]
 log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# A challenge is answered for minutes; an event claiming longer is capped to this.
+_MAX_CHALLENGE_TTL = 24 * 3600.0
+
+
+class MalformedEvent(ValueError):
+    """A change event the edge cannot apply."""
 
 
 class Syncer:
@@ -58,6 +71,8 @@ class Syncer:
         self.ready = asyncio.Event()  # set after the first snapshot, never cleared
         self._in_sync_at = time.monotonic()
         self._resnapshot = False
+        self._malformed_log = RateLimitedLog(log, logging.WARNING, 60.0)
+        self._failure_log = RateLimitedLog(log, logging.ERROR, 60.0)
         metrics.sync_connected.set_function(lambda: 1.0 if self.connected else 0.0)
         metrics.sync_lag.set_function(self.lag)
         metrics.sync_version.set_function(lambda: float(self.version))
@@ -85,6 +100,11 @@ class Syncer:
                 else:
                     log.debug("Redis unreachable: %s", exc)
                 self._metrics.sync_connection_errors.inc()
+            except Exception:
+                # A bug or a reply nobody foresaw: keep serving, say so, and start over.
+                self._metrics.sync_failures.inc()
+                self._failure_log.exception("sync failed; serving what we have, restarting it")
+                backoff = max(backoff, 1.0)
             finally:
                 if self.connected:
                     self._in_sync_at = time.monotonic()
@@ -132,7 +152,15 @@ class Syncer:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message["type"] == "message":
-                self._apply(message["data"])
+                try:
+                    self._apply(message["data"])
+                except (MalformedEvent, ValueError, KeyError, TypeError, AttributeError) as exc:
+                    # An event lost is one the snapshot still has: read it again.
+                    self._metrics.sync_malformed_events.inc()
+                    self._malformed_log.log(
+                        "malformed change event (%s); re-reading the snapshot", exc
+                    )
+                    self._resnapshot = True
             if self._resnapshot:
                 self._resnapshot = False
                 await self._snapshot(client, "gap")
@@ -144,23 +172,36 @@ class Syncer:
                     await self._snapshot(client, "reconcile")
 
     def _apply(self, data: bytes | str) -> None:
-        try:
-            event = json.loads(data)
-            kind = event["type"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a malformed event")
-            return
-        self._metrics.sync_events.labels(kind).inc()
+        """Apply one event; raises MalformedEvent (or ValueError, KeyError, TypeError from the
+        parsing) for one that cannot be applied, having changed nothing."""
+        event = json.loads(data)
+        if not isinstance(event, dict):
+            raise MalformedEvent("not a JSON object")
+        kind = event["type"]
+        if kind not in ("challenge", "challenge_removed", "resync", "site", "site_removed"):
+            raise MalformedEvent(f"unknown type {str(kind)[:40]!r}")
         if kind == "challenge":
-            self._challenges.put(event["token"], event["key_authorization"], float(event["ttl"]))
-            return
-        if kind == "challenge_removed":
-            self._challenges.discard(event["token"])
-            return
-        version = int(event.get("version", 0))
-        if kind == "resync":
+            token, key_authorization = _token(event), event["key_authorization"]
+            ttl = float(event["ttl"])
+            if not isinstance(key_authorization, str) or not key_authorization.startswith(
+                token + "."
+            ):
+                raise MalformedEvent("a key authorization must be the token, a dot, a thumbprint")
+            if not ttl > 0:  # also refuses NaN
+                raise MalformedEvent("a challenge's ttl must be positive")
+            self._challenges.put(token, key_authorization, min(ttl, _MAX_CHALLENGE_TTL))
+        elif kind == "challenge_removed":
+            self._challenges.discard(_token(event))
+        elif kind == "resync":
             self._resnapshot = True
-            return
+        else:
+            self._apply_site_event(kind, event)
+        self._metrics.sync_events.labels(kind).inc()
+
+    def _apply_site_event(self, kind: str, event: dict[str, Any]) -> None:
+        version = event.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise MalformedEvent("a site event's version must be an integer")
         if version <= self.version:
             return  # already in the snapshot
         if version != self.version + 1:
@@ -169,9 +210,19 @@ class Syncer:
             return
         if kind == "site":
             self._index.put(SiteMeta.from_record(SiteRecord.from_dict(event["record"])))
-        elif kind == "site_removed":
-            self._index.remove(event["domain"])
+        else:
+            domain = event["domain"]
+            if not isinstance(domain, str):
+                raise MalformedEvent("a removal must name a domain")
+            self._index.remove(domain)
         self.version = version
+
+
+def _token(event: dict[str, Any]) -> str:
+    token = event["token"]
+    if not isinstance(token, str) or not valid_token(token):
+        raise MalformedEvent("a challenge token must be base64url")
+    return token
 
 
 async def _close(pubsub: redis.asyncio.client.PubSub, client: redis.asyncio.Redis[Any]) -> None:

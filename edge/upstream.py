@@ -11,6 +11,10 @@ arrived can be retried once by the caller (:attr:`REUSED` tells it), since the u
 have closed the connection just as the request left.
 
 Every request of the edge uses the same TLS settings, so the pool key is (host, port, TLS).
+
+:meth:`KeepAliveHTTPClient.cancel` ends a request at once, in any phase (queued, connecting,
+sending, receiving): its connection is closed, never pooled, and its slot among
+``max_clients`` is freed. The proxy calls it when its client leaves.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from typing import Any
 
 from tornado.http1connection import HTTP1Connection
+from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders, RequestStartLine, ResponseStartLine
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream
@@ -29,12 +34,14 @@ from tornado.netutil import Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
 
-__all__ = ["REUSED", "KeepAliveHTTPClient", "UpstreamPool"]
+__all__ = ["REUSED", "KeepAliveHTTPClient", "UpstreamCancelled", "UpstreamPool"]
 
 # Set on an HTTPRequest (True/False) once its connection is chosen.
 REUSED = "certman_reused_connection"
 _KEY = "_certman_pool_key"
 _SERVED = "_certman_served"
+_CONNECTION = "_certman_connection"
+_CANCELLED = "_certman_cancelled"
 
 PoolKey = tuple[str, int, bool]
 
@@ -177,11 +184,32 @@ class _PooledTCPClient(TCPClient):
         return stream
 
 
+class UpstreamCancelled(Exception):
+    """The request was cancelled by the edge (its client left)."""
+
+
 class _KeepAliveConnection(_HTTPConnection):
-    """Tornado's client connection, but the stream goes back to the pool when it may."""
+    """Tornado's client connection, but the stream goes back to the pool when it may, and the
+    request can be cancelled."""
 
     _pool: UpstreamPool
     _version = ""
+
+    def __init__(self, client: Any, request: Any, *args: Any, **kwargs: Any) -> None:
+        original = getattr(request, "request", request)
+        setattr(original, _CONNECTION, self)
+        # Tornado's constructor starts the request: a cancel that came while it was queued
+        # must be applied after it, when there is something to cancel.
+        super().__init__(client, request, *args, **kwargs)
+        if getattr(original, _CANCELLED, False):
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Answer the caller with :class:`UpstreamCancelled` and close the stream, if any. The
+        final callback releases the slot; a connect still under way is closed when it
+        completes (Tornado checks for a cleared final callback there)."""
+        if self.final_callback is not None:
+            self._handle_exception(UpstreamCancelled, UpstreamCancelled(), None)
 
     def _create_connection(self, stream: IOStream) -> HTTP1Connection:
         original = getattr(self.request, "request", self.request)
@@ -241,6 +269,13 @@ class KeepAliveHTTPClient(SimpleAsyncHTTPClient):
 
     def _connection_class(self) -> type:
         return self._connection_type
+
+    def cancel(self, request: HTTPRequest) -> None:
+        """End ``request`` now (see the module docstring); a no-op once it has finished."""
+        setattr(request, _CANCELLED, True)
+        connection: _KeepAliveConnection | None = getattr(request, _CONNECTION, None)
+        if connection is not None:
+            connection.cancel()
 
     def close(self) -> None:
         self.pool.close()

@@ -1,0 +1,109 @@
+"""The forwarding headers an upstream receives: who the client is, over what, for which host.
+
+The edge is normally the first hop, so whatever a client says about its own address is a lie
+to be dropped: ``Forwarded``, the ``X-Forwarded-*`` family, ``X-Real-IP``, ``True-Client-IP``,
+``X-Client-IP`` and the like (also spelt with underscores, which some frameworks read as
+dashes). Only a peer listed as a trusted proxy (an HTTP load balancer in front of the edge)
+keeps its forwarding headers, and the edge appends its own hop to them. An L4 load balancer
+hands over the client's address with the PROXY protocol instead (:mod:`edge.proxy_protocol`):
+the address that header carries is the peer here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from tornado.httputil import HTTPHeaders
+
+__all__ = ["CLIENT_CLAIMS", "TrustedProxies", "forwarding_headers", "is_client_claim"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Lower case, dashes: compare with is_client_claim(), which folds underscores too.
+CLIENT_CLAIMS = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-server",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
+    }
+)
+
+
+def is_client_claim(name: str) -> bool:
+    return name.lower().replace("_", "-") in CLIENT_CLAIMS
+
+
+class TrustedProxies:
+    """Peers whose forwarding headers are believed: addresses or networks."""
+
+    def __init__(self, networks: Iterable[str | IPNetwork] = ()) -> None:
+        self.networks: tuple[IPNetwork, ...] = tuple(
+            n if not isinstance(n, str) else ipaddress.ip_network(n.strip(), strict=False)
+            for n in networks
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, peer: str | None) -> bool:
+        if not self.networks or not peer:
+            return False
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
+
+
+def _node(address: str) -> str:
+    """An RFC 7239 node: IPv6 in brackets and quotes; anything else quoted when it must be."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return '"unknown"' if not address else f'"{_escape(address)}"'
+    return f'"[{ip}]"' if ip.version == 6 else str(ip)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def forwarding_headers(
+    headers: HTTPHeaders,
+    *,
+    peer: str,
+    scheme: str,
+    host: str,
+    trusted: bool,
+) -> None:
+    """Set the forwarding headers in ``headers`` (the upstream request's, already copied from
+    the client's without hop-by-hop fields) for a request from ``peer`` over ``scheme`` to
+    ``host``. Untrusted: every client claim removed, then set from what the edge saw.
+    Trusted: the claims kept and this hop appended."""
+    if not trusted:
+        for name in {n for n in headers if is_client_claim(n)}:
+            del headers[name]
+    this_hop = f'for={_node(peer)};host="{_escape(host)}";proto={scheme}'
+    prior_for = ", ".join(headers.get_list("X-Forwarded-For")) if trusted else ""
+    prior_forwarded = ", ".join(headers.get_list("Forwarded")) if trusted else ""
+    headers["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else peer
+    headers["Forwarded"] = f"{prior_forwarded}, {this_hop}" if prior_forwarded else this_hop
+    if "X-Forwarded-Proto" not in headers:
+        headers["X-Forwarded-Proto"] = scheme
+    if "X-Forwarded-Host" not in headers:
+        headers["X-Forwarded-Host"] = host
