@@ -379,3 +379,77 @@ def start_prefork_edge(redis_url: str, prefix: str, key_dir: Path, *extra: str) 
         proc.wait()
         raise
     return prefork
+
+
+# ---- raw exchanges, and a server that must never be reached ------------------------------
+
+
+def raw_exchange(
+    port: int, data: bytes, *, tls_name: str | None = None, pki: object = None
+) -> bytes:
+    """Send ``data`` on a fresh connection and return everything until the server closes or
+    has answered one response with Connection: close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        if tls_name is not None:
+            ctx = pki.client_context()  # type: ignore[attr-defined]
+            sock = ctx.wrap_socket(sock, server_hostname=tls_name)
+        sock.sendall(data)
+        reply = b""
+        # A reset after the answer (the edge closed with our bytes unread) ends it like EOF.
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+                head, sep, _ = reply.partition(b"\r\n\r\n")
+                if sep and b"content-length: " in head.lower():
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    if len(reply) >= len(head) + 4 + length:
+                        break
+        return reply
+    finally:
+        sock.close()
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else 0
+
+
+@dataclass
+class Canary:
+    """A server that must never be reached: the address an attacker tries to steer to."""
+
+    port: int
+    hits: list[bytes] = field(default_factory=list)
+
+
+@pytest.fixture
+def canary() -> Iterator[Canary]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    found = Canary(listener.getsockname()[1])
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    found.hits.append(conn.recv(4096) or b"(connected)")
+                except OSError:
+                    found.hits.append(b"(connected)")
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSECRET")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield found
+    stop.set()
+    listener.close()
+    thread.join(DEADLINE)
