@@ -109,10 +109,28 @@ class WebhookRefused(Exception):
 
 
 def post_webhook(url: str, payload: dict[str, Any], *, timeout: float = WEBHOOK_TIMEOUT) -> None:
+    """POST one alert to ``url``.
+
+    Redirects are not followed: requests would follow a 301, 302 or 303 as a GET (and a 307 or
+    308 with the body) to wherever the receiver points, an address nobody configured. A 3xx is
+    a refusal that names its Location, so the operator can set the final address.
+    """
     try:
-        response = requests.post(url, json=payload, timeout=timeout)
+        response = requests.post(url, json=payload, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
         raise WebhookUnavailable(f"{url}: {exc}") from exc
+    if 300 <= response.status_code < 400:
+        location = response.headers.get("Location")
+        log.warning(
+            "alert webhook %s answered HTTP %d, redirecting to %s: not followed",
+            url,
+            response.status_code,
+            location or "(no Location)",
+        )
+        raise WebhookRefused(
+            f"{url}: HTTP {response.status_code} redirect to {location!r} not followed; "
+            "set CERTMAN_ALERT_WEBHOOK to the final address"
+        )
     if response.status_code >= 500 or response.status_code == 429:
         raise WebhookUnavailable(f"{url}: HTTP {response.status_code}")
     if response.status_code >= 400:

@@ -10,6 +10,7 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from pipeline.ratelimit import Limits, RateLimiter
+from pipeline.redis_tls import RedisTls
 from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,12 @@ _limiter: RateLimiter | None = None
 def get_redis() -> redis.Redis[Any]:
     global _redis
     if _redis is None:
+        settings = get_settings()
         _redis = redis.Redis.from_url(
-            get_settings().redis_url, socket_timeout=10, health_check_interval=30
+            settings.redis_url,
+            socket_timeout=10,
+            health_check_interval=30,
+            **RedisTls.from_settings(settings).redis_kwargs(settings.redis_url),
         )
     return _redis
 

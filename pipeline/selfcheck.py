@@ -13,6 +13,12 @@ import dns.exception
 import dns.resolver
 
 from pipeline.distribution import EDGE_HEADER
+from pipeline.outbound import OutboundPolicy, RefusedAddress
+
+# What the self-check refuses to fetch from: the metadata services, link-local, "this host",
+# multicast. No allow-list: that is for upstreams, and the edges a name must reach are not
+# upstreams. Loopback stays allowed, so that it works on one machine.
+SELF_CHECK_POLICY = OutboundPolicy()
 
 
 def resolve(name: str, resolver: str | None, *, ipv6: bool = False) -> list[str]:
@@ -49,19 +55,34 @@ class _NoConnection(Exception):
 
 
 def check(
-    name: str, token: str, expected: str, *, port: int, resolver: str | None
+    name: str,
+    token: str,
+    expected: str,
+    *,
+    port: int,
+    resolver: str | None,
+    policy: OutboundPolicy = SELF_CHECK_POLICY,
 ) -> Problem | None:
     """None when the challenge comes back as the CA will see it, else the reason it does not.
 
-    IPv6 first, as Let's Encrypt does: an address that accepts no connection is passed over
-    (the CA falls back to IPv4), but anything else that goes wrong there fails. Then every
-    IPv4 address, since the CA may pick any of them. (Unlike the CA, it does not skip reserved
-    addresses, so that it works on loopback.)
+    Every address is first checked against ``policy``, before anything is fetched: a dealer's
+    DNS pointing at 169.254.169.254 must not make a worker fetch from the metadata service,
+    so such an address fails the name. Then IPv6 first, as Let's Encrypt does: an address that
+    accepts no connection is passed over (the CA falls back to IPv4), but anything else that
+    goes wrong there fails. Then every IPv4 address, since the CA may pick any of them.
+    (Unlike the CA, it does not skip loopback or private addresses, so that it works on one
+    machine.)
     """
     ipv6 = resolve(name, resolver, ipv6=True)
     ipv4 = resolve(name, resolver)
     if not ipv4 and not ipv6:
         return Problem(f"DNS for {name} does not resolve")
+    for address in (*ipv6, *ipv4):
+        try:
+            policy.check_address(address)
+        except RefusedAddress as exc:
+            return Problem(f"DNS for {name} resolves to {exc.address}, which is never fetched "
+                           f"from: {exc.reason}")  # fmt: skip
     connected = False
     for address in ipv6:
         try:

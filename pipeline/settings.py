@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import functools
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pipeline.outbound import parse_networks
 
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -35,6 +40,11 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(
         7200, ge=1, description="Seconds before an unacknowledged task is delivered again."
     )
+    # Redis over TLS (rediss://): the server's certificate is always verified, against this CA
+    # file or, without one, the system's store; a client certificate for tls-auth-clients.
+    redis_ca_file: Path | None = Field(None, description="CA bundle to verify Redis with.")
+    redis_cert_file: Path | None = Field(None, description="Client certificate for Redis.")
+    redis_key_file: Path | None = Field(None, description="Client certificate's key for Redis.")
 
     # --- ACME -------------------------------------------------------------------------------
     acme_directory: str = LETS_ENCRYPT_STAGING
@@ -86,6 +96,15 @@ class Settings(BaseSettings):
         5, ge=1, description="Alert when a site has failed this many times in a row."
     )
 
+    # --- outbound requests to dealers' upstreams (pipeline.outbound) -------------------------
+    upstream_allow_link_local: bool = Field(
+        False, description="Allow link-local upstreams (never the metadata addresses)."
+    )
+    # NoDecode: a comma- or space-separated list, not the JSON pydantic-settings expects.
+    upstream_allowed_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = Field(
+        (), description="Only these networks may be upstreams; empty: any not refused."
+    )
+
     # --- edge -------------------------------------------------------------------------------
     edge_cache_size: int = Field(10_000, ge=1, description="TLS contexts kept per edge process.")
     edge_processes: int = Field(1, ge=1)
@@ -102,7 +121,63 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        tls_options = sorted(
+            {k for k, _ in parse_qsl(urlsplit(value).query) if k.lower().startswith("ssl")}
+        )
+        if tls_options:
+            # redis-py and kombu let URL options override the ones certman passes, so
+            # ?ssl_cert_reqs=none would quietly turn verification off.
+            raise ValueError(
+                f"must not carry TLS options ({', '.join(tls_options)}): use "
+                "CERTMAN_REDIS_CA_FILE, CERTMAN_REDIS_CERT_FILE and CERTMAN_REDIS_KEY_FILE"
+            )
         return value
+
+    @field_validator("redis_ca_file", "redis_cert_file", "redis_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_ca_file", "redis_cert_file", "redis_key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        try:
+            with value.open("rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"{value} cannot be read: {exc.strerror}") from None
+        return value
+
+    @field_validator("upstream_allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_networks(value)
+        return value
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        if (self.redis_cert_file is None) != (self.redis_key_file is None):
+            raise ValueError(
+                "CERTMAN_REDIS_CERT_FILE and CERTMAN_REDIS_KEY_FILE go together: "
+                "set both for a client certificate, or neither"
+            )
+        given = [
+            f"CERTMAN_{name.upper()}"
+            for name in ("redis_ca_file", "redis_cert_file", "redis_key_file")
+            if getattr(self, name) is not None
+        ]
+        if given and not self.redis_url.startswith("rediss://"):
+            # Most likely a URL left at redis://: the operator expects TLS and would not get it.
+            raise ValueError(
+                f"{' and '.join(given)} set, but CERTMAN_REDIS_URL is not a rediss:// URL, "
+                "so Redis would be used without TLS"
+            )
+        return self
 
     @field_validator("dns_resolver")
     @classmethod
@@ -133,7 +208,11 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:
+                # A check across several variables: its message names them.
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             problems.append(f"CERTMAN_{field.upper()}: {error['msg']}")
         raise SettingsError("; ".join(problems)) from None
 

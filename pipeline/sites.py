@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
@@ -15,7 +14,8 @@ from pipeline.dispatch import UNFINISHED
 from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
-from pipeline.settings import KeyType
+from pipeline.outbound import OutboundPolicy, RefusedUpstream
+from pipeline.settings import KeyType, get_settings
 
 
 class SiteError(ValueError):
@@ -38,18 +38,20 @@ class NewSite:
         return (self.domain, *self.aliases)
 
 
-def validate_upstream(raw: str | None) -> str | None:
+def validate_upstream(raw: str | None, policy: OutboundPolicy | None = None) -> str | None:
+    """The upstream URL normalised, None for none, or :class:`SiteError` saying what is wrong.
+
+    ``policy`` defaults to the installation's (CERTMAN_UPSTREAM_*): the one the edge applies
+    to every address it connects to, so a URL accepted here is one the edge will use.
+    """
     if raw is None or not raw.strip():
         return None
-    url = raw.strip()
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise SiteError(f"upstream {raw!r}: must not contain spaces or control characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SiteError(f"upstream {raw!r}: must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment:
-        raise SiteError(f"upstream {raw!r}: must not have a query or fragment")
-    return url.rstrip("/")
+    if policy is None:
+        policy = OutboundPolicy.from_settings(get_settings())
+    try:
+        return policy.check_upstream_url(raw)
+    except RefusedUpstream as exc:
+        raise SiteError(str(exc)) from None
 
 
 def parse_site(

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from ipaddress import ip_network
+from pathlib import Path
+
 import pytest
 
 from pipeline.settings import Settings, SettingsError, load_settings
@@ -38,3 +41,98 @@ def test_a_bad_variable_is_named(
 def test_self_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CERTMAN_SELF_CHECK", "off")
     assert load_settings().self_check is False
+
+
+# --- outbound requests and Redis over TLS --------------------------------------------------------
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in paths.values():
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    return paths
+
+
+def test_upstream_settings_default_to_private_ranges_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL", "CERTMAN_UPSTREAM_ALLOWED_NETWORKS"):
+        monkeypatch.delenv(var, raising=False)
+    settings = load_settings()
+    assert settings.upstream_allow_link_local is False
+    assert settings.upstream_allowed_networks == ()
+
+
+def test_allowed_networks_take_commas_or_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTMAN_UPSTREAM_ALLOWED_NETWORKS", "10.0.0.0/8,192.168.0.0/16 fd00::/8")
+    monkeypatch.setenv("CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL", "on")
+    settings = load_settings()
+    assert settings.upstream_allowed_networks == (
+        ip_network("10.0.0.0/8"),
+        ip_network("192.168.0.0/16"),
+        ip_network("fd00::/8"),
+    )
+    assert settings.upstream_allow_link_local is True
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("CERTMAN_UPSTREAM_ALLOWED_NETWORKS", "10.0.0.1/8",
+         r"CERTMAN_UPSTREAM_ALLOWED_NETWORKS: .*'10\.0\.0\.1/8' has host bits set"),
+        ("CERTMAN_UPSTREAM_ALLOWED_NETWORKS", "10.0.0.0/8 intranet",
+         "CERTMAN_UPSTREAM_ALLOWED_NETWORKS: .*'intranet' is not a network"),
+        ("CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL", "maybe", "CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL"),
+        ("CERTMAN_REDIS_CA_FILE", "/nonexistent/ca.pem",
+         "CERTMAN_REDIS_CA_FILE: .*/nonexistent/ca.pem is not a file"),
+        ("CERTMAN_REDIS_URL", "rediss://redis.internal:6380/0?ssl_cert_reqs=none",
+         "CERTMAN_REDIS_URL: .*must not carry TLS options \\(ssl_cert_reqs\\)"),
+    ],
+)  # fmt: skip
+def test_bad_outbound_and_redis_tls_variables_are_named(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_URL", "rediss://redis.internal:6380/0")
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+
+
+def test_redis_tls_files_are_read(monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_URL", "rediss://redis.internal:6380/0")
+    monkeypatch.setenv("CERTMAN_REDIS_CA_FILE", str(files["ca"]))
+    monkeypatch.setenv("CERTMAN_REDIS_CERT_FILE", str(files["cert"]))
+    monkeypatch.setenv("CERTMAN_REDIS_KEY_FILE", str(files["key"]))
+    settings = load_settings()
+    assert (settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file) == (
+        files["ca"],
+        files["cert"],
+        files["key"],
+    )
+
+
+def test_an_empty_redis_tls_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_CA_FILE", "")
+    assert load_settings().redis_ca_file is None
+
+
+@pytest.mark.parametrize("only", ["CERTMAN_REDIS_CERT_FILE", "CERTMAN_REDIS_KEY_FILE"])
+def test_a_client_certificate_needs_its_key_and_the_key_its_certificate(
+    monkeypatch: pytest.MonkeyPatch, files: dict[str, Path], only: str
+) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_URL", "rediss://redis.internal:6380/0")
+    monkeypatch.setenv(only, str(files["cert"]))
+    with pytest.raises(
+        SettingsError, match="^CERTMAN_REDIS_CERT_FILE and CERTMAN_REDIS_KEY_FILE go together"
+    ):
+        load_settings()
+
+
+def test_redis_tls_files_without_a_rediss_url_are_refused(
+    monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]
+) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_URL", "redis://redis.internal:6379/0")
+    monkeypatch.setenv("CERTMAN_REDIS_CA_FILE", str(files["ca"]))
+    with pytest.raises(
+        SettingsError, match="CERTMAN_REDIS_CA_FILE set, but CERTMAN_REDIS_URL is not a rediss://"
+    ):
+        load_settings()

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from sqlalchemy import func, select
 
@@ -101,3 +105,97 @@ def test_a_site_may_choose_its_key_type_and_profile(database_url: str) -> None:
     with session_scope(database_url) as session:
         site, _ = add_site(session, new)
         assert (site.key_type, site.profile) == ("rsa-2048", "shortlived")
+
+
+# --- upstreams: the outbound policy (pipeline.outbound) ------------------------------------------
+@pytest.fixture
+def upstream_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Settings read afresh from the environment this test sets."""
+    from pipeline.settings import get_settings
+
+    for var in ("CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL", "CERTMAN_UPSTREAM_ALLOWED_NETWORKS"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("upstream", "reason"),
+    [
+        ("http://user:pass@dealer.example.com/", "must not contain a user name or password"),
+        ("http://169.254.169.254/", "cloud metadata service"),
+        ("http://[::ffff:169.254.169.254]/", "IPv4-mapped 169.254.169.254"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "NAT64 169.254.169.254"),
+        ("http://[fd00:ec2::254]/", "AWS instance metadata service"),
+        ("http://100.100.100.200/", "Alibaba Cloud metadata service"),
+        ("http://169.254.20.1:8080/", "link-local (169.254.0.0/16)"),
+        ("http://[fe80::2]/", "link-local (fe80::/10)"),
+        ("http://2852039166/", "non-standard form"),
+        ("http://0.0.0.0/", "unspecified"),
+        ("http://dealer.example.com:99999/", "port must be a number"),
+    ],
+)
+def test_upstreams_the_edge_must_not_reach_are_refused(
+    upstream_env: pytest.MonkeyPatch, upstream: str, reason: str
+) -> None:
+    with pytest.raises(SiteError) as caught:
+        parse_site("dealer.example.com", upstream=upstream)
+    assert str(caught.value).startswith(f"upstream {upstream!r}: ")
+    assert reason in str(caught.value)
+
+
+def test_private_and_loopback_upstreams_stay_allowed(upstream_env: pytest.MonkeyPatch) -> None:
+    for upstream in ("http://10.0.0.5:8080/", "http://192.168.1.2", "https://[fd00::5]/",
+                     "http://127.0.0.1:3000", "https://Dealer-Host.internal/site/"):  # fmt: skip
+        assert parse_site("dealer.example.com", upstream=upstream).upstream is not None
+    assert (
+        parse_site("dealer.example.com", upstream="HTTPS://Dealer-Host.internal/site/").upstream
+        == "https://dealer-host.internal/site"
+    )
+
+
+def test_link_local_upstreams_when_the_installation_allows_them(
+    upstream_env: pytest.MonkeyPatch,
+) -> None:
+    upstream_env.setenv("CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL", "on")
+    assert parse_site("d.example.com", upstream="http://169.254.20.1/").upstream == (
+        "http://169.254.20.1"
+    )
+    with pytest.raises(SiteError, match="cloud metadata service"):
+        parse_site("d.example.com", upstream="http://169.254.169.254/")
+
+
+def test_an_allow_list_limits_ip_literal_upstreams(upstream_env: pytest.MonkeyPatch) -> None:
+    upstream_env.setenv("CERTMAN_UPSTREAM_ALLOWED_NETWORKS", "10.20.0.0/16, fd00:20::/32")
+    assert parse_site("d.example.com", upstream="http://10.20.3.4/").upstream == "http://10.20.3.4"
+    with pytest.raises(SiteError, match=r"outside CERTMAN_UPSTREAM_ALLOWED_NETWORKS \(10\.20"):
+        parse_site("d.example.com", upstream="http://10.30.3.4/")
+
+
+def test_bulk_onboarding_rejects_a_line_whose_upstream_is_refused(
+    upstream_env: pytest.MonkeyPatch, database_url: str, tmp_path: Path
+) -> None:
+    """Onboarding validates each line with parse_site, so it refuses what the CLI refuses."""
+    from pipeline.db import get_engine
+    from pipeline.onboarding import Onboarding, Options, RejectedWriter, read_lines
+
+    text = (
+        "good.example.com,http://10.0.0.5:8080\n"
+        "metadata.example.com,http://169.254.169.254/latest\n"
+        "creds.example.com,http://admin:pw@10.0.0.6/\n"
+    )
+    rejected = tmp_path / "in.rejected.csv"
+    writer = RejectedWriter(rejected)
+    try:
+        summary = Onboarding(get_engine(database_url), Options(), rejected=writer).run(
+            read_lines(io.StringIO(text))
+        )
+    finally:
+        writer.close()
+    assert (summary.added, summary.rejected) == (1, 2)
+    refused = rejected.read_text()
+    assert "cloud metadata service" in refused
+    assert "user name or password" in refused
+    with session_scope(database_url) as session:
+        assert [row["domain"] for row in list_sites(session)] == ["good.example.com"]
