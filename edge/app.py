@@ -32,6 +32,7 @@ from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
 from pipeline.outbound import OutboundPolicy
+from pipeline.redis_tls import RedisTls
 
 __all__ = ["Edge", "EdgeConfig", "make_metrics_app", "make_site_app"]
 
@@ -69,6 +70,8 @@ class EdgeConfig:
     # /healthz answers 503 once the sync with Redis has been down this long (0: never).
     sync_down_limit: float = 300.0
     outbound: OutboundPolicy = OutboundPolicy()
+    # How a rediss:// server is verified (the system's store by default): never unverified.
+    redis_tls: RedisTls = RedisTls()
 
 
 def make_site_app(
@@ -187,8 +190,9 @@ class Edge:
         install_log_filters()
         self.metrics = m = EdgeMetrics()
         self.index = SiteIndex()
+        redis_tls = config.redis_tls.redis_kwargs(config.redis_url)
         self._async_redis: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
-            config.redis_url, socket_connect_timeout=1, socket_timeout=2
+            config.redis_url, socket_connect_timeout=1, socket_timeout=2, **redis_tls
         )
         # The SNI callback runs inside OpenSSL's handshake, which cannot await: it gets a plain
         # blocking client with short timeouts, used only when the site's context is not cached.
@@ -196,6 +200,7 @@ class Edge:
             config.redis_url,
             socket_connect_timeout=min(0.2, config.handshake_redis_timeout),
             socket_timeout=config.handshake_redis_timeout,
+            **redis_tls,
         )
         self.challenges = ChallengeStore(self._async_redis, config.prefix)
         self.syncer = Syncer(
@@ -205,6 +210,7 @@ class Edge:
             self.challenges,
             m,
             reconcile_interval=config.reconcile_interval,
+            redis_options=redis_tls,
         )
         self.contexts = SiteContexts(
             self.index, keyring, self._fetch_blob, ContextCache(config.cache_size, m), m

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -57,8 +58,10 @@ class Syncer:
         *,
         reconcile_interval: float = 5.0,
         max_backoff: float = 5.0,
+        redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._url = redis_url
+        self._redis_options = dict(redis_options or {})
         self._prefix = prefix
         self._index = index
         self._parsing: asyncio.Task[None] | None = None
@@ -85,7 +88,7 @@ class Syncer:
         backoff = 0.05
         while True:
             client: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
-                self._url, socket_connect_timeout=2, socket_timeout=5
+                self._url, socket_connect_timeout=2, socket_timeout=5, **self._redis_options
             )
             pubsub = client.pubsub()
             try:

@@ -11,6 +11,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +19,8 @@ import redis
 from edge.proxy_protocol import ProxyHeaderError, parse_proxy_header
 from edge.targets import BadTarget, parse_target, upstream_url
 from pipeline.distribution import channel, publish_site
+from pipeline.redis_tls import RedisTls
+from tests.support.redis_tls_server import TlsRedisServer, make_ca
 
 from .conftest import DEADLINE, Canary, RunningEdge, Sites, raw_exchange, status_of, wait_for
 
@@ -490,3 +493,32 @@ def test_health_says_when_sync_has_been_down_too_long(
     assert "certman_edge_sync_failures_total" in edge.metrics()
     redis_client.set(f"{prefix}:version", "0")
     wait_for(lambda: edge.health() == 200, timeout=2 * DEADLINE, what="healthz back to 200")
+
+
+# ---- Redis over TLS ------------------------------------------------------------------------
+
+
+def test_the_edge_verifies_a_tls_redis(
+    tmp_path: Path, sites: Sites, upstream: str, start_edge: Callable[..., RunningEdge]
+) -> None:
+    server = TlsRedisServer(tmp_path / "redis")
+    client = server.start()
+    try:
+        publish_site(client, "tlsedge", sites.record("shop.test", upstream=upstream))
+        wrong = make_ca(tmp_path / "wrong", "not the redis CA")
+        for tls in (RedisTls(ca_file=wrong.file), RedisTls()):  # the system store: no either
+            refused = start_edge(redis_url=server.url, prefix="tlsedge", redis_tls=tls)
+            wait_for(
+                lambda e=refused: "certman_edge_sync_connection_errors_total 2.0" in e.metrics(),
+                what="connection attempts failing",
+            )
+            assert refused.health() == 503
+            with pytest.raises(ssl.SSLError):
+                refused.tls("shop.test").close()
+        edge = start_edge(
+            redis_url=server.url, prefix="tlsedge", redis_tls=RedisTls(ca_file=server.ca.file)
+        )
+        edge.wait_ready()
+        assert edge.https("shop.test")[0] == 200
+    finally:
+        server.stop()
