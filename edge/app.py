@@ -18,8 +18,9 @@ import redis.asyncio
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.httpserver import HTTPServer
-from tornado.log import access_log, gen_log
+from tornado.log import access_log
 
+from edge import handshakes
 from edge.challenges import ChallengeHandler, ChallengeStore
 from edge.forwarding import TrustedProxies
 from edge.metrics import EdgeMetrics
@@ -56,6 +57,9 @@ class EdgeConfig:
     # long one may stay idle: under every common server's keep-alive timeout (Node's is 5 s).
     upstream_keepalive: int = 32
     upstream_idle_timeout: float = 2.0
+    # Mozilla's server profile for the listening context (edge.tls.PROFILES); the CLI builds
+    # that context before forking, from this.
+    tls_profile: str = "intermediate"
     # The SNI callback's Redis lookup blocks the event loop: a short timeout, so that a stalled
     # Redis costs one handshake, not every connection the process holds.
     handshake_redis_timeout: float = 0.5
@@ -103,25 +107,6 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
             req.remote_ip,
             1000.0 * req.request_time(),
         )
-
-
-class QuietRefusals(logging.Filter):
-    """Drops Tornado's per-connection WARNING for a handshake the SNI callback refused
-    (unknown name, no SNI, site unavailable, envelope that does not open): each is counted in
-    ``certman_edge_sni_total`` by outcome, and an envelope failure is logged once by the edge
-    itself. Without this, a scanner trying names costs a formatted log line per connection."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != "SSL Error on %s %s: %s" or not isinstance(record.args, tuple):
-            return True
-        err = record.args[-1] if record.args else None
-        return getattr(err, "reason", None) != "CALLBACK_FAILED"
-
-
-def install_log_filters() -> None:
-    """Idempotent: once per process, whatever the number of edges in it."""
-    if not any(isinstance(f, QuietRefusals) for f in gen_log.filters):
-        gen_log.addFilter(QuietRefusals())
 
 
 class MetricsHandler(tornado.web.RequestHandler):
@@ -187,8 +172,8 @@ class Edge:
 
     def __init__(self, config: EdgeConfig, keyring: Keyring, listening: ssl.SSLContext) -> None:
         self.config = config
-        install_log_filters()
         self.metrics = m = EdgeMetrics()
+        handshakes.install(m)
         self.index = SiteIndex()
         redis_tls = config.redis_tls.redis_kwargs(config.redis_url)
         self._async_redis: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
@@ -313,12 +298,12 @@ class Edge:
             except (redis.ConnectionError, redis.TimeoutError):
                 log.warning("warm-up stopped: Redis unreachable")
                 return
-            for raw in blobs:
+            for domain, raw in zip(batch, blobs, strict=True):
                 if raw is not None:
                     record = SiteRecord.from_json(raw)
-                    meta = self.index.get(record.domain)
-                    if meta is not None and not self.contexts.failed(meta):
-                        self.contexts.install(record)
+                    meta = self.index.get(domain)
+                    usable = meta is not None and not self.contexts.failed(meta)
+                    if usable and self.contexts.install(record, filed_under=domain) is not None:
                         built += 1
                 # Let handshakes and requests in between two ~1.5 ms builds.
                 await asyncio.sleep(0)
@@ -356,3 +341,4 @@ class Edge:
         self._resolver.close()
         await aclose(self._async_redis)
         self._blocking_redis.close()
+        handshakes.uninstall(self.metrics)

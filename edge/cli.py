@@ -27,7 +27,7 @@ from typing import NoReturn
 from tornado.netutil import bind_sockets
 
 from edge.app import Edge, EdgeConfig
-from edge.tls import listening_context
+from edge.tls import PROFILES, listening_context
 from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_tls import RedisTls
@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds without Redis after which /healthz answers 503 (0: never)",
+    )
+    p.add_argument(
+        "--tls-profile",
+        choices=PROFILES,
+        default="intermediate",
+        help="Mozilla server profile: intermediate (TLS 1.2 and 1.3) or modern (TLS 1.3 only)",
     )
     p.add_argument("--reconcile-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         https = bind_sockets(args.https_port, args.address or None)
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror or exc}")
-    listening = listening_context()
+    listening = listening_context(args.tls_profile)
     config = EdgeConfig(
         redis_url=redis_url,
         prefix=args.redis_prefix or settings.redis_prefix,
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         sync_down_limit=args.sync_down_limit,
         outbound=OutboundPolicy.from_settings(settings),
         redis_tls=redis_tls,
+        tls_profile=args.tls_profile,
     )
     worker = 0
     if processes > 1:

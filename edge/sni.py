@@ -4,21 +4,26 @@ The first handshake for a site fetches its blob (one HGET), opens the envelope, 
 context (~1.5 ms for P-256) and caches it; the clear key exists only inside that call. A site
 whose envelope cannot be opened is logged once per certificate version and refused, without
 affecting any other site.
+
+A blob is trusted only as far as it agrees with where it was found: a record filed under
+another domain than its own is refused, and a certificate is served only for the names its
+leaf covers (the cached context keeps them, so the per-handshake check is a set lookup).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography import x509
 
 from edge.metrics import EdgeMetrics
-from edge.state import SiteIndex, SiteMeta, normalize_host
+from edge.state import SiteIndex, SiteMeta
 from edge.tls import build_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord, content_hash
@@ -26,7 +31,15 @@ from pipeline.distribution import SiteRecord, content_hash
 if TYPE_CHECKING:
     from pipeline.keys import Keyring
 
-__all__ = ["ContextCache", "SiteContexts", "SniSelector", "sni_name"]
+__all__ = [
+    "CachedSite",
+    "ContextCache",
+    "NameNotCovered",
+    "SiteContexts",
+    "SiteUnavailable",
+    "SniSelector",
+    "sni_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +49,39 @@ _SNI_ATTR = "certman_sni_name"
 # Fetches a site's blob from Redis; None when the site is gone, raises when Redis is unreachable.
 BlobFetcher = Callable[[str], "bytes | None"]
 
+# One DNS label as a certificate's wildcard may stand for it (letters, digits, hyphens).
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class CachedSite(NamedTuple):
+    ctx: ssl.SSLContext
+    # The leaf's SAN dNSNames, lower-case, wildcards kept as "*.parent".
+    names: frozenset[str]
+    # content_hash of the record it was built from.
+    version: str
+
+    def covers(self, name: str) -> bool:
+        """Whether the certificate is valid for ``name`` (a lower-case name whose first label,
+        if a wildcard is tried, the caller has checked)."""
+        return name in self.names or "*." + name.partition(".")[2] in self.names
+
 
 class ContextCache:
-    """LRU of domain -> SSLContext; memory stays bounded by ``size`` whatever the site count."""
+    """LRU of domain -> CachedSite; memory stays bounded by ``size`` whatever the site count."""
 
     def __init__(self, size: int, metrics: EdgeMetrics) -> None:
         self.size = size
         self._metrics = metrics
-        self._items: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._items: OrderedDict[str, CachedSite] = OrderedDict()
 
-    def get(self, domain: str) -> ssl.SSLContext | None:
-        ctx = self._items.get(domain)
-        if ctx is not None:
+    def get(self, domain: str) -> CachedSite | None:
+        site = self._items.get(domain)
+        if site is not None:
             self._items.move_to_end(domain)
-        return ctx
+        return site
 
-    def put(self, domain: str, ctx: ssl.SSLContext) -> None:
-        self._items[domain] = ctx
+    def put(self, domain: str, site: CachedSite) -> None:
+        self._items[domain] = site
         self._items.move_to_end(domain)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -71,6 +100,10 @@ class ContextCache:
 
 class SiteUnavailable(Exception):
     """The site's certificate cannot be served now (blob missing or Redis unreachable)."""
+
+
+class NameNotCovered(Exception):
+    """The site's certificate does not cover the name asked for (index and blob disagree)."""
 
 
 class SiteContexts:
@@ -92,48 +125,100 @@ class SiteContexts:
         # domain -> content hash of the certificate version that failed, so it is logged once
         # and not retried on every handshake.
         self._failed: dict[str, str] = {}
+        # domain -> version whose certificate was found not to cover a name (logged once).
+        self._uncovered: dict[str, str] = {}
+        # domain -> version of another domain's record found filed under it (logged once).
+        self._misfiled: dict[str, str] = {}
         index.on_certificate_change(self._forget)
 
     def _forget(self, domain: str) -> None:
         self.cache.evict(domain, "replaced")
         self._failed.pop(domain, None)
+        self._uncovered.pop(domain, None)
+        self._misfiled.pop(domain, None)
 
     def failed(self, meta: SiteMeta) -> bool:
         return self._failed.get(meta.domain) == meta.content_hash
 
-    def context_for(self, meta: SiteMeta) -> ssl.SSLContext | None:
-        """The site's context, building it on a miss; None if it cannot be served."""
-        ctx = self.cache.get(meta.domain)
-        if ctx is not None:
-            self._metrics.cache_hits.inc()
-            return ctx
-        if self.failed(meta):
-            return None
-        self._metrics.cache_misses.inc()
-        raw = self._fetch_blob(meta.domain)
-        if raw is None:
-            raise SiteUnavailable(meta.domain)
-        return self.install(SiteRecord.from_json(raw))
+    def context_for(self, meta: SiteMeta, name: str | None = None) -> ssl.SSLContext | None:
+        """The site's context, building it on a miss; None if it cannot be served.
 
-    def install(self, record: SiteRecord) -> ssl.SSLContext | None:
-        """Open ``record``'s envelope and cache its context; None (logged once) if it fails."""
+        With ``name`` (the SNI name being handshaken), raises NameNotCovered unless the site's
+        certificate covers it.
+        """
+        site = self.cache.get(meta.domain)
+        if site is not None:
+            self._metrics.cache_hits.inc()
+        else:
+            if self.failed(meta):
+                return None
+            self._metrics.cache_misses.inc()
+            raw = self._fetch_blob(meta.domain)
+            if raw is None:
+                raise SiteUnavailable(meta.domain)
+            site = self._install(SiteRecord.from_json(raw), meta.domain)
+            if site is None:
+                return None
+        if name is not None and not site.covers(name):
+            if self._uncovered.get(meta.domain) != site.version:
+                self._uncovered[meta.domain] = site.version
+                log.error(
+                    "certificate of %s does not cover %s, which the index files under it; "
+                    "refusing that name",
+                    meta.domain,
+                    name,
+                )
+            raise NameNotCovered(name)
+        return site.ctx
+
+    def install(self, record: SiteRecord, filed_under: str | None = None) -> ssl.SSLContext | None:
+        """Open ``record``'s envelope and cache its context; None (logged once) if it fails.
+
+        ``filed_under`` is the domain the record was fetched by: a record for another domain
+        is refused rather than cached under either name.
+        """
+        site = self._install(record, filed_under or record.domain)
+        return site.ctx if site is not None else None
+
+    def _install(self, record: SiteRecord, domain: str) -> CachedSite | None:
+        if record.domain != domain:
+            # A blob swapped or copied under another key: serving it would answer for one
+            # domain with another's certificate (valid for it, so the client would not notice).
+            # Not remembered as failed: the index's version of the site says nothing about
+            # what the blob holds, and putting the right record back must work at once.
+            version = content_hash(record)
+            if self._misfiled.get(domain) != version:
+                self._misfiled[domain] = version
+                self._metrics.envelope_failures.labels("RecordMisfiled").inc()
+                log.error(
+                    "record filed under %s is for %s; refusing %s's handshakes",
+                    domain,
+                    record.domain,
+                    domain,
+                )
+            return None
         if not (record.chain_pem and record.envelope):
             return None
         started = time.perf_counter()
         try:
-            ctx = self._build(record)
+            site = self._build(record)
         except (envelope.EnvelopeError, ValueError, ssl.SSLError) as exc:
             self._fail(record, exc)
             return None
         finally:
             self._metrics.context_build_seconds.inc(time.perf_counter() - started)
-        self.cache.put(record.domain, ctx)
-        return ctx
+        self.cache.put(record.domain, site)
+        return site
 
-    def _build(self, record: SiteRecord) -> ssl.SSLContext:
+    def _build(self, record: SiteRecord) -> CachedSite:
         assert record.chain_pem and record.envelope
         chain = record.chain_pem.encode()
         leaf = x509.load_pem_x509_certificate(chain)
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise ValueError("the certificate has no subjectAltName") from None
+        names = frozenset(n.lower() for n in san.get_values_for_type(x509.DNSName))
         sealed = envelope.from_text(record.envelope, domain=record.domain)
         key_pem = envelope.open_envelope(
             sealed,
@@ -142,7 +227,7 @@ class SiteContexts:
             binding=envelope.spki_fingerprint(leaf.public_key()),
         )
         try:
-            return build_context(chain, key_pem)
+            return CachedSite(build_context(chain, key_pem), names, content_hash(record))
         finally:
             # Drop the only reference now rather than when the frame dies.
             del key_pem
@@ -176,15 +261,20 @@ class SniSelector:
         if not server_name:
             outcome("no_sni").inc()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        name = normalize_host(server_name)
-        meta = self._index.lookup(name)
+        # Lower-cased only: a trailing dot, a port, spaces or empty labels are not a host name
+        # (RFC 6066 section 3) and must not find a site, which they would once normalised.
+        name = server_name.lower()
+        meta = self._lookup(name)
         if meta is None or not meta.has_cert:
             outcome("unknown_name").inc()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         try:
-            ctx = self._contexts.context_for(meta)
+            ctx = self._contexts.context_for(meta, name)
         except SiteUnavailable:
             outcome("unavailable").inc()
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        except NameNotCovered:
+            outcome("name_not_covered").inc()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         except Exception:
             # An exception escaping the callback would abort the handshake with a traceback on
@@ -199,6 +289,20 @@ class SniSelector:
         setattr(sslobj, _SNI_ATTR, name)
         self._ok.inc()
         return None
+
+    def _lookup(self, name: str) -> SiteMeta | None:
+        """``SiteIndex.lookup`` for a raw SNI name: the index's names are valid by construction,
+        so an exact hit needs no check; a wildcard must stand for one well-formed label."""
+        names = self._index.names
+        domain = names.get(name)
+        if domain is None:
+            label, _, parent = name.partition(".")
+            if not parent or not _LABEL.fullmatch(label):
+                return None
+            domain = names.get("*." + parent)
+            if domain is None:
+                return None
+        return self._index.get(domain)
 
 
 def sni_name(sock: object) -> str | None:

@@ -153,7 +153,7 @@ class RunningEdge:
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
-            self.edge = Edge(self.config, self.keyring, listening_context())
+            self.edge = Edge(self.config, self.keyring, listening_context(self.config.tls_profile))
             self.edge.start(http, https, metrics)
             self._started.set()
             await self.edge.run_until_stopped()

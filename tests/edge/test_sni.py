@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import redis
@@ -169,3 +170,93 @@ def test_a_malformed_index_entry_is_skipped_not_fatal(
     edge = start_edge()
     edge.wait_ready()
     assert serial_of(edge.peer_cert("good.test")) == good.serial
+
+
+def test_a_record_filed_under_another_domain_is_refused(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A blob under a.test that holds b.test's record (its own envelope, a certificate valid
+    for b.test) must not answer for a.test."""
+    caplog.set_level(logging.ERROR, logger="edge.sni")
+    a = sites.record("a.test")
+    b = sites.record("b.test")
+    publish_site(redis_client, prefix, a)
+    publish_site(redis_client, prefix, b)
+    redis_client.hset(f"{prefix}:sites", "a.test", b.to_json())
+    edge = start_edge()
+    edge.wait_ready()
+    unchecked = edge.pki.client_context()
+    unchecked.check_hostname = False  # what a client that did not check would be served
+    for _ in range(3):
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            edge.tls("a.test", ctx=unchecked).close()
+    assert serial_of(edge.peer_cert("b.test")) == b.serial
+    failures = [r for r in caplog.records if "filed under a.test" in r.getMessage()]
+    assert len(failures) == 1, "logged once, not per handshake"
+    metrics = edge.metrics()
+    assert 'certman_edge_envelope_open_failures_total{reason="RecordMisfiled"} 1.0' in metrics
+    assert 'certman_edge_sni_total{outcome="envelope_failed"} 3.0' in metrics
+    # Its own record back under its name: served at once.
+    publish_site(redis_client, prefix, a)
+    wait_for(lambda: serial_of(edge.peer_cert("a.test")) == a.serial, what="a.test's own cert")
+
+
+def test_a_name_the_certificate_does_not_cover_is_refused(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The index files extra.c.test and x.v.test under sites whose certificates do not
+    cover them: those names are refused, the names the certificates cover are served."""
+    caplog.set_level(logging.ERROR, logger="edge.sni")
+    c = sites.record("c.test")
+    publish_site(redis_client, prefix, replace(c, names=("c.test", "extra.c.test")))
+    v = sites.record("v.test")
+    publish_site(redis_client, prefix, replace(v, names=("v.test", "*.v.test")))
+    w = sites.record("w.test", "*.w.test")
+    publish_site(redis_client, prefix, w)
+    edge = start_edge()
+    edge.wait_ready()
+    unchecked = edge.pki.client_context()
+    unchecked.check_hostname = False
+    for name in ("extra.c.test", "x.v.test", "extra.c.test"):
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+            edge.tls(name, ctx=unchecked).close()
+    assert serial_of(edge.peer_cert("c.test")) == c.serial
+    assert serial_of(edge.peer_cert("v.test")) == v.serial
+    assert serial_of(edge.peer_cert("x.w.test")) == w.serial
+    assert serial_of(edge.peer_cert("W.Test")) == w.serial
+    assert 'certman_edge_sni_total{outcome="name_not_covered"} 3.0' in edge.metrics()
+    logged = [r.getMessage() for r in caplog.records if "does not cover" in r.getMessage()]
+    assert len(logged) == 2, logged  # once per site and certificate version
+
+
+@pytest.mark.parametrize(
+    # What Python's client can send; tests/edge/test_tls_scanners.py sends the rest raw.
+    "name",
+    ["known.test.", "-x.w.test", "x_y.w.test", "x-.w.test"],
+)
+def test_names_that_are_not_host_names_find_no_site(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    name: str,
+) -> None:
+    """SNI carries a host name without a trailing dot (RFC 6066 section 3); a wildcard stands
+    for exactly one well-formed label. Anything else is an unknown name."""
+    publish_site(redis_client, prefix, sites.record("known.test"))
+    publish_site(redis_client, prefix, sites.record("w.test", "*.w.test"))
+    edge = start_edge()
+    edge.wait_ready()
+    unchecked = edge.pki.client_context()
+    unchecked.check_hostname = False
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        edge.tls(name, ctx=unchecked).close()
+    assert 'certman_edge_sni_total{outcome="unknown_name"} 1.0' in edge.metrics()

@@ -1,4 +1,5 @@
-"""Session tickets: one per full handshake, and any worker process resumes any other's."""
+"""Session tickets: one per full handshake, any worker process resumes any other's, and a
+ticket resumes only under the name it was issued for."""
 
 from __future__ import annotations
 
@@ -6,26 +7,28 @@ import socket
 import ssl
 import time
 import urllib.request
+from collections.abc import Callable
 
+import pytest
 import redis
 
 from edge.tls import listening_context
 from pipeline.distribution import publish_site
 
-from .conftest import DEADLINE, Keys, Sites, start_prefork_edge
+from .conftest import DEADLINE, Keys, RunningEdge, Sites, start_prefork_edge
 
 NAME = "tickets.test"
 
 
 def _get(
-    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None
+    ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None, name: str = NAME
 ) -> tuple[bool, ssl.SSLSession | None]:
     """GET / on a new connection (offering ``session`` if given): whether the session was
     resumed, and the session holding the ticket the server sent after the handshake."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-    tls = ctx.wrap_socket(raw, server_hostname=NAME, session=session)
+    tls = ctx.wrap_socket(raw, server_hostname=name, session=session)
     with tls:
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n".encode())
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := tls.recv(65536):
             data += chunk
@@ -79,3 +82,34 @@ def test_tickets_resume_across_worker_processes(
         finally:
             stderr = prefork.reap()
     assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_a_ticket_resumes_only_under_its_own_name(
+    redis_client: redis.Redis[bytes],
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    version: ssl.TLSVersion,
+) -> None:
+    """RFC 6066 section 3, RFC 8446 section 4.6.1: a session is not resumed under another
+    server name. OpenSSL alone would resume it (it reads the ticket before the SNI callback,
+    and in TLS 1.3 ignores the session's name): a full handshake happens instead."""
+    for domain in ("a.tickets.test", "b.tickets.test", "c.tickets.test"):
+        publish_site(redis_client, prefix, sites.record(domain))
+    edge = start_edge()
+    edge.wait_ready()
+    ctx = sites.pki.client_context()
+    ctx.maximum_version = version
+    reused, issued_for_a = _get(ctx, edge.https_port, None, "a.tickets.test")
+    assert not reused and issued_for_a is not None and issued_for_a.has_ticket
+
+    reused, _ = _get(ctx, edge.https_port, issued_for_a, "b.tickets.test")
+    assert not reused, "a ticket issued for a.tickets.test resumed under b.tickets.test"
+    # Case does not make another name.
+    reused, _ = _get(ctx, edge.https_port, issued_for_a, "A.Tickets.Test")
+    assert reused
+    reused, _ = _get(ctx, edge.https_port, issued_for_a, "a.tickets.test")
+    assert reused
+    reused, _ = _get(ctx, edge.https_port, issued_for_a, "c.tickets.test")
+    assert not reused
