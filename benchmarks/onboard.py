@@ -1,4 +1,4 @@
-"""Bulk onboarding: 100,000 CSV lines into the store (target: under a minute, ARCHITECTURE §6).
+"""Bulk onboarding: 100,000 CSV lines into the store (target: under a minute, docs/architecture.md).
 
 For PostgreSQL (a fresh database, created and dropped here) and SQLite (a new file), the real
 service (:mod:`pipeline.onboarding`, as ``scripts/bulk_onboard.py`` drives it) reads a

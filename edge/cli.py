@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import importlib.metadata
 import ipaddress
 import logging
 import os
@@ -32,6 +31,7 @@ from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_tls import RedisTls
 from pipeline.settings import SettingsError, get_settings
+from pipeline.version import certman_version
 
 __all__ = ["main"]
 
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None, help="default: CERTMAN_HTTP01_PORT")
     p.add_argument("--https-port", type=int, default=443)
     p.add_argument("--metrics-port", type=int, default=9443, help="worker i uses this + i")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {certman_version()}")
     p.add_argument("--address", default="", help="address of the site ports (default: all)")
     p.add_argument(
         "--metrics-address",
@@ -100,13 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO")
     return p
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("certman")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _fail(message: str) -> NoReturn:

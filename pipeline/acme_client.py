@@ -1,6 +1,6 @@
 """A thin ACME client over certbot's ``acme`` library, one per worker process.
 
-What it adds to ``acme`` (ARCHITECTURE.md section 5): the ``replaces`` field on new orders,
+What it adds to ``acme`` (docs/architecture.md, "acme"): the ``replaces`` field on new orders,
 ``badNonce`` retried more than once, the Retry-After of an error response kept, request pacing
 through the global rate limiter, and every call a single request so that no task ever sleeps
 in a poll loop.

@@ -1,21 +1,25 @@
-"""The Celery app: ``celery -A pipeline worker|beat|flower`` finds ``app`` here by itself."""
+"""The Celery app: ``celery -A pipeline worker|beat|flower`` finds ``app`` here by itself.
+
+The configuration comes from, in order: the file named by ``CERTMAN_CELERY_CONFIG``; the
+checkout's ``celery.conf.py`` when running from a source checkout (it sits next to the package);
+else the defaults the package carries (:mod:`pipeline.celeryconfig`), which is what an installed
+wheel uses unless the operator names a file.
+"""
 
 from __future__ import annotations
 
 import os
 import runpy
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
 
-CONFIG_PATH = Path(
-    os.environ.get(
-        "CERTMAN_CELERY_CONFIG", Path(__file__).resolve().parent.parent / "celery.conf.py"
-    )
-)
+from pipeline import flower_guard
+
+CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "celery.conf.py"
 
 
 def _load_config(path: Path) -> SimpleNamespace:
@@ -23,8 +27,30 @@ def _load_config(path: Path) -> SimpleNamespace:
     return SimpleNamespace(**{k: v for k, v in values.items() if not k.startswith("_")})
 
 
+def config_source() -> Path | None:
+    """The configuration file in use, or None for the package's defaults."""
+    named = os.environ.get("CERTMAN_CELERY_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            # Say which setting is wrong rather than let runpy's traceback guess.
+            raise FileNotFoundError(f"CERTMAN_CELERY_CONFIG: no such file: {path}")
+        return path
+    return CHECKOUT_CONFIG if CHECKOUT_CONFIG.is_file() else None
+
+
+def _config() -> SimpleNamespace | ModuleType:
+    path = config_source()
+    if path is not None:
+        return _load_config(path)
+    from pipeline import celeryconfig
+
+    return celeryconfig
+
+
 app = Celery("certman", include=["pipeline.tasks.issuance", "pipeline.tasks.maintenance"])
-app.config_from_object(_load_config(CONFIG_PATH))
+app.config_from_object(_config())
+flower_guard.install()
 
 
 @worker_process_init.connect

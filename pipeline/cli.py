@@ -13,6 +13,10 @@ import redis
 import sqlalchemy.exc
 
 from pipeline.settings import SettingsError, get_settings
+from pipeline.version import certman_version
+
+# -h as well as --help, on every group and command (child contexts inherit it).
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 # Errors a user can act on: shown as one line, never as a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -54,7 +58,8 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
+@click.version_option(certman_version(), "-V", "--version", prog_name="certman")
 def main() -> None:
     """certman: HTTPS for thousands of customer-owned domains."""
 

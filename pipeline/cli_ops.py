@@ -97,9 +97,18 @@ def renew(scheme: str | None, key_id: str | None, within: timedelta) -> None:
 # --- exporter ------------------------------------------------------------------------------------
 @main.command("exporter")
 @click.option("--port", type=click.IntRange(1, 65535), required=True)
-@click.option("--address", default="0.0.0.0", show_default=True)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on: loopback unless Prometheus scrapes from another host.",
+)
 def exporter(port: int, address: str) -> None:
-    """Serve inventory metrics for Prometheus on http://ADDRESS:PORT/metrics."""
+    """Serve inventory metrics for Prometheus on http://ADDRESS:PORT/metrics.
+
+    The metrics name every site's state and the fleet's size: keep them on loopback, or behind
+    a firewall that lets only Prometheus in, when listening elsewhere.
+    """
     from pipeline.exporter import run_forever
 
     settings = get_settings()

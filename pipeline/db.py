@@ -10,13 +10,79 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+import migrations
+
+# The migrations package, wherever it is installed (a checkout, or site-packages from the wheel).
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+# What to install for a dialect+driver whose DBAPI module is missing (the name on PyPI is not
+# the module's name). Only psycopg 3 (PostgreSQL) and sqlite3 come with certman.
+_DRIVER_PACKAGES = {
+    "postgresql+psycopg2": "psycopg2-binary",
+    "postgresql+pg8000": "pg8000",
+    "postgresql+asyncpg": "asyncpg",
+    "mysql+mysqldb": "mysqlclient",
+    "mysql+pymysql": "pymysql",
+    "mariadb+mariadbconnector": "mariadb",
+    "mssql+pyodbc": "pyodbc",
+    "oracle+oracledb": "oracledb",
+}
+
+
+class DatabaseURLError(ValueError):
+    """CERTMAN_DATABASE_URL names a database certman cannot reach with what is installed."""
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` (what PostgreSQL's own tools print) mean psycopg 3,
+    the driver certman installs; SQLAlchemy alone would pick psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the per-dialect settings that matter for many concurrent workers."""
+    """An engine with the per-dialect settings that matter for many concurrent workers.
+
+    A URL whose driver is not installed raises :class:`DatabaseURLError` with one line naming
+    the setting and the package to install, instead of SQLAlchemy's import traceback.
+    """
+    url = normalise_url(url)
+    try:
+        return _make_engine(url)
+    except NoSuchModuleError as exc:
+        raise DatabaseURLError(
+            f"CERTMAN_DATABASE_URL: unknown database {_scheme(url)}:// "
+            "(use sqlite:///PATH or postgresql://USER@HOST/DB)"
+        ) from exc
+    except ArgumentError as exc:
+        raise DatabaseURLError(f"CERTMAN_DATABASE_URL: not a database URL ({exc})") from exc
+    except ImportError as exc:
+        raise DatabaseURLError(
+            f"CERTMAN_DATABASE_URL: the driver for {_scheme(url)}:// is not installed "
+            f"(pip install {_driver_package(url, exc)})"
+        ) from exc
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
+def _driver_package(url: str, exc: ImportError) -> str:
+    try:
+        parsed = make_url(url)
+        name = f"{parsed.get_backend_name()}+{parsed.get_dialect().driver}"
+    except Exception:  # only for the message: fall back to the module that failed to import
+        name = ""
+    return _DRIVER_PACKAGES.get(name) or exc.name or "the database driver"
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":

@@ -163,7 +163,7 @@ def build_registry(settings: Settings) -> CollectorRegistry:
     return registry
 
 
-def serve(settings: Settings, *, port: int, address: str = "0.0.0.0") -> Any:
+def serve(settings: Settings, *, port: int, address: str = "127.0.0.1") -> Any:
     """Start the HTTP server in a thread; returns the server (``shutdown()`` stops it)."""
     server, _thread = start_http_server(port, addr=address, registry=build_registry(settings))
     return server

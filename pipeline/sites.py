@@ -238,7 +238,7 @@ def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int,
 
 
 def list_sites(session: Session) -> list[dict[str, Any]]:
-    """The ``certman domains list --json`` objects (ARCHITECTURE.md section 4)."""
+    """The ``certman domains list --json`` objects (docs/architecture.md, "Contracts")."""
     sites = session.scalars(
         select(Site).options(selectinload(Site.names)).order_by(Site.domain)
     ).all()

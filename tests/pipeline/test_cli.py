@@ -1,4 +1,4 @@
-"""The ``certman`` command as operators' scripts use it (ARCHITECTURE.md section 4)."""
+"""The ``certman`` command as operators' scripts use it (the contracts in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
-CERTMAN = str(Path(sys.executable).parent / "certman")
+BIN = Path(sys.executable).parent
+CERTMAN = str(BIN / "certman")
 
 
 def certman(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -100,3 +103,111 @@ def test_keys_generate_writes_a_private_key_only_its_owner_reads(
     assert result.returncode == 0 and len(key_id) == 16
     assert (tmp_path / "keys" / f"{key_id}.key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "keys" / f"{key_id}.pub").exists()
+
+
+# --- --version and -h ----------------------------------------------------------------------------
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            found += _commands(command, (*path, name))
+        else:
+            found.append((*path, name))
+    return found
+
+
+COMMANDS = _commands(__import__("pipeline.cli", fromlist=["main"]).main)
+
+
+def test_every_command_is_found() -> None:
+    assert {("domains", "add"), ("db", "upgrade"), ("exporter",), ("orders", "stuck")} <= set(
+        COMMANDS
+    )
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda path: " ".join(path) or "certman")
+def test_every_command_answers_help(path: tuple[str, ...]) -> None:
+    from pipeline.cli import main
+
+    for flag in ("-h", "--help"):
+        result = CliRunner().invoke(main, [*path, flag], prog_name="certman")
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(f"Usage: {' '.join(('certman', *path))} ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certman", "--version"],
+        ["certman", "-h"],
+        ["certman", "domains", "add", "-h"],
+        ["certman-onboard", "--version"],
+        ["certman-onboard", "-h"],
+        ["certman-edge", "--version"],
+        ["certman-edge", "-h"],
+    ],
+    ids=" ".join,
+)
+def test_installed_commands_answer_version_and_help(argv: list[str]) -> None:
+    from importlib.metadata import version
+
+    result = subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    if argv[-1] == "--version":
+        assert version("certman") in result.stdout
+    else:
+        assert "usage:" in result.stdout.lower()
+
+
+# --- database URLs -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "mysql://certman:secret@db.example/certman",
+            "certman: CERTMAN_DATABASE_URL: the driver for mysql:// is not installed "
+            "(pip install mysqlclient)",
+        ),
+        (
+            "postgresql+psycopg2://certman:secret@db.example/certman",
+            "certman: CERTMAN_DATABASE_URL: the driver for postgresql+psycopg2:// is not "
+            "installed (pip install psycopg2-binary)",
+        ),
+        (
+            "nosuchdb://x/y",
+            "certman: CERTMAN_DATABASE_URL: unknown database nosuchdb:// "
+            "(use sqlite:///PATH or postgresql://USER@HOST/DB)",
+        ),
+    ],
+)
+def test_a_url_without_its_driver_is_one_line(tmp_path: Path, url: str, expected: str) -> None:
+    env = {"CERTMAN_DATA_DIR": str(tmp_path), "CERTMAN_DATABASE_URL": url}
+    result = certman(env, "domains", "list", "--json")
+    assert result.returncode == 1
+    assert result.stderr.strip() == expected
+    assert "secret" not in result.stderr
+
+
+def test_postgresql_urls_as_postgres_tools_print_them(
+    pg_database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """``postgresql://`` and ``postgres://`` use psycopg 3 (SQLAlchemy alone picks psycopg2)."""
+    env = {"CERTMAN_DATA_DIR": str(tmp_path), "CERTMAN_REDIS_URL": redis_url}
+    assert pg_database_url.startswith("postgresql+psycopg://")
+    rest = pg_database_url.removeprefix("postgresql+psycopg://")
+    for scheme in ("postgresql", "postgres"):
+        url = f"{scheme}://{rest}"
+        upgraded = certman(env | {"CERTMAN_DATABASE_URL": url}, "db", "upgrade")
+        assert upgraded.returncode == 0, upgraded.stderr
+        listed = certman(env | {"CERTMAN_DATABASE_URL": url}, "status", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert "sites" in json.loads(listed.stdout)
+
+
+def test_exporter_help_shows_the_loopback_default() -> None:
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["exporter", "--help"], prog_name="certman")
+    assert "--address" in result.output and "127.0.0.1" in result.output

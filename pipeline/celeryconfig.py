@@ -1,0 +1,71 @@
+"""certman's Celery configuration: the defaults every worker, beat and Flower start from.
+
+The package carries them so that an installed wheel needs no checkout. An operator reads and
+overrides them in a file of their own (the checkout's ``celery.conf.py`` is the example: it
+starts from these and changes what it needs), named by ``CERTMAN_CELERY_CONFIG``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from kombu.entity import Queue
+
+from pipeline.redis_tls import RedisTls
+from pipeline.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+# With rediss:// kombu would otherwise fall back to CERT_NONE: verify the server, against
+# CERTMAN_REDIS_CA_FILE, and present CERTMAN_REDIS_CERT_FILE/_KEY_FILE where given (None for
+# redis:// and unix://).
+broker_use_ssl = RedisTls.from_settings(_settings).celery_ssl(_settings.redis_url)
+# Longer than the longest countdown any task gives itself (waits are capped at 15 minutes), so
+# the Redis transport seldom redelivers a task that is merely waiting; when it does, the order
+# lock and the step checks make the copy harmless.
+broker_transport_options = {"visibility_timeout": _settings.broker_visibility_timeout}
+
+# JSON only: a pickle payload from the broker would be code execution in every worker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+# Progress lives in the database; nothing reads task results.
+task_ignore_result = True
+# A task is acknowledged after it ran, and requeued if its worker dies mid-way: every task is
+# idempotent, so running twice is safe and losing one is not.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+# Three queues, so that a renewal wave cannot starve a new customer's first certificate: a worker
+# consuming several queues takes from each in turn.
+task_queues = (Queue("issuance"), Queue("renewals"), Queue("maintenance"))
+task_default_queue = "issuance"
+task_routes = {"certman.maintenance.*": {"queue": "maintenance"}}
+
+# Flower needs events; `celery -A pipeline worker -E` or this turns them on.
+worker_send_task_events = True
+task_send_sent_event = True
+
+timezone = "UTC"
+enable_utc = True
+
+beat_schedule = {
+    # Starts due first issues, retries and renewals (renewal times are fixed in the store).
+    "dispatch": {"task": "certman.maintenance.dispatch", "schedule": timedelta(seconds=15)},
+    "refresh-ari": {"task": "certman.maintenance.refresh_ari", "schedule": timedelta(minutes=10)},
+    "check-expiry": {"task": "certman.maintenance.check_expiry", "schedule": timedelta(minutes=30)},
+    # The backstop for a publish to the edges that was lost after the store's commit.
+    "reconcile-snapshot": {
+        "task": "certman.maintenance.reconcile_snapshot",
+        "schedule": timedelta(minutes=10),
+    },
+    "sweep-stuck-orders": {
+        "task": "certman.maintenance.sweep_stuck_orders",
+        "schedule": timedelta(minutes=2),
+    },
+}
