@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline import onboarding
+from pipeline.connections import get_redis
 from pipeline.onboarding import (
     Onboarding,
     Options,
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         with engine.connect() as connection:
             connection.exec_driver_sql("SELECT 1")
         if writes:
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+            client = get_redis()  # the process's client: verified TLS like every other
             client.ping()
     except sqlalchemy.exc.OperationalError as exc:
         return fail(f"database unavailable: {str(exc.orig).strip().splitlines()[0]}")
