@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # A challenge is answered for minutes; an event claiming longer is capped to this.
 _MAX_CHALLENGE_TTL = 24 * 3600.0
+_KEY_AUTHORIZATION = re.compile(r"[A-Za-z0-9_.-]{1,512}")
 
 
 class MalformedEvent(ValueError):
@@ -186,10 +188,12 @@ class Syncer:
         if kind == "challenge":
             token, key_authorization = _token(event), event["key_authorization"]
             ttl = float(event["ttl"])
-            if not isinstance(key_authorization, str) or not key_authorization.startswith(
-                token + "."
+            # Not necessarily token.thumbprint: the self-check's probe answers with a random
+            # value. What is served must still be plain base64url text.
+            if not isinstance(key_authorization, str) or not _KEY_AUTHORIZATION.fullmatch(
+                key_authorization
             ):
-                raise MalformedEvent("a key authorization must be the token, a dot, a thumbprint")
+                raise MalformedEvent("a key authorization must be base64url text")
             if not ttl > 0:  # also refuses NaN
                 raise MalformedEvent("a challenge's ttl must be positive")
             self._challenges.put(token, key_authorization, min(ttl, _MAX_CHALLENGE_TTL))

@@ -18,7 +18,7 @@ import redis
 
 from edge.proxy_protocol import ProxyHeaderError, parse_proxy_header
 from edge.targets import BadTarget, parse_target, upstream_url
-from pipeline.distribution import channel, publish_site
+from pipeline.distribution import channel, publish_site, set_challenge
 from pipeline.redis_tls import RedisTls
 from tests.support.redis_tls_server import TlsRedisServer, make_ca
 
@@ -465,7 +465,7 @@ def test_malformed_events_do_not_stop_sync(
         "not json",
         "[1, 2]",
         '{"type":"challenge","token":"../x","key_authorization":"a","ttl":1}',
-        '{"type":"challenge","token":"abc","key_authorization":"zzz.y","ttl":1}',
+        '{"type":"challenge","token":"abc","key_authorization":"a b<script>","ttl":1}',
         '{"type":"site","version":"7","record":{}}',
         '{"type":"site","version":1,"record":5}',
         '{"type":"site_removed","version":1,"domain":["x"]}',
@@ -479,6 +479,14 @@ def test_malformed_events_do_not_stop_sync(
     publish_site(redis_client, prefix, sites.record("later.test", upstream=upstream))
     wait_for(lambda: edge.https("later.test")[0] == 200, what="a site added afterwards served")
     assert edge.health() == 200
+    # The self-check's probe answers with a random value, not token.thumbprint: a valid event.
+    set_challenge(redis_client, prefix, "probe-token", "RandomProbeValue_-x", ttl=60)
+    wait_for(lambda: edge.http("x.test", "/.well-known/acme-challenge/probe-token")[0] == 200)
+    redis_client.delete(f"{prefix}:challenge:probe-token")
+    assert (
+        edge.http("x.test", "/.well-known/acme-challenge/probe-token")[2] == b"RandomProbeValue_-x"
+    )
+    assert "certman_edge_sync_malformed_events_total 9.0" in edge.metrics()
 
 
 def test_health_says_when_sync_has_been_down_too_long(
