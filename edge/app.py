@@ -10,7 +10,7 @@ import logging
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -26,6 +26,7 @@ from edge.forwarding import TrustedProxies
 from edge.metrics import EdgeMetrics
 from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
 from edge.proxy_protocol import ProxyProtocolAcceptor
+from edge.ratelog import RateLimitedLog
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
@@ -34,6 +35,7 @@ from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_tls import RedisTls
+from pipeline.signing import TrustedSigners
 
 __all__ = ["Edge", "EdgeConfig", "make_metrics_app", "make_site_app"]
 
@@ -76,6 +78,8 @@ class EdgeConfig:
     outbound: OutboundPolicy = OutboundPolicy()
     # How a rediss:// server is verified (the system's store by default): never unverified.
     redis_tls: RedisTls = RedisTls()
+    # The public halves of the pipeline's signing keys: only what they signed is served.
+    signers: TrustedSigners = field(default_factory=lambda: TrustedSigners({}))
 
 
 def make_site_app(
@@ -174,7 +178,9 @@ class Edge:
         self.config = config
         self.metrics = m = EdgeMetrics()
         handshakes.install(m)
-        self.index = SiteIndex()
+        self.index = SiteIndex(config.signers, on_refused=self._refused_site)
+        self._refusals_logged: dict[str, tuple[int, str]] = {}
+        self._unsigned_log = RateLimitedLog(log, logging.ERROR, 60.0)
         redis_tls = config.redis_tls.redis_kwargs(config.redis_url)
         self._async_redis: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
             config.redis_url, socket_connect_timeout=1, socket_timeout=2, **redis_tls
@@ -187,7 +193,12 @@ class Edge:
             socket_timeout=config.handshake_redis_timeout,
             **redis_tls,
         )
-        self.challenges = ChallengeStore(self._async_redis, config.prefix)
+        self.challenges = ChallengeStore(
+            self._async_redis,
+            config.prefix,
+            config.signers,
+            on_refused=lambda kind: m.signature_failures.labels("challenge", kind).inc(),
+        )
         self.syncer = Syncer(
             config.redis_url,
             config.prefix,
@@ -279,6 +290,17 @@ class Edge:
         if self.config.warm:
             self._tasks.append(asyncio.create_task(self._warm(), name="certman-warm"))
 
+    def _refused_site(self, domain: str, kind: str, detail: str, version: int) -> None:
+        """A site's statement was refused: counted always, logged once per version and kind
+        (unsigned ones, which an unmigrated snapshot has by the thousand, once a minute)."""
+        self.metrics.signature_failures.labels("site", kind).inc()
+        if kind == "unsigned":
+            self._unsigned_log.log("refusing the record of %s: %s", domain, detail)
+            return
+        if self._refusals_logged.get(domain) != (version, kind):
+            self._refusals_logged[domain] = (version, kind)
+            log.error("refusing the record of %s (version %d): %s", domain, version, detail)
+
     def _proxy_header_refused(self, reason: str) -> None:
         self.metrics.requests_rejected.labels(f"proxy_protocol_{reason}").inc()
 
@@ -286,8 +308,8 @@ class Edge:
         """Build contexts for as many sites as the cache holds, in the background."""
         await self.syncer.ready.wait()
         started = time.monotonic()
-        domains = [meta.domain for meta in self.index.all() if meta.has_cert]
-        domains = domains[: self.contexts.cache.size]
+        # Not index.all(): that verifies every statement at once, seconds at 100,000 sites.
+        domains = self.index.domains()[: self.contexts.cache.size]
         built = 0
         for i in range(0, len(domains), 100):
             batch = [d for d in domains[i : i + 100] if d not in self.contexts.cache]
@@ -302,8 +324,9 @@ class Edge:
                 if raw is not None:
                     record = SiteRecord.from_json(raw)
                     meta = self.index.get(domain)
-                    usable = meta is not None and not self.contexts.failed(meta)
-                    if usable and self.contexts.install(record, filed_under=domain) is not None:
+                    if meta is None or self.contexts.failed(meta):
+                        continue
+                    if self.contexts.install(record, meta) is not None:
                         built += 1
                 # Let handshakes and requests in between two ~1.5 ms builds.
                 await asyncio.sleep(0)

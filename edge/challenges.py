@@ -1,16 +1,23 @@
-"""HTTP-01 key authorizations: from memory (filled by events), else one Redis GET."""
+"""HTTP-01 key authorizations: from memory (filled by events), else one Redis read.
+
+Only answers the pipeline signed are served (:class:`~pipeline.signing.SignedChallenge`):
+whoever can write Redis could otherwise have every edge answer the challenges of their own
+ACME account, and so obtain a trusted certificate for any customer's name.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 import redis.asyncio
 import tornado.web
 
-from pipeline.distribution import EDGE_HEADER, challenge_key
+from pipeline.distribution import EDGE_HEADER, challenge_key, signed_challenge_key
+from pipeline.signing import BadSignature, SignedChallenge, TrustedSigners
 
 __all__ = ["ChallengeHandler", "ChallengeStore", "valid_token"]
 
@@ -23,14 +30,33 @@ def valid_token(token: str) -> bool:
 
 
 class ChallengeStore:
-    def __init__(self, client: redis.asyncio.Redis[Any], prefix: str) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis[Any],
+        prefix: str,
+        signers: TrustedSigners,
+        on_refused: Callable[[str], None] = lambda kind: None,
+    ) -> None:
         self._client = client
         self._prefix = prefix
+        self._signers = signers
+        self._on_refused = on_refused
         # token -> (key authorization, monotonic expiry)
         self._memory: dict[str, tuple[str, float]] = {}
 
-    def put(self, token: str, key_authorization: str, ttl: float) -> None:
-        self._memory[token] = (key_authorization, time.monotonic() + ttl)
+    def put_signed(self, challenge: SignedChallenge, ttl: float) -> None:
+        """Keep ``challenge`` in memory if it verifies (until it expires); else count it."""
+        now = time.time()
+        try:
+            self._signers.verify_challenge(challenge, now)
+        except BadSignature as exc:
+            self.refused(exc.kind)
+            return
+        lifetime = min(ttl, challenge.expires - now)
+        self._memory[challenge.token] = (challenge.key_authorization, time.monotonic() + lifetime)
+
+    def refused(self, kind: str) -> None:
+        self._on_refused(kind)
 
     def discard(self, token: str) -> None:
         self._memory.pop(token, None)
@@ -48,12 +74,27 @@ class ChallengeStore:
                 return entry[0]
             del self._memory[token]
         try:
-            value = await self._client.get(challenge_key(self._prefix, token))
+            value, raw_signed = await self._client.mget(
+                challenge_key(self._prefix, token), signed_challenge_key(self._prefix, token)
+            )
         except (redis.ConnectionError, redis.TimeoutError):
             return None
         if value is None:
             return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+        if raw_signed is None:
+            self.refused("unsigned")
+            return None
+        try:
+            challenge = SignedChallenge.from_json(raw_signed)
+            self._signers.verify_challenge(challenge, time.time())
+        except BadSignature as exc:
+            self.refused(exc.kind)
+            return None
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        if challenge.token != token or challenge.key_authorization != text:
+            self.refused("mismatch")
+            return None
+        return text
 
 
 class ChallengeHandler(tornado.web.RequestHandler):

@@ -31,6 +31,7 @@ from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_tls import RedisTls
 from pipeline.settings import SettingsError, get_settings
+from pipeline.signing import TrustedSigners
 from pipeline.version import certman_version
 
 __all__ = ["main"]
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--public-https-port", type=int, default=None, help="port in redirects")
     p.add_argument("--processes", type=int, default=None, help="default: CERTMAN_EDGE_PROCESSES")
     p.add_argument("--key-dir", type=Path, default=None, help="default: CERTMAN_EDGE_KEY_DIR")
+    p.add_argument(
+        "--trusted-signers",
+        type=Path,
+        default=None,
+        help="the pipeline's signing public key(s): a .pub file or a directory of them "
+        "(default: CERTMAN_EDGE_TRUSTED_SIGNERS)",
+    )
     p.add_argument("--redis-url", default=None, help="default: CERTMAN_REDIS_URL")
     p.add_argument("--redis-prefix", default=None, help="default: CERTMAN_REDIS_PREFIX")
     p.add_argument("--cache-size", type=int, default=None, help="default: CERTMAN_EDGE_CACHE_SIZE")
@@ -126,6 +134,18 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{key_dir}: {exc.strerror or exc}")
+    signers_path = args.trusted_signers or settings.edge_trusted_signers
+    if signers_path is None:
+        _fail(
+            "no trusted signers: pass --trusted-signers or set CERTMAN_EDGE_TRUSTED_SIGNERS to "
+            "the pipeline's signing .pub file (certman keys generate --purpose signing)"
+        )
+    try:
+        signers = TrustedSigners.load(signers_path)
+    except KeyFileError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{signers_path}: {exc.strerror or exc}")
     processes = args.processes or settings.edge_processes
     cache_size = args.cache_size or settings.edge_cache_size
     if processes < 1 or cache_size < 1:
@@ -165,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         outbound=OutboundPolicy.from_settings(settings),
         redis_tls=redis_tls,
         tls_profile=args.tls_profile,
+        signers=signers,
     )
     worker = 0
     if processes > 1:

@@ -97,6 +97,13 @@ class EdgeMetrics:
             ["reason"],
             registry=r,
         )
+        self.signature_failures = Counter(
+            "certman_edge_signature_failures_total",
+            "Signed statements refused (sites, removals, challenges), by reason: unsigned, "
+            "untrusted_signer, bad_signature, malformed, misfiled, mismatch, rollback, expired.",
+            ["what", "reason"],
+            registry=r,
+        )
         self.certificates_known = Gauge(
             "certman_edge_certificates_known", "Sites with a certificate in the index.", registry=r
         )

@@ -27,6 +27,7 @@ from edge.state import SiteIndex, SiteMeta
 from edge.tls import build_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord, content_hash
+from pipeline.signing import content_digest
 
 if TYPE_CHECKING:
     from pipeline.keys import Keyring
@@ -156,7 +157,7 @@ class SiteContexts:
             raw = self._fetch_blob(meta.domain)
             if raw is None:
                 raise SiteUnavailable(meta.domain)
-            site = self._install(SiteRecord.from_json(raw), meta.domain)
+            site = self._install(SiteRecord.from_json(raw), meta)
             if site is None:
                 return None
         if name is not None and not site.covers(name):
@@ -171,16 +172,18 @@ class SiteContexts:
             raise NameNotCovered(name)
         return site.ctx
 
-    def install(self, record: SiteRecord, filed_under: str | None = None) -> ssl.SSLContext | None:
+    def install(self, record: SiteRecord, meta: SiteMeta) -> ssl.SSLContext | None:
         """Open ``record``'s envelope and cache its context; None (logged once) if it fails.
 
-        ``filed_under`` is the domain the record was fetched by: a record for another domain
-        is refused rather than cached under either name.
+        ``meta`` is the verified statement of the domain the record was fetched by: a record
+        for another domain, or carrying another chain or envelope than was signed, is refused
+        rather than cached.
         """
-        site = self._install(record, filed_under or record.domain)
+        site = self._install(record, meta)
         return site.ctx if site is not None else None
 
-    def _install(self, record: SiteRecord, domain: str) -> CachedSite | None:
+    def _install(self, record: SiteRecord, meta: SiteMeta) -> CachedSite | None:
+        domain = meta.domain
         if record.domain != domain:
             # A blob swapped or copied under another key: serving it would answer for one
             # domain with another's certificate (valid for it, so the client would not notice).
@@ -195,6 +198,17 @@ class SiteContexts:
                     domain,
                     record.domain,
                     domain,
+                )
+            return None
+        if content_digest(record.chain_pem, record.envelope) != meta.digest:
+            # The blob is not what the pipeline signed for this version: someone else's
+            # certificate, or key sealed to our public key by someone else.
+            version = content_hash(record)
+            if self._misfiled.get(domain) != version:
+                self._misfiled[domain] = version
+                self._metrics.signature_failures.labels("blob", "mismatch").inc()
+                log.error(
+                    "the blob of %s is not the one its signed record names; refusing it", domain
                 )
             return None
         if not (record.chain_pem and record.envelope):

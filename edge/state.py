@@ -1,21 +1,35 @@
 """What an edge process knows about sites: a small in-memory index, no certificates or keys.
 
-Filled from ``P:index`` (see :mod:`pipeline.distribution`); the blobs with chains and envelopes
-stay in Redis until a handshake needs one.
+Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution`); the blobs with
+chains and envelopes stay in Redis until a handshake needs one.
+
+Only what the pipeline signed is believed (:mod:`pipeline.signing`). The index's name map is a
+routing hint read at start, before anything is verified: a name leads to a domain, whose signed
+statement is verified when the site is first used (about 0.05 ms, once per version), and the
+name must be one the statement lists. A statement that does not verify, is unsigned, or is
+older than one this edge already accepted for the domain is refused for that domain alone, and
+the last good one stays in use. A domain that disappears from a snapshot goes only with a
+signed tombstone newer than what the edge holds; without one it stays, since deleting is all
+a Redis writer could have done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from pipeline.distribution import SiteRecord, content_hash, parse_index_entry
+from pipeline.distribution import SiteRecord, parse_index_entry
+from pipeline.signing import BadSignature, SignedSite, TrustedSigners
 
-__all__ = ["SiteIndex", "SiteMeta", "normalize_host"]
+__all__ = ["RefusalListener", "SiteIndex", "SiteMeta", "normalize_host"]
 
 log = logging.getLogger(__name__)
+
+# distribution.content_hash of a record without a certificate.
+_NO_CERTIFICATE = hashlib.sha256(b"\x00").hexdigest()[:16]
 
 
 class SiteMeta(NamedTuple):
@@ -27,22 +41,28 @@ class SiteMeta(NamedTuple):
     has_cert: bool
     not_after: float | None
     content_hash: str
+    version: int = 0
+    digest: str | None = None  # SHA-256 of chain and envelope, as signed
 
     @classmethod
-    def from_index(cls, domain: str, raw: str | bytes) -> SiteMeta:
-        digest, has_cert, not_after, upstream, names = parse_index_entry(raw)
-        return cls(domain, names or (domain,), upstream, has_cert, not_after, digest)
-
-    @classmethod
-    def from_record(cls, record: SiteRecord) -> SiteMeta:
+    def from_signed(cls, signed: SignedSite) -> SiteMeta:
+        """From a verified statement: everything the edge acts on comes from here."""
         return cls(
-            domain=record.domain,
-            names=tuple(dict.fromkeys((record.domain, *record.names))),
-            upstream=record.upstream,
-            has_cert=bool(record.chain_pem and record.envelope),
-            not_after=record.not_after.timestamp() if record.not_after else None,
-            content_hash=content_hash(record),
+            domain=signed.domain,
+            names=tuple(dict.fromkeys((signed.domain, *signed.names))),
+            upstream=signed.upstream,
+            has_cert=signed.digest is not None,
+            not_after=float(signed.not_after) if signed.not_after is not None else None,
+            content_hash=signed.digest[:16] if signed.digest else _NO_CERTIFICATE,
+            version=signed.version,
+            digest=signed.digest,
         )
+
+    def covers(self, name: str) -> bool:
+        if name in self.names:
+            return True
+        head, dot, rest = name.partition(".")
+        return bool(head and dot and f"*.{rest}" in self.names)
 
 
 def normalize_host(host: str) -> str:
@@ -55,32 +75,51 @@ def normalize_host(host: str) -> str:
 
 # Called with the domain whose certificate changed or disappeared.
 ChangeListener = Callable[[str], None]
+# Called with (domain, kind, detail, version) when a statement is refused; kind is a short
+# word for metrics (BadSignature's kinds, or "misfiled", "rollback", "mismatch").
+RefusalListener = Callable[[str, str, str, int], None]
+
+
+def _log_refusal(domain: str, kind: str, detail: str, version: int) -> None:
+    log.error("refusing the record of %s (version %d): %s", domain, version, detail)
 
 
 class SiteIndex:
     """domain -> SiteMeta and name -> domain; mutated only on the event loop's thread.
 
-    A snapshot's entries are parsed when first needed (a lookup, an event, the background
-    pass started after each snapshot): at start only each entry's names are read, which is what
-    keeps an edge with 100,000 sites ready in under a second.
+    A snapshot's entries are parsed (and verified) when first needed (a lookup, an event, the
+    background pass started after each snapshot): at start only each entry's names are read,
+    which is what keeps an edge with 100,000 sites ready in under a second.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signers: TrustedSigners, on_refused: RefusalListener = _log_refusal) -> None:
+        self._signers = signers
+        self._on_refused = on_refused
         self.sites: dict[str, SiteMeta] = {}
         self.names: dict[str, str] = {}
         self._unparsed: dict[str, bytes] = {}
+        self._signed: dict[str, bytes] = {}
+        # The newest statement accepted per domain, kept across snapshots: what "last good"
+        # and "no roll-back" are measured against.
+        self._accepted: dict[str, SiteMeta] = {}
         self._listeners: list[ChangeListener] = []
         self.malformed = 0
 
     def on_certificate_change(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
 
+    # ---- reading ---------------------------------------------------------------------------
+
     def lookup(self, name: str) -> SiteMeta | None:
         domain = self.names.get(name)
         if domain is None and "." in name:
             # A certificate for *.example.com covers exactly one more label.
             domain = self.names.get("*." + name.split(".", 1)[1])
-        return self.get(domain) if domain is not None else None
+        if domain is None:
+            return None
+        meta = self.get(domain)
+        # The name map is unsigned: a name leads only to a site whose signed names list it.
+        return meta if meta is not None and meta.covers(name) else None
 
     def get(self, domain: str) -> SiteMeta | None:
         meta = self.sites.get(domain)
@@ -88,31 +127,70 @@ class SiteIndex:
             meta = self._parse(domain)
         return meta
 
-    def put(self, meta: SiteMeta) -> None:
-        old = self.get(meta.domain)
-        if old is not None:
-            for name in set(old.names) - set(meta.names):
-                if self.names.get(name) == meta.domain:
-                    del self.names[name]
-        self.sites[meta.domain] = meta
-        for name in meta.names:
-            self.names[name] = meta.domain
-        if old is not None and old.content_hash != meta.content_hash:
-            self._changed(meta.domain)
+    def parse_some(self, limit: int) -> bool:
+        """Parse up to ``limit`` waiting entries; True while some are left."""
+        for domain in list(itertools.islice(self._unparsed, limit)):
+            self._parse(domain)
+        return bool(self._unparsed)
 
-    def remove(self, domain: str) -> None:
-        old = self.get(domain)
-        if old is None:
-            return
-        del self.sites[domain]
-        for name in old.names:
-            if self.names.get(name) == domain:
-                del self.names[name]
-        self._changed(domain)
+    def all(self) -> list[SiteMeta]:
+        while self.parse_some(10_000):
+            pass
+        return list(self.sites.values())
 
-    def load_snapshot(self, raw_index: Mapping[bytes, bytes]) -> None:
-        """Swap in a whole snapshot (``P:index``), telling listeners about every certificate
-        that differs from one already in use. Malformed entries are skipped and counted."""
+    def domains(self) -> list[str]:
+        """Every domain known, parsed or not (nothing is parsed or verified for this)."""
+        return [*self.sites, *(d for d in self._unparsed if d not in self.sites)]
+
+    def certificates_known(self) -> int:
+        """Sites with a certificate, parsed ones by their statement, the rest by the index's
+        word: a metric must not force 100,000 verifications."""
+        parsed = sum(1 for meta in self.sites.values() if meta.has_cert)
+        return parsed + sum(1 for e in self._unparsed.values() if _index_has_cert(e))
+
+    def soonest_expiry(self) -> float:
+        dates = [m.not_after for m in self.sites.values() if m.has_cert and m.not_after]
+        for entry in self._unparsed.values():
+            not_after = _index_not_after(entry)
+            if not_after:
+                dates.append(not_after)
+        return min(dates, default=0.0)
+
+    # ---- changes -----------------------------------------------------------------------------
+
+    def accept(self, signed: SignedSite, record: SiteRecord | None = None) -> SiteMeta | None:
+        """Verify ``signed`` (from an event, with the record it came with) and apply it;
+        None (refused, reported) if it does not verify, is not newer, or ``record`` carries
+        something else than it says."""
+        try:
+            self._signers.verify_site(signed)
+        except BadSignature as exc:
+            self._refuse(signed.domain, exc.kind, str(exc), signed.version)
+            return None
+        if record is not None and (record.domain != signed.domain or not record.matches(signed)):
+            detail = "the record differs from what was signed"
+            self._refuse(signed.domain, "mismatch", detail, signed.version)
+            return None
+        if not self._newer(signed):
+            return None
+        if signed.removed:
+            self._accepted.pop(signed.domain, None)
+            self._drop(signed.domain)
+            return None
+        meta = SiteMeta.from_signed(signed)
+        self._put(meta)
+        return meta
+
+    def refuse_unsigned(self, domain: str, detail: str = "unsigned") -> None:
+        """Report an unsigned change of ``domain`` (which changes nothing)."""
+        self._refuse(domain, "unsigned", detail, 0)
+
+    def load_snapshot(
+        self, raw_index: Mapping[bytes, bytes], raw_signed: Mapping[bytes, bytes]
+    ) -> None:
+        """Swap in a whole snapshot (``P:index`` and ``P:signed``), telling listeners about
+        every certificate that differs from one already in use. Malformed index entries are
+        skipped and counted; sites missing without a signed tombstone are kept."""
         names: dict[str, str] = {}
         unparsed: dict[str, bytes] = {}
         malformed = 0
@@ -126,56 +204,139 @@ class SiteIndex:
             unparsed[domain] = entry
             for name in site_names:
                 names[name] = domain
+        signed = {k.decode("utf-8", "replace"): v for k, v in raw_signed.items()}
         old = self.sites
-        self.sites, self.names, self._unparsed = {}, names, unparsed
+        self.sites, self.names, self._unparsed, self._signed = {}, names, unparsed, signed
         self.malformed = malformed
+        for domain, last in list(self._accepted.items()):
+            if domain not in unparsed and not self._removed_by_tombstone(domain):
+                # Gone from Redis with no signed removal: only a writer without our key does
+                # that. Keep serving what we had (its blob may be gone too: then it fails).
+                self._restore(last)
         # Only parsed sites can have a TLS context in use: an entry never looked up has none.
+        # One whose index entry names other content is verified now, not evicted on the
+        # index's unsigned word: a replayed or forged entry must not cost it its context.
         for domain, before in old.items():
             after = unparsed.get(domain)
-            if after is None or after[: after.find(b"\t")].decode() != before.content_hash:
+            if after is not None and after[: after.find(b"\t")].decode() == before.content_hash:
+                continue
+            if self.get(domain) is None:  # gone (accepting a new statement tells by itself)
                 self._changed(domain)
 
-    def replace(self, metas: Mapping[str, SiteMeta]) -> None:
-        """Swap in a whole snapshot of parsed entries (tests and tools)."""
-        old = self.sites
-        self.sites, self._unparsed = dict(metas), {}
-        self.names = {name: meta.domain for meta in metas.values() for name in meta.names}
-        for domain, before in old.items():
-            after = metas.get(domain)
-            if after is None or after.content_hash != before.content_hash:
-                self._changed(domain)
+    def _removed_by_tombstone(self, domain: str) -> bool:
+        raw = self._signed.pop(domain, None)
+        if raw is None:
+            return False
+        try:
+            statement = SignedSite.from_json(raw)
+        except BadSignature:
+            return False
+        if not statement.removed or statement.domain != domain:
+            return False
+        return self.accept(statement) is None and domain not in self._accepted
 
-    def parse_some(self, limit: int) -> bool:
-        """Parse up to ``limit`` waiting entries; True while some are left."""
-        for domain in list(itertools.islice(self._unparsed, limit)):
-            self._parse(domain)
-        return bool(self._unparsed)
-
-    def all(self) -> list[SiteMeta]:
-        while self.parse_some(10_000):
-            pass
-        return list(self.sites.values())
-
-    def certificates_known(self) -> int:
-        return sum(1 for meta in self.all() if meta.has_cert)
-
-    def soonest_expiry(self) -> float:
-        return min((m.not_after for m in self.all() if m.has_cert and m.not_after), default=0.0)
+    # ---- internals ---------------------------------------------------------------------------
 
     def _parse(self, domain: str) -> SiteMeta | None:
         entry = self._unparsed.pop(domain)
+        raw_signed = self._signed.pop(domain, None)
         try:
-            meta = SiteMeta.from_index(domain, entry)
+            parse_index_entry(entry)
         except (ValueError, UnicodeDecodeError):
             self.malformed += 1
             log.error("index entry for %s is malformed; its names are refused", domain)
-            for name, owner in list(self.names.items()):
-                if owner == domain:
+            return self._fall_back(domain)
+        if raw_signed is None:
+            detail = "unsigned (run `certman snapshot resync` on the pipeline)"
+            self._refuse(domain, "unsigned", detail, 0)
+            return self._fall_back(domain)
+        try:
+            statement = SignedSite.from_json(raw_signed)
+        except BadSignature as exc:
+            self._refuse(domain, exc.kind, str(exc), 0)
+            return self._fall_back(domain)
+        if statement.domain != domain:
+            detail = f"the statement filed under it is for {statement.domain}"
+            self._refuse(domain, "misfiled", detail, statement.version)
+            return self._fall_back(domain)
+        if statement.removed:
+            self.accept(statement)
+            return self._fall_back(domain)
+        meta = self.accept(statement)
+        return meta if meta is not None else self._fall_back(domain)
+
+    def _newer(self, signed: SignedSite) -> bool:
+        last = self._accepted.get(signed.domain)
+        if last is None or signed.version > last.version:
+            return True
+        if signed.version == last.version and not signed.removed:
+            same = SiteMeta.from_signed(signed) == last
+            if not same:
+                detail = "a second, different statement of the same version"
+                self._refuse(signed.domain, "rollback", detail, signed.version)
+            return same
+        detail = f"older than version {last.version}, already accepted"
+        self._refuse(signed.domain, "rollback", detail, signed.version)
+        return False
+
+    def _fall_back(self, domain: str) -> SiteMeta | None:
+        """The last good statement of ``domain``, if any, back in use; else its names go."""
+        last = self._accepted.get(domain)
+        if last is not None:
+            self._restore(last)
+            return last
+        for name, owner in list(self.names.items()):
+            if owner == domain:
+                del self.names[name]
+        return None
+
+    def _restore(self, meta: SiteMeta) -> None:
+        self.sites[meta.domain] = meta
+        self._unparsed.pop(meta.domain, None)
+        for name in meta.names:
+            self.names[name] = meta.domain
+
+    def _put(self, meta: SiteMeta) -> None:
+        old = self.sites.get(meta.domain) or self._accepted.get(meta.domain)
+        self._unparsed.pop(meta.domain, None)
+        if old is not None:
+            for name in set(old.names) - set(meta.names):
+                if self.names.get(name) == meta.domain:
                     del self.names[name]
-            return None
-        self.sites[domain] = meta
-        return meta
+        self.sites[meta.domain] = meta
+        self._accepted[meta.domain] = meta
+        for name in meta.names:
+            self.names[name] = meta.domain
+        if old is not None and old.content_hash != meta.content_hash:
+            self._changed(meta.domain)
+
+    def _drop(self, domain: str) -> None:
+        old = self.sites.pop(domain, None)
+        self._unparsed.pop(domain, None)
+        if old is None:
+            self._fall_back(domain)  # never parsed: clears its names
+            return
+        for name in old.names:
+            if self.names.get(name) == domain:
+                del self.names[name]
+        self._changed(domain)
+
+    def _refuse(self, domain: str, kind: str, detail: str, version: int) -> None:
+        self._on_refused(domain, kind, detail, version)
 
     def _changed(self, domain: str) -> None:
         for listener in self._listeners:
             listener(domain)
+
+
+def _index_has_cert(entry: bytes) -> bool:
+    first = entry.find(b"\t")
+    return entry[first + 1 : first + 2] == b"1"
+
+
+def _index_not_after(entry: bytes) -> float | None:
+    fields = entry.split(b"\t", 3)
+    try:
+        return float(fields[2]) if len(fields) > 3 and fields[1] == b"1" and fields[2] else None
+    except ValueError:
+        return None

@@ -10,15 +10,25 @@ Keys (``P`` is the configured prefix, ``certman`` by default):
                    whenever the chain or envelope does, so a reconcile knows which cached TLS
                    contexts are stale without reading any blob
 ``P:names``        hash  name -> domain, for every name a certificate covers (primary included)
-``P:version``      integer, incremented by every change to the three hashes above
+``P:signed``       hash  domain -> :class:`~pipeline.signing.SignedSite` JSON: what the pipeline
+                   signed for the domain (names, upstream, SHA-256 of chain and envelope,
+                   not_after, serial, version), or a signed tombstone once it was removed
+                   (kept 30 days through resyncs). The index and blobs are what an edge reads
+                   fast; this is what it believes. Old edges never read it.
+``P:version``      integer, incremented by every change to the hashes above
 ``P:challenge:T``  string key authorization of HTTP-01 token T, with a TTL
+``P:challenge-signed:T``  :class:`~pipeline.signing.SignedChallenge` JSON for it, same TTL
 ``P:events``       pub/sub channel, one JSON object per message:
 
-    {"type": "site", "version": N, "record": {SiteRecord fields}}     added or replaced
-    {"type": "site_removed", "version": N, "domain": D}
+    {"type": "site", "version": N, "record": {SiteRecord fields, "signed": {SignedSite}}}
+    {"type": "site_removed", "version": N, "domain": D, "tombstone": {SignedSite} | null}
     {"type": "resync", "version": N}                                  re-read everything
-    {"type": "challenge", "token": T, "key_authorization": K, "ttl": S}
+    {"type": "challenge", "token": T, "key_authorization": K, "ttl": S, "signed": {...}}
     {"type": "challenge_removed", "token": T}
+
+Signatures (:mod:`pipeline.signing`) are made by the pipeline's signing key when one is given
+to these functions; the edges trust only what verifies. Each site's signed version only grows:
+the publishing script refuses to replace a signed statement with one of a lower version.
 
 Site writes are Lua scripts rather than client-side MULTI/EXEC: just as atomic (no reader sees
 the hashes half-updated, and the event is published in the same step), but the script can read
@@ -32,13 +42,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
+
+from pipeline.signing import (
+    BadSignature,
+    SignedChallenge,
+    SignedSite,
+    SigningKey,
+    content_digest,
+    next_version,
+)
 
 __all__ = [
     "EDGE_HEADER",
@@ -53,7 +73,13 @@ __all__ = [
     "remove_site",
     "replace_all",
     "set_challenge",
+    "signed_challenge_key",
+    "signed_statement",
 ]
+
+# A removed site's tombstone outlives it this long (through resyncs): long enough for any edge
+# that knew the site to have heard of its removal.
+TOMBSTONE_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -65,12 +91,33 @@ class SiteRecord:
     envelope: str | None
     not_after: datetime | None
     serial: str | None
+    # What the pipeline signed for this record (None: unsigned, refused by the edges).
+    signed: SignedSite | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["names"] = list(self.names)
         data["not_after"] = self.not_after.isoformat() if self.not_after else None
+        data["signed"] = self.signed.to_dict() if self.signed else None
         return data
+
+    def statement(self, version: int) -> SignedSite:
+        """The unsigned statement of this record at ``version``."""
+        return SignedSite(
+            domain=self.domain,
+            version=version,
+            names=tuple(dict.fromkeys((self.domain, *self.names))),
+            upstream=self.upstream,
+            digest=content_digest(self.chain_pem, self.envelope),
+            not_after=int(self.not_after.timestamp()) if self.not_after else None,
+            serial=self.serial,
+        )
+
+    def matches(self, signed: SignedSite) -> bool:
+        """Whether ``signed`` (verified elsewhere) says exactly what this record carries."""
+        return not signed.removed and self.statement(signed.version) == SignedSite(
+            **{**signed.to_dict(), "names": signed.names, "signer": "", "signature": ""}
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -89,6 +136,7 @@ class SiteRecord:
             envelope=data.get("envelope"),
             not_after=parsed,
             serial=data.get("serial"),
+            signed=SignedSite.from_dict(data["signed"]) if data.get("signed") else None,
         )
 
     @classmethod
@@ -145,15 +193,39 @@ def challenge_key(prefix: str, token: str) -> str:
     return f"{prefix}:challenge:{token}"
 
 
+def signed_challenge_key(prefix: str, token: str) -> str:
+    return f"{prefix}:challenge-signed:{token}"
+
+
 def _keys(prefix: str) -> list[str]:
-    return [f"{prefix}:sites", f"{prefix}:index", f"{prefix}:names", f"{prefix}:version"]
+    return [
+        f"{prefix}:sites", f"{prefix}:index", f"{prefix}:names", f"{prefix}:version",
+        f"{prefix}:signed",
+    ]  # fmt: skip
 
 
-# KEYS: sites, index, names, version. ARGV: domain, record JSON, channel, index entry, names...
-_PUBLISH_SITE = """
-local domain, blob, chan, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+# Refuses (returns -1) to replace a signed statement with one of a version not above it.
+_CHECK_VERSION = """
+local function signed_version(raw)
+  if not raw then return nil end
+  local ok, st = pcall(cjson.decode, raw)
+  if ok and type(st) == 'table' and type(st['version']) == 'number' then return st['version'] end
+  return nil
+end
+"""
+
+# KEYS: sites, index, names, version, signed. ARGV: domain, record JSON, channel, index entry,
+# signed statement JSON or '', its version, names...
+_PUBLISH_SITE = (
+    _CHECK_VERSION
+    + """
+local domain, blob, chan, entry, signed = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if signed ~= '' then
+  local current = signed_version(redis.call('HGET', KEYS[5], domain))
+  if current and current >= tonumber(ARGV[6]) then return -1 end
+end
 local keep = {}
-for i = 5, #ARGV do keep[ARGV[i]] = true end
+for i = 7, #ARGV do keep[ARGV[i]] = true end
 local old = redis.call('HGET', KEYS[1], domain)
 if old then
   local ok, rec = pcall(cjson.decode, old)
@@ -168,14 +240,24 @@ end
 local version = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], domain, blob)
 redis.call('HSET', KEYS[2], domain, entry)
-for i = 5, #ARGV do redis.call('HSET', KEYS[3], ARGV[i], domain) end
+if signed ~= '' then redis.call('HSET', KEYS[5], domain, signed)
+else redis.call('HDEL', KEYS[5], domain) end
+for i = 7, #ARGV do redis.call('HSET', KEYS[3], ARGV[i], domain) end
 redis.call('PUBLISH', chan,
   '{"type":"site","version":' .. version .. ',"record":' .. blob .. '}')
 return version
 """
+)
 
-_REMOVE_SITE = """
-local domain, chan = ARGV[1], ARGV[2]
+# ARGV: domain, channel, tombstone JSON or '', its version.
+_REMOVE_SITE = (
+    _CHECK_VERSION
+    + """
+local domain, chan, tombstone = ARGV[1], ARGV[2], ARGV[3]
+if tombstone ~= '' then
+  local current = signed_version(redis.call('HGET', KEYS[5], domain))
+  if current and current >= tonumber(ARGV[4]) then return -1 end
+end
 local old = redis.call('HGET', KEYS[1], domain)
 if old then
   local ok, rec = pcall(cjson.decode, old)
@@ -188,19 +270,25 @@ end
 if redis.call('HGET', KEYS[3], domain) == domain then redis.call('HDEL', KEYS[3], domain) end
 redis.call('HDEL', KEYS[1], domain)
 redis.call('HDEL', KEYS[2], domain)
+if tombstone ~= '' then redis.call('HSET', KEYS[5], domain, tombstone)
+else redis.call('HDEL', KEYS[5], domain) end
 local version = redis.call('INCR', KEYS[4])
 redis.call('PUBLISH', chan, '{"type":"site_removed","version":' .. version ..
-  ',"domain":' .. cjson.encode(domain) .. '}')
+  ',"domain":' .. cjson.encode(domain) .. ',"tombstone":' ..
+  (tombstone ~= '' and tombstone or 'null') .. '}')
 return version
 """
+)
 
-# KEYS: sites, index, names, version, then the three staging hashes.
+# KEYS: sites, index, names, version, signed, then the staging hashes of sites, index, names,
+# signed.
 _SWAP_ALL = """
-for i = 1, 3 do
-  if redis.call('EXISTS', KEYS[4 + i]) == 1 then
-    redis.call('RENAME', KEYS[4 + i], KEYS[i])
+local live = {1, 2, 3, 5}
+for i = 1, 4 do
+  if redis.call('EXISTS', KEYS[5 + i]) == 1 then
+    redis.call('RENAME', KEYS[5 + i], KEYS[live[i]])
   else
-    redis.call('DEL', KEYS[i])
+    redis.call('DEL', KEYS[live[i]])
   end
 end
 local version = redis.call('INCR', KEYS[4])
@@ -209,57 +297,154 @@ return version
 """
 
 
-def publish_site(r: redis.Redis[Any], prefix: str, record: SiteRecord) -> None:
-    """Add or replace a site atomically, and tell the edges (the event carries the record)."""
+def signed_statement(r: redis.Redis[Any], prefix: str, domain: str) -> SignedSite | None:
+    """The statement Redis holds for ``domain`` (unverified), or None."""
+    raw = r.hget(f"{prefix}:signed", domain)
+    if raw is None:
+        return None
+    try:
+        return SignedSite.from_json(raw)
+    except BadSignature:
+        return None
+
+
+def _next_version(r: redis.Redis[Any], prefix: str, domain: str) -> int:
+    current = signed_statement(r, prefix, domain)
+    # A version far in the future is a writer's junk, not ours: time alone is then enough.
+    ceiling = next_version(None) + 86_400_000_000
+    return next_version(current.version if current and current.version < ceiling else None)
+
+
+_ATTEMPTS = 5  # a concurrent publisher of the same domain took our version: sign again
+
+
+def publish_site(
+    r: redis.Redis[Any], prefix: str, record: SiteRecord, signer: SigningKey | None = None
+) -> None:
+    """Add or replace a site atomically, and tell the edges (the event carries the record).
+
+    With ``signer`` the record is signed here, at a version above the one Redis holds for the
+    domain; without, ``record.signed`` is published as it is (tools and tests).
+    """
     names = list(dict.fromkeys((record.domain, *record.names)))
-    args = [record.domain, record.to_json(), channel(prefix), index_entry(record), *names]
-    r.register_script(_PUBLISH_SITE)(keys=_keys(prefix), args=args)
+    script = r.register_script(_PUBLISH_SITE)
+    for _ in range(_ATTEMPTS):
+        if signer is not None:
+            signed = signer.sign_site(record.statement(_next_version(r, prefix, record.domain)))
+            record = replace(record, signed=signed)
+        statement = record.signed.to_json() if record.signed else ""
+        version = str(record.signed.version) if record.signed else "0"
+        args = [record.domain, record.to_json(), channel(prefix), index_entry(record),
+                statement, version, *names]  # fmt: skip
+        if script(keys=_keys(prefix), args=args) != -1 or signer is None:
+            return
+    raise RuntimeError(f"could not publish {record.domain}: its signed version kept moving")
 
 
-def remove_site(r: redis.Redis[Any], prefix: str, domain: str) -> None:
-    r.register_script(_REMOVE_SITE)(keys=_keys(prefix), args=[domain, channel(prefix)])
+def remove_site(
+    r: redis.Redis[Any], prefix: str, domain: str, signer: SigningKey | None = None
+) -> None:
+    """Remove a site; with ``signer``, leave a signed tombstone so edges may believe it."""
+    script = r.register_script(_REMOVE_SITE)
+    for _ in range(_ATTEMPTS):
+        tombstone, version = "", "0"
+        if signer is not None:
+            statement = SignedSite(domain, _next_version(r, prefix, domain), removed=True)
+            signed = signer.sign_site(statement)
+            tombstone, version = signed.to_json(), str(signed.version)
+        if script(keys=_keys(prefix), args=[domain, channel(prefix), tombstone, version]) != -1:
+            return
+    raise RuntimeError(f"could not remove {domain}: its signed version kept moving")
 
 
 def set_challenge(
-    r: redis.Redis[Any], prefix: str, token: str, key_authorization: str, ttl: int
+    r: redis.Redis[Any],
+    prefix: str,
+    token: str,
+    key_authorization: str,
+    ttl: int,
+    signer: SigningKey | None = None,
 ) -> None:
     """Store first, then announce: an edge that misses the event still finds it with a GET."""
-    r.set(challenge_key(prefix, token), key_authorization, ex=ttl)
-    event = {
+    event: dict[str, Any] = {
         "type": "challenge",
         "token": token,
         "key_authorization": key_authorization,
         "ttl": ttl,
     }
+    pipe = r.pipeline(transaction=True)
+    pipe.set(challenge_key(prefix, token), key_authorization, ex=ttl)
+    if signer is not None:
+        statement = SignedChallenge(token, key_authorization, int(time.time()) + ttl)
+        signed = signer.sign_challenge(statement)
+        pipe.set(signed_challenge_key(prefix, token), signed.to_json(), ex=ttl)
+        event["signed"] = json.loads(signed.to_json())
+    pipe.execute()
     r.publish(channel(prefix), json.dumps(event, separators=(",", ":")))
 
 
 def remove_challenge(r: redis.Redis[Any], prefix: str, token: str) -> None:
-    r.delete(challenge_key(prefix, token))
+    r.delete(challenge_key(prefix, token), signed_challenge_key(prefix, token))
     r.publish(channel(prefix), json.dumps({"type": "challenge_removed", "token": token}))
 
 
-def replace_all(r: redis.Redis[Any], prefix: str, records: Iterable[SiteRecord], *,
-                batch: int = 1000) -> None:  # fmt: skip
-    """Rebuild the three hashes from ``records`` (the database) and swap them in at once.
+def replace_all(
+    r: redis.Redis[Any],
+    prefix: str,
+    records: Iterable[SiteRecord],
+    *,
+    batch: int = 1000,
+    signer: SigningKey | None = None,
+) -> None:
+    """Rebuild the hashes from ``records`` (the database) and swap them in at once.
 
     Staging hashes are filled in batches so 100,000 sites never sit in one request, then renamed
-    over the live ones in one script, so edges never see a half-built snapshot.
+    over the live ones in one script, so edges never see a half-built snapshot. With
+    ``signer`` every record is signed again (that is how a new signing key takes over), at a
+    version above the one Redis held; tombstones younger than :data:`TOMBSTONE_DAYS` of sites
+    not in ``records`` are kept, so an edge that missed a removal can still believe it.
     """
-    stage = [f"{prefix}:stage:{uuid.uuid4().hex}:{part}" for part in ("sites", "index", "names")]
+    current = _signed_versions(r, prefix)
+    parts = ("sites", "index", "names", "signed")
+    stage = [f"{prefix}:stage:{uuid.uuid4().hex}:{part}" for part in parts]
+    seen: set[str] = set()
     try:
         pipe = r.pipeline(transaction=False)
         pending = 0
         for record in records:
+            if signer is not None:
+                known = current.get(record.domain)
+                version = next_version(known[0] if known else None)
+                record = replace(record, signed=signer.sign_site(record.statement(version)))
+            seen.add(record.domain)
             pipe.hset(stage[0], record.domain, record.to_json())
             pipe.hset(stage[1], record.domain, index_entry(record))
             for name in dict.fromkeys((record.domain, *record.names)):
                 pipe.hset(stage[2], name, record.domain)
+            if record.signed is not None:
+                pipe.hset(stage[3], record.domain, record.signed.to_json())
             pending += 1
             if pending >= batch:
                 pipe.execute()
                 pending = 0
+        oldest = next_version(None) - TOMBSTONE_DAYS * 86_400_000_000
+        for domain, (version, raw) in current.items():
+            if domain not in seen and raw is not None and version > oldest:
+                pipe.hset(stage[3], domain, raw)
         pipe.execute()
         r.register_script(_SWAP_ALL)(keys=[*_keys(prefix), *stage], args=[channel(prefix)])
     finally:
         r.delete(*stage)
+
+
+def _signed_versions(r: redis.Redis[Any], prefix: str) -> dict[str, tuple[int, bytes | None]]:
+    """domain -> (signed version, the tombstone's raw JSON if it is one)."""
+    found: dict[str, tuple[int, bytes | None]] = {}
+    for domain, raw in r.hscan_iter(f"{prefix}:signed", count=1000):
+        try:
+            statement = SignedSite.from_json(raw)
+        except BadSignature:
+            continue
+        key = domain.decode() if isinstance(domain, bytes) else str(domain)
+        found[key] = (statement.version, raw if statement.removed else None)
+    return found

@@ -46,9 +46,11 @@ __all__ = [
     "Keyring",
     "PrivateKey",
     "PublicKey",
+    "create_key_file",
     "generate_keypair",
     "key_id_of",
     "load_or_create_pipeline_key",
+    "read_key_file",
     "write_keypair",
 ]
 
@@ -409,6 +411,16 @@ def _unarmor(data: bytes, label: str) -> bytes:
 
 
 # --- files ----------------------------------------------------------------------------------------
+
+
+def read_key_file(path: Path, *, private: bool) -> bytes:
+    """A key file's bytes, checked as this module checks its own (other key kinds use it)."""
+    return _read_file(path, private=private)
+
+
+def create_key_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Create a key file atomically, never replacing one (FileExistsError if it exists)."""
+    _write_new_file(path, data, mode=mode)
 
 
 def _read_file(path: Path, *, private: bool) -> bytes:

@@ -30,6 +30,7 @@ from edge.tls import listening_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring, PublicKey, generate_keypair
+from pipeline.signing import SigningKey, TrustedSigners, next_version
 from tests.support.pki import Pki
 from tests.support.ports import free_port, free_port_block
 
@@ -57,6 +58,10 @@ class Keys:
     directory: Path
     public: PublicKey
     keyring: Keyring
+    # The pipeline's signing key, and what the edges trust (its public half).
+    signer: SigningKey
+    signers: TrustedSigners
+    signer_dir: Path
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +73,17 @@ def pki() -> Pki:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     directory = tmp_path_factory.mktemp("edge-keys")
     key_id = generate_keypair(directory)
-    return Keys(directory, PublicKey.load(directory / f"{key_id}.pub"), Keyring.load_dir(directory))
+    signer = SigningKey.generate()
+    signer_dir = tmp_path_factory.mktemp("signing-keys")
+    signer.write(signer_dir)
+    return Keys(
+        directory,
+        PublicKey.load(directory / f"{key_id}.pub"),
+        Keyring.load_dir(directory),
+        signer,
+        TrustedSigners.load(signer_dir),
+        signer_dir,
+    )
 
 
 @dataclass
@@ -84,7 +99,8 @@ class Sites:
     ) -> SiteRecord:
         names = (domain, *aliases)
         if not cert:
-            return SiteRecord(domain, names, upstream or self.upstream, None, None, None, None)
+            bare = SiteRecord(domain, names, upstream or self.upstream, None, None, None, None)
+            return self.signed(bare)
         chain, key_pem, leaf = self.pki.leaf(list(names))
         sealed = envelope.seal(
             key_pem,
@@ -92,23 +108,31 @@ class Sites:
             domain=domain,
             binding=envelope.spki_fingerprint(leaf.public_key()),
         )
-        return SiteRecord(
-            domain=domain,
-            names=names,
-            upstream=upstream or self.upstream,
-            chain_pem=chain,
-            envelope=envelope.to_text(sealed),
-            not_after=leaf.not_valid_after_utc,
-            serial=format(leaf.serial_number, "x"),
+        return self.signed(
+            SiteRecord(
+                domain=domain,
+                names=names,
+                upstream=upstream or self.upstream,
+                chain_pem=chain,
+                envelope=envelope.to_text(sealed),
+                not_after=leaf.not_valid_after_utc,
+                serial=format(leaf.serial_number, "x"),
+            )
         )
 
-    @staticmethod
-    def tampered(record: SiteRecord) -> SiteRecord:
+    def signed(self, record: SiteRecord) -> SiteRecord:
+        """``record`` as the pipeline publishes it: signed, at a version above any before."""
+        statement = record.statement(next_version(None))
+        return replace(record, signed=self.keys.signer.sign_site(statement))
+
+    def tampered(self, record: SiteRecord) -> SiteRecord:
+        """``record`` with a corrupted envelope, signed as it is: an envelope the pipeline
+        itself got wrong, which must fail to open rather than fail its signature."""
         assert record.envelope
         text = record.envelope
         middle = len(text) // 2
         flipped = "A" if text[middle] != "A" else "B"
-        return replace(record, envelope=text[:middle] + flipped + text[middle + 1 :])
+        return self.signed(replace(record, envelope=text[:middle] + flipped + text[middle + 1 :]))
 
 
 @pytest.fixture
@@ -257,7 +281,9 @@ def start_edge(
     running: list[RunningEdge] = []
 
     def start(**overrides: Any) -> RunningEdge:
-        config = EdgeConfig(redis_url=redis_url, prefix=prefix, reconcile_interval=0.5)
+        config = EdgeConfig(
+            redis_url=redis_url, prefix=prefix, reconcile_interval=0.5, signers=keys.signers
+        )
         edge = RunningEdge(replace(config, **overrides), keys.keyring, pki).start()
         running.append(edge)
         return edge
@@ -355,11 +381,14 @@ class PreforkEdge:
             return self.proc.stderr.read().decode()
 
 
-def start_prefork_edge(redis_url: str, prefix: str, key_dir: Path, *extra: str) -> PreforkEdge:
+def start_prefork_edge(
+    redis_url: str, prefix: str, key_dir: Path, signers: Path, *extra: str
+) -> PreforkEdge:
     """A two-process edge as a real subprocess, returned once both workers are healthy."""
     # Worker i serves metrics on metrics_port + i: reserve both, not just the first.
     http_port, https_port, metrics_port = free_port(), free_port(), free_port_block(2)
-    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url}
+    env = {**os.environ, "CERTMAN_REDIS_PREFIX": prefix, "CERTMAN_REDIS_URL": redis_url,
+           "CERTMAN_EDGE_TRUSTED_SIGNERS": str(signers)}  # fmt: skip
     proc = subprocess.Popen(
         edge_command(
             "--http-port", str(http_port), "--https-port", str(https_port),

@@ -22,7 +22,7 @@ from pipeline.distribution import channel, publish_site, set_challenge
 from pipeline.redis_tls import RedisTls
 from tests.support.redis_tls_server import TlsRedisServer, make_ca
 
-from .conftest import DEADLINE, Canary, RunningEdge, Sites, raw_exchange, status_of, wait_for
+from .conftest import DEADLINE, Canary, Keys, RunningEdge, Sites, raw_exchange, status_of, wait_for
 
 # ---- request targets: unit level -----------------------------------------------------------
 
@@ -452,6 +452,7 @@ def test_oversized_headers_get_431_and_bodies_413(
 
 
 def test_malformed_events_do_not_stop_sync(
+    keys: Keys,
     redis_client: redis.Redis,
     prefix: str,
     sites: Sites,
@@ -465,7 +466,7 @@ def test_malformed_events_do_not_stop_sync(
         "not json",
         "[1, 2]",
         '{"type":"challenge","token":"../x","key_authorization":"a","ttl":1}',
-        '{"type":"challenge","token":"abc","key_authorization":"a b<script>","ttl":1}',
+        '{"type":"challenge","token":"abc","key_authorization":"zz","ttl":1,"signed":5}',
         '{"type":"site","version":"7","record":{}}',
         '{"type":"site","version":1,"record":5}',
         '{"type":"site_removed","version":1,"domain":["x"]}',
@@ -480,7 +481,9 @@ def test_malformed_events_do_not_stop_sync(
     wait_for(lambda: edge.https("later.test")[0] == 200, what="a site added afterwards served")
     assert edge.health() == 200
     # The self-check's probe answers with a random value, not token.thumbprint: a valid event.
-    set_challenge(redis_client, prefix, "probe-token", "RandomProbeValue_-x", ttl=60)
+    set_challenge(
+        redis_client, prefix, "probe-token", "RandomProbeValue_-x", ttl=60, signer=keys.signer
+    )
     wait_for(lambda: edge.http("x.test", "/.well-known/acme-challenge/probe-token")[0] == 200)
     redis_client.delete(f"{prefix}:challenge:probe-token")
     assert (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,8 +13,9 @@ import redis
 
 from edge.proxy import LiteralFirstResolver
 from pipeline.distribution import publish_site, remove_challenge, set_challenge
+from pipeline.signing import SignedChallenge
 
-from .conftest import RunningEdge, Sites, wait_for
+from .conftest import Keys, RunningEdge, Sites, wait_for
 
 TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 KEY_AUTH = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -25,11 +27,11 @@ def _challenge(edge: RunningEdge, token: str) -> tuple[int, str, bytes]:
 
 
 def test_challenge_from_memory_after_the_event(
-    redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
+    keys: Keys, redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
 ) -> None:
     edge = start_edge()
     edge.wait_ready()
-    set_challenge(redis_client, prefix, TOKEN, KEY_AUTH, ttl=60)
+    set_challenge(redis_client, prefix, TOKEN, KEY_AUTH, ttl=60, signer=keys.signer)
     wait_for(lambda: 'certman_edge_sync_events_total{type="challenge"} 1.0' in edge.metrics())
     # Gone from Redis, still answered: it came from the event.
     redis_client.delete(f"{prefix}:challenge:{TOKEN}")
@@ -40,11 +42,13 @@ def test_challenge_from_memory_after_the_event(
 
 
 def test_challenge_from_redis_when_the_event_was_missed(
-    redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
+    keys: Keys, redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
 ) -> None:
     edge = start_edge()
     edge.wait_ready()
+    signed = keys.signer.sign_challenge(SignedChallenge(TOKEN, KEY_AUTH, int(time.time()) + 60))
     redis_client.set(f"{prefix}:challenge:{TOKEN}", KEY_AUTH, ex=60)
+    redis_client.set(f"{prefix}:challenge-signed:{TOKEN}", signed.to_json(), ex=60)
     assert _challenge(edge, TOKEN) == (200, "application/octet-stream", KEY_AUTH.encode())
     assert _challenge(edge, "unknown-token")[0] == 404
     assert _challenge(edge, "bad%20token")[0] == 404

@@ -149,7 +149,7 @@ def test_sigterm_drains_in_flight_requests_across_processes(
     upstream: str,
 ) -> None:
     publish_site(redis_client, prefix, sites.record("multi.test", upstream=upstream))
-    prefork = start_prefork_edge(redis_url, prefix, keys.directory)
+    prefork = start_prefork_edge(redis_url, prefix, keys.directory, keys.signer_dir)
     proc = prefork.proc
     try:
         edge = RunningEdge.__new__(RunningEdge)

@@ -14,7 +14,7 @@ from pipeline.distribution import EDGE_HEADER, set_challenge
 from tests.support.dns_server import DnsServer
 from tests.support.loopback_only import loopback_only
 
-from .conftest import RunningEdge
+from .conftest import Keys, RunningEdge
 
 TOKEN = "probe-token-of-forty-three-characters-abcde"
 
@@ -43,11 +43,11 @@ def _check(port: int, expected: str = "the key authorization") -> selfcheck.Prob
 
 
 def test_the_edge_answers_the_probe(
-    redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
+    keys: Keys, redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
 ) -> None:
     edge = start_edge()
     edge.wait_ready()
-    set_challenge(redis_client, prefix, TOKEN, "the key authorization", ttl=60)
+    set_challenge(redis_client, prefix, TOKEN, "the key authorization", ttl=60, signer=keys.signer)
     assert _check(edge.http_port) is None
     status, headers, _ = edge.http("localhost", f"/.well-known/acme-challenge/{TOKEN}")
     assert status == 200 and headers.get(EDGE_HEADER) == "1"
@@ -101,13 +101,13 @@ def test_dns_pointing_at_a_refused_address_fails_the_name_without_fetching(
 
 
 def test_a_refused_address_fails_the_name_even_beside_a_good_one(
-    redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
+    keys: Keys, redis_client: redis.Redis, prefix: str, start_edge: Callable[..., RunningEdge]
 ) -> None:
     """127.0.0.1 is the edge and would answer; the metadata address beside it still fails the
     name, and nothing is fetched from either."""
     edge = start_edge()
     edge.wait_ready()
-    set_challenge(redis_client, prefix, TOKEN, "the key authorization", ttl=60)
+    set_challenge(redis_client, prefix, TOKEN, "the key authorization", ttl=60, signer=keys.signer)
     with DnsServer({"dealer.example.com": (["127.0.0.1", "169.254.169.254"], [])}) as dns:
         assert selfcheck.check(
             "dealer.example.com", TOKEN, "the key authorization", port=edge.http_port,

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from pipeline.distribution import publish_site, remove_site, replace_all
 
-from .conftest import RunningEdge, Sites, serial_of, wait_for
+from .conftest import Keys, RunningEdge, Sites, serial_of, wait_for
 
 
 def _sans(cert: x509.Certificate) -> list[str]:
@@ -38,7 +38,11 @@ def test_each_name_gets_its_certificate(
 
 
 def test_replaced_and_removed_live(
-    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+    keys: Keys,
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
 ) -> None:
     edge = start_edge()
     edge.wait_ready()
@@ -48,7 +52,7 @@ def test_replaced_and_removed_live(
     second = sites.record("live.test")
     publish_site(redis_client, prefix, second)
     wait_for(lambda: serial_of(edge.peer_cert("live.test")) == second.serial, what="new serial")
-    remove_site(redis_client, prefix, "live.test")
+    remove_site(redis_client, prefix, "live.test", signer=keys.signer)
 
     def refused() -> bool:
         # Served until the edge hears of the removal: False, and poll again. (A pytest.raises
@@ -108,7 +112,7 @@ def test_tampered_envelope_refused_for_that_name_only(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.ERROR, logger="edge.sni")
-    publish_site(redis_client, prefix, Sites.tampered(sites.record("bad.test")))
+    publish_site(redis_client, prefix, sites.tampered(sites.record("bad.test")))
     good = sites.record("good.test")
     publish_site(redis_client, prefix, good)
     edge = start_edge()
@@ -200,8 +204,8 @@ def test_a_record_filed_under_another_domain_is_refused(
     metrics = edge.metrics()
     assert 'certman_edge_envelope_open_failures_total{reason="RecordMisfiled"} 1.0' in metrics
     assert 'certman_edge_sni_total{outcome="envelope_failed"} 3.0' in metrics
-    # Its own record back under its name: served at once.
-    publish_site(redis_client, prefix, a)
+    # Its own record back under its name (published again, so signed again): served at once.
+    publish_site(redis_client, prefix, sites.signed(a))
     wait_for(lambda: serial_of(edge.peer_cert("a.test")) == a.serial, what="a.test's own cert")
 
 

@@ -1,17 +1,40 @@
-"""The edge's site index: entries parsed on first use, changes noticed either way."""
+"""The edge's site index: entries parsed and verified on first use, changes noticed either way,
+and nothing believed that the pipeline did not sign."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
-from edge.state import SiteIndex, SiteMeta
+import pytest
+
+from edge.state import SiteIndex
 from pipeline.distribution import SiteRecord, index_entry
+from pipeline.signing import SignedSite, SigningKey, TrustedSigners
+
+SIGNER = SigningKey.generate()
+
+
+@pytest.fixture
+def refusals() -> list[tuple[str, str]]:
+    return []
+
+
+@pytest.fixture
+def index(refusals: list[tuple[str, str]]) -> SiteIndex:
+    signers = TrustedSigners.of([SIGNER.public_key()])
+    return SiteIndex(signers, on_refused=lambda d, kind, detail, v: refusals.append((d, kind)))
 
 
 def record(
-    domain: str, *aliases: str, chain: str = "chain", upstream: str | None = None
+    domain: str,
+    *aliases: str,
+    chain: str = "chain",
+    upstream: str | None = None,
+    version: int = 1,
+    signer: SigningKey = SIGNER,
 ) -> SiteRecord:
-    return SiteRecord(
+    bare = SiteRecord(
         domain,
         (domain, *aliases),
         upstream,
@@ -20,48 +43,52 @@ def record(
         datetime(2027, 1, 1, tzinfo=UTC),
         "1f",
     )
+    return replace(bare, signed=signer.sign_site(bare.statement(version)))
 
 
-def snapshot(*records: SiteRecord) -> dict[bytes, bytes]:
-    return {r.domain.encode(): index_entry(r).encode() for r in records}
+def snapshot(*records: SiteRecord) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    index = {r.domain.encode(): index_entry(r).encode() for r in records}
+    signed = {r.domain.encode(): r.signed.to_json().encode() for r in records if r.signed}
+    return index, signed
 
 
-def test_names_resolve_before_entries_are_parsed() -> None:
-    index = SiteIndex()
-    index.load_snapshot(snapshot(record("a.test", "www.a.test", upstream="http://10.0.0.1:80")))
+def test_names_resolve_before_entries_are_parsed(index: SiteIndex) -> None:
+    index.load_snapshot(*snapshot(record("a.test", "www.a.test", upstream="http://10.0.0.1:80")))
     assert index.sites == {}  # nothing parsed yet
     meta = index.lookup("www.a.test")
     assert meta is not None and meta.domain == "a.test" and meta.upstream == "http://10.0.0.1:80"
     assert set(index.sites) == {"a.test"}
 
 
-def test_an_event_for_an_unparsed_site_drops_the_names_it_lost() -> None:
-    index = SiteIndex()
-    index.load_snapshot(snapshot(record("a.test", "www.a.test", "shop.a.test")))
-    index.put(SiteMeta.from_record(record("a.test", "www.a.test")))
+def test_an_event_for_an_unparsed_site_drops_the_names_it_lost(index: SiteIndex) -> None:
+    index.load_snapshot(*snapshot(record("a.test", "www.a.test", "shop.a.test")))
+    newer = record("a.test", "www.a.test", version=2)
+    assert newer.signed is not None and index.accept(newer.signed, newer) is not None
     assert index.lookup("shop.a.test") is None
     assert index.lookup("www.a.test") is not None
 
 
-def test_a_resnapshot_tells_about_changed_certificates_in_use_only() -> None:
+def test_a_resnapshot_tells_about_changed_certificates_in_use_only(index: SiteIndex) -> None:
     changed: list[str] = []
-    index = SiteIndex()
     index.on_certificate_change(changed.append)
-    index.load_snapshot(snapshot(record("used.test"), record("idle.test"), record("gone.test")))
+    removed = SIGNER.sign_site(SignedSite("gone.test", 2, removed=True))
+    index.load_snapshot(*snapshot(record("used.test"), record("idle.test"), record("gone.test")))
     index.lookup("used.test")
     index.lookup("gone.test")
-    index.load_snapshot(
-        snapshot(record("used.test", chain="new"), record("idle.test", chain="new"))
+    raw_index, raw_signed = snapshot(
+        record("used.test", chain="new", version=2), record("idle.test", chain="new", version=2)
     )
+    raw_signed[b"gone.test"] = removed.to_json().encode()
+    index.load_snapshot(raw_index, raw_signed)
     assert sorted(changed) == ["gone.test", "used.test"]
+    assert index.lookup("gone.test") is None
 
 
-def test_malformed_entries_are_skipped_and_counted() -> None:
-    index = SiteIndex()
-    raw = snapshot(record("good.test"))
-    raw[b"json.test"] = b'{"h": "x"}'
-    raw[b"short.test"] = b"onlyhash\tshort.test"
-    index.load_snapshot(raw)
+def test_malformed_entries_are_skipped_and_counted(index: SiteIndex) -> None:
+    raw_index, raw_signed = snapshot(record("good.test"))
+    raw_index[b"json.test"] = b'{"h": "x"}'
+    raw_index[b"short.test"] = b"onlyhash\tshort.test"
+    index.load_snapshot(raw_index, raw_signed)
     assert index.malformed == 1  # no tab at all: skipped at once
     assert index.lookup("short.test") is None  # too few fields: found out on first use
     assert index.malformed == 2
@@ -69,10 +96,85 @@ def test_malformed_entries_are_skipped_and_counted() -> None:
     assert index.certificates_known() == 1
 
 
-def test_parsing_in_slices_reaches_every_entry() -> None:
-    index = SiteIndex()
-    index.load_snapshot(snapshot(*(record(f"s{i}.test") for i in range(25))))
+def test_parsing_in_slices_reaches_every_entry(index: SiteIndex) -> None:
+    index.load_snapshot(*snapshot(*(record(f"s{i}.test") for i in range(25))))
     slices = 0
     while index.parse_some(10):
         slices += 1
     assert slices == 2 and len(index.sites) == 25
+
+
+# ---- what a Redis writer cannot do -------------------------------------------------------------
+
+
+def test_unsigned_forged_and_untrusted_entries_are_refused(
+    index: SiteIndex, refusals: list[tuple[str, str]]
+) -> None:
+    raw_index, raw_signed = snapshot(
+        record("ok.test"), record("untrusted.test", signer=SigningKey.generate())
+    )
+    unsigned = replace(record("unsigned.test"), signed=None)
+    raw_index[b"unsigned.test"] = index_entry(unsigned).encode()
+    forged = record("forged.test", upstream="http://10.0.0.1")
+    assert forged.signed is not None
+    steered = replace(forged.signed, upstream="http://10.6.6.6")  # signature now wrong
+    raw_index[b"forged.test"] = index_entry(forged).encode()
+    raw_signed[b"forged.test"] = steered.to_json().encode()
+    index.load_snapshot(raw_index, raw_signed)
+    assert index.lookup("ok.test") is not None
+    for name in ("untrusted.test", "unsigned.test", "forged.test"):
+        assert index.lookup(name) is None, name
+    assert sorted(refusals) == [
+        ("forged.test", "bad_signature"),
+        ("unsigned.test", "unsigned"),
+        ("untrusted.test", "untrusted_signer"),
+    ]
+
+
+def test_an_index_entry_cannot_point_a_name_elsewhere(index: SiteIndex) -> None:
+    victim, attacker = record("victim.test"), record("attacker.test")
+    raw_index, raw_signed = snapshot(victim, attacker)
+    # The name map is unsigned: file victim's name under the attacker's (genuine) record.
+    entry = index_entry(attacker).rsplit("\t", 1)[0] + "\tattacker.test victim.test"
+    raw_index[b"attacker.test"] = entry.encode()
+    del raw_index[b"victim.test"]
+    index.load_snapshot(raw_index, raw_signed)
+    assert index.lookup("victim.test") is None  # the attacker's signed names do not list it
+    assert index.lookup("attacker.test") is not None
+
+
+def test_no_rollback_and_the_last_good_record_stays(
+    index: SiteIndex, refusals: list[tuple[str, str]]
+) -> None:
+    old, new = (
+        record("a.test", upstream="http://10.0.0.1", version=5),
+        record("a.test", upstream="http://10.0.0.2", version=6),
+    )
+    index.load_snapshot(*snapshot(new))
+    assert index.lookup("a.test").upstream == "http://10.0.0.2"  # type: ignore[union-attr]
+    # A genuine older record replayed, by event and by snapshot: ignored, the newer one stays.
+    assert old.signed is not None and index.accept(old.signed, old) is None
+    index.load_snapshot(*snapshot(old))
+    assert index.lookup("a.test").upstream == "http://10.0.0.2"  # type: ignore[union-attr]
+    # A forged one: refused, the last good one stays.
+    raw_index, raw_signed = snapshot(new)
+    raw_signed[b"a.test"] = raw_signed[b"a.test"].replace(b"10.0.0.2", b"10.6.6.6")
+    index.load_snapshot(raw_index, raw_signed)
+    assert index.lookup("a.test").upstream == "http://10.0.0.2"  # type: ignore[union-attr]
+    assert [kind for _, kind in refusals] == ["rollback", "rollback", "bad_signature"]
+
+
+def test_a_site_leaves_only_with_a_signed_tombstone(index: SiteIndex) -> None:
+    site = record("a.test", version=3)
+    index.load_snapshot(*snapshot(site))
+    assert index.lookup("a.test") is not None
+    index.load_snapshot({}, {})  # deleted from Redis, no tombstone: kept
+    assert index.lookup("a.test") is not None
+    forged = SigningKey.generate().sign_site(SignedSite("a.test", 9, removed=True))
+    index.load_snapshot({}, {b"a.test": forged.to_json().encode()})
+    assert index.lookup("a.test") is not None
+    stale = SIGNER.sign_site(SignedSite("a.test", 2, removed=True))  # older than the site
+    assert index.accept(stale) is None and index.lookup("a.test") is not None
+    tombstone = SIGNER.sign_site(SignedSite("a.test", 4, removed=True))
+    index.load_snapshot({}, {b"a.test": tombstone.to_json().encode()})
+    assert index.lookup("a.test") is None

@@ -57,7 +57,9 @@ def test_tickets_resume_across_worker_processes(
     sites: Sites,
 ) -> None:
     publish_site(redis_client, prefix, sites.record(NAME))
-    prefork = start_prefork_edge(redis_url, prefix, keys.directory, "--log-level", "WARNING")
+    prefork = start_prefork_edge(
+        redis_url, prefix, keys.directory, keys.signer_dir, "--log-level", "WARNING"
+    )
     proc, https_port = prefork.proc, prefork.https_port
     workers = prefork.worker_metrics_ports
     try:
