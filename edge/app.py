@@ -11,6 +11,8 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,10 +26,11 @@ from edge import handshakes
 from edge.challenges import ChallengeHandler, ChallengeStore
 from edge.forwarding import TrustedProxies
 from edge.metrics import EdgeMetrics
+from edge.mirror import Mirror
 from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
 from edge.proxy_protocol import ProxyProtocolAcceptor
 from edge.ratelog import RateLimitedLog
-from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
+from edge.sni import ContextCache, SiteContexts, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
 from edge.upstream import KeepAliveHTTPClient, UpstreamPool
@@ -62,9 +65,9 @@ class EdgeConfig:
     # Mozilla's server profile for the listening context (edge.tls.PROFILES); the CLI builds
     # that context before forking, from this.
     tls_profile: str = "intermediate"
-    # The SNI callback's Redis lookup blocks the event loop: a short timeout, so that a stalled
-    # Redis costs one handshake, not every connection the process holds.
-    handshake_redis_timeout: float = 0.5
+    # The local sealed mirror of this process (edge.mirror); None keeps it in memory, so
+    # nothing survives a restart.
+    mirror_path: Path | None = None
     # Peers (an HTTP load balancer) whose forwarding headers are kept: addresses or networks.
     trusted_proxies: tuple[str, ...] = ()
     # Every connection on both site ports starts with a PROXY protocol header (v1 or v2) from
@@ -73,8 +76,10 @@ class EdgeConfig:
     # A header block above this gets 431; Tornado itself closes a connection at twice it.
     max_header_size: int = 32 * 1024
     max_body_size: int = 100 * 1024 * 1024
-    # /healthz answers 503 once the sync with Redis has been down this long (0: never).
-    sync_down_limit: float = 300.0
+    # /healthz answers 503 once the sync with Redis has been down this long (0: never, the
+    # default: an edge serving from its mirror is healthy, and a Redis outage would otherwise
+    # take every edge out of the load balancer at once).
+    sync_down_limit: float = 0.0
     outbound: OutboundPolicy = OutboundPolicy()
     # How a rediss:// server is verified (the system's store by default): never unverified.
     redis_tls: RedisTls = RedisTls()
@@ -124,10 +129,14 @@ class MetricsHandler(tornado.web.RequestHandler):
 
 @dataclass(frozen=True)
 class Health:
-    """What /healthz says: 200 while the edge serves a snapshot it can trust to be recent;
-    503 before the first snapshot, once the sync loop has stopped, or once Redis has been
-    out of reach longer than ``sync_down_limit`` (the edge still serves what it has, but a
-    load balancer with a healthier edge should prefer it)."""
+    """What /healthz says, for a load balancer.
+
+    200 while the edge serves: in sync with Redis, or from what it holds (its mirror) while
+    Redis is out of reach, said in the body ("serving, snapshot stale since T") and in the
+    ``X-Certman-Snapshot-Synced`` header (epoch seconds). 503 while it is not ready (no
+    snapshot yet: no mirror, and Redis has not answered), once its sync loop has stopped, or,
+    only if ``sync_down_limit`` is set, once Redis has been out of reach longer than that.
+    """
 
     syncer: Syncer
     sync_down_limit: float
@@ -136,18 +145,26 @@ class Health:
     def check(self) -> tuple[bool, str]:
         syncer = self.syncer
         if not syncer.ready.is_set():
-            return False, "starting: no snapshot yet"
+            return False, "not ready: no snapshot yet (no local mirror, and Redis has not answered)"
         if self.sync_task is not None and self.sync_task.done():
             return False, f"sync stopped; serving version {syncer.version}"
         if syncer.connected:
             return True, f"ok, version {syncer.version}, in sync"
         lag = syncer.lag()
+        since = (
+            datetime.fromtimestamp(syncer.synced_at, UTC).isoformat(timespec="seconds")
+            if syncer.synced_at
+            else "never"
+        )
         if 0 < self.sync_down_limit < lag:
             return False, (
                 f"sync down for {lag:.0f}s (limit {self.sync_down_limit:.0f}s); "
-                f"serving version {syncer.version}"
+                f"serving version {syncer.version}, snapshot stale since {since}"
             )
-        return True, f"ok, version {syncer.version}, Redis lost {lag:.0f}s ago"
+        return True, (
+            f"serving, snapshot stale since {since} (version {syncer.version}); "
+            f"Redis unreachable, reconnecting"
+        )
 
 
 class HealthHandler(tornado.web.RequestHandler):
@@ -157,6 +174,8 @@ class HealthHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         healthy, text = self._health.check()
+        synced = self._health.syncer.synced_at
+        self.set_header("X-Certman-Snapshot-Synced", f"{synced:.0f}" if synced else "0")
         if not healthy:
             self.set_status(503)
         self.finish(text + "\n")
@@ -185,14 +204,9 @@ class Edge:
         self._async_redis: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
             config.redis_url, socket_connect_timeout=1, socket_timeout=2, **redis_tls
         )
-        # The SNI callback runs inside OpenSSL's handshake, which cannot await: it gets a plain
-        # blocking client with short timeouts, used only when the site's context is not cached.
-        self._blocking_redis: redis.Redis[Any] = redis.Redis.from_url(
-            config.redis_url,
-            socket_connect_timeout=min(0.2, config.handshake_redis_timeout),
-            socket_timeout=config.handshake_redis_timeout,
-            **redis_tls,
-        )
+        # The SNI callback runs inside OpenSSL's handshake, which cannot await: it reads blobs
+        # from the local mirror only, never from the network.
+        self.mirror = Mirror(config.mirror_path, source=config.prefix)
         self.challenges = ChallengeStore(
             self._async_redis,
             config.prefix,
@@ -205,17 +219,20 @@ class Edge:
             self.index,
             self.challenges,
             m,
+            mirror=self.mirror,
             reconcile_interval=config.reconcile_interval,
             redis_options=redis_tls,
         )
         self.contexts = SiteContexts(
-            self.index, keyring, self._fetch_blob, ContextCache(config.cache_size, m), m
+            self.index, keyring, self.mirror.blob, ContextCache(config.cache_size, m), m
         )
         listening.sni_callback = SniSelector(self.index, self.contexts, m)
         self.listening = listening
         m.certificates_known.set_function(self.index.certificates_known)
         m.soonest_expiry.set_function(self.index.soonest_expiry)
         m.cached_contexts.set_function(lambda: len(self.contexts.cache))
+        m.mirror_sites.set_function(lambda: self.mirror.size()[0])
+        m.mirror_bytes.set_function(lambda: self.mirror.size()[1])
         self.lifecycle = Lifecycle()
         self._resolver = LiteralFirstResolver(policy=config.outbound)
         self._pool = UpstreamPool(config.upstream_keepalive, config.upstream_idle_timeout)
@@ -230,16 +247,6 @@ class Edge:
         self._acceptors: list[ProxyProtocolAcceptor] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-
-    def _fetch_blob(self, domain: str) -> bytes | None:
-        if not self.syncer.connected:
-            # Fail fast instead of blocking the event loop on a connect timeout per handshake.
-            raise SiteUnavailable(domain)
-        try:
-            value = self._blocking_redis.hget(f"{self.config.prefix}:sites", domain)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise SiteUnavailable(domain) from exc
-        return value if isinstance(value, bytes) or value is None else str(value).encode()
 
     def start(
         self,
@@ -315,19 +322,13 @@ class Edge:
             batch = [d for d in domains[i : i + 100] if d not in self.contexts.cache]
             if not batch:
                 continue
-            try:
-                blobs = await self._async_redis.hmget(f"{self.config.prefix}:sites", batch)
-            except (redis.ConnectionError, redis.TimeoutError):
-                log.warning("warm-up stopped: Redis unreachable")
-                return
-            for domain, raw in zip(batch, blobs, strict=True):
-                if raw is not None:
-                    record = SiteRecord.from_json(raw)
-                    meta = self.index.get(domain)
-                    if meta is None or self.contexts.failed(meta):
-                        continue
-                    if self.contexts.install(record, meta) is not None:
-                        built += 1
+            for domain in batch:
+                raw = self.mirror.blob(domain)
+                meta = self.index.get(domain)
+                if raw is None or meta is None or self.contexts.failed(meta):
+                    continue
+                if self.contexts.install(SiteRecord.from_json(raw), meta) is not None:
+                    built += 1
                 # Let handshakes and requests in between two ~1.5 ms builds.
                 await asyncio.sleep(0)
         log.info("warm-up: %d contexts in %.1f s", built, time.monotonic() - started)
@@ -363,5 +364,5 @@ class Edge:
         self._client.close()
         self._resolver.close()
         await aclose(self._async_redis)
-        self._blocking_redis.close()
+        self.mirror.close()
         handshakes.uninstall(self.metrics)

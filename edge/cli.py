@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import ipaddress
 import logging
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="default: CERTMAN_REDIS_URL")
     p.add_argument("--redis-prefix", default=None, help="default: CERTMAN_REDIS_PREFIX")
     p.add_argument("--cache-size", type=int, default=None, help="default: CERTMAN_EDGE_CACHE_SIZE")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where each process keeps its local sealed mirror (default: CERTMAN_DATA_DIR/edge)",
+    )
     p.add_argument("--warm", action="store_true", help="build contexts in the background at start")
     p.add_argument(
         "--upstream-keepalive",
@@ -90,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sync-down-limit",
         type=float,
-        default=300.0,
-        help="seconds without Redis after which /healthz answers 503 (0: never)",
+        default=0.0,
+        help="seconds without Redis after which /healthz answers 503 (default 0: never; the "
+        "edge serves from its mirror meanwhile)",
     )
     p.add_argument(
         "--tls-profile",
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = bind_sockets(args.metrics_port + worker, args.metrics_address or None)
     except OSError as exc:
         _fail(f"cannot listen for metrics: {exc.strerror or exc}")
+    state_dir = args.state_dir or settings.data_dir / "edge"
+    config = dataclasses.replace(config, mirror_path=state_dir / f"mirror-{worker}.sqlite3")
     loop_factory = _loop_factory(args.loop)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_serve(config, keyring, listening, http, https, metrics))

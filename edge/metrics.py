@@ -104,6 +104,22 @@ class EdgeMetrics:
             ["what", "reason"],
             registry=r,
         )
+        self.mirror_synced = Gauge(
+            "certman_edge_mirror_synced_timestamp_seconds",
+            "When the edge (and its local mirror) last matched Redis; 0 if never.",
+            registry=r,
+        )
+        self.mirror_fetched = Counter(
+            "certman_edge_mirror_blobs_fetched_total",
+            "Blobs fetched from Redis into the local mirror (only those whose content changed).",
+            registry=r,
+        )
+        self.mirror_sites = Gauge(
+            "certman_edge_mirror_sites", "Sites held in the local mirror.", registry=r
+        )
+        self.mirror_bytes = Gauge(
+            "certman_edge_mirror_bytes", "Size of the local mirror on disk.", registry=r
+        )
         self.certificates_known = Gauge(
             "certman_edge_certificates_known", "Sites with a certificate in the index.", registry=r
         )

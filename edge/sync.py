@@ -8,6 +8,11 @@ read again. A periodic reconcile compares the version counter for the case where
 events were lost. On a lost connection the edge keeps serving what it has and retries with
 backoff.
 
+Every snapshot and accepted change also goes to the edge's local mirror (:mod:`edge.mirror`),
+blobs included, fetching only those whose content hash changed. An edge whose mirror has been
+synced once starts from it, ready at once whether or not Redis answers, and catches up when
+Redis does; one that never had a mirror is ready after its first snapshot is mirrored.
+
 Whatever is in Redis is input, not instructions: an event that does not parse, or names a bad
 token, is counted, logged (at most once a minute) and answered by re-reading the snapshot,
 never by stopping the sync. Any other failure of the loop is logged and retried with backoff
@@ -31,9 +36,10 @@ import redis.asyncio
 
 from edge.challenges import ChallengeStore, valid_token
 from edge.metrics import EdgeMetrics
+from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex
-from pipeline.distribution import SiteRecord, channel
+from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
 from pipeline.signing import SignedChallenge, SignedSite
 
 __all__ = ["Syncer"]
@@ -59,10 +65,13 @@ class Syncer:
         challenges: ChallengeStore,
         metrics: EdgeMetrics,
         *,
+        mirror: Mirror | None = None,
         reconcile_interval: float = 5.0,
         max_backoff: float = 5.0,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
+        self.mirror = mirror if mirror is not None else Mirror(None)
+        self.synced_at: float | None = None  # epoch seconds the edge last matched Redis
         self._url = redis_url
         self._redis_options = dict(redis_options or {})
         self._prefix = prefix
@@ -82,6 +91,23 @@ class Syncer:
         metrics.sync_connected.set_function(lambda: 1.0 if self.connected else 0.0)
         metrics.sync_lag.set_function(self.lag)
         metrics.sync_version.set_function(lambda: float(self.version))
+        metrics.mirror_synced.set_function(lambda: self.synced_at or 0.0)
+
+    def start_from_mirror(self) -> bool:
+        """Serve what the local mirror holds, before Redis has said anything; True if it held
+        a synced snapshot (the edge is then ready)."""
+        contents = self.mirror.load()
+        if not contents.usable:
+            return False
+        self._index.load_snapshot(contents.index, contents.signed)
+        self.version = contents.version
+        self.synced_at = contents.synced_at
+        self._in_sync_at = time.monotonic() - (time.time() - (contents.synced_at or time.time()))
+        self._parsing = asyncio.create_task(self._parse_in_background())
+        log.info("serving %d sites from the local mirror (version %d) until Redis answers",
+                 len(contents.index), self.version)  # fmt: skip
+        self.ready.set()
+        return True
 
     def lag(self) -> float:
         """Seconds since the edge last knew it held the current version (0 when in sync)."""
@@ -89,6 +115,7 @@ class Syncer:
 
     async def run(self) -> None:
         backoff = 0.05
+        self.start_from_mirror()
         while True:
             client: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
                 self._url, socket_connect_timeout=2, socket_timeout=5, **self._redis_options
@@ -134,6 +161,10 @@ class Syncer:
             pipe.hgetall(f"{self._prefix}:index")
             pipe.hgetall(f"{self._prefix}:signed")
             version_raw, raw_index, raw_signed = await pipe.execute()
+        # The blobs that changed first, so the index never names content the mirror lacks.
+        blobs = await self._changed_blobs(client, raw_index)
+        self._metrics.mirror_fetched.inc(len(blobs))
+        self.mirror.replace_all(raw_index, raw_signed, blobs)
         self._index.load_snapshot(raw_index, raw_signed)
         if self._index.malformed:
             log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
@@ -142,10 +173,41 @@ class Syncer:
             self._parsing = asyncio.create_task(self._parse_in_background())
         self._challenges.clear()
         self.version = int(version_raw or 0)
-        self._in_sync_at = time.monotonic()
+        self._mark_synced()
         self._metrics.sync_resnapshots.labels(cause).inc()
-        log.info("snapshot: %d sites at version %d (%s)", len(raw_index), self.version, cause)
+        log.info("snapshot: %d sites at version %d (%s), %d blobs fetched",
+                 len(raw_index), self.version, cause, len(blobs))  # fmt: skip
         self.ready.set()
+
+    async def _changed_blobs(
+        self, client: redis.asyncio.Redis[Any], raw_index: Mapping[bytes, bytes]
+    ) -> dict[str, tuple[bytes, str]]:
+        """The blobs of sites with a certificate whose content hash the mirror lacks."""
+        held = self.mirror.hashes()
+        wanted: list[tuple[str, str]] = []
+        for raw_domain, entry in raw_index.items():
+            head = entry.split(b"\t", 2)
+            if len(head) < 3 or head[1] != b"1":
+                continue
+            domain, digest = (
+                raw_domain.decode("utf-8", "replace"),
+                head[0].decode("ascii", "replace"),
+            )
+            if held.get(domain) != digest:
+                wanted.append((domain, digest))
+        fetched: dict[str, tuple[bytes, str]] = {}
+        for i in range(0, len(wanted), 500):
+            batch = wanted[i : i + 500]
+            blobs = await client.hmget(f"{self._prefix}:sites", [d for d, _ in batch])
+            for (domain, digest), blob in zip(batch, blobs, strict=True):
+                if blob is not None:
+                    fetched[domain] = (bytes(blob), digest)
+        return fetched
+
+    def _mark_synced(self) -> None:
+        self._in_sync_at = time.monotonic()
+        self.synced_at = time.time()
+        self.mirror.synced(self.version)
 
     async def _parse_in_background(self) -> None:
         # Ready first, parse the rest a slice at a time so handshakes are never held up long.
@@ -228,8 +290,14 @@ class Syncer:
             record = SiteRecord.from_dict(event["record"])
             if record.signed is None:
                 self._index.refuse_unsigned(record.domain)
-            else:
-                self._index.accept(record.signed, record)
+            elif self._index.accept(record.signed, record) is not None:
+                self.mirror.put_site(
+                    record.domain,
+                    index_entry(record).encode(),
+                    record.signed.to_json().encode(),
+                    record.to_json().encode(),
+                    content_hash(record),
+                )
         else:
             domain, tombstone = event["domain"], event.get("tombstone")
             if not isinstance(domain, str):
@@ -241,7 +309,10 @@ class Syncer:
                 self._resnapshot = True
             else:
                 self._index.accept(statement)
+                if self._index.get(domain) is None:
+                    self.mirror.remove_site(domain, statement.to_json().encode())
         self.version = version
+        self._mark_synced()
 
 
 def _token(event: dict[str, Any]) -> str:
