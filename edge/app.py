@@ -30,7 +30,7 @@ from edge.mirror import Mirror
 from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
 from edge.proxy_protocol import ProxyProtocolAcceptor
 from edge.ratelog import RateLimitedLog
-from edge.sni import ContextCache, SiteContexts, SniSelector
+from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
 from edge.upstream import KeepAliveHTTPClient, UpstreamPool
@@ -68,6 +68,10 @@ class EdgeConfig:
     # The local sealed mirror of this process (edge.mirror); None keeps it in memory, so
     # nothing survives a restart.
     mirror_path: Path | None = None
+    # Until its mirror has been filled once, an edge's SNI callback fetches a missing blob from
+    # Redis, blocking the event loop: a short timeout, so that a stalled Redis costs one
+    # handshake, not every connection the process holds. Never used once the mirror is full.
+    handshake_redis_timeout: float = 0.5
     # Peers (an HTTP load balancer) whose forwarding headers are kept: addresses or networks.
     trusted_proxies: tuple[str, ...] = ()
     # Every connection on both site ports starts with a PROXY protocol header (v1 or v2) from
@@ -205,8 +209,14 @@ class Edge:
             config.redis_url, socket_connect_timeout=1, socket_timeout=2, **redis_tls
         )
         # The SNI callback runs inside OpenSSL's handshake, which cannot await: it reads blobs
-        # from the local mirror only, never from the network.
+        # from the local mirror, and from Redis only before the mirror was ever filled.
         self.mirror = Mirror(config.mirror_path, source=config.prefix)
+        self._first_fill_redis: redis.Redis[Any] = redis.Redis.from_url(
+            config.redis_url,
+            socket_connect_timeout=min(0.2, config.handshake_redis_timeout),
+            socket_timeout=config.handshake_redis_timeout,
+            **redis_tls,
+        )
         self.challenges = ChallengeStore(
             self._async_redis,
             config.prefix,
@@ -224,7 +234,7 @@ class Edge:
             redis_options=redis_tls,
         )
         self.contexts = SiteContexts(
-            self.index, keyring, self.mirror.blob, ContextCache(config.cache_size, m), m
+            self.index, keyring, self._blob, ContextCache(config.cache_size, m), m
         )
         listening.sni_callback = SniSelector(self.index, self.contexts, m)
         self.listening = listening
@@ -297,6 +307,19 @@ class Edge:
         if self.config.warm:
             self._tasks.append(asyncio.create_task(self._warm(), name="certman-warm"))
 
+    def _blob(self, domain: str) -> bytes | None:
+        """A site's blob for a handshake: the mirror's; Redis's only during the first fill."""
+        blob = self.mirror.blob(domain)
+        if blob is not None or self.syncer.mirror_complete:
+            return blob
+        if not self.syncer.connected:
+            raise SiteUnavailable(domain)  # fail fast rather than wait on a connect per handshake
+        try:
+            value = self._first_fill_redis.hget(f"{self.config.prefix}:sites", domain)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise SiteUnavailable(domain) from exc
+        return value if isinstance(value, bytes) or value is None else str(value).encode()
+
     def _refused_site(self, domain: str, kind: str, detail: str, version: int) -> None:
         """A site's statement was refused: counted always, logged once per version and kind
         (unsigned ones, which an unmigrated snapshot has by the thousand, once a minute)."""
@@ -313,7 +336,7 @@ class Edge:
 
     async def _warm(self) -> None:
         """Build contexts for as many sites as the cache holds, in the background."""
-        await self.syncer.ready.wait()
+        await self.syncer.mirror_filled.wait()
         started = time.monotonic()
         # Not index.all(): that verifies every statement at once, seconds at 100,000 sites.
         domains = self.index.domains()[: self.contexts.cache.size]
@@ -364,5 +387,6 @@ class Edge:
         self._client.close()
         self._resolver.close()
         await aclose(self._async_redis)
+        self._first_fill_redis.close()
         self.mirror.close()
         handshakes.uninstall(self.metrics)

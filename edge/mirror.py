@@ -21,7 +21,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 __all__ = ["Mirror", "MirrorContents"]
@@ -142,40 +142,32 @@ class Mirror:
                 (domain, tombstone),
             )
 
-    def replace_all(
-        self,
-        index: Mapping[bytes, bytes],
-        signed: Mapping[bytes, bytes],
-        blobs: Mapping[str, tuple[bytes, str]],
-    ) -> None:
-        """Make the mirror hold ``index`` and ``signed`` (a snapshot just read), with the
-        blobs fetched for the sites whose content changed (``blobs``: domain -> (blob, hash));
-        the others keep the blob they have. One transaction: a crash leaves the old mirror."""
+    def put_blobs(self, blobs: Iterable[tuple[str, bytes, str]]) -> None:
+        """Store fetched blobs (domain, blob, content hash), one transaction per call."""
         with self.transaction():
-            wanted = {k.decode("utf-8", "replace") for k in index} | {
-                k.decode("utf-8", "replace") for k in signed
-            }
+            self._db.executemany(
+                "INSERT INTO sites (domain, blob, hash) VALUES (?, ?, ?) "
+                "ON CONFLICT(domain) DO UPDATE SET blob = excluded.blob, hash = excluded.hash",
+                blobs,
+            )
+
+    def replace_index(self, index: Mapping[bytes, bytes], signed: Mapping[bytes, bytes]) -> None:
+        """Make the mirror's entries and statements those of a snapshot just read (its blobs
+        stored first with put_blobs), dropping sites the snapshot no longer has. One
+        transaction; a site whose blob and statement disagree after a crash between the two
+        is refused by the digest check until the next sync, never served wrong."""
+        wanted = {k.decode("utf-8", "replace"): k for k in index.keys() | signed.keys()}
+        with self.transaction():
             held = {d for (d,) in self._db.execute("SELECT domain FROM sites")}
             self._db.executemany(
-                "DELETE FROM sites WHERE domain = ?", [(d,) for d in held - wanted]
+                "DELETE FROM sites WHERE domain = ?", [(d,) for d in held - wanted.keys()]
             )
-            for raw_domain in index.keys() | signed.keys():
-                domain = raw_domain.decode("utf-8", "replace")
-                entry, statement = index.get(raw_domain), signed.get(raw_domain)
-                fetched = blobs.get(domain)
-                if fetched is not None:
-                    self.put_site(domain, entry or b"", statement, fetched[0], fetched[1])
-                    if entry is None:
-                        self._db.execute(
-                            "UPDATE sites SET entry = NULL WHERE domain = ?", (domain,)
-                        )
-                else:
-                    self._db.execute(
-                        "INSERT INTO sites (domain, entry, signed) VALUES (?, ?, ?) "
-                        "ON CONFLICT(domain) DO UPDATE SET entry = excluded.entry, "
-                        "signed = excluded.signed",
-                        (domain, entry, statement),
-                    )
+            self._db.executemany(
+                "INSERT INTO sites (domain, entry, signed) VALUES (?, ?, ?) "
+                "ON CONFLICT(domain) DO UPDATE SET "
+                "entry = excluded.entry, signed = excluded.signed",
+                [(d, index.get(raw), signed.get(raw)) for d, raw in wanted.items()],
+            )
 
     def synced(self, version: int) -> None:
         """The mirror now matches Redis at ``version``."""

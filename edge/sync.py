@@ -72,6 +72,10 @@ class Syncer:
     ) -> None:
         self.mirror = mirror if mirror is not None else Mirror(None)
         self.synced_at: float | None = None  # epoch seconds the edge last matched Redis
+        # Whether every blob the index names has been in the mirror at least once; until then
+        # a handshake may fetch its blob from Redis (see Edge._blob).
+        self.mirror_complete = False
+        self.mirror_filled = asyncio.Event()  # set with mirror_complete
         self._url = redis_url
         self._redis_options = dict(redis_options or {})
         self._prefix = prefix
@@ -104,6 +108,8 @@ class Syncer:
         self.synced_at = contents.synced_at
         self._in_sync_at = time.monotonic() - (time.time() - (contents.synced_at or time.time()))
         self._parsing = asyncio.create_task(self._parse_in_background())
+        self.mirror_complete = True
+        self.mirror_filled.set()
         log.info("serving %d sites from the local mirror (version %d) until Redis answers",
                  len(contents.index), self.version)  # fmt: skip
         self.ready.set()
@@ -161,10 +167,30 @@ class Syncer:
             pipe.hgetall(f"{self._prefix}:index")
             pipe.hgetall(f"{self._prefix}:signed")
             version_raw, raw_index, raw_signed = await pipe.execute()
-        # The blobs that changed first, so the index never names content the mirror lacks.
-        blobs = await self._changed_blobs(client, raw_index)
-        self._metrics.mirror_fetched.inc(len(blobs))
-        self.mirror.replace_all(raw_index, raw_signed, blobs)
+        first_fill = not self.mirror_complete
+        if first_fill:
+            # A mirror never filled: serve from the index at once, as an edge without a mirror
+            # always did (handshakes fetch their blob from Redis until the fill completes).
+            self._load(raw_index, raw_signed, version_raw, cause)
+        # Otherwise the blobs that changed first, so the index never names content the
+        # mirror lacks.
+        fetched = await self._fetch_changed_blobs(client, raw_index)
+        self.mirror.replace_index(raw_index, raw_signed)
+        if not first_fill:
+            self._load(raw_index, raw_signed, version_raw, cause)
+        self.mirror_complete = True
+        self.mirror_filled.set()
+        self._mark_synced()
+        log.info("snapshot: %d sites at version %d (%s), %d blobs fetched into the mirror",
+                 len(raw_index), self.version, cause, fetched)  # fmt: skip
+
+    def _load(
+        self,
+        raw_index: Mapping[bytes, bytes],
+        raw_signed: Mapping[bytes, bytes],
+        version_raw: bytes | None,
+        cause: str,
+    ) -> None:
         self._index.load_snapshot(raw_index, raw_signed)
         if self._index.malformed:
             log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
@@ -173,35 +199,40 @@ class Syncer:
             self._parsing = asyncio.create_task(self._parse_in_background())
         self._challenges.clear()
         self.version = int(version_raw or 0)
-        self._mark_synced()
+        self._in_sync_at = time.monotonic()
         self._metrics.sync_resnapshots.labels(cause).inc()
-        log.info("snapshot: %d sites at version %d (%s), %d blobs fetched",
-                 len(raw_index), self.version, cause, len(blobs))  # fmt: skip
+        # Subscribed, and the snapshot loaded: in sync, even while blobs are being fetched.
+        self.connected = True
         self.ready.set()
 
-    async def _changed_blobs(
+    async def _fetch_changed_blobs(
         self, client: redis.asyncio.Redis[Any], raw_index: Mapping[bytes, bytes]
-    ) -> dict[str, tuple[bytes, str]]:
-        """The blobs of sites with a certificate whose content hash the mirror lacks."""
+    ) -> int:
+        """Fetch into the mirror the blobs of sites with a certificate whose content hash it
+        lacks, 500 at a time (a first fill of 100,000 never sits in memory at once)."""
         held = self.mirror.hashes()
         wanted: list[tuple[str, str]] = []
         for raw_domain, entry in raw_index.items():
             head = entry.split(b"\t", 2)
             if len(head) < 3 or head[1] != b"1":
                 continue
-            domain, digest = (
-                raw_domain.decode("utf-8", "replace"),
-                head[0].decode("ascii", "replace"),
-            )
+            domain = raw_domain.decode("utf-8", "replace")
+            digest = head[0].decode("ascii", "replace")
             if held.get(domain) != digest:
                 wanted.append((domain, digest))
-        fetched: dict[str, tuple[bytes, str]] = {}
+        fetched = 0
         for i in range(0, len(wanted), 500):
             batch = wanted[i : i + 500]
             blobs = await client.hmget(f"{self._prefix}:sites", [d for d, _ in batch])
-            for (domain, digest), blob in zip(batch, blobs, strict=True):
-                if blob is not None:
-                    fetched[domain] = (bytes(blob), digest)
+            found = [
+                (domain, bytes(blob), digest)
+                for (domain, digest), blob in zip(batch, blobs, strict=True)
+                if blob is not None
+            ]
+            self.mirror.put_blobs(found)
+            fetched += len(found)
+            self._metrics.mirror_fetched.inc(len(found))
+            await asyncio.sleep(0)  # handshakes in between
         return fetched
 
     def _mark_synced(self) -> None:

@@ -208,7 +208,11 @@ class RunningEdge:
         return get_status(f"http://127.0.0.1:{self.metrics_port}/healthz")
 
     def wait_ready(self) -> None:
+        """Healthy, and its mirror filled (so no snapshot log line comes later)."""
         wait_for(lambda: self.health() == 200, what="healthz 200")
+        assert self.edge is not None
+        filled = self.edge.syncer.mirror_filled
+        wait_for(filled.is_set, what="mirror filled")
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"

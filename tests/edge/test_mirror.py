@@ -56,7 +56,7 @@ def test_an_edge_restarted_while_redis_is_down_serves_every_site(
     serials = _published(own_redis, sites, upstream)
     first = _edge(start_edge, own_redis, mirror)
     first.wait_ready()
-    assert "certman_edge_mirror_blobs_fetched_total 9.0" in first.metrics()
+    wait_for(lambda: "certman_edge_mirror_blobs_fetched_total 9.0" in first.metrics())
     first.stop()
     own_redis.stop()
     # Nothing on disk that opens without the edge key: 0600, sealed envelopes only.
