@@ -28,10 +28,12 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,7 +144,11 @@ class EdgeProcess:
         processes: int,
         cache: int,
         extra: tuple[str, ...] = (),
+        state_dir: Path | None = None,
     ) -> None:
+        # A mirror of its own unless given one: a mirror left by another run would make a
+        # "cold" start a start from the mirror.
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="certman-edge-bench-state-"))
         self.https = free_port()
         self.metrics = free_port_block(processes)
         self.processes = processes
@@ -175,6 +181,8 @@ class EdgeProcess:
                 "127.0.0.1",
                 "--log-level",
                 "WARNING",
+                "--state-dir",
+                str(self.state_dir),
                 *extra,
             ],  # fmt: skip
             env=env,
@@ -619,6 +627,67 @@ def eager_per_cert(records: list[SiteRecord], keyring: Keyring, sample: int) -> 
     return (time.perf_counter() - started) / len(chosen)
 
 
+def metric(edge: EdgeProcess, name: str) -> float:
+    """A metric of the edge's first worker (0 if absent)."""
+    with socket.create_connection(("127.0.0.1", edge.metrics), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = b""
+        while chunk := s.recv(65536):
+            body += chunk
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def first_handshakes(
+    edge: EdgeProcess, ctx: ssl.SSLContext, names: list[str]
+) -> tuple[float, float]:
+    """(p50, p99) in ms of the first handshake of each of ``names`` (none loaded yet)."""
+    times = []
+    for name in names:
+        t = time.perf_counter()
+        handshake(ctx, edge.https, name)
+        times.append(time.perf_counter() - t)
+    return pct(times, 50) * 1000, pct(times, 99) * 1000
+
+
+def mirror_rows(
+    server: RedisServer, hpke_dir: Path, url: str, n: int, names: list[str], ctx: ssl.SSLContext
+) -> list[tuple[str, str, str, str]]:
+    """The local mirror: first fill, bytes per site, a start with Redis frozen, and first
+    handshakes with Redis frozen against the same with Redis answering."""
+    rng = random.Random(2)
+    state = Path(tempfile.mkdtemp(prefix="certman-edge-bench-mirror-"))
+    edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000), state_dir=state)
+    cold = time_to_first_handshake(edge, ctx, rng.choice(names))
+    while metric(edge, "certman_edge_mirror_blobs_fetched_total") < n:
+        time.sleep(0.05)
+    filled = time.perf_counter() - edge.started
+    size = metric(edge, "certman_edge_mirror_bytes")
+    up = first_handshakes(edge, ctx, rng.sample(names, 300))
+    edge.stop()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        frozen_edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000), state_dir=state)
+        frozen_start = time_to_first_handshake(frozen_edge, ctx, rng.choice(names))
+        frozen = first_handshakes(frozen_edge, ctx, rng.sample(names, 300))
+        frozen_edge.stop()
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    return [
+        ("mirror: start -> first handshake, no mirror", f"{cold * 1000:.0f} ms",
+         f"mirror filled after {filled:.1f} s", ""),
+        ("mirror: bytes per site", f"{size / n:.0f} B", f"{size / 2**20:.1f} MiB for {n}", ""),
+        ("mirror: start -> first handshake, Redis frozen", f"{frozen_start * 1000:.0f} ms",
+         "from the mirror alone", f"{frozen_start / cold:.2f}x the start without mirror"),
+        ("mirror: first handshake p50/p99, Redis up", f"{up[0]:.2f} / {up[1]:.2f} ms", "", ""),
+        ("mirror: first handshake p50/p99, Redis frozen", f"{frozen[0]:.2f} / {frozen[1]:.2f} ms",
+         "", f"p99 {frozen[1] / up[1]:.2f}x Redis up"),
+    ]  # fmt: skip
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -634,6 +703,9 @@ def main() -> None:
     parser.add_argument("--caddy-only", action="store_true", help="only the side-by-side runs")
     parser.add_argument("--keepalive", action="store_true", help="keep-alive proxy vs Caddy")
     parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument(
+        "--mirror", action="store_true", help="the local mirror: fill, size, Redis frozen"
+    )
     parser.add_argument("--keepalive-conns", type=int, default=24)
     parser.add_argument("--names", type=int, default=1000, help="names in side-by-side load")
     parser.add_argument("--repeat", type=int, default=2, help="runs per side-by-side config")
@@ -738,6 +810,8 @@ def main() -> None:
             rows += side_by_side(hpke_dir, url, n, hpke, load_names, ca_pem, args)
         if args.keepalive or args.keepalive_only:
             rows += proxy_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
+        if args.mirror:
+            rows += mirror_rows(server, hpke_dir, url, n, names, ctx)
     finally:
         for proc in LIVE:  # servers left running by a failed measurement
             if proc.poll() is None:
