@@ -45,9 +45,12 @@ from pipeline.onboarding import (
     publish_records,
     read_lines,
 )
+from pipeline.signing import SigningKey
 from pipeline.sites import add_site, parse_site
 
 PREFIX = "certman-bench-onboard"
+# Every publication is signed, as in production: the signatures are part of the cost measured.
+SIGNER = SigningKey.generate()
 SUFFIXES = ("example.com", "example.net", "example.org", "example.co.uk", "example.com.au")
 
 
@@ -92,8 +95,8 @@ def run_service(url: str, path: Path, client: redis.Redis) -> tuple[float, int, 
     onboarding = Onboarding(
         engine,
         Options(batch_size=1000),
-        publish_batch=lambda sites: publish_records(client, PREFIX, sites),
-        publish_existing=lambda domains: heal_snapshot(engine, client, PREFIX, domains),
+        publish_batch=lambda sites: publish_records(client, PREFIX, sites, SIGNER),
+        publish_existing=lambda domains: heal_snapshot(engine, client, PREFIX, domains, SIGNER),
         rejected=RejectedWriter(path.with_suffix(".rejected.csv")),
     )
     started = time.perf_counter()
@@ -121,7 +124,7 @@ def run_baseline(url: str, path: Path, count: int, client: redis.Redis) -> float
             except ValueError:
                 continue
             record = site_record(session, site)
-        distribution.publish_site(client, PREFIX + "-baseline", record)
+        distribution.publish_site(client, PREFIX + "-baseline", record, signer=SIGNER)
     return time.perf_counter() - started
 
 

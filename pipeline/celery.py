@@ -55,9 +55,12 @@ flower_guard.install()
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    # Connections and ACME clients made before the fork must not be shared with the parent.
-    from pipeline import acme_client, connections, db
+    # Connections and ACME clients made before the fork must not be shared with the parent; the
+    # signing key is cached with them, so it is forgotten with them (every cache reset in one
+    # place, none left holding what the parent read).
+    from pipeline import acme_client, connections, db, signer
 
     db.dispose_engines()
     connections.reset()
     acme_client.reset()
+    signer.reset()

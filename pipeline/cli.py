@@ -12,6 +12,7 @@ import click
 import redis
 import sqlalchemy.exc
 
+from pipeline.keys import KeyFileError
 from pipeline.settings import SettingsError, get_settings
 from pipeline.version import certman_version
 
@@ -21,6 +22,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 # Errors a user can act on: shown as one line, never as a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     SettingsError,
+    KeyFileError,  # a key file missing, open to others, or of the wrong kind
     ValueError,  # InvalidName, SiteError, a bad rate string
     OSError,
     sqlalchemy.exc.OperationalError,
@@ -41,8 +43,6 @@ def _one_line(exc: BaseException) -> str:
         return f"database unavailable: {str(exc.orig).strip().splitlines()[0]}"
     if isinstance(exc, redis.exceptions.ConnectionError):
         return f"Redis unavailable: {exc}"
-    from pipeline.keys import KeyFileError
-
     if isinstance(exc, KeyFileError):
         return str(exc)
     text = str(exc).strip().splitlines()
@@ -190,39 +190,71 @@ def domains_list(as_json: bool) -> None:
 # --- keys ----------------------------------------------------------------------------------------
 @main.group(cls=_Group)
 def keys() -> None:
-    """Edge keys that certificate keys are sealed to."""
+    """Edge keys that certificate keys are sealed to, and the distribution signing key."""
 
 
 @keys.command("generate")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 @click.option(
+    "--purpose",
+    type=click.Choice(["envelope", "signing"]),
+    default="envelope",
+    show_default=True,
+    help="envelope: an edge key pair certificate keys are sealed to; signing: the pipeline's "
+    "Ed25519 distribution signing key (its .pub goes to the edges).",
+)
+@click.option(
     "--scheme",
     type=click.Choice(["hpke-x25519", "hpke-xwing", "legacy-rsa"]),
-    default="hpke-x25519",
-    show_default=True,
+    default=None,
+    help="Envelope scheme (envelope keys only).  [default: hpke-x25519]",
 )
-def keys_generate(directory: Path, scheme: str) -> None:
+def keys_generate(directory: Path, purpose: str, scheme: str | None) -> None:
     """Write DIR/<key id>.key (mode 0600) and DIR/<key id>.pub; print the key id."""
+    if purpose == "signing":
+        if scheme is not None:
+            raise click.UsageError("--scheme applies to envelope keys only")
+        from pipeline.signing import SigningKey
+
+        click.echo(SigningKey.generate().write(directory))
+        return
     from pipeline.envelope import Scheme
     from pipeline.keys import generate_keypair
 
-    click.echo(generate_keypair(directory, Scheme(scheme)))
+    click.echo(generate_keypair(directory, Scheme(scheme or "hpke-x25519")))
 
 
 @keys.command("status")
 @click.option("--json", "as_json", is_flag=True)
 def keys_status(as_json: bool) -> None:
-    """Envelopes in the store per scheme and key id: retire a key when none is left on it."""
+    """Envelopes per scheme and key id, and records per signing key: retire a key when none
+    is left on it."""
     from pipeline.db import session_scope
-    from pipeline.status import envelope_counts
+    from pipeline.status import envelope_counts, signing_report
 
     with session_scope() as session:
         rows = envelope_counts(session)
+    signing = signing_report()
     if as_json:
-        _print_json(rows)
+        _print_json(
+            [{"purpose": "envelope", **row} for row in rows]
+            + [{"purpose": "signing", **row} for row in signing.rows()]
+        )
         return
     for row in rows:
         click.echo(f"{row['scheme']:12} {row['key_id']:18} {row['certificates']}")
+    if signing.error:
+        click.echo(f"signing key in use: unreadable: {signing.error}")
+    else:
+        made = signing.in_use or "none yet (made on the first publication)"
+        click.echo(f"signing key in use: {made} ({signing.path})")
+    for key_id, counts in sorted(signing.signers.items()):
+        mark = " (in use)" if key_id == signing.in_use else ""
+        click.echo(
+            f"signed by {key_id}{mark}: {counts.records} records, {counts.tombstones} tombstones"
+        )
+    if signing.unsigned:
+        click.echo(f"unsigned: {signing.unsigned} sites: run certman snapshot resync")
 
 
 # --- snapshot ------------------------------------------------------------------------------------
@@ -256,10 +288,15 @@ def snapshot_reconcile(dry_run: bool, as_json: bool) -> None:
     else:
         drift = snapshots.reconcile(session_scope, limit=None)
     if as_json:
-        _print_json({"stale": drift.stale, "extra": drift.extra, "fixed": not dry_run})
+        _print_json(
+            {"stale": drift.stale, "extra": drift.extra, "fixed": not dry_run,
+             "unsigned": drift.unsigned}
+        )  # fmt: skip
         return
     stale, extra = ("differ", "to remove") if dry_run else ("published again", "removed")
     click.echo(f"{len(drift.stale)} sites {stale}{_some(drift.stale)}")
+    if drift.unsigned:
+        click.echo(f"  of which {len(drift.unsigned)} not signed as the store says")
     click.echo(f"{len(drift.extra)} sites {extra}{_some(drift.extra)}")
 
 

@@ -56,6 +56,7 @@ from pipeline.signing import (
     SignedChallenge,
     SignedSite,
     SigningKey,
+    TrustedSigners,
     content_digest,
     next_version,
 )
@@ -68,7 +69,9 @@ __all__ = [
     "content_hash",
     "index_entry",
     "parse_index_entry",
+    "own_version",
     "publish_site",
+    "publish_sites",
     "remove_challenge",
     "remove_site",
     "replace_all",
@@ -204,7 +207,10 @@ def _keys(prefix: str) -> list[str]:
     ]  # fmt: skip
 
 
-# Refuses (returns -1) to replace a signed statement with one of a version not above it.
+# Refuses (returns -1) to replace a signed statement with one of a version not above it,
+# unless the statement stored is still the one the publisher read and chose its version
+# against (a compare-and-set): a version the pipeline did not sign, however high, is then
+# simply overwritten, so junk in Redis cannot block a domain's updates.
 _CHECK_VERSION = """
 local function signed_version(raw)
   if not raw then return nil end
@@ -212,20 +218,25 @@ local function signed_version(raw)
   if ok and type(st) == 'table' and type(st['version']) == 'number' then return st['version'] end
   return nil
 end
+local function refused(raw, version, expected)
+  if expected ~= '\0' and (raw or '') == expected then return false end
+  local current = signed_version(raw)
+  return current ~= nil and current >= tonumber(version)
+end
 """
 
 # KEYS: sites, index, names, version, signed. ARGV: domain, record JSON, channel, index entry,
-# signed statement JSON or '', its version, names...
+# signed statement JSON or '', its version, the statement read before signing ('\0': none
+# read), names...
 _PUBLISH_SITE = (
     _CHECK_VERSION
     + """
 local domain, blob, chan, entry, signed = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if signed ~= '' then
-  local current = signed_version(redis.call('HGET', KEYS[5], domain))
-  if current and current >= tonumber(ARGV[6]) then return -1 end
+if signed ~= '' and refused(redis.call('HGET', KEYS[5], domain), ARGV[6], ARGV[7]) then
+  return -1
 end
 local keep = {}
-for i = 7, #ARGV do keep[ARGV[i]] = true end
+for i = 8, #ARGV do keep[ARGV[i]] = true end
 local old = redis.call('HGET', KEYS[1], domain)
 if old then
   local ok, rec = pcall(cjson.decode, old)
@@ -242,21 +253,20 @@ redis.call('HSET', KEYS[1], domain, blob)
 redis.call('HSET', KEYS[2], domain, entry)
 if signed ~= '' then redis.call('HSET', KEYS[5], domain, signed)
 else redis.call('HDEL', KEYS[5], domain) end
-for i = 7, #ARGV do redis.call('HSET', KEYS[3], ARGV[i], domain) end
+for i = 8, #ARGV do redis.call('HSET', KEYS[3], ARGV[i], domain) end
 redis.call('PUBLISH', chan,
   '{"type":"site","version":' .. version .. ',"record":' .. blob .. '}')
 return version
 """
 )
 
-# ARGV: domain, channel, tombstone JSON or '', its version.
+# ARGV: domain, channel, tombstone JSON or '', its version, the statement read before signing.
 _REMOVE_SITE = (
     _CHECK_VERSION
     + """
 local domain, chan, tombstone = ARGV[1], ARGV[2], ARGV[3]
-if tombstone ~= '' then
-  local current = signed_version(redis.call('HGET', KEYS[5], domain))
-  if current and current >= tonumber(ARGV[4]) then return -1 end
+if tombstone ~= '' and refused(redis.call('HGET', KEYS[5], domain), ARGV[4], ARGV[5]) then
+  return -1
 end
 local old = redis.call('HGET', KEYS[1], domain)
 if old then
@@ -308,14 +318,41 @@ def signed_statement(r: redis.Redis[Any], prefix: str, domain: str) -> SignedSit
         return None
 
 
-def _next_version(r: redis.Redis[Any], prefix: str, domain: str) -> int:
-    current = signed_statement(r, prefix, domain)
-    # A version far in the future is a writer's junk, not ours: time alone is then enough.
-    ceiling = next_version(None) + 86_400_000_000
-    return next_version(current.version if current and current.version < ceiling else None)
+_NOT_READ = "\0"  # the scripts' "no statement was read": compare versions only
+
+
+def own_version(raw: bytes | str | None, signer: SigningKey) -> int | None:
+    """The version of a stored statement if ``signer`` made it; None for anything else (absent,
+    malformed, another key's, or a writer's junk), which a new version need not exceed."""
+    if raw is None:
+        return None
+    try:
+        statement = SignedSite.from_json(raw)
+        TrustedSigners.of([signer.public_key()]).verify_site(statement)
+    except BadSignature:
+        return None
+    return statement.version
+
+
+def _read_version(
+    r: redis.Redis[Any], prefix: str, domain: str, signer: SigningKey
+) -> tuple[int, str]:
+    """(the version to sign ``domain``'s next statement at, the raw statement it was chosen
+    against, for the script's compare-and-set)."""
+    raw = r.hget(f"{prefix}:signed", domain)
+    expected = "" if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+    return next_version(own_version(raw, signer)), expected
 
 
 _ATTEMPTS = 5  # a concurrent publisher of the same domain took our version: sign again
+
+
+def _publish_args(record: SiteRecord, prefix: str, expected: str) -> list[str]:
+    statement = record.signed.to_json() if record.signed else ""
+    version = str(record.signed.version) if record.signed else "0"
+    names = list(dict.fromkeys((record.domain, *record.names)))
+    return [record.domain, record.to_json(), channel(prefix), index_entry(record), statement,
+            version, expected, *names]  # fmt: skip
 
 
 def publish_site(
@@ -323,22 +360,47 @@ def publish_site(
 ) -> None:
     """Add or replace a site atomically, and tell the edges (the event carries the record).
 
-    With ``signer`` the record is signed here, at a version above the one Redis holds for the
-    domain; without, ``record.signed`` is published as it is (tools and tests).
+    With ``signer`` the record is signed here, at a version above the one the pipeline last
+    signed for the domain; without, ``record.signed`` is published as it is (tools and tests),
+    unless Redis holds a statement of a version as high.
     """
-    names = list(dict.fromkeys((record.domain, *record.names)))
     script = r.register_script(_PUBLISH_SITE)
     for _ in range(_ATTEMPTS):
+        expected = _NOT_READ
         if signer is not None:
-            signed = signer.sign_site(record.statement(_next_version(r, prefix, record.domain)))
-            record = replace(record, signed=signed)
-        statement = record.signed.to_json() if record.signed else ""
-        version = str(record.signed.version) if record.signed else "0"
-        args = [record.domain, record.to_json(), channel(prefix), index_entry(record),
-                statement, version, *names]  # fmt: skip
-        if script(keys=_keys(prefix), args=args) != -1 or signer is None:
+            version, expected = _read_version(r, prefix, record.domain, signer)
+            record = replace(record, signed=signer.sign_site(record.statement(version)))
+        if script(keys=_keys(prefix), args=_publish_args(record, prefix, expected)) != -1:
+            return
+        if signer is None:
             return
     raise RuntimeError(f"could not publish {record.domain}: its signed version kept moving")
+
+
+def publish_sites(
+    r: redis.Redis[Any], prefix: str, records: Iterable[SiteRecord], signer: SigningKey
+) -> None:
+    """Publish several records, signed, in two round trips (bulk onboarding's batches): one
+    HMGET of their statements, one pipeline of the publishing script. A record another
+    publisher overtook meanwhile is published again on its own."""
+    batch = list(records)
+    if not batch:
+        return
+    stored = r.hmget(f"{prefix}:signed", [record.domain for record in batch])
+    pipe = r.pipeline(transaction=False)
+    script = r.register_script(_PUBLISH_SITE)
+    signed = []
+    for record, raw in zip(batch, stored, strict=True):
+        record = replace(
+            record,
+            signed=signer.sign_site(record.statement(next_version(own_version(raw, signer)))),
+        )
+        expected = "" if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+        script(keys=_keys(prefix), args=_publish_args(record, prefix, expected), client=pipe)
+        signed.append(record)
+    for record, result in zip(signed, pipe.execute(), strict=True):
+        if result == -1:
+            publish_site(r, prefix, replace(record, signed=None), signer=signer)
 
 
 def remove_site(
@@ -347,12 +409,13 @@ def remove_site(
     """Remove a site; with ``signer``, leave a signed tombstone so edges may believe it."""
     script = r.register_script(_REMOVE_SITE)
     for _ in range(_ATTEMPTS):
-        tombstone, version = "", "0"
+        tombstone, version, expected = "", "0", _NOT_READ
         if signer is not None:
-            statement = SignedSite(domain, _next_version(r, prefix, domain), removed=True)
-            signed = signer.sign_site(statement)
+            chosen, expected = _read_version(r, prefix, domain, signer)
+            signed = signer.sign_site(SignedSite(domain, chosen, removed=True))
             tombstone, version = signed.to_json(), str(signed.version)
-        if script(keys=_keys(prefix), args=[domain, channel(prefix), tombstone, version]) != -1:
+        args = [domain, channel(prefix), tombstone, version, expected]
+        if script(keys=_keys(prefix), args=args) != -1:
             return
     raise RuntimeError(f"could not remove {domain}: its signed version kept moving")
 
@@ -404,7 +467,7 @@ def replace_all(
     version above the one Redis held; tombstones younger than :data:`TOMBSTONE_DAYS` of sites
     not in ``records`` are kept, so an edge that missed a removal can still believe it.
     """
-    current = _signed_versions(r, prefix)
+    current = _signed_versions(r, prefix, signer)
     parts = ("sites", "index", "names", "signed")
     stage = [f"{prefix}:stage:{uuid.uuid4().hex}:{part}" for part in parts]
     seen: set[str] = set()
@@ -427,24 +490,40 @@ def replace_all(
             if pending >= batch:
                 pipe.execute()
                 pending = 0
-        oldest = next_version(None) - TOMBSTONE_DAYS * 86_400_000_000
-        for domain, (version, raw) in current.items():
-            if domain not in seen and raw is not None and version > oldest:
-                pipe.hset(stage[3], domain, raw)
+        # Tombstones of sites not in ``records``, younger than TOMBSTONE_DAYS by their own
+        # version (whoever signed them: the edges judge that).
+        now = next_version(None)
+        oldest = now - TOMBSTONE_DAYS * 86_400_000_000
+        for domain, (_, tombstone) in current.items():
+            if domain not in seen and tombstone is not None and oldest < tombstone[0] <= now:
+                pipe.hset(stage[3], domain, tombstone[1])
         pipe.execute()
         r.register_script(_SWAP_ALL)(keys=[*_keys(prefix), *stage], args=[channel(prefix)])
     finally:
         r.delete(*stage)
 
 
-def _signed_versions(r: redis.Redis[Any], prefix: str) -> dict[str, tuple[int, bytes | None]]:
-    """domain -> (signed version, the tombstone's raw JSON if it is one)."""
-    found: dict[str, tuple[int, bytes | None]] = {}
+_Stored = tuple[int | None, tuple[int, bytes] | None]
+
+
+def _signed_versions(
+    r: redis.Redis[Any], prefix: str, signer: SigningKey | None
+) -> dict[str, _Stored]:
+    """domain -> (the version the pipeline signed last, if ``signer`` made the statement; the
+    tombstone's own version and raw JSON if it is one, to keep)."""
+    trusted = TrustedSigners.of([signer.public_key()]) if signer is not None else None
+    found: dict[str, _Stored] = {}
     for domain, raw in r.hscan_iter(f"{prefix}:signed", count=1000):
         try:
             statement = SignedSite.from_json(raw)
         except BadSignature:
             continue
+        version: int | None = statement.version
+        if trusted is not None:
+            try:
+                trusted.verify_site(statement)
+            except BadSignature:
+                version = None
         key = domain.decode() if isinstance(domain, bytes) else str(domain)
-        found[key] = (statement.version, raw if statement.removed else None)
+        found[key] = (version, (statement.version, raw) if statement.removed else None)
     return found

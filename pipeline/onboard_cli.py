@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from pipeline import onboarding
 from pipeline.connections import get_redis
+from pipeline.keys import KeyFileError
 from pipeline.onboarding import (
     Onboarding,
     Options,
@@ -41,6 +42,7 @@ from pipeline.onboarding import (
     open_input,
     read_lines,
 )
+from pipeline.signer import get_signing_key
 from pipeline.version import certman_version
 
 PROG = "certman-onboard"
@@ -189,6 +191,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         if writes:
             client = get_redis()  # the process's client: verified TLS like every other
             client.ping()
+            # Before the first batch: a key that cannot be read must stop the run before it
+            # stores sites it cannot publish.
+            signing_key = get_signing_key()
+    except KeyFileError as exc:
+        return fail(str(exc))
     except sqlalchemy.exc.OperationalError as exc:
         return fail(f"database unavailable: {str(exc.orig).strip().splitlines()[0]}")
     except redis.exceptions.RedisError as exc:
@@ -211,10 +218,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             priority=args.priority,
         ),
         # Looked up at each call, not bound at import: a test swaps it to crash mid-run.
-        publish_batch=(lambda sites: onboarding.publish_records(client, prefix, sites))
+        publish_batch=(lambda sites: onboarding.publish_records(client, prefix, sites, signing_key))
         if writes
         else None,
-        publish_existing=(lambda domains: heal_snapshot(engine, client, prefix, domains))
+        publish_existing=(
+            lambda domains: heal_snapshot(engine, client, prefix, domains, signing_key)
+        )
         if writes
         else None,
         kick=kick,

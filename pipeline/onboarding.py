@@ -43,6 +43,7 @@ from pipeline.models import Site, SiteName, SiteState
 from pipeline.models.base import utcnow
 from pipeline.names import registered_domain
 from pipeline.ratelimit import Limits, Rate
+from pipeline.signing import SigningKey
 from pipeline.sites import NewSite, parse_site
 
 SITES = Site.__table__
@@ -496,15 +497,18 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 # --- publishing to the edges -------------------------------------------------------------------
-def publish_records(redis_client: Any, prefix: str, sites: Sequence[NewSite]) -> None:
-    """The batch's new sites into the edges' snapshot: one Redis round trip for the batch.
+def publish_records(
+    redis_client: Any, prefix: str, sites: Sequence[NewSite], signer: SigningKey
+) -> None:
+    """The batch's new sites into the edges' snapshot, signed: two Redis round trips a batch.
 
-    Each site still goes through :func:`distribution.publish_site` (its atomic script and its
-    event); the pipeline only saves the round trips.
+    Each site still goes through the atomic publishing script and its event
+    (:func:`pipeline.snapshot.publish_batch`); the batch only saves the round trips.
     """
-    pipe = redis_client.pipeline(transaction=False)
-    for site in sites:
-        record = distribution.SiteRecord(
+    from pipeline import snapshot
+
+    records = [
+        distribution.SiteRecord(
             domain=site.domain,
             names=site.names,
             upstream=site.upstream,
@@ -513,11 +517,14 @@ def publish_records(redis_client: Any, prefix: str, sites: Sequence[NewSite]) ->
             not_after=None,
             serial=None,
         )
-        distribution.publish_site(pipe, prefix, record)
-    pipe.execute()
+        for site in sites
+    ]
+    snapshot.publish_batch(redis_client, prefix, records, signer)
 
 
-def heal_snapshot(engine: Engine, redis_client: Any, prefix: str, domains: Sequence[str]) -> None:
+def heal_snapshot(
+    engine: Engine, redis_client: Any, prefix: str, domains: Sequence[str], signer: SigningKey
+) -> None:
     """Publish the sites among ``domains`` that the snapshot lacks.
 
     A run killed between a batch's commit and its publication leaves committed sites the edges
@@ -537,10 +544,7 @@ def heal_snapshot(engine: Engine, redis_client: Any, prefix: str, domains: Seque
             select(Site).where(Site.domain.in_(missing)).options(selectinload(Site.names))
         ).all()
         records = [snapshot.site_record(session, site) for site in sites]
-    pipe = redis_client.pipeline(transaction=False)
-    for record in records:
-        distribution.publish_site(pipe, prefix, record)
-    pipe.execute()
+    snapshot.publish_batch(redis_client, prefix, records, signer)
 
 
 def open_input(path: str) -> IO[str]:

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     pipeline_key: Path | None = Field(
         None, description="Pipeline's own key; default data_dir/pipeline.key."
     )
+    # Signed distribution (pipeline.signing): the pipeline signs what it publishes, edges trust
+    # only the public halves they are given.
+    signing_key: Path | None = Field(
+        None, description="Pipeline's Ed25519 signing key; default data_dir/signing.key."
+    )
+    edge_trusted_signers: Path | None = Field(
+        None, description="An edge's trusted signing public keys: a .pub file, or a directory."
+    )
 
     # --- HTTP-01 self-check -----------------------------------------------------------------
     http01_port: int = Field(80, ge=1, le=65535)
@@ -152,6 +160,30 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} cannot be read: {exc.strerror}") from None
         return value
 
+    @field_validator("signing_key", "edge_trusted_signers", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, value: Path | None) -> Path | None:
+        # Created on first use when missing; a directory here is a mistake for a file name.
+        if value is not None and value.is_dir():
+            raise ValueError(
+                f"{value} is a directory: name the key file (it is created if missing)"
+            )
+        return value
+
+    @field_validator("edge_trusted_signers")
+    @classmethod
+    def _trusted_signers(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(
+                f"{value} does not exist: name the signing .pub file or a directory of them"
+            )
+        return value
+
     @field_validator("upstream_allowed_networks", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
@@ -195,6 +227,10 @@ class Settings(BaseSettings):
     @property
     def effective_pipeline_key(self) -> Path:
         return self.pipeline_key or self.data_dir / "pipeline.key"
+
+    @property
+    def effective_signing_key(self) -> Path:
+        return self.signing_key or self.data_dir / "signing.key"
 
 
 class SettingsError(Exception):

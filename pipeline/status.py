@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -23,6 +25,75 @@ def envelope_counts(session: Session) -> list[dict[str, Any]]:
         .order_by(Certificate.scheme, Certificate.key_id)
     ).all()
     return [{"scheme": s, "key_id": k, "certificates": int(n)} for s, k, n in rows]
+
+
+@dataclass
+class SignerCounts:
+    records: int = 0
+    tombstones: int = 0
+
+
+@dataclass
+class SigningReport:
+    """The signing key in use, and who signed what the edges read (``P:signed``)."""
+
+    path: Path
+    in_use: str | None  # key id; None when there is no key yet, or it cannot be read
+    error: str | None = None
+    signers: dict[str, SignerCounts] = field(default_factory=dict)
+    unsigned: int = 0  # sites in the snapshot with no statement an edge could believe
+
+    def rows(self) -> list[dict[str, Any]]:
+        """``certman keys status --json``'s signing rows: one per key id (the one in use
+        always, ``"in_use": true``), and one with ``"key_id": null`` for unsigned sites."""
+        ids = sorted(self.signers.keys() | ({self.in_use} if self.in_use else set()))
+        rows: list[dict[str, Any]] = [
+            {"scheme": "ed25519", "key_id": key_id, "certificates": 0,
+             "records": self.signers.get(key_id, SignerCounts()).records,
+             "tombstones": self.signers.get(key_id, SignerCounts()).tombstones,
+             "in_use": key_id == self.in_use}
+            for key_id in ids
+        ]  # fmt: skip
+        rows.append(
+            {"scheme": "ed25519", "key_id": None, "certificates": 0, "records": self.unsigned,
+             "tombstones": 0, "in_use": False, "unsigned": True}
+        )  # fmt: skip
+        return rows
+
+
+def signing_report() -> SigningReport:
+    """Count the statements in ``P:signed`` per signing key; never creates a key."""
+    from pipeline.connections import get_redis
+    from pipeline.keys import KeyFileError
+    from pipeline.signer import peek_signing_key
+    from pipeline.signing import BadSignature, SignedSite
+
+    settings = get_settings()
+    path = settings.effective_signing_key
+    try:
+        key = peek_signing_key(path)
+        report = SigningReport(path, key.key_id if key else None)
+    except KeyFileError as exc:
+        report = SigningReport(path, None, error=str(exc))
+    client = get_redis()
+    signed_sites: set[str] = set()
+    for raw_domain, raw in client.hscan_iter(f"{settings.redis_prefix}:signed", count=1000):
+        try:
+            statement = SignedSite.from_json(raw)
+        except BadSignature:
+            continue
+        if not statement.signer or not statement.signature:
+            continue
+        counts = report.signers.setdefault(statement.signer, SignerCounts())
+        if statement.removed:
+            counts.tombstones += 1
+        else:
+            counts.records += 1
+            signed_sites.add(raw_domain.decode())
+    for raw_domain, _ in client.hscan_iter(f"{settings.redis_prefix}:index", count=1000):
+        if raw_domain.decode() not in signed_sites:
+            report.unsigned += 1
+    return report
 
 
 def collect() -> dict[str, Any]:

@@ -277,6 +277,10 @@ def main() -> int:
         pebble_options={"workdir": DEMO / "pebble"},
         redis_prefix=PREFIX,
         supervise=True,
+        # The machine's shared Redis is not the demo's to administer: no ACL users of its own
+        # there (a demo killed with SIGKILL would leave them behind). The pipeline still signs
+        # what it publishes and the edge trusts only its public key (tests/support/system.py).
+        acl=False,
     )
     try:
         with dealer_server() as upstream:

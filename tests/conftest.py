@@ -115,7 +115,7 @@ def certman_env(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, redis_url: str, database_url: str
 ) -> Iterator[dict[str, str]]:
     """The process's settings pointed at this test's store and Redis database."""
-    from pipeline import acme_client, connections
+    from pipeline import acme_client, connections, signer
     from pipeline.settings import get_settings
 
     env = {
@@ -128,7 +128,9 @@ def certman_env(
     get_settings.cache_clear()
     connections.reset()
     acme_client.reset()
+    signer.reset()  # the signing key of this test's data directory, made on first use
     yield env
     get_settings.cache_clear()
     connections.reset(close=True)
     acme_client.reset()
+    signer.reset()

@@ -185,6 +185,7 @@ def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
         wait_until(lambda: orders_placed(system) >= 1, timeout=60, what="a first order")
         own_redis.stop()
         own_redis.start().close()
+        system.apply_acl()  # ACL users live in memory only, as the data here does not
         system.wait_active(names, timeout=150)
 
 
@@ -192,7 +193,7 @@ def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
 def in_process(system: System, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
     """The system's CA, database and Redis, with the steps called here rather than by workers,
     so that a test can stop one between two of its requests."""
-    from pipeline import acme_client, connections
+    from pipeline import acme_client, connections, signer
     from pipeline.settings import get_settings
 
     system.start(workers=0)
@@ -201,12 +202,14 @@ def in_process(system: System, monkeypatch: pytest.MonkeyPatch) -> Iterator[Syst
     get_settings.cache_clear()
     connections.reset()
     acme_client.reset()
+    signer.reset()
     try:
         yield system
     finally:
         get_settings.cache_clear()
         connections.reset(close=True)
         acme_client.reset()
+        signer.reset()
 
 
 def _start_order(name: str) -> int:

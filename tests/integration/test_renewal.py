@@ -143,7 +143,8 @@ def test_reseal_migration_from_legacy_rsa(make_system: Any) -> None:
     try:
         before = system.wait_active(names, timeout=90)
         status = json.loads(system.certman("keys", "status", "--json").stdout)
-        assert [(r["scheme"], r["certificates"]) for r in status] == [("legacy-rsa", 2)]
+        envelopes = [r for r in status if r["purpose"] == "envelope"]  # signing rows follow
+        assert [(r["scheme"], r["certificates"]) for r in envelopes] == [("legacy-rsa", 2)]
 
         system.extra_env["CERTMAN_EDGE_PUBLIC_KEY"] = str(system.edge_public_key)
         system.kill_worker(worker, signal.SIGTERM)
@@ -154,7 +155,8 @@ def test_reseal_migration_from_legacy_rsa(make_system: Any) -> None:
 
         def resealed() -> bool:
             rows = json.loads(system.certman("keys", "status", "--json").stdout)
-            return [(r["scheme"], r["certificates"]) for r in rows] == [("hpke-x25519", 2)]
+            envelopes = [r for r in rows if r["purpose"] == "envelope"]
+            return [(r["scheme"], r["certificates"]) for r in envelopes] == [("hpke-x25519", 2)]
 
         wait_until(resealed, timeout=150, what="both sites re-sealed to hpke-x25519", every=0.5)
         after = system.wait_active(names, timeout=60)

@@ -32,15 +32,25 @@ pytestmark = pytest.mark.integration
 
 
 class InstalledSystem(System):
-    """The integration harness, with the edge key made by the installed ``certman``."""
+    """The integration harness, with the edge key and the signing key made by the installed
+    ``certman``, and Redis ACL users as in production."""
+
+    def _generate(self, *args: str) -> str:
+        generated = subprocess.run(
+            [str(system_module.BIN / "certman"), "keys", "generate", *args],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return generated.stdout.strip()
 
     def start(self, *, workers: int = 1, edge: bool = True) -> InstalledSystem:
         self.pebble.start()
-        generated = subprocess.run(
-            [str(system_module.BIN / "certman"), "keys", "generate", "--dir", str(self.key_dir)],
-            capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
-        self.edge_public_key = self.key_dir / f"{generated.stdout.strip()}.pub"
+        key_id = self._generate("--dir", str(self.key_dir))
+        self.edge_public_key = self.key_dir / f"{key_id}.pub"
+        signing_id = self._generate("--purpose", "signing", "--dir", str(self.signing_dir))
+        self.signing_key_path = self.signing_dir / f"{signing_id}.key"
+        self.trust(self.signing_key_path)
+        if self.acl:
+            self.apply_acl()
         self.certman("db", "upgrade")
         if edge:
             self.start_edge()

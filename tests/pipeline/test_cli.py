@@ -211,3 +211,51 @@ def test_exporter_help_shows_the_loopback_default() -> None:
 
     result = CliRunner().invoke(main, ["exporter", "--help"], prog_name="certman")
     assert "--address" in result.output and "127.0.0.1" in result.output
+
+
+def test_keys_generate_a_signing_key(tmp_path: Path, env: dict[str, str]) -> None:
+    from pipeline.signing import SigningKey, TrustedSigners
+
+    directory = tmp_path / "signing"
+    result = certman(env, "keys", "generate", "--purpose", "signing", "--dir", str(directory))
+    assert result.returncode == 0, result.stderr
+    key_id = result.stdout.strip()
+    assert (directory / f"{key_id}.key").stat().st_mode & 0o777 == 0o600
+    assert SigningKey.load(directory / f"{key_id}.key").key_id == key_id
+    assert TrustedSigners.load(directory / f"{key_id}.pub").key_ids == {key_id}
+    both = certman(
+        env, "keys", "generate", "--purpose", "signing", "--scheme", "hpke-xwing",
+        "--dir", str(directory),
+    )  # fmt: skip
+    assert both.returncode != 0 and "--scheme applies to envelope keys only" in both.stderr
+
+
+def test_keys_status_counts_records_per_signing_key(
+    env: dict[str, str], redis_client: object, tmp_path: Path
+) -> None:
+    certman(env, "domains", "add", "a.example.com")
+    certman(env, "domains", "add", "b.example.com")
+    certman(env, "domains", "remove", "b.example.com")
+    rows = json.loads(certman(env, "keys", "status", "--json").stdout)
+    signing = [row for row in rows if row["purpose"] == "signing"]
+    key_id = (tmp_path / "signing.pub").exists() and signing[0]["key_id"]
+    assert signing == [
+        {"purpose": "signing", "scheme": "ed25519", "key_id": key_id, "certificates": 0,
+         "records": 1, "tombstones": 1, "in_use": True},
+        {"purpose": "signing", "scheme": "ed25519", "key_id": None, "certificates": 0,
+         "records": 0, "tombstones": 0, "in_use": False, "unsigned": True},
+    ]  # fmt: skip
+    text = certman(env, "keys", "status").stdout
+    assert f"signing key in use: {key_id}" in text
+    assert f"signed by {key_id} (in use): 1 records, 1 tombstones" in text
+    assert "unsigned" not in text
+
+
+def test_an_unreadable_signing_key_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    key = tmp_path / "open.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    result = certman(env | {"CERTMAN_SIGNING_KEY": str(key)}, "domains", "add", "a.example.com")
+    assert result.returncode != 0
+    assert str(key) in result.stderr and "chmod 600" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -28,9 +28,11 @@ from pipeline.onboarding import (
     read_lines,
 )
 from pipeline.ratelimit import Limits, parse_rate
+from pipeline.signing import SigningKey
 from pipeline.sites import add_site, parse_site
 
 PREFIX = "certman"
+SIGNER = SigningKey.generate()
 
 
 @pytest.fixture
@@ -55,8 +57,10 @@ def onboard(
     run = Onboarding(
         engine,
         Options(**options),  # type: ignore[arg-type]
-        publish_batch=(lambda sites: publish_records(client, PREFIX, sites)) if client else None,
-        publish_existing=(lambda domains: heal_snapshot(engine, client, PREFIX, domains))
+        publish_batch=(lambda sites: publish_records(client, PREFIX, sites, SIGNER))
+        if client
+        else None,
+        publish_existing=(lambda domains: heal_snapshot(engine, client, PREFIX, domains, SIGNER))
         if client
         else None,
         kick=(lambda: kicks.append(1)) if kicks is not None else None,
@@ -246,7 +250,7 @@ def test_run_interrupted_between_batches_then_resumed(
         published.append(1)
         if len(published) == 3:
             raise Killed
-        publish_records(redis_client, PREFIX, sites)  # type: ignore[arg-type]
+        publish_records(redis_client, PREFIX, sites, SIGNER)  # type: ignore[arg-type]
 
     run = Onboarding(engine, Options(batch_size=10), publish_batch=publish_then_die)
     with pytest.raises(Killed):
@@ -399,3 +403,28 @@ def test_per_domain_counts_follow_registered_domains(engine: Engine) -> None:
         "a.example.co.uk,,www.a.example.co.uk\nb.example.co.uk\nc.example.com,,c.example.net\n",
     )
     assert summary.per_domain == Counter({"example.co.uk": 2, "example.com": 1, "example.net": 1})
+
+
+def test_a_batch_is_published_signed_above_what_redis_holds(
+    engine: Engine, database_url: str, redis_client: redis.Redis
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from pipeline.signing import SignedSite, TrustedSigners, next_version
+
+    # A statement already there at a version above the clock (published before by a host whose
+    # clock runs ahead): the batch must sign above it, not be refused by the script.
+    ahead = SignedSite("alpha.example.com", next_version(None) + 1000 * 10**6)
+    redis_client.hset(f"{PREFIX}:signed", "alpha.example.com", SIGNER.sign_site(ahead).to_json())
+    onboard(engine, "alpha.example.com\nbeta.example.com\n", client=redis_client)
+    trusted = TrustedSigners.of([ed25519.Ed25519PublicKey.from_public_bytes(SIGNER.public_bytes)])
+    for domain in ("alpha.example.com", "beta.example.com"):
+        raw = redis_client.hget(f"{PREFIX}:signed", domain)
+        assert raw is not None
+        statement = SignedSite.from_json(raw)
+        trusted.verify_site(statement)
+        assert not statement.removed and statement.names == (domain,)
+        record = SiteRecord.from_json(redis_client.hget(f"{PREFIX}:sites", domain) or b"")
+        assert record.signed == statement and record.matches(statement)
+    alpha = SignedSite.from_json(redis_client.hget(f"{PREFIX}:signed", "alpha.example.com") or b"")
+    assert alpha.version > ahead.version

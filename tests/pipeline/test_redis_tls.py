@@ -24,7 +24,7 @@ import redis
 import redis.asyncio
 from kombu import Connection
 
-from pipeline import connections, distribution, snapshot
+from pipeline import connections, distribution, signer, snapshot
 from pipeline.redis_tls import RedisTls
 from pipeline.settings import get_settings
 from tests.support.redis_tls_server import Ca, TlsRedisServer, make_ca
@@ -88,10 +88,12 @@ def configure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
                 monkeypatch.setenv(f"CERTMAN_REDIS_{var}_FILE", str(value))
         get_settings.cache_clear()
         connections.reset(close=True)
+        signer.reset()  # a signing key of this test's data directory
 
     yield apply
     get_settings.cache_clear()
     connections.reset(close=True)
+    signer.reset()
 
 
 def _record(domain: str = "dealer.example.com") -> distribution.SiteRecord:

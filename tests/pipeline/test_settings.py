@@ -136,3 +136,38 @@ def test_redis_tls_files_without_a_rediss_url_are_refused(
         SettingsError, match="CERTMAN_REDIS_CA_FILE set, but CERTMAN_REDIS_URL is not a rediss://"
     ):
         load_settings()
+
+
+# --- signed distribution -------------------------------------------------------------------------
+def test_signing_key_defaults_to_the_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CERTMAN_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CERTMAN_SIGNING_KEY", raising=False)
+    assert load_settings().effective_signing_key == tmp_path / "signing.key"
+    monkeypatch.setenv("CERTMAN_SIGNING_KEY", str(tmp_path / "k" / "abc.key"))
+    assert load_settings().effective_signing_key == tmp_path / "k" / "abc.key"
+
+
+@pytest.mark.parametrize(
+    ("var", "message"),
+    [
+        ("CERTMAN_SIGNING_KEY", "CERTMAN_SIGNING_KEY: Value error, .* is a directory"),
+        ("CERTMAN_EDGE_TRUSTED_SIGNERS", "CERTMAN_EDGE_TRUSTED_SIGNERS: Value error, .* does not"),
+    ],
+)
+def test_bad_signing_paths_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, var: str, message: str
+) -> None:
+    monkeypatch.setenv(var, str(tmp_path if var == "CERTMAN_SIGNING_KEY" else tmp_path / "no"))
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+
+
+def test_trusted_signers_may_be_a_file_or_a_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "a.pub").write_text("")
+    for path in (tmp_path, tmp_path / "a.pub"):
+        monkeypatch.setenv("CERTMAN_EDGE_TRUSTED_SIGNERS", str(path))
+        assert load_settings().edge_trusted_signers == path

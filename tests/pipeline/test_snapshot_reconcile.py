@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import delete, select
 
 from pipeline import snapshot
 from pipeline.cli import main
 from pipeline.db import session_scope
-from pipeline.distribution import parse_index_entry
+from pipeline.distribution import SiteRecord, parse_index_entry, replace_all
 from pipeline.models import Certificate, Site
+from pipeline.signer import get_signing_key
+from pipeline.signing import SignedChallenge, SignedSite, SigningKey, TrustedSigners
 from tests.support.factories import NOW, make_cert, make_site
 
 
@@ -95,7 +100,12 @@ def test_cli_dry_run_reports_without_fixing(
     _stored("a.example")
     result = CliRunner().invoke(main, ["snapshot", "reconcile", "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"stale": ["a.example"], "extra": [], "fixed": False}
+    assert json.loads(result.output) == {
+        "stale": ["a.example"],
+        "extra": [],
+        "fixed": False,
+        "unsigned": ["a.example"],
+    }
     assert redis_client.hlen("certman:index") == 0
     result = CliRunner().invoke(main, ["snapshot", "reconcile"])
     assert result.exit_code == 0, result.output
@@ -124,3 +134,157 @@ def test_resync_and_listing_in_batches_miss_no_site(
     with session_scope() as session:
         drift = snapshot.find_drift(session)
     assert (drift.stale, drift.extra) == ([], [])
+
+
+# --- signed statements ---------------------------------------------------------------------------
+def _statement(client: redis.Redis, domain: str) -> SignedSite:
+    raw = client.hget("certman:signed", domain)
+    assert raw is not None
+    return SignedSite.from_json(raw)
+
+
+def _ours() -> TrustedSigners:
+    key = get_signing_key()
+    return TrustedSigners.of([ed25519.Ed25519PublicKey.from_public_bytes(key.public_bytes)])
+
+
+def test_every_publication_is_signed_by_the_pipelines_key(
+    certman_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    _stored("a.example")
+    _stored("bare.example", certified=False)
+    _publish_all()
+    for domain in ("a.example", "bare.example"):
+        statement = _statement(redis_client, domain)
+        _ours().verify_site(statement)
+        blob = redis_client.hget("certman:sites", domain)
+        assert blob is not None and SiteRecord.from_json(blob).matches(statement)
+    before = _statement(redis_client, "a.example").version
+    snapshot.unpublish("a.example")
+    tombstone = _statement(redis_client, "a.example")
+    _ours().verify_site(tombstone)
+    assert tombstone.removed and tombstone.version > before
+    snapshot.set_challenge("tok-en_1", "tok-en_1.thumb", 60)
+    raw = redis_client.get("certman:challenge-signed:tok-en_1")
+    assert raw is not None
+    _ours().verify_challenge(SignedChallenge.from_json(raw), now=time.time())
+
+
+def _unsigned(client: redis.Redis, domain: str) -> None:
+    client.hdel("certman:signed", domain)
+
+
+def _forged(client: redis.Redis, domain: str) -> None:
+    # Another Redis writer's statement, with the fields the store would agree with, claiming
+    # the pipeline's key id: only the signature can tell.
+    statement = _statement(client, domain)
+    data = statement.to_dict() | {"signature": "A" * 86}
+    client.hset("certman:signed", domain, json.dumps(data))
+
+
+def _steered(client: redis.Redis, domain: str) -> None:
+    # Signed by a key of the writer's own, saying another upstream.
+    statement = _statement(client, domain)
+    other = SigningKey.generate().sign_site(
+        SignedSite(**{**statement.to_dict(), "names": statement.names, "upstream": "http://evil"})
+    )
+    client.hset("certman:signed", domain, other.to_json())
+
+
+def _garbled(client: redis.Redis, domain: str) -> None:
+    client.hset("certman:signed", domain, "{not json")
+
+
+def _tombstoned(client: redis.Redis, domain: str) -> None:
+    statement = _statement(client, domain)
+    tombstone = SignedSite(domain, statement.version + 1, removed=True)
+    client.hset("certman:signed", domain, get_signing_key().sign_site(tombstone).to_json())
+
+
+@pytest.mark.parametrize("spoil", [_unsigned, _forged, _steered, _garbled, _tombstoned])
+def test_a_statement_missing_or_not_ours_is_drift_and_republished_signed(
+    certman_env: dict[str, str], redis_client: redis.Redis, spoil: Any
+) -> None:
+    _stored("a.example", "b.example")
+    _publish_all()
+    spoil(redis_client, "a.example")
+    with session_scope() as session:
+        drift = snapshot.find_drift(session)
+    assert (drift.stale, drift.unsigned, drift.extra) == (["a.example"], ["a.example"], [])
+    kept = redis_client.hget("certman:signed", "b.example")
+    snapshot.reconcile(session_scope, limit=100)
+    statement = _statement(redis_client, "a.example")
+    _ours().verify_site(statement)
+    blob = redis_client.hget("certman:sites", "a.example")
+    assert blob is not None and SiteRecord.from_json(blob).matches(statement)
+    assert redis_client.hget("certman:signed", "b.example") == kept  # untouched
+    with session_scope() as session:
+        again = snapshot.find_drift(session)
+    assert (again.stale, again.unsigned, again.extra) == ([], [], [])
+
+
+def test_an_unsigned_snapshot_after_the_upgrade_is_signed_by_the_reconcile(
+    certman_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    # What an installation upgraded from unsigned distribution holds: records, no statements.
+    _stored("a.example", "b.example")
+    with session_scope() as session:
+        records = [
+            snapshot.site_record(session, site) for site in session.scalars(select(Site)).all()
+        ]
+    replace_all(redis_client, "certman", records)
+    assert redis_client.hlen("certman:signed") == 0
+    result = CliRunner().invoke(main, ["keys", "status", "--json"])
+    assert result.exit_code == 0, result.output
+    unsigned = [row for row in json.loads(result.output) if row.get("unsigned")]
+    assert [row["records"] for row in unsigned] == [2]
+    drift = snapshot.reconcile(session_scope, limit=100)
+    assert drift.unsigned == ["a.example", "b.example"]
+    for domain in ("a.example", "b.example"):
+        _ours().verify_site(_statement(redis_client, domain))
+
+
+def test_an_index_entry_pointing_at_another_blob_than_the_one_signed_is_drift(
+    certman_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    _stored("a.example")
+    _publish_all()
+    entry = redis_client.hget("certman:index", "a.example")
+    assert entry is not None
+    redis_client.hset("certman:index", "a.example", b"0" * 16 + entry[16:])
+    with session_scope() as session:
+        assert snapshot.find_drift(session).unsigned == ["a.example"]
+
+
+def test_a_signed_site_the_store_no_longer_has_is_removed_with_a_tombstone(
+    certman_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    _stored("a.example", "gone.example")
+    _publish_all()
+    # Index and blob gone (a writer, or a half-done removal), the statement still there.
+    redis_client.hdel("certman:index", "gone.example")
+    redis_client.hdel("certman:sites", "gone.example")
+    with session_scope() as session:
+        session.execute(delete(Site).where(Site.domain == "gone.example"))
+    drift = snapshot.reconcile(session_scope, limit=100)
+    assert drift.extra == ["gone.example"]
+    assert _statement(redis_client, "gone.example").removed
+
+
+def test_a_writers_statement_of_a_huge_version_does_not_block_a_domain(
+    certman_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    _stored("0-stuck.example", "a.example", "b.example")
+    # Unsigned junk of a version far ahead: not the pipeline's, so not one it must exceed.
+    junk = {"domain": "0-stuck.example", "version": 2**62, "names": ["0-stuck.example"]}
+    redis_client.hset("certman:signed", "0-stuck.example", json.dumps(junk))
+    drift = snapshot.reconcile(session_scope, limit=100)
+    assert drift.stale == ["0-stuck.example", "a.example", "b.example"]
+    for domain in ("0-stuck.example", "a.example", "b.example"):
+        _ours().verify_site(_statement(redis_client, domain))
+    assert _statement(redis_client, "0-stuck.example").version < 2**62
+    # And a resync signs it from the clock too, not above the junk.
+    redis_client.hset("certman:signed", "0-stuck.example", json.dumps(junk))
+    with session_scope() as session:
+        snapshot.resync(session)
+    assert _statement(redis_client, "0-stuck.example").version < 2**62

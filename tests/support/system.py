@@ -2,12 +2,19 @@
 
 Used by the integration tests, the demo and the benchmarks, so that all three run the real
 commands (``celery -A pipeline worker``, ``certman-edge``, ``certman``) the way an operator does.
+
+As in production (docs/production.md): the pipeline signs with a signing key of its own
+(``CERTMAN_SIGNING_KEY``), the edge trusts only its public half
+(``CERTMAN_EDGE_TRUSTED_SIGNERS``), and, with ``acl`` (the default), the edge talks to Redis as
+a read-only ACL user and everything else as the pipeline's user (:mod:`pipeline.redis_acl`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
 
 from pipeline.keys import generate_keypair
+from pipeline.redis_acl import edge_rules, pipeline_rules
+from pipeline.signing import SigningKey
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port, port_open, wait_until
 
@@ -35,6 +47,9 @@ class System:
     # Restart a worker or beat that exits, as systemd's Restart=always does in production:
     # Celery 5.5/kombu 5.7 workers exit when the broker connection drops.
     supervise: bool = False
+    # Redis ACL users of this system's own on ``redis_url``'s server (removed at stop): the
+    # edge read-only, the rest as the pipeline. Off for a Redis the caller may not administer.
+    acl: bool = True
 
     def __post_init__(self) -> None:
         self.http_port = free_port()
@@ -43,20 +58,92 @@ class System:
         self.pebble = Pebble(http_port=self.http_port, **self.pebble_options)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.edge: subprocess.Popen[bytes] | None = None
+        self.other_edges: list[subprocess.Popen[bytes]] = []  # spawn_edge's, stopped with it
         self.key_dir = self.workdir / "edge-keys"
         self.database_url = self.database_url or f"sqlite:///{self.workdir / 'certman.db'}"
+        self.signing_dir = self.workdir / "signing-keys"
+        # What the edge is given: public halves only, never the directory with the private key.
+        self.trusted_signers = self.workdir / "edge-trusted-signers"
+        self.signing_key_path: Path | None = None
+        token = secrets.token_hex(4)
+        self.edge_user = (f"certman-edge-{token}", secrets.token_urlsafe(18))
+        self.pipeline_user = (f"certman-pipeline-{token}", secrets.token_urlsafe(18))
+        self._acl_applied = False
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, *, workers: int = 1, edge: bool = True) -> System:
         self.pebble.start()
         key_id = generate_keypair(self.key_dir)
         self.edge_public_key = self.key_dir / f"{key_id}.pub"
+        self.signing_key_path = self.new_signing_key()
+        self.trust(self.signing_key_path)
+        if self.acl:
+            self.apply_acl()
         self.certman("db", "upgrade")
         if edge:
             self.start_edge()
         for _ in range(workers):
             self.start_worker()
         return self
+
+    # --- signing keys and Redis users ------------------------------------------------------
+    def new_signing_key(self) -> Path:
+        """A new signing key pair in the system's signing directory; the private key's path."""
+        key_id = SigningKey.generate().write(self.signing_dir)
+        return self.signing_dir / f"{key_id}.key"
+
+    def trust(self, key: Path, directory: Path | None = None) -> Path:
+        """Copy ``key``'s public half into an edge's trusted-signers directory."""
+        directory = directory or self.trusted_signers
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(key.with_suffix(".pub"), directory / key.with_suffix(".pub").name)
+        return directory
+
+    def apply_acl(self) -> None:
+        """Create (or, after a Redis restart, create again) this system's two ACL users."""
+        admin = redis.Redis.from_url(self.redis_url)
+        try:
+            for (user, password), rules in (
+                (self.edge_user, edge_rules(self.redis_prefix)),
+                (self.pipeline_user, pipeline_rules(self.redis_prefix, self._redis_db())),
+            ):
+                admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}",
+                                      *rules)  # fmt: skip
+        finally:
+            admin.close()
+        self._acl_applied = True
+
+    def _redis_db(self) -> int:
+        path = urlsplit(self.redis_url).path.strip("/")
+        return int(path) if path.isdigit() else 0
+
+    def _drop_acl(self) -> None:
+        if not self._acl_applied:
+            return
+        admin = redis.Redis.from_url(self.redis_url)
+        try:
+            admin.execute_command("ACL", "DELUSER", self.edge_user[0], self.pipeline_user[0])
+        except redis.RedisError:
+            pass  # the server is gone already (a test stopped it): nothing to remove
+        finally:
+            admin.close()
+
+    def redis_url_as(self, user: tuple[str, str] | None) -> str:
+        """``redis_url`` with ``user``'s credentials (None, or ACL off: as given)."""
+        if user is None or not self.acl:
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        netloc = f"{quote(user[0], safe='')}:{quote(user[1], safe='')}@{host}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    @property
+    def edge_env(self) -> dict[str, str]:
+        """The edge's environment: the read-only Redis user, public signing keys only."""
+        return self.env | {
+            "CERTMAN_REDIS_URL": self.redis_url_as(self.edge_user),
+            "CERTMAN_EDGE_TRUSTED_SIGNERS": str(self.trusted_signers),
+        }
 
     @property
     def env(self) -> dict[str, str]:
@@ -65,7 +152,8 @@ class System:
             {
                 "CERTMAN_DATA_DIR": str(self.workdir),
                 "CERTMAN_DATABASE_URL": str(self.database_url),
-                "CERTMAN_REDIS_URL": self.redis_url,
+                "CERTMAN_REDIS_URL": self.redis_url_as(self.pipeline_user),
+                "CERTMAN_SIGNING_KEY": str(self.signing_key_path or self.workdir / "signing.key"),
                 "CERTMAN_REDIS_PREFIX": self.redis_prefix,
                 "CERTMAN_ACME_DIRECTORY": self.pebble.directory_url,
                 "CERTMAN_ACME_CA_BUNDLE": str(self.pebble.ca_bundle),
@@ -141,18 +229,46 @@ class System:
         return flower
 
     def start_edge(self) -> subprocess.Popen[bytes]:
-        self.edge = self._spawn(
-            "edge.log",
+        self.edge = self._edge(self.http_port, self.https_port, self.metrics_port, self.edge_env)
+        return self.edge
+
+    def spawn_edge(
+        self, *, trusted_signers: Path, data_dir: Path, log_name: str
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Another edge of the fleet, on ports of its own, trusting ``trusted_signers``, with
+        ``data_dir`` for what it keeps on disk; returns it (stopped with the system) and its
+        HTTPS port."""
+        env = self.edge_env | {
+            "CERTMAN_EDGE_TRUSTED_SIGNERS": str(trusted_signers),
+            "CERTMAN_DATA_DIR": str(data_dir),
+        }
+        https_port = free_port()
+        edge = self._edge(free_port(), https_port, free_port(), env, log_name=log_name)
+        self.other_edges.append(edge)
+        return edge, https_port
+
+    def _edge(
+        self,
+        http_port: int,
+        https_port: int,
+        metrics_port: int,
+        env: dict[str, str],
+        *,
+        log_name: str = "edge.log",
+    ) -> subprocess.Popen[bytes]:
+        edge = self._spawn(
+            log_name,
             [
                 str(BIN / "certman-edge"),
-                "--http-port", str(self.http_port),
-                "--https-port", str(self.https_port),
-                "--metrics-port", str(self.metrics_port),
+                "--http-port", str(http_port),
+                "--https-port", str(https_port),
+                "--metrics-port", str(metrics_port),
                 "--address", "127.0.0.1",
             ],
+            env=env,
         )  # fmt: skip
-        wait_until(lambda: port_open(self.https_port), timeout=20, what="the edge to listen")
-        return self.edge
+        wait_until(lambda: port_open(https_port), timeout=20, what="the edge to listen")
+        return edge
 
     def certman(
         self, *args: str, check: bool = True, timeout: float = 60
@@ -223,13 +339,15 @@ class System:
                 worker.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
-        if self.edge and self.edge.poll() is None:
-            self.edge.terminate()
-            try:
-                self.edge.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.edge.kill()
+        for edge in (self.edge, *self.other_edges):
+            if edge and edge.poll() is None:
+                edge.terminate()
+                try:
+                    edge.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    edge.kill()
         self.pebble.stop()
+        self._drop_acl()
 
     def __enter__(self) -> System:
         return self
