@@ -35,6 +35,9 @@ class System:
     # Restart a worker or beat that exits, as systemd's Restart=always does in production:
     # Celery 5.5/kombu 5.7 workers exit when the broker connection drops.
     supervise: bool = False
+    # The edge's --redis-url, when it must differ from redis_url (None: the edge reads
+    # CERTMAN_REDIS_URL like every other process).
+    edge_redis_url: str | None = None
 
     def __post_init__(self) -> None:
         self.http_port = free_port()
@@ -149,6 +152,7 @@ class System:
                 "--https-port", str(self.https_port),
                 "--metrics-port", str(self.metrics_port),
                 "--address", "127.0.0.1",
+                *(["--redis-url", self.edge_redis_url] if self.edge_redis_url else []),
             ],
         )  # fmt: skip
         wait_until(lambda: port_open(self.https_port), timeout=20, what="the edge to listen")
