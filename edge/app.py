@@ -37,6 +37,7 @@ from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
 from pipeline.outbound import OutboundPolicy
+from pipeline.redis_connect import RedisTarget, async_client, sync_client
 from pipeline.redis_tls import RedisTls
 from pipeline.signing import TrustedSigners
 
@@ -87,6 +88,8 @@ class EdgeConfig:
     outbound: OutboundPolicy = OutboundPolicy()
     # How a rediss:// server is verified (the system's store by default): never unverified.
     redis_tls: RedisTls = RedisTls()
+    # Where Redis is when it is more than a URL (Sentinel); None: redis_url with redis_tls.
+    redis_target: RedisTarget | None = None
     # The public halves of the pipeline's signing keys: only what they signed is served.
     signers: TrustedSigners = field(default_factory=lambda: TrustedSigners({}))
 
@@ -204,18 +207,17 @@ class Edge:
         self.index = SiteIndex(config.signers, on_refused=self._refused_site)
         self._refusals_logged: dict[str, tuple[int, str]] = {}
         self._unsigned_log = RateLimitedLog(log, logging.ERROR, 60.0)
-        redis_tls = config.redis_tls.redis_kwargs(config.redis_url)
-        self._async_redis: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
-            config.redis_url, socket_connect_timeout=1, socket_timeout=2, **redis_tls
+        target = config.redis_target or RedisTarget(config.redis_url, config.redis_tls)
+        self._async_redis: redis.asyncio.Redis[Any] = async_client(
+            target, socket_connect_timeout=1, socket_timeout=2
         )
         # The SNI callback runs inside OpenSSL's handshake, which cannot await: it reads blobs
         # from the local mirror, and from Redis only before the mirror was ever filled.
         self.mirror = Mirror(config.mirror_path, source=config.prefix)
-        self._first_fill_redis: redis.Redis[Any] = redis.Redis.from_url(
-            config.redis_url,
+        self._first_fill_redis: redis.Redis[Any] = sync_client(
+            target,
             socket_connect_timeout=min(0.2, config.handshake_redis_timeout),
             socket_timeout=config.handshake_redis_timeout,
-            **redis_tls,
         )
         self.challenges = ChallengeStore(
             self._async_redis,
@@ -231,7 +233,7 @@ class Edge:
             m,
             mirror=self.mirror,
             reconcile_interval=config.reconcile_interval,
-            redis_options=redis_tls,
+            target=target,
         )
         self.contexts = SiteContexts(
             self.index, keyring, self._blob, ContextCache(config.cache_size, m), m

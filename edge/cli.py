@@ -30,7 +30,7 @@ from edge.app import Edge, EdgeConfig
 from edge.tls import PROFILES, listening_context
 from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
-from pipeline.redis_tls import RedisTls
+from pipeline.redis_connect import RedisTarget
 from pipeline.settings import SettingsError, get_settings
 from pipeline.signing import TrustedSigners
 from pipeline.version import certman_version
@@ -164,10 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         trusted = tuple(str(ipaddress.ip_network(n, strict=False)) for n in args.trusted_proxy)
     except ValueError as exc:
         _fail(f"--trusted-proxy: {exc}")
-    redis_url = args.redis_url or settings.redis_url
-    redis_tls = RedisTls.from_settings(settings)
     try:
-        redis_tls.redis_kwargs(redis_url)
+        target = RedisTarget.from_settings(settings, url=args.redis_url)
     except ValueError as exc:
         _fail(f"--redis-url / CERTMAN_REDIS_URL: {exc}")
     http_port = args.http_port if args.http_port is not None else settings.http01_port
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"cannot listen: {exc.strerror or exc}")
     listening = listening_context(args.tls_profile)
     config = EdgeConfig(
-        redis_url=redis_url,
+        redis_url=target.url,
         prefix=args.redis_prefix or settings.redis_prefix,
         cache_size=cache_size,
         warm=args.warm,
@@ -191,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         max_body_size=args.max_body_size,
         sync_down_limit=args.sync_down_limit,
         outbound=OutboundPolicy.from_settings(settings),
-        redis_tls=redis_tls,
+        redis_tls=target.tls,
+        redis_target=target,
         tls_profile=args.tls_profile,
         signers=signers,
     )

@@ -40,6 +40,7 @@ from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex
 from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
+from pipeline.redis_connect import RedisTarget, async_client
 from pipeline.signing import SignedChallenge, SignedSite
 
 __all__ = ["Syncer"]
@@ -68,16 +69,15 @@ class Syncer:
         mirror: Mirror | None = None,
         reconcile_interval: float = 5.0,
         max_backoff: float = 5.0,
-        redis_options: Mapping[str, Any] | None = None,
+        target: RedisTarget | None = None,
     ) -> None:
+        self._target = target or RedisTarget(redis_url)
         self.mirror = mirror if mirror is not None else Mirror(None)
         self.synced_at: float | None = None  # epoch seconds the edge last matched Redis
         # Whether every blob the index names has been in the mirror at least once; until then
         # a handshake may fetch its blob from Redis (see Edge._blob).
         self.mirror_complete = False
         self.mirror_filled = asyncio.Event()  # set with mirror_complete
-        self._url = redis_url
-        self._redis_options = dict(redis_options or {})
         self._prefix = prefix
         self._index = index
         self._parsing: asyncio.Task[None] | None = None
@@ -123,9 +123,7 @@ class Syncer:
         backoff = 0.05
         self.start_from_mirror()
         while True:
-            client: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(
-                self._url, socket_connect_timeout=2, socket_timeout=5, **self._redis_options
-            )
+            client = async_client(self._target, socket_connect_timeout=2, socket_timeout=5)
             pubsub = client.pubsub()
             try:
                 await self._subscribe(pubsub)

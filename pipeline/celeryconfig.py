@@ -11,21 +11,29 @@ from datetime import timedelta
 
 from kombu.entity import Queue
 
-from pipeline.redis_tls import RedisTls
+from pipeline.redis_connect import RedisTarget
 from pipeline.settings import get_settings
 
 _settings = get_settings()
+_redis = RedisTarget.from_settings(_settings)
+_broker = _redis.celery_broker()
 
-broker_url = _settings.redis_url
+# One Redis (redis://, rediss://, unix://), or the Sentinels (sentinel://h1:26379;...) with the
+# master's name in the transport options below.
+broker_url = _broker["broker_url"]
 broker_connection_retry_on_startup = True
 # With rediss:// kombu would otherwise fall back to CERT_NONE: verify the server, against
 # CERTMAN_REDIS_CA_FILE, and present CERTMAN_REDIS_CERT_FILE/_KEY_FILE where given (None for
-# redis:// and unix://).
-broker_use_ssl = RedisTls.from_settings(_settings).celery_ssl(_settings.redis_url)
+# redis://, unix:// and sentinel://).
+broker_use_ssl = _broker["broker_use_ssl"]
 # Longer than the longest countdown any task gives itself (waits are capped at 15 minutes), so
 # the Redis transport seldom redelivers a task that is merely waiting; when it does, the order
-# lock and the step checks make the copy harmless.
-broker_transport_options = {"visibility_timeout": _settings.broker_visibility_timeout}
+# lock and the step checks make the copy harmless. With Sentinel: master_name and the
+# Sentinels' own options.
+broker_transport_options = {
+    "visibility_timeout": _settings.broker_visibility_timeout,
+    **_broker["transport_options"],
+}
 
 # JSON only: a pickle payload from the broker would be code execution in every worker.
 task_serializer = "json"
@@ -53,6 +61,24 @@ task_send_sent_event = True
 
 timezone = "UTC"
 enable_utc = True
+
+# Beat without a single point of failure (celery-redbeat): the schedule's state and a lock live
+# in Redis, under certman's prefix. Any number of `celery -A pipeline beat` may run; the one
+# holding the lock schedules and renews it on every tick, the others wait for it, and one of them
+# takes over at most beat_lock_timeout (+ one loop interval) after the holder died. Each entry's
+# last run is kept in Redis and recorded before its task is sent, so the beat that takes over
+# carries on the same schedule: an interval may be missed when a beat dies, never doubled.
+beat_scheduler = "redbeat.RedBeatScheduler"
+_redbeat = _redis.redbeat()
+redbeat_redis_url = _redbeat["redbeat_redis_url"]
+redbeat_redis_use_ssl = _redbeat["redbeat_redis_use_ssl"]
+redbeat_redis_options = _redbeat["redbeat_redis_options"]
+redbeat_key_prefix = f"{_settings.redis_prefix}:redbeat:"
+redbeat_lock_key = f"{_settings.redis_prefix}:redbeat:lock"
+redbeat_lock_timeout = _settings.beat_lock_timeout
+# The lock is renewed once a loop, and a waiting beat tries for it once a loop: a fifth of its
+# timeout (at most 5 s), so that a busy tick never lets it lapse and a takeover is prompt.
+beat_max_loop_interval = min(5.0, _settings.beat_lock_timeout / 5)
 
 beat_schedule = {
     # Starts due first issues, retries and renewals (renewal times are fixed in the store).

@@ -10,7 +10,7 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from pipeline.ratelimit import Limits, RateLimiter
-from pipeline.redis_tls import RedisTls
+from pipeline.redis_connect import RedisTarget, sync_client
 from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,10 @@ _limiter: RateLimiter | None = None
 def get_redis() -> redis.Redis[Any]:
     global _redis
     if _redis is None:
-        settings = get_settings()
-        _redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=10,
-            health_check_interval=30,
-            **RedisTls.from_settings(settings).redis_kwargs(settings.redis_url),
+        # One server, or the master the Sentinels name (asked again on every reconnection, so
+        # that after a failover the next call reaches the new master).
+        _redis = sync_client(
+            RedisTarget.from_settings(get_settings()), socket_timeout=10, health_check_interval=30
         )
     return _redis
 

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipeline.outbound import parse_networks
+from pipeline.redis_connect import check_sentinel_settings
 
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -113,6 +114,20 @@ class Settings(BaseSettings):
         (), description="Only these networks may be upstreams; empty: any not refused."
     )
 
+    # --- Redis Sentinel and beat's lock (pipeline.redis_connect) -----------------------------
+    # High availability: CERTMAN_REDIS_URL names the Sentinels, in the form kombu accepts
+    # (sentinel://h1:26379;sentinel://h2:26379/0; Redis's own user and password in the first
+    # URL), and this names the master they watch.
+    redis_sentinel_master: str | None = Field(
+        None, description="Master name the Sentinels watch (with sentinel:// URLs)."
+    )
+    redis_sentinel_password: str | None = Field(
+        None, description="The Sentinels' own password (their requirepass), if any."
+    )
+    # A beat holds a lock in Redis while it schedules; another beat waiting for it takes over
+    # this many seconds after the holder stopped renewing it (it renews on every tick).
+    beat_lock_timeout: int = Field(30, ge=2, description="Seconds beat's lock outlives its holder.")
+
     # --- edge -------------------------------------------------------------------------------
     edge_cache_size: int = Field(10_000, ge=1, description="TLS contexts kept per edge process.")
     edge_processes: int = Field(1, ge=1)
@@ -127,8 +142,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
         tls_options = sorted(
             {k for k, _ in parse_qsl(urlsplit(value).query) if k.lower().startswith("ssl")}
         )
@@ -209,6 +224,18 @@ class Settings(BaseSettings):
                 f"{' and '.join(given)} set, but CERTMAN_REDIS_URL is not a rediss:// URL, "
                 "so Redis would be used without TLS"
             )
+        return self
+
+    @field_validator("redis_sentinel_master", "redis_sentinel_password", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _redis_sentinel(self) -> Settings:
+        check_sentinel_settings(
+            self.redis_url, self.redis_sentinel_master, self.redis_sentinel_password
+        )
         return self
 
     @field_validator("dns_resolver")

@@ -171,3 +171,56 @@ def test_trusted_signers_may_be_a_file_or_a_directory(
     for path in (tmp_path, tmp_path / "a.pub"):
         monkeypatch.setenv("CERTMAN_EDGE_TRUSTED_SIGNERS", str(path))
         assert load_settings().edge_trusted_signers == path
+
+
+# --- Redis Sentinel and beat's lock --------------------------------------------------------------
+SENTINELS = "sentinel://:secret@10.0.0.1:26379/2;sentinel://10.0.0.2:26379;sentinel://10.0.0.3"
+
+
+def test_sentinel_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_URL", SENTINELS)
+    monkeypatch.setenv("CERTMAN_REDIS_SENTINEL_MASTER", "certman")
+    monkeypatch.setenv("CERTMAN_REDIS_SENTINEL_PASSWORD", "sentinels-own")
+    monkeypatch.setenv("CERTMAN_BEAT_LOCK_TIMEOUT", "12")
+    settings = load_settings()
+    assert settings.redis_sentinel_master == "certman"
+    assert settings.redis_sentinel_password == "sentinels-own"
+    assert settings.beat_lock_timeout == 12
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CERTMAN_REDIS_URL": SENTINELS}, "^CERTMAN_REDIS_SENTINEL_MASTER must be set"),
+        (
+            {"CERTMAN_REDIS_SENTINEL_MASTER": "certman"},
+            "^CERTMAN_REDIS_SENTINEL_MASTER set, but CERTMAN_REDIS_URL is not a sentinel://",
+        ),
+        (
+            {"CERTMAN_REDIS_SENTINEL_PASSWORD": "x"},
+            "^CERTMAN_REDIS_SENTINEL_PASSWORD set, but CERTMAN_REDIS_URL is not a sentinel://",
+        ),
+        (
+            # kombu would read database 0 from the first address; redis-py's clients, 3.
+            {"CERTMAN_REDIS_URL": "sentinel://a:26379;sentinel://b:26379/3",
+             "CERTMAN_REDIS_SENTINEL_MASTER": "certman"},
+            "^CERTMAN_REDIS_URL: the database number and Redis's user and password go on the first",
+        ),
+        (
+            {"CERTMAN_REDIS_URL": "sentinel://a:26379;redis://b:6379",
+             "CERTMAN_REDIS_SENTINEL_MASTER": "certman"},
+            r"^CERTMAN_REDIS_URL: each ';'-separated address must be a sentinel:// URL \(#2",
+        ),
+        ({"CERTMAN_BEAT_LOCK_TIMEOUT": "1"}, "^CERTMAN_BEAT_LOCK_TIMEOUT"),
+    ],
+)  # fmt: skip
+def test_bad_sentinel_settings_are_named(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for var in ("CERTMAN_REDIS_URL", "CERTMAN_REDIS_SENTINEL_MASTER"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=message) as caught:
+        load_settings()
+    assert "secret" not in str(caught.value)

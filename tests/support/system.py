@@ -50,6 +50,9 @@ class System:
     # Redis ACL users of this system's own on ``redis_url``'s server (removed at stop): the
     # edge read-only, the rest as the pipeline. Off for a Redis the caller may not administer.
     acl: bool = True
+    # The edge's --redis-url, when it must differ from redis_url (None: the edge reads
+    # CERTMAN_REDIS_URL like every other process).
+    edge_redis_url: str | None = None
 
     def __post_init__(self) -> None:
         self.http_port = free_port()
@@ -264,6 +267,7 @@ class System:
                 "--https-port", str(https_port),
                 "--metrics-port", str(metrics_port),
                 "--address", "127.0.0.1",
+                *(["--redis-url", self.edge_redis_url] if self.edge_redis_url else []),
             ],
             env=env,
         )  # fmt: skip

@@ -1,0 +1,316 @@
+"""Every Redis client certman makes, from one description of where Redis is.
+
+``CERTMAN_REDIS_URL`` names either one server (``redis://``, ``rediss://``, ``unix://``) or, for
+high availability, the Redis Sentinels that know which server is the master now, in the form
+kombu (the Celery broker) accepts::
+
+    CERTMAN_REDIS_URL=sentinel://:password@h1:26379/0;sentinel://h2:26379;sentinel://h3:26379
+    CERTMAN_REDIS_SENTINEL_MASTER=certman            # the name the Sentinels monitor it under
+    CERTMAN_REDIS_SENTINEL_PASSWORD=...              # only if the Sentinels have a requirepass
+
+kombu reads the database number and Redis's user and password from the first URL only, so
+they are accepted there only: anywhere else they would be used by some clients and not others.
+
+From that, this module makes the blocking client (:func:`sync_client`: the limiter, locks, the
+snapshot publisher, onboarding), the asyncio one (:func:`async_client`: the edge), Celery's
+broker settings (:meth:`RedisTarget.celery_broker`) and redbeat's (:meth:`RedisTarget.redbeat`).
+With Sentinel each client asks a Sentinel for the master's address whenever it (re)connects, and
+a master demoted to a replica is dropped on its first read-only answer, so that after a failover
+the next attempt reaches the new master.
+
+Standard library and redis only (no Celery, no SQLAlchemy): the edge imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+
+from pipeline.redis_tls import RedisTls
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
+
+__all__ = [
+    "RedisTarget",
+    "SentinelUrl",
+    "async_client",
+    "check_sentinel_settings",
+    "is_sentinel",
+    "parse_sentinel_url",
+    "sync_client",
+]
+
+DEFAULT_SENTINEL_PORT = 26379
+# How long a client waits for one Sentinel before asking the next: a Sentinel that is down or
+# frozen must not stall finding the master, which every reconnection does.
+SENTINEL_SOCKET_TIMEOUT = 2.0
+
+
+def is_sentinel(url: str) -> bool:
+    return url.lower().startswith("sentinel://")
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed ``sentinel://`` URL list: the Sentinels, and the master's database and
+    credentials (from the first URL, as kombu reads them)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse ``sentinel://[user:pass@]host:port[/db];sentinel://host:port;...``.
+
+    Raises ValueError saying what is wrong (without repeating a password)."""
+    parts = [part.strip() for part in url.split(";") if part.strip()]
+    if not parts:
+        raise ValueError("no Sentinel address")
+    sentinels: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for position, part in enumerate(parts):
+        if not is_sentinel(part):
+            raise ValueError(
+                f"each ';'-separated address must be a sentinel:// URL (#{position + 1} is not)"
+            )
+        split = urlsplit(part)
+        if split.query or split.fragment:
+            raise ValueError("sentinel:// URLs take no options (?...)")
+        try:
+            host, port = split.hostname, split.port or DEFAULT_SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"address #{position + 1} has an invalid port") from None
+        if not host:
+            raise ValueError(f"address #{position + 1} has no host")
+        path = split.path.strip("/")
+        if position == 0:
+            if path:
+                if not path.isdigit():
+                    raise ValueError("the database after the first address must be a number")
+                db = int(path)
+            username = unquote(split.username) if split.username else None
+            password = unquote(split.password) if split.password is not None else None
+        elif path or split.username or split.password:
+            # kombu reads only the first address's database and credentials: elsewhere they
+            # would reach redis-py's clients but not the broker.
+            raise ValueError(
+                "the database number and Redis's user and password go on the first "
+                "sentinel:// address only (kombu reads no other)"
+            )
+        sentinels.append((host, port))
+    return SentinelUrl(tuple(sentinels), db, username, password)
+
+
+def check_sentinel_settings(url: str, master: str | None, sentinel_password: str | None) -> None:
+    """The settings' check: one line naming the variable that is wrong."""
+    if is_sentinel(url):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise ValueError(f"CERTMAN_REDIS_URL: {exc}") from None
+        if not master:
+            raise ValueError(
+                "CERTMAN_REDIS_SENTINEL_MASTER must be set with a sentinel:// CERTMAN_REDIS_URL: "
+                "the name the Sentinels monitor the master under"
+            )
+        return
+    given = [
+        name
+        for name, value in (
+            ("CERTMAN_REDIS_SENTINEL_MASTER", master),
+            ("CERTMAN_REDIS_SENTINEL_PASSWORD", sentinel_password),
+        )
+        if value
+    ]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} set, but CERTMAN_REDIS_URL is not a sentinel:// URL, "
+            "so no Sentinel would be asked"
+        )
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is and how to reach it: a URL, its TLS options, and with ``sentinel://``
+    URLs the master's name and the Sentinels' password."""
+
+    url: str
+    tls: RedisTls = field(default_factory=RedisTls)
+    sentinel_master: str | None = None
+    sentinel_password: str | None = None
+
+    def __post_init__(self) -> None:
+        check_sentinel_settings(self.url, self.sentinel_master, self.sentinel_password)
+        if not is_sentinel(self.url):
+            self.tls.redis_kwargs(self.url)  # refuses TLS options in the URL
+
+    @classmethod
+    def from_settings(cls, settings: Settings, url: str | None = None) -> RedisTarget:
+        """The target the settings describe; ``url`` (the edge's ``--redis-url``) replaces
+        ``CERTMAN_REDIS_URL`` and is checked the same way."""
+        return cls(
+            url or settings.redis_url,
+            RedisTls.from_settings(settings),
+            settings.redis_sentinel_master,
+            settings.redis_sentinel_password,
+        )
+
+    @property
+    def sentinel(self) -> SentinelUrl | None:
+        return parse_sentinel_url(self.url) if is_sentinel(self.url) else None
+
+    def describe(self) -> str:
+        """For log lines: where Redis is, without credentials."""
+        parsed = self.sentinel
+        if parsed is None:
+            split = urlsplit(self.url)
+            host = split.hostname or split.path
+            port = f":{split.port}" if split.port else ""
+            return f"{split.scheme}://{host}{port}{split.path if split.hostname else ''}"
+        hosts = ", ".join(f"{host}:{port}" for host, port in parsed.sentinels)
+        return f"master {self.sentinel_master!r} (db {parsed.db}) via Sentinels {hosts}"
+
+    def _sentinel_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # For the connections to the Sentinels themselves: never longer than the caller's own
+        # timeouts, and the Sentinels' password (not Redis's: they are configured apart).
+        timeout = min(
+            SENTINEL_SOCKET_TIMEOUT,
+            kwargs.get("socket_connect_timeout") or SENTINEL_SOCKET_TIMEOUT,
+            kwargs.get("socket_timeout") or SENTINEL_SOCKET_TIMEOUT,
+        )
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if self.sentinel_password:
+            options["password"] = self.sentinel_password
+        return options
+
+    def _master_kwargs(self, parsed: SentinelUrl, kwargs: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any] = {"db": parsed.db}
+        if parsed.username:
+            options["username"] = parsed.username
+        if parsed.password is not None:
+            options["password"] = parsed.password
+        options.update(kwargs)
+        return options
+
+    # --- Celery -----------------------------------------------------------------------------
+    def celery_broker(self) -> dict[str, Any]:
+        """``broker_url``, ``broker_use_ssl`` and the transport options Sentinel needs (to be
+        merged into ``broker_transport_options``)."""
+        if self.sentinel is None:
+            return {
+                "broker_url": self.url,
+                "broker_use_ssl": self.tls.celery_ssl(self.url),
+                "transport_options": {},
+            }
+        return {
+            "broker_url": self.url,
+            "broker_use_ssl": None,
+            "transport_options": {
+                "master_name": self.sentinel_master,
+                "sentinel_kwargs": self._sentinel_kwargs({}),
+            },
+        }
+
+    def redbeat(self) -> dict[str, Any]:
+        """celery-redbeat's ``redbeat_redis_url``, ``redbeat_redis_use_ssl`` and
+        ``redbeat_redis_options`` (its lock and schedule live in this Redis)."""
+        parsed = self.sentinel
+        base_options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
+        if parsed is None:
+            return {
+                "redbeat_redis_url": self.url,
+                "redbeat_redis_use_ssl": self.tls.celery_ssl(self.url),
+                "redbeat_redis_options": base_options,
+            }
+        options = {
+            "sentinels": [list(address) for address in parsed.sentinels],
+            "service_name": self.sentinel_master,
+            "db": parsed.db,
+            "sentinel_kwargs": self._sentinel_kwargs({}),
+            **base_options,
+        }
+        if parsed.username:
+            options["username"] = parsed.username
+        if parsed.password is not None:
+            options["password"] = parsed.password
+        # redbeat takes the Sentinel path only for a URL starting "redis-sentinel"; the rest of
+        # this URL is not read (the Sentinels come from the options).
+        return {
+            "redbeat_redis_url": "redis-sentinel://",
+            "redbeat_redis_use_ssl": None,
+            "redbeat_redis_options": options,
+        }
+
+
+if TYPE_CHECKING:
+    _SyncRedis = redis.Redis[Any]
+    _AsyncRedis = redis.asyncio.Redis[Any]
+else:
+    _SyncRedis = redis.Redis
+    _AsyncRedis = redis.asyncio.Redis
+
+
+class _SentinelMaster(_SyncRedis):
+    """The master, through Sentinels made for this client alone: closing the client closes
+    its connections to them too (redis-py leaves them open)."""
+
+    def close(self) -> None:
+        super().close()
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+class _AsyncSentinelMaster(_AsyncRedis):
+    """:class:`_SentinelMaster` for asyncio (``aclose``, which the installed stubs lack)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)  # type: ignore[misc]
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def sync_client(target: RedisTarget, **kwargs: Any) -> redis.Redis[Any]:
+    """A blocking client; ``kwargs`` (timeouts, health checks) go to every connection to Redis
+    (with Sentinel: to the master's, the Sentinels get short timeouts of their own)."""
+    parsed = target.sentinel
+    if parsed is None:
+        return redis.Redis.from_url(target.url, **kwargs, **target.tls.redis_kwargs(target.url))
+    sentinel = redis.sentinel.Sentinel(
+        list(parsed.sentinels), sentinel_kwargs=target._sentinel_kwargs(kwargs)
+    )
+    assert target.sentinel_master is not None  # checked when the target was made
+    client: redis.Redis[Any] = sentinel.master_for(
+        target.sentinel_master,
+        redis_class=_SentinelMaster,
+        **target._master_kwargs(parsed, kwargs),
+    )
+    return client
+
+
+def async_client(target: RedisTarget, **kwargs: Any) -> redis.asyncio.Redis[Any]:
+    """The asyncio client (the edge's), made as :func:`sync_client` makes the blocking one.
+    Create it inside the event loop that uses it."""
+    parsed = target.sentinel
+    if parsed is None:
+        return redis.asyncio.Redis.from_url(
+            target.url, **kwargs, **target.tls.redis_kwargs(target.url)
+        )
+    sentinel = redis.asyncio.sentinel.Sentinel(
+        list(parsed.sentinels), sentinel_kwargs=target._sentinel_kwargs(kwargs)
+    )
+    assert target.sentinel_master is not None  # checked when the target was made
+    client: redis.asyncio.Redis[Any] = sentinel.master_for(
+        target.sentinel_master,
+        redis_class=_AsyncSentinelMaster,
+        **target._master_kwargs(parsed, kwargs),
+    )
+    return client
