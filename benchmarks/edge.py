@@ -247,6 +247,17 @@ def time_to_first_handshake(edge: EdgeProcess, ctx: ssl.SSLContext, name: str) -
     raise RuntimeError("edge never answered")
 
 
+def wait_settled(edge: EdgeProcess, n: int) -> None:
+    """Until every process's first mirror fill is done: measurements are of a steady edge, not
+    of one still copying n blobs to its disk."""
+    end = time.perf_counter() + 300
+    for port in range(edge.metrics, edge.metrics + edge.processes):
+        while metric(edge, "certman_edge_mirror_blobs_fetched_total", port) < n:
+            if time.perf_counter() > end:
+                raise RuntimeError("the edge's mirror never filled")
+            time.sleep(0.05)
+
+
 def _load_worker(args: tuple[bytes, int, list[str], float]) -> int:
     ca_pem, port, names, duration = args
     ctx = client_context(ca_pem)
@@ -452,6 +463,7 @@ def side_by_side(
             if server == "edge":
                 proc = EdgeProcess(hpke_dir, url, cores, max(n, 10_000), tuple(args.edge_arg))
                 start = wait_https(proc.https, verify, load_names[0], proc.started)
+                wait_settled(proc, n)
             else:
                 proc = CaddyProcess(n, pems, cores)
                 start = wait_https(proc.https, verify, load_names[0], proc.started)
@@ -586,6 +598,8 @@ def proxy_side_by_side(
                     }
                     proc = CaddyProcess(n, pems, cores, proxy)
                 wait_https(proc.https, verify, names[0], proc.started)
+                if isinstance(proc, EdgeProcess):
+                    wait_settled(proc, n)
                 try:
                     for _ in range(args.repeat):
                         res[server].append(
@@ -627,9 +641,9 @@ def eager_per_cert(records: list[SiteRecord], keyring: Keyring, sample: int) -> 
     return (time.perf_counter() - started) / len(chosen)
 
 
-def metric(edge: EdgeProcess, name: str) -> float:
-    """A metric of the edge's first worker (0 if absent)."""
-    with socket.create_connection(("127.0.0.1", edge.metrics), timeout=5) as s:
+def metric(edge: EdgeProcess, name: str, port: int | None = None) -> float:
+    """A metric of one of the edge's workers (the first by default; 0 if absent)."""
+    with socket.create_connection(("127.0.0.1", port or edge.metrics), timeout=5) as s:
         s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
         body = b""
         while chunk := s.recv(65536):
@@ -752,6 +766,7 @@ def main() -> None:
             # 1. cold start and first handshakes of not-yet-loaded names
             edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
             start = time_to_first_handshake(edge, ctx, rng.choice(names))
+            wait_settled(edge, n)
             rss_before = edge.rss_kib()
             cold = rng.sample(names, 300)
             first: list[float] = []
@@ -775,6 +790,7 @@ def main() -> None:
 
             edge2 = EdgeProcess(hpke_dir, url, 2, max(n, 10_000))
             time_to_first_handshake(edge2, ctx, names[0])
+            wait_settled(edge2, n)
             edge2.warm(ctx, load_names)  # every name's context in both processes
             rate2, cpu2 = handshake_rate(edge2, ca_pem, load_names, args.clients, args.duration)
             edge2.stop()

@@ -1,16 +1,21 @@
 """What an edge process knows about sites: a small in-memory index, no certificates or keys.
 
-Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution`); the blobs with
-chains and envelopes stay in Redis until a handshake needs one.
+Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution`), or from the local
+mirror (:mod:`edge.mirror`); the blobs with chains and envelopes stay in the mirror until a
+handshake needs one.
 
 Only what the pipeline signed is believed (:mod:`pipeline.signing`). The index's name map is a
 routing hint read at start, before anything is verified: a name leads to a domain, whose signed
-statement is verified when the site is first used (about 0.05 ms, once per version), and the
-name must be one the statement lists. A statement that does not verify, is unsigned, or is
-older than one this edge already accepted for the domain is refused for that domain alone, and
-the last good one stays in use. A domain that disappears from a snapshot goes only with a
-signed tombstone newer than what the edge holds; without one it stays, since deleting is all
-a Redis writer could have done.
+statement is verified when the site is first used (an Ed25519 verification, about 0.1 ms, once
+per statement: a statement byte-for-byte the same as one already accepted is not verified
+again, so a re-read snapshot costs nothing but what changed), and the name must be one the
+statement lists. Nothing is parsed in the background: at 100,000 sites that would be seconds
+of CPU at every start, spent on sites that may never be asked for.
+
+A statement that does not verify, is unsigned, or is older than one this edge already accepted
+for the domain is refused for that domain alone, and the last good one stays in use. A domain
+that disappears from a snapshot goes only with a signed tombstone newer than what the edge
+holds; without one it stays, since deleting is all a Redis writer could have done.
 """
 
 from __future__ import annotations
@@ -100,8 +105,10 @@ class SiteIndex:
         self._unparsed: dict[str, bytes] = {}
         self._signed: dict[str, bytes] = {}
         # The newest statement accepted per domain, kept across snapshots: what "last good"
-        # and "no roll-back" are measured against.
+        # and "no roll-back" are measured against; and a digest of its raw bytes, so that the
+        # same statement met again (a re-read snapshot) is not verified again.
         self._accepted: dict[str, SiteMeta] = {}
+        self._accepted_raw: dict[str, bytes] = {}
         self._listeners: list[ChangeListener] = []
         self.malformed = 0
 
@@ -175,6 +182,7 @@ class SiteIndex:
             return None
         if signed.removed:
             self._accepted.pop(signed.domain, None)
+            self._accepted_raw.pop(signed.domain, None)
             self._drop(signed.domain)
             return None
         meta = SiteMeta.from_signed(signed)
@@ -262,8 +270,14 @@ class SiteIndex:
         if statement.removed:
             self.accept(statement)
             return self._fall_back(domain)
+        seen = _raw_digest(raw_signed)
+        if self._accepted_raw.get(domain) == seen:
+            return self._fall_back(domain)  # the very statement in use: no second verification
         meta = self.accept(statement)
-        return meta if meta is not None else self._fall_back(domain)
+        if meta is None:
+            return self._fall_back(domain)
+        self._accepted_raw[domain] = seen
+        return meta
 
     def _newer(self, signed: SignedSite) -> bool:
         last = self._accepted.get(signed.domain)
@@ -305,6 +319,7 @@ class SiteIndex:
                     del self.names[name]
         self.sites[meta.domain] = meta
         self._accepted[meta.domain] = meta
+        self._accepted_raw.pop(meta.domain, None)  # set again by _parse when it read the raw
         for name in meta.names:
             self.names[name] = meta.domain
         if old is not None and old.content_hash != meta.content_hash:
@@ -327,6 +342,10 @@ class SiteIndex:
     def _changed(self, domain: str) -> None:
         for listener in self._listeners:
             listener(domain)
+
+
+def _raw_digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _index_has_cert(entry: bytes) -> bool:

@@ -80,7 +80,6 @@ class Syncer:
         self.mirror_filled = asyncio.Event()  # set with mirror_complete
         self._prefix = prefix
         self._index = index
-        self._parsing: asyncio.Task[None] | None = None
         self._challenges = challenges
         self._metrics = metrics
         self._reconcile_interval = reconcile_interval
@@ -107,7 +106,6 @@ class Syncer:
         self.version = contents.version
         self.synced_at = contents.synced_at
         self._in_sync_at = time.monotonic() - (time.time() - (contents.synced_at or time.time()))
-        self._parsing = asyncio.create_task(self._parse_in_background())
         self.mirror_complete = True
         self.mirror_filled.set()
         log.info("serving %d sites from the local mirror (version %d) until Redis answers",
@@ -193,8 +191,6 @@ class Syncer:
         if self._index.malformed:
             log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
                       "rewrites them)", self._index.malformed)  # fmt: skip
-        if self._parsing is None or self._parsing.done():
-            self._parsing = asyncio.create_task(self._parse_in_background())
         self._challenges.clear()
         self.version = int(version_raw or 0)
         self._in_sync_at = time.monotonic()
@@ -237,13 +233,6 @@ class Syncer:
         self._in_sync_at = time.monotonic()
         self.synced_at = time.time()
         self.mirror.synced(self.version)
-
-    async def _parse_in_background(self) -> None:
-        # Ready first, parse the rest a slice at a time so handshakes are never held up long.
-        # Each entry is verified as it is parsed (an Ed25519 verification, ~0.1 ms): 25 at a
-        # time keeps a slice to a few milliseconds, so handshakes are never held up long.
-        while self._index.parse_some(25):
-            await asyncio.sleep(0)
 
     async def _follow(
         self, client: redis.asyncio.Redis[Any], pubsub: redis.asyncio.client.PubSub
