@@ -117,13 +117,15 @@ class Mirror:
         """domain -> content hash of the blob held (sites with a blob only)."""
         return dict(self._db.execute("SELECT domain, hash FROM blobs").fetchall())
 
-    def size(self) -> tuple[int, int]:
-        """(sites, bytes on disk)."""
-        (sites,) = self._db.execute("SELECT count(*) FROM sites").fetchone()
+    def sites(self) -> int:
+        (count,) = self._db.execute("SELECT count(*) FROM sites").fetchone()
+        return int(count)
+
+    def bytes_on_disk(self) -> int:
         if self.path is None:
-            return sites, 0
-        total = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
-        return sites, total
+            return 0
+        files = (self.path, Path(f"{self.path}-wal"))
+        return sum(p.stat().st_size for p in files if p.exists())
 
     # ---- writing -----------------------------------------------------------------------------
 

@@ -140,11 +140,6 @@ class SiteIndex:
             self._parse(domain)
         return bool(self._unparsed)
 
-    def all(self) -> list[SiteMeta]:
-        while self.parse_some(10_000):
-            pass
-        return list(self.sites.values())
-
     def domains(self) -> list[str]:
         """Every domain known, parsed or not (nothing is parsed or verified for this)."""
         return [*self.sites, *(d for d in self._unparsed if d not in self.sites)]
