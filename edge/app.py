@@ -34,6 +34,7 @@ from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex
 from edge.sync import Syncer, aclose
 from edge.upstream import KeepAliveHTTPClient, UpstreamPool
+from edge.verifier import Verifier
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
 from pipeline.outbound import OutboundPolicy
@@ -204,7 +205,12 @@ class Edge:
         self.config = config
         self.metrics = m = EdgeMetrics()
         handshakes.install(m)
-        self.index = SiteIndex(config.signers, on_refused=self._refused_site)
+        self.verifier = Verifier(config.signers, m.registry)
+        self.index = SiteIndex(
+            config.signers,
+            on_refused=self._refused_site,
+            on_verified=self.verifier.verified_on_loop.inc,
+        )
         self._refusals_logged: dict[str, tuple[int, str]] = {}
         self._unsigned_log = RateLimitedLog(log, logging.ERROR, 60.0)
         target = config.redis_target or RedisTarget(config.redis_url, config.redis_tls)
@@ -234,6 +240,7 @@ class Edge:
             mirror=self.mirror,
             reconcile_interval=config.reconcile_interval,
             target=target,
+            verifier=self.verifier,
         )
         self.contexts = SiteContexts(
             self.index, keyring, self._blob, ContextCache(config.cache_size, m), m
@@ -390,5 +397,6 @@ class Edge:
         self._resolver.close()
         await aclose(self._async_redis)
         self._first_fill_redis.close()
+        self.verifier.close()
         self.mirror.close()
         handshakes.uninstall(self.metrics)

@@ -8,23 +8,45 @@ on disk. The TLS path reads a site's blob from here (a primary-key lookup in a l
 never from the network; an edge restarted while Redis is down loads its index from here and
 serves at once; a reconnect fetches only the blobs whose content hash changed.
 
+It also remembers which statements this edge has verified (their digest and signer), so a
+restarted edge does not verify them again: the file is the edge's own, on the same disk as its
+private key and trusted signers, and a statement is trusted again only while its signer still
+is.
+
 SQLite, in WAL mode: in the standard library (nothing to install or keep in step on edge
 hosts), one file, crash-safe transactions, and readers never blocked by the writer. One file
-per edge process (``mirror-<i>.sqlite3``): no process ever waits on another's lock on the
-event loop. LMDB was the other candidate; it needs a map size fixed in advance and a binding
-to install, for lookups SQLite already answers in tens of microseconds.
+per edge process (``mirror-<i>.sqlite3``): no process ever waits on another's lock. LMDB was
+the other candidate; it needs a map size fixed in advance and a binding to install, for
+lookups SQLite already answers in tens of microseconds.
+
+Two connections to the file. The event loop's reads a blob for a handshake. Every write goes
+to a thread of its own, in order: writing or comparing 100,000 rows takes seconds, which on the
+event loop would stall every handshake; SQLite releases the GIL while it works. A site changed
+by an event is served from memory until its write is committed, so a handshake never sees the
+index ahead of the blobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
+import shutil
 import sqlite3
+import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["Mirror", "MirrorContents"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Blobs (~9 KiB a site) apart from the small rows a snapshot rewrites: updating an entry in a
 # row that also held its blob rewrote the blob too (23 s for 100,000 sites).
@@ -39,8 +61,15 @@ CREATE TABLE IF NOT EXISTS blobs (
     blob BLOB NOT NULL,  -- SiteRecord JSON: chain and sealed envelope
     hash TEXT NOT NULL   -- content hash of the blob, to fetch only what changed
 );
+CREATE TABLE IF NOT EXISTS trusted (
+    domain TEXT PRIMARY KEY,
+    digest BLOB NOT NULL,  -- of the raw statement whose signature this edge verified
+    signer TEXT NOT NULL   -- the key id that signed it
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+
+_REMOVED = b""  # a pending removal: no blob, whatever the file still holds
 
 
 class MirrorContents:
@@ -52,11 +81,14 @@ class MirrorContents:
         synced_at: float | None,
         index: dict[bytes, bytes],
         signed: dict[bytes, bytes],
+        trusted: dict[str, tuple[bytes, str]] | None = None,
     ) -> None:
         self.version = version
         self.synced_at = synced_at  # epoch seconds of the last sync, None if never
         self.index = index
         self.signed = signed
+        # domain -> (digest of the raw statement verified, its signer's key id)
+        self.trusted = trusted or {}
 
     @property
     def usable(self) -> bool:
@@ -64,141 +96,248 @@ class MirrorContents:
 
 
 class Mirror:
-    """One edge process's mirror. Used only from the event loop's thread."""
+    """One edge process's mirror. Its methods are called from the event loop's thread."""
 
     def __init__(self, path: Path | None, source: str = "") -> None:
-        """``path`` None: an in-memory mirror (nothing survives a restart). ``source`` names
-        the Redis snapshot mirrored (its prefix): a mirror of another is not used."""
+        """``path`` None: a mirror in a temporary directory of its own, removed at close
+        (nothing survives a restart). ``source`` names the Redis snapshot mirrored (its
+        prefix): a mirror of another is not used."""
+        self._scratch: Path | None = None
+        if path is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="certman-edge-mirror-"))
+            path = self._scratch / "mirror.sqlite3"
         self.path = path
+        self.persistent = self._scratch is None
         self.source = source
-        if path is not None:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
-            # database file's permissions.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            os.chmod(path, 0o600)
-        self._db = sqlite3.connect(
-            str(path) if path is not None else ":memory:",
-            isolation_level=None,  # explicit transactions below
-            check_same_thread=False,  # the edge's tests stop it from another thread
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        # database file's permissions.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
+        self._write_db = self._connect()
+        self._write_db.execute("PRAGMA journal_mode=WAL")
         # A commit reaches the WAL without an fsync; a power cut may lose the last changes,
         # which the next sync fetches again. Never a torn database.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._write_db.execute("PRAGMA synchronous=NORMAL")
+        self._write_db.executescript(_SCHEMA)
+        self._read_db = self._connect()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="certman-mirror")
+        # domain -> (sequence, blob or _REMOVED) of writes not yet committed.
+        self._pending: dict[str, tuple[int, bytes]] = {}
+        self._pending_lock = threading.Lock()
+        self._sequence = 0
+        self.write_failures = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            str(self.path),
+            isolation_level=None,  # explicit transactions below
+            check_same_thread=False,  # the writer's connection is opened here, used there
+            timeout=30.0,
+        )
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        self._writer.shutdown(wait=True)
+        for db in (self._read_db, self._write_db):
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
-    # ---- reading ---------------------------------------------------------------------------
+    # ---- reading (the event loop's connection) -----------------------------------------------
 
     def load(self) -> MirrorContents:
-        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        db = self._read_db
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         index: dict[bytes, bytes] = {}
         signed: dict[bytes, bytes] = {}
-        for domain, entry, statement in self._db.execute("SELECT domain, entry, signed FROM sites"):
+        for domain, entry, statement in db.execute("SELECT domain, entry, signed FROM sites"):
             key = domain.encode()
             if entry is not None:
                 index[key] = bytes(entry)
             if statement is not None:
                 signed[key] = bytes(statement)
+        trusted = {
+            domain: (bytes(digest), signer)
+            for domain, digest, signer in db.execute("SELECT domain, digest, signer FROM trusted")
+        }
         synced = meta.get("synced_at") if meta.get("source", "") == self.source else None
         return MirrorContents(
-            int(meta.get("version", 0)), float(synced) if synced else None, index, signed
+            int(meta.get("version", 0)), float(synced) if synced else None, index, signed, trusted
         )
 
     def blob(self, domain: str) -> bytes | None:
-        row = self._db.execute("SELECT blob FROM blobs WHERE domain = ?", (domain,)).fetchone()
+        pending = self._pending.get(domain)
+        if pending is not None:
+            return pending[1] or None
+        row = self._read_db.execute("SELECT blob FROM blobs WHERE domain = ?", (domain,)).fetchone()
         return bytes(row[0]) if row is not None else None
 
-    def hashes(self) -> dict[str, str]:
-        """domain -> content hash of the blob held (sites with a blob only)."""
-        return dict(self._db.execute("SELECT domain, hash FROM blobs").fetchall())
-
     def sites(self) -> int:
-        (count,) = self._db.execute("SELECT count(*) FROM sites").fetchone()
+        (count,) = self._read_db.execute("SELECT count(*) FROM sites").fetchone()
         return int(count)
 
     def bytes_on_disk(self) -> int:
-        if self.path is None:
-            return 0
         files = (self.path, Path(f"{self.path}-wal"))
         return sum(p.stat().st_size for p in files if p.exists())
 
-    # ---- writing -----------------------------------------------------------------------------
+    # ---- writing (the writer's thread) -------------------------------------------------------
+    # The bulk operations are awaited by the sync loop; a change from an event is queued and
+    # served from memory until it is committed.
+
+    async def hashes(self) -> dict[str, str]:
+        """domain -> content hash of the blob held (sites with a blob only)."""
+        return await self._run(
+            lambda: dict(self._write_db.execute("SELECT domain, hash FROM blobs").fetchall())
+        )
+
+    async def put_blobs(self, blobs: list[tuple[str, bytes, str]]) -> None:
+        """Store fetched blobs (domain, blob, content hash), one transaction per call."""
+        await self._run(self._put_blobs, blobs)
+
+    async def replace_index(
+        self, index: Mapping[bytes, bytes], signed: Mapping[bytes, bytes]
+    ) -> None:
+        """Make the mirror's entries and statements those of a snapshot just read (its blobs
+        stored first with put_blobs), dropping sites the snapshot no longer has. The caller
+        must not change ``index`` or ``signed`` until this returns."""
+        await self._run(self._replace_index, index, signed)
 
     def put_site(
         self, domain: str, entry: bytes, signed: bytes | None, blob: bytes, content_hash: str
     ) -> None:
-        with self.transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO sites (domain, entry, signed) VALUES (?, ?, ?)",
-                (domain, entry, signed),
-            )
-            self._db.execute(
-                "INSERT OR REPLACE INTO blobs (domain, blob, hash) VALUES (?, ?, ?)",
-                (domain, blob, content_hash),
-            )
+        sequence = self._hold(domain, blob)
+        self._queue(self._put_site, domain, entry, signed, blob, content_hash, sequence)
 
     def remove_site(self, domain: str, tombstone: bytes | None) -> None:
-        with self.transaction():
-            self._db.execute("DELETE FROM blobs WHERE domain = ?", (domain,))
-            if tombstone is None:
-                self._db.execute("DELETE FROM sites WHERE domain = ?", (domain,))
-            else:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO sites (domain, entry, signed) VALUES (?, NULL, ?)",
-                    (domain, tombstone),
-                )
+        sequence = self._hold(domain, _REMOVED)
+        self._queue(self._remove_site, domain, tombstone, sequence)
 
-    def put_blobs(self, blobs: Iterable[tuple[str, bytes, str]]) -> None:
-        """Store fetched blobs (domain, blob, content hash), one transaction per call."""
-        with self.transaction():
-            self._db.executemany(
+    def trust(self, rows: Iterable[tuple[str, bytes, str]]) -> None:
+        """Remember verified statements: (domain, digest of the raw statement, signer)."""
+        self._queue(self._trust, list(rows))
+
+    def synced(self, version: int) -> None:
+        """The mirror now matches Redis at ``version`` (after every write queued before)."""
+        self._queue(self._synced, version, time.time())
+
+    async def flush(self) -> None:
+        """Wait for every write queued so far."""
+        await self._run(lambda: None)
+
+    # ---- the writer's thread -----------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.wrap_future(self._writer.submit(fn, *args))
+
+    def _queue(self, fn: Callable[..., None], *args: object) -> None:
+        self._writer.submit(fn, *args).add_done_callback(self._report)
+
+    def _report(self, future: Future[None]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            # A mirror behind is caught up by the next snapshot; the edge serves on.
+            self.write_failures += 1
+            log.error("local mirror write failed: %s", exc)
+
+    def _hold(self, domain: str, blob: bytes) -> int:
+        with self._pending_lock:
+            self._sequence += 1
+            self._pending[domain] = (self._sequence, blob)
+            return self._sequence
+
+    def _release(self, domain: str, sequence: int) -> None:
+        with self._pending_lock:
+            held = self._pending.get(domain)
+            if held is not None and held[0] == sequence:
+                del self._pending[domain]
+
+    def _put_site(
+        self,
+        domain: str,
+        entry: bytes,
+        signed: bytes | None,
+        blob: bytes,
+        content_hash: str,
+        sequence: int,
+    ) -> None:
+        try:
+            with self._transaction():
+                self._write_db.execute(
+                    "INSERT OR REPLACE INTO sites (domain, entry, signed) VALUES (?, ?, ?)",
+                    (domain, entry, signed),
+                )
+                self._write_db.execute(
+                    "INSERT OR REPLACE INTO blobs (domain, blob, hash) VALUES (?, ?, ?)",
+                    (domain, blob, content_hash),
+                )
+        finally:
+            self._release(domain, sequence)
+
+    def _remove_site(self, domain: str, tombstone: bytes | None, sequence: int) -> None:
+        db = self._write_db
+        try:
+            with self._transaction():
+                db.execute("DELETE FROM blobs WHERE domain = ?", (domain,))
+                db.execute("DELETE FROM trusted WHERE domain = ?", (domain,))
+                if tombstone is None:
+                    db.execute("DELETE FROM sites WHERE domain = ?", (domain,))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO sites (domain, entry, signed) VALUES (?, NULL, ?)",
+                        (domain, tombstone),
+                    )
+        finally:
+            self._release(domain, sequence)
+
+    def _put_blobs(self, blobs: list[tuple[str, bytes, str]]) -> None:
+        with self._transaction():
+            self._write_db.executemany(
                 "INSERT OR REPLACE INTO blobs (domain, blob, hash) VALUES (?, ?, ?)", blobs
             )
 
-    def replace_index(self, index: Mapping[bytes, bytes], signed: Mapping[bytes, bytes]) -> None:
-        """Make the mirror's entries and statements those of a snapshot just read (its blobs
-        stored first with put_blobs), dropping sites the snapshot no longer has. Only the rows
-        that differ are written, so a re-read snapshot with few changes costs a read of the
-        small rows (under half a second at 100,000 sites). One transaction; a site whose blob
-        and statement disagree after a crash between the two is refused by the digest check
-        until the next sync, never served wrong."""
+    def _replace_index(self, index: Mapping[bytes, bytes], signed: Mapping[bytes, bytes]) -> None:
+        # Only the rows that differ are written, so a re-read snapshot with few changes costs a
+        # read of the small rows. One transaction; a site whose blob and statement disagree
+        # after a crash between the two is refused by the digest check until the next sync,
+        # never served wrong.
         wanted = {
             raw.decode("utf-8", "replace"): (index.get(raw), signed.get(raw))
             for raw in index.keys() | signed.keys()
         }
         held = {
             domain: (bytes(e) if e is not None else None, bytes(s) if s is not None else None)
-            for domain, e, s in self._db.execute("SELECT domain, entry, signed FROM sites")
+            for domain, e, s in self._write_db.execute("SELECT domain, entry, signed FROM sites")
         }
         gone = [(d,) for d in held.keys() - wanted.keys()]
         changed = [(d, e, s) for d, (e, s) in wanted.items() if held.get(d) != (e, s)]
         if not gone and not changed:
             return
-        with self.transaction():
-            self._db.executemany("DELETE FROM sites WHERE domain = ?", gone)
-            self._db.executemany("DELETE FROM blobs WHERE domain = ?", gone)
-            self._db.executemany(
+        with self._transaction():
+            for table in ("sites", "blobs", "trusted"):
+                self._write_db.executemany(f"DELETE FROM {table} WHERE domain = ?", gone)
+            self._write_db.executemany(
                 "INSERT OR REPLACE INTO sites (domain, entry, signed) VALUES (?, ?, ?)", changed
             )
 
-    def synced(self, version: int) -> None:
-        """The mirror now matches Redis at ``version``."""
-        self._db.executemany(
+    def _trust(self, rows: list[tuple[str, bytes, str]]) -> None:
+        with self._transaction():
+            self._write_db.executemany(
+                "INSERT OR REPLACE INTO trusted (domain, digest, signer) VALUES (?, ?, ?)", rows
+            )
+
+    def _synced(self, version: int, at: float) -> None:
+        self._write_db.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            [("version", str(version)), ("synced_at", repr(time.time())), ("source", self.source)],
+            [("version", str(version)), ("synced_at", repr(at)), ("source", self.source)],
         )
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN")
+    def _transaction(self) -> Iterator[None]:
+        self._write_db.execute("BEGIN")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._write_db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self._write_db.execute("COMMIT")

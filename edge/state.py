@@ -6,11 +6,12 @@ handshake needs one.
 
 Only what the pipeline signed is believed (:mod:`pipeline.signing`). The index's name map is a
 routing hint read at start, before anything is verified: a name leads to a domain, whose signed
-statement is verified when the site is first used (an Ed25519 verification, about 0.1 ms, once
-per statement: a statement byte-for-byte the same as one already accepted is not verified
-again, so a re-read snapshot costs nothing but what changed), and the name must be one the
-statement lists. Nothing is parsed in the background: at 100,000 sites that would be seconds
-of CPU at every start, spent on sites that may never be asked for.
+statement is checked when the site is first used, and the name must be one the statement lists.
+Signatures are verified ahead of that first use on a thread of their own (:mod:`edge.verifier`),
+and remembered by the digest of the raw statement (here and in the local mirror), so the first
+handshake of a name usually only parses its statement; one that comes before the verifier got
+there verifies it itself. A statement byte-for-byte the same as the one in use is not even
+parsed again, so a re-read snapshot costs only what changed.
 
 A statement that does not verify, is unsigned, or is older than one this edge already accepted
 for the domain is refused for that domain alone, and the last good one stays in use. A domain
@@ -21,11 +22,11 @@ holds; without one it stays, since deleting is all a Redis writer could have don
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
+from edge.verifier import Pending, raw_digest
 from pipeline.distribution import SiteRecord, parse_index_entry
 from pipeline.signing import BadSignature, SignedSite, TrustedSigners
 
@@ -92,14 +93,22 @@ def _log_refusal(domain: str, kind: str, detail: str, version: int) -> None:
 class SiteIndex:
     """domain -> SiteMeta and name -> domain; mutated only on the event loop's thread.
 
-    A snapshot's entries are parsed (and verified) when first needed (a lookup, an event, the
-    background pass started after each snapshot): at start only each entry's names are read,
-    which is what keeps an edge with 100,000 sites ready in under a second.
+    A snapshot's entries are parsed when first needed (a lookup, an event): at start only each
+    entry's names are read, which is what keeps an edge with 100,000 sites ready in under a
+    second.
     """
 
-    def __init__(self, signers: TrustedSigners, on_refused: RefusalListener = _log_refusal) -> None:
+    def __init__(
+        self,
+        signers: TrustedSigners,
+        on_refused: RefusalListener = _log_refusal,
+        on_verified: Callable[[], None] = lambda: None,
+    ) -> None:
         self._signers = signers
         self._on_refused = on_refused
+        # Called for every signature verified here, on the event loop (what the verifier's
+        # thread did not get to first).
+        self._on_verified = on_verified
         self.sites: dict[str, SiteMeta] = {}
         self.names: dict[str, str] = {}
         self._unparsed: dict[str, bytes] = {}
@@ -109,6 +118,9 @@ class SiteIndex:
         # same statement met again (a re-read snapshot) is not verified again.
         self._accepted: dict[str, SiteMeta] = {}
         self._accepted_raw: dict[str, bytes] = {}
+        # domain -> digest of a raw statement whose signature is known good (verified ahead
+        # by edge.verifier, or by this edge before a restart), not yet necessarily accepted.
+        self._trusted: dict[str, bytes] = {}
         self._listeners: list[ChangeListener] = []
         self.malformed = 0
 
@@ -134,15 +146,32 @@ class SiteIndex:
             meta = self._parse(domain)
         return meta
 
-    def parse_some(self, limit: int) -> bool:
-        """Parse up to ``limit`` waiting entries; True while some are left."""
-        for domain in list(itertools.islice(self._unparsed, limit)):
-            self._parse(domain)
-        return bool(self._unparsed)
-
     def domains(self) -> list[str]:
         """Every domain known, parsed or not (nothing is parsed or verified for this)."""
         return [*self.sites, *(d for d in self._unparsed if d not in self.sites)]
+
+    def unverified(self) -> list[Pending]:
+        """The statements of sites not yet used, with the digest already known good for each
+        (if any): what :class:`edge.verifier.Verifier` should look at."""
+        signed = self._signed
+        known = self._trusted
+        return [
+            (domain, signed[domain], known.get(domain) or self._accepted_raw.get(domain))
+            for domain in self._unparsed
+            if domain in signed
+        ]
+
+    def trust(self, verified: Iterable[tuple[str, bytes]]) -> None:
+        """Statements (domain, raw digest) whose signatures are known good."""
+        self._trusted.update(verified)
+
+    def trust_remembered(self, remembered: Mapping[str, tuple[bytes, str]]) -> None:
+        """Statements this edge verified before (domain -> (raw digest, signer)), of signers
+        it still trusts: a key retired since is not believed for having been once."""
+        current = self._signers.key_ids
+        self._trusted.update(
+            (domain, digest) for domain, (digest, signer) in remembered.items() if signer in current
+        )
 
     def certificates_known(self) -> int:
         """Sites with a certificate, parsed ones by their statement, the rest by the index's
@@ -160,15 +189,19 @@ class SiteIndex:
 
     # ---- changes -----------------------------------------------------------------------------
 
-    def accept(self, signed: SignedSite, record: SiteRecord | None = None) -> SiteMeta | None:
-        """Verify ``signed`` (from an event, with the record it came with) and apply it;
-        None (refused, reported) if it does not verify, is not newer, or ``record`` carries
-        something else than it says."""
-        try:
-            self._signers.verify_site(signed)
-        except BadSignature as exc:
-            self._refuse(signed.domain, exc.kind, str(exc), signed.version)
-            return None
+    def accept(
+        self, signed: SignedSite, record: SiteRecord | None = None, *, verified: bool = False
+    ) -> SiteMeta | None:
+        """Verify ``signed`` (from an event, with the record it came with; ``verified``: its
+        signature is known good already) and apply it; None (refused, reported) if it does
+        not verify, is not newer, or ``record`` carries something else than it says."""
+        if not verified:
+            self._on_verified()
+            try:
+                self._signers.verify_site(signed)
+            except BadSignature as exc:
+                self._refuse(signed.domain, exc.kind, str(exc), signed.version)
+                return None
         if record is not None and (record.domain != signed.domain or not record.matches(signed)):
             detail = "the record differs from what was signed"
             self._refuse(signed.domain, "mismatch", detail, signed.version)
@@ -236,7 +269,8 @@ class SiteIndex:
             return False
         if not statement.removed or statement.domain != domain:
             return False
-        return self.accept(statement) is None and domain not in self._accepted
+        verified = self._trusted.get(domain) == raw_digest(raw)
+        return self.accept(statement, verified=verified) is None and domain not in self._accepted
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -253,6 +287,9 @@ class SiteIndex:
             detail = "unsigned (run `certman snapshot resync` on the pipeline)"
             self._refuse(domain, "unsigned", detail, 0)
             return self._fall_back(domain)
+        seen = raw_digest(raw_signed)
+        if self._accepted_raw.get(domain) == seen:
+            return self._fall_back(domain)  # the very statement in use: nothing to check again
         try:
             statement = SignedSite.from_json(raw_signed)
         except BadSignature as exc:
@@ -262,13 +299,11 @@ class SiteIndex:
             detail = f"the statement filed under it is for {statement.domain}"
             self._refuse(domain, "misfiled", detail, statement.version)
             return self._fall_back(domain)
+        verified = self._trusted.get(domain) == seen
         if statement.removed:
-            self.accept(statement)
+            self.accept(statement, verified=verified)
             return self._fall_back(domain)
-        seen = _raw_digest(raw_signed)
-        if self._accepted_raw.get(domain) == seen:
-            return self._fall_back(domain)  # the very statement in use: no second verification
-        meta = self.accept(statement)
+        meta = self.accept(statement, verified=verified)
         if meta is None:
             return self._fall_back(domain)
         self._accepted_raw[domain] = seen
@@ -337,10 +372,6 @@ class SiteIndex:
     def _changed(self, domain: str) -> None:
         for listener in self._listeners:
             listener(domain)
-
-
-def _raw_digest(raw: bytes) -> bytes:
-    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _index_has_cert(entry: bytes) -> bool:

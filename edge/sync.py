@@ -39,6 +39,7 @@ from edge.metrics import EdgeMetrics
 from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex
+from edge.verifier import BATCH, Verifier, raw_digest
 from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
 from pipeline.redis_connect import RedisTarget, async_client
 from pipeline.signing import SignedChallenge, SignedSite
@@ -70,6 +71,7 @@ class Syncer:
         reconcile_interval: float = 5.0,
         max_backoff: float = 5.0,
         target: RedisTarget | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self._target = target or RedisTarget(redis_url)
         self.mirror = mirror if mirror is not None else Mirror(None)
@@ -78,6 +80,8 @@ class Syncer:
         # a handshake may fetch its blob from Redis (see Edge._blob).
         self.mirror_complete = False
         self.mirror_filled = asyncio.Event()  # set with mirror_complete
+        self._verifier = verifier
+        self._verifying: asyncio.Task[None] | None = None
         self._prefix = prefix
         self._index = index
         self._challenges = challenges
@@ -102,7 +106,9 @@ class Syncer:
         contents = self.mirror.load()
         if not contents.usable:
             return False
+        self._index.trust_remembered(contents.trusted)
         self._index.load_snapshot(contents.index, contents.signed)
+        self._verify_ahead()
         self.version = contents.version
         self.synced_at = contents.synced_at
         self._in_sync_at = time.monotonic() - (time.time() - (contents.synced_at or time.time()))
@@ -118,6 +124,13 @@ class Syncer:
         return 0.0 if self.connected else time.monotonic() - self._in_sync_at
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._verifying is not None:
+                self._verifying.cancel()
+
+    async def _run(self) -> None:
         backoff = 0.05
         self.start_from_mirror()
         while True:
@@ -171,7 +184,7 @@ class Syncer:
         # Otherwise the blobs that changed first, so the index never names content the
         # mirror lacks.
         fetched = await self._fetch_changed_blobs(client, raw_index)
-        self.mirror.replace_index(raw_index, raw_signed)
+        await self.mirror.replace_index(raw_index, raw_signed)
         if not first_fill:
             self._load(raw_index, raw_signed, version_raw, cause)
         self.mirror_complete = True
@@ -198,13 +211,36 @@ class Syncer:
         # Subscribed, and the snapshot loaded: in sync, even while blobs are being fetched.
         self.connected = True
         self.ready.set()
+        self._verify_ahead()
+
+    def _verify_ahead(self) -> None:
+        """Verify, on the verifier's thread, every statement of the snapshot just loaded that
+        is not known good yet (a newer snapshot starts over)."""
+        if self._verifier is None:
+            return
+        if self._verifying is not None:
+            self._verifying.cancel()
+        self._verifying = asyncio.create_task(self._verify_pending(self._verifier))
+
+    async def _verify_pending(self, verifier: Verifier) -> None:
+        pending = self._index.unverified()
+        verifier.pending.set(len(pending))
+        try:
+            for i in range(0, len(pending), BATCH):
+                good = await verifier.verify(pending[i : i + BATCH])
+                self._index.trust((domain, digest) for domain, digest, _ in good)
+                self.mirror.trust(good)
+                verifier.pending.set(max(0, len(pending) - i - BATCH))
+        except Exception:
+            # Nothing is lost: an unverified statement is verified at its first use.
+            self._failure_log.exception("verifying ahead failed; statements wait for first use")
 
     async def _fetch_changed_blobs(
         self, client: redis.asyncio.Redis[Any], raw_index: Mapping[bytes, bytes]
     ) -> int:
         """Fetch into the mirror the blobs of sites with a certificate whose content hash it
         lacks, 500 at a time (a first fill of 100,000 never sits in memory at once)."""
-        held = self.mirror.hashes()
+        held = await self.mirror.hashes()
         wanted: list[tuple[str, str]] = []
         for raw_domain, entry in raw_index.items():
             head = entry.split(b"\t", 2)
@@ -223,7 +259,7 @@ class Syncer:
                 for (domain, digest), blob in zip(batch, blobs, strict=True)
                 if blob is not None
             ]
-            self.mirror.put_blobs(found)
+            await self.mirror.put_blobs(found)
             fetched += len(found)
             self._metrics.mirror_fetched.inc(len(found))
             await asyncio.sleep(0)  # handshakes in between
@@ -310,13 +346,18 @@ class Syncer:
             if record.signed is None:
                 self._index.refuse_unsigned(record.domain)
             elif self._index.accept(record.signed, record) is not None:
+                raw = record.signed.to_json().encode()
                 self.mirror.put_site(
                     record.domain,
                     index_entry(record).encode(),
-                    record.signed.to_json().encode(),
+                    raw,
                     record.to_json().encode(),
                     content_hash(record),
                 )
+                # Verified just now: a restart, or the next snapshot, need not verify it again.
+                verified = (record.domain, raw_digest(raw), record.signed.signer)
+                self._index.trust([verified[:2]])
+                self.mirror.trust([verified])
         else:
             domain, tombstone = event["domain"], event.get("tombstone")
             if not isinstance(domain, str):

@@ -120,6 +120,37 @@ def test_a_change_reaches_the_mirror_and_only_it_is_fetched(
     wait_for(lambda: serial_of(again.peer_cert("m3.test")) == renewed.serial, what="renewal served")
 
 
+def test_signatures_are_verified_ahead_of_first_use_and_not_again_after_a_restart(
+    tmp_path: Path,
+    own_redis: RedisServer,
+    sites: Sites,
+    upstream: str,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    mirror = tmp_path / "mirror.sqlite3"
+    serials = _published(own_redis, sites, upstream)
+    first = _edge(start_edge, own_redis, mirror)
+    first.wait_ready()
+    wait_for(
+        lambda: "certman_edge_signatures_verified_ahead_total 9.0" in first.metrics(),
+        what="every statement verified on the verifier's thread",
+    )
+    assert "certman_edge_signatures_pending 0.0" in first.metrics()
+    for name in NAMES:
+        assert serial_of(first.peer_cert(name)) == serials[name]
+    assert "certman_edge_signatures_verified_on_loop_total 0.0" in first.metrics()
+    first.stop()
+    again = _edge(start_edge, own_redis, mirror)
+    again.wait_ready()
+    wait_for(lambda: "certman_edge_sync_connected 1.0" in again.metrics(), what="in sync")
+    for name in NAMES:
+        assert serial_of(again.peer_cert(name)) == serials[name]
+    text = again.metrics()
+    # Remembered in the mirror: not one signature verified again, ahead or on first use.
+    assert "certman_edge_signatures_verified_ahead_total 0.0" in text
+    assert "certman_edge_signatures_verified_on_loop_total 0.0" in text
+
+
 def test_health_tells_not_ready_from_stale(
     tmp_path: Path, own_redis: RedisServer, start_edge: Callable[..., RunningEdge]
 ) -> None:

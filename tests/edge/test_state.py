@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from edge.state import SiteIndex
+from edge.verifier import raw_digest
 from pipeline.distribution import SiteRecord, index_entry
 from pipeline.signing import SignedSite, SigningKey, TrustedSigners
 
@@ -96,14 +97,6 @@ def test_malformed_entries_are_skipped_and_counted(index: SiteIndex) -> None:
     assert index.certificates_known() == 1
 
 
-def test_parsing_in_slices_reaches_every_entry(index: SiteIndex) -> None:
-    index.load_snapshot(*snapshot(*(record(f"s{i}.test") for i in range(25))))
-    slices = 0
-    while index.parse_some(10):
-        slices += 1
-    assert slices == 2 and len(index.sites) == 25
-
-
 # ---- what a Redis writer cannot do -------------------------------------------------------------
 
 
@@ -178,3 +171,66 @@ def test_a_site_leaves_only_with_a_signed_tombstone(index: SiteIndex) -> None:
     tombstone = SIGNER.sign_site(SignedSite("a.test", 4, removed=True))
     index.load_snapshot({}, {b"a.test": tombstone.to_json().encode()})
     assert index.lookup("a.test") is None
+
+
+# ---- signatures verified ahead of use ------------------------------------------------------------
+
+
+def _raw(rec: SiteRecord) -> bytes:
+    assert rec.signed is not None
+    return rec.signed.to_json().encode()
+
+
+def test_a_statement_verified_ahead_is_accepted_without_a_second_verification(
+    refusals: list[tuple[str, str]],
+) -> None:
+    on_loop: list[None] = []
+    index = SiteIndex(
+        TrustedSigners.of([SIGNER.public_key()]), on_verified=lambda: on_loop.append(None)
+    )
+    ahead, later = record("ahead.test"), record("later.test")
+    index.load_snapshot(*snapshot(ahead, later))
+    assert [d for d, _, known in index.unverified() if known is None] == [
+        "ahead.test",
+        "later.test",
+    ]
+    index.trust([("ahead.test", raw_digest(_raw(ahead)))])
+    assert index.lookup("ahead.test") is not None
+    assert on_loop == []  # parsed only
+    assert index.lookup("later.test") is not None
+    assert len(on_loop) == 1  # the verifier had not got there: verified on first use
+
+
+def test_trust_is_bound_to_the_exact_bytes_verified(
+    index: SiteIndex, refusals: list[tuple[str, str]]
+) -> None:
+    genuine = record("a.test", upstream="http://10.0.0.1")
+    assert genuine.signed is not None
+    steered = replace(genuine.signed, upstream="http://10.6.6.6")
+    index.trust([("a.test", raw_digest(_raw(genuine)))])
+    raw_index, raw_signed = snapshot(genuine)
+    raw_signed[b"a.test"] = steered.to_json().encode()
+    index.load_snapshot(raw_index, raw_signed)
+    assert index.lookup("a.test") is None
+    assert refusals == [("a.test", "bad_signature")]
+
+
+def test_a_statement_remembered_as_verified_is_not_believed_once_its_signer_is_retired(
+    index: SiteIndex, refusals: list[tuple[str, str]]
+) -> None:
+    retired = SigningKey.generate()
+    old = record("a.test", signer=retired)
+    remembered = {"a.test": (raw_digest(_raw(old)), retired.key_id)}
+    index.trust_remembered(remembered)
+    index.load_snapshot(*snapshot(old))
+    assert index.lookup("a.test") is None
+    assert refusals == [("a.test", "untrusted_signer")]
+    # The same memory with a signer still trusted is believed without verifying again.
+    current = record("b.test")
+    on_loop: list[None] = []
+    fresh = SiteIndex(
+        TrustedSigners.of([SIGNER.public_key()]), on_verified=lambda: on_loop.append(None)
+    )
+    fresh.trust_remembered({"b.test": (raw_digest(_raw(current)), SIGNER.key_id)})
+    fresh.load_snapshot(*snapshot(current))
+    assert fresh.lookup("b.test") is not None and on_loop == []
