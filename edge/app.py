@@ -18,7 +18,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import tornado.web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from tornado.httpserver import HTTPServer
 from tornado.log import access_log
 
@@ -104,14 +104,33 @@ def make_site_app(
             (r"/\.well-known/acme-challenge/([^/]+)", ChallengeHandler, {"challenges": challenges})
         )
     routes.append((r".*", SiteHandler, {"settings": proxy, "scheme": scheme}))
-    return tornado.web.Application(routes, log_function=log_request)
+    return tornado.web.Application(
+        routes, log_function=RequestLog(proxy.metrics.request_counters(scheme))
+    )
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
+class RequestLog:
+    """The site ports' ``log_function``, which Tornado calls once per answered request of any
+    handler (the proxy, challenges, its own errors): counts it by status class, then logs it."""
+
+    __slots__ = ("_counters",)
+
+    def __init__(self, counters: tuple[Counter, ...]) -> None:
+        self._counters = counters  # indexed by status // 100, 0 for anything out of range
+
+    def __call__(self, handler: tornado.web.RequestHandler) -> None:
+        status = handler.get_status()
+        klass = status // 100
+        self._counters[klass if 0 < klass < 6 else 0].inc()
+        log_request(handler, status)
+
+
+def log_request(handler: tornado.web.RequestHandler, status: int | None = None) -> None:
     """Tornado's access log line, but a 4xx (the site's or its client's answer, passed through)
     is INFO like any other answer rather than an edge WARNING; a 5xx stays an ERROR. So
     ``--log-level WARNING`` really turns per-request logging off."""
-    status = handler.get_status()
+    if status is None:
+        status = handler.get_status()
     level = logging.ERROR if status >= 500 else logging.INFO
     if access_log.isEnabledFor(level):
         req = handler.request
@@ -294,7 +313,10 @@ class Edge:
             "max_header_size": 2 * self.config.max_header_size,
         }
         plain = HTTPServer(make_site_app(proxy, "http", self.challenges), **options)
-        tls = HTTPServer(make_site_app(proxy, "https", None), ssl_options=self.listening, **options)
+        tls = handshakes.TimedTLSServer(
+            make_site_app(proxy, "https", None), ssl_options=self.listening, **options
+        )
+        tls.on_handshake = self.metrics.handshake_seconds.observe
         sync_task = asyncio.create_task(self.syncer.run(), name="certman-sync")
         self._tasks.append(sync_task)
         health = Health(self.syncer, self.config.sync_down_limit, sync_task)

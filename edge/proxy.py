@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -179,6 +180,7 @@ class SiteHandler(tornado.web.RequestHandler):
         self._retried = False
         self._cancelled = False
         self._body_received = 0
+        self._upstream_started = 0.0
 
     def compute_etag(self) -> str | None:
         return None  # the upstream's ETag (if any) passes through untouched
@@ -289,6 +291,7 @@ class SiteHandler(tornado.web.RequestHandler):
 
     def _send_upstream(self) -> None:
         assert self._upstream is not None
+        self._upstream_started = time.perf_counter()
         fetch = self._cfg.client.fetch(self._upstream, raise_error=False)
         self._fetch = asyncio.ensure_future(fetch)
         self._fetch.add_done_callback(self._upstream_done)
@@ -355,6 +358,8 @@ class SiteHandler(tornado.web.RequestHandler):
         if line != "\r\n":
             self._pending_headers.append(line)
             return
+        if not self._response_started:
+            self._cfg.metrics.upstream_seconds.observe(time.perf_counter() - self._upstream_started)
         first, *lines = self._pending_headers
         self._pending_headers = []
         start = httputil.parse_response_start_line(first.strip())

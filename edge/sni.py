@@ -40,12 +40,15 @@ __all__ = [
     "SiteUnavailable",
     "SniSelector",
     "sni_name",
+    "sni_started",
 ]
 
 log = logging.getLogger(__name__)
 
 # Where the SNI callback leaves the name it matched, for the 421 check in the HTTP layer.
 _SNI_ATTR = "certman_sni_name"
+# And when it started (time.perf_counter()), for the handshake duration (edge.handshakes).
+_STARTED_ATTR = "certman_sni_started"
 
 # Fetches a site's blob from Redis; None when the site is gone, raises when Redis is unreachable.
 BlobFetcher = Callable[[str], "bytes | None"]
@@ -271,6 +274,7 @@ class SniSelector:
     def __call__(
         self, sslobj: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
     ) -> int | None:
+        started = time.perf_counter()
         outcome = self._metrics.handshakes.labels
         if not server_name:
             outcome("no_sni").inc()
@@ -301,6 +305,7 @@ class SniSelector:
             return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         sslobj.context = ctx
         setattr(sslobj, _SNI_ATTR, name)
+        setattr(sslobj, _STARTED_ATTR, started)
         self._ok.inc()
         return None
 
@@ -323,3 +328,10 @@ def sni_name(sock: object) -> str | None:
     """The name the SNI callback matched on this connection's socket, if any."""
     value = getattr(sock, _SNI_ATTR, None)
     return value if isinstance(value, str) else None
+
+
+def sni_started(sock: object) -> float | None:
+    """When the SNI callback started on this connection's socket (``time.perf_counter()``),
+    if it accepted the name."""
+    value = getattr(sock, _STARTED_ATTR, None)
+    return value if isinstance(value, float) else None
