@@ -17,6 +17,10 @@ session offered, ``GET /`` with ``Connection: close``, response read to EOF) ove
 first against each server with one core (edge: 1 process; Caddy: GOMAXPROCS=1), then two. CPU
 is utime+stime from /proc of every server process (all threads), and the client's own CPU is
 reported too: on 2 cores the client, not the server, is usually what saturates.
+
+``--mirror`` (or ``--mirror-only``) adds the local mirror: its first fill and size, handshake
+latency under load with Redis answering and then frozen (SIGSTOP) for 10 s, and an edge
+restarted during the outage: how soon it serves, and how many known sites.
 """
 
 from __future__ import annotations
@@ -798,6 +802,7 @@ def main() -> None:
     parser.add_argument(
         "--mirror", action="store_true", help="the local mirror: fill, size, Redis frozen"
     )
+    parser.add_argument("--mirror-only", action="store_true")
     parser.add_argument("--keepalive-conns", type=int, default=24)
     parser.add_argument("--names", type=int, default=1000, help="names in side-by-side load")
     parser.add_argument("--repeat", type=int, default=2, help="runs per side-by-side config")
@@ -834,7 +839,7 @@ def main() -> None:
         snapshot_read = time.perf_counter() - t
         on_use, ahead = verification_cost(trusted, raw_index, raw_signed)
 
-        if not (args.caddy_only or args.keepalive_only):
+        if not (args.caddy_only or args.keepalive_only or args.mirror_only):
             # 1. cold start and first handshakes of not-yet-loaded names
             edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
             start = time_to_first_handshake(edge, ctx, rng.choice(names))
@@ -902,7 +907,7 @@ def main() -> None:
             rows += side_by_side(hpke_dir, url, n, hpke, load_names, ca_pem, args)
         if args.keepalive or args.keepalive_only:
             rows += proxy_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
-        if args.mirror:
+        if args.mirror or args.mirror_only:
             rows += mirror_rows(server, hpke_dir, url, n, names, ctx, ca_pem, args.clients)
     finally:
         for proc in LIVE:  # servers left running by a failed measurement
