@@ -126,6 +126,7 @@ class Mirror:
         self._pending: dict[str, tuple[int, bytes]] = {}
         self._pending_lock = threading.Lock()
         self._sequence = 0
+        self._closing = False
         self.write_failures = 0
 
     def _connect(self) -> sqlite3.Connection:
@@ -137,6 +138,7 @@ class Mirror:
         )
 
     def close(self) -> None:
+        self._closing = True  # a fill in progress stops at its next batch
         self._writer.shutdown(wait=True)
         for db in (self._read_db, self._write_db):
             with contextlib.suppress(sqlite3.Error):
@@ -185,15 +187,19 @@ class Mirror:
     # The bulk operations are awaited by the sync loop; a change from an event is queued and
     # served from memory until it is committed.
 
-    async def hashes(self) -> dict[str, str]:
-        """domain -> content hash of the blob held (sites with a blob only)."""
-        return await self._run(
-            lambda: dict(self._write_db.execute("SELECT domain, hash FROM blobs").fetchall())
-        )
-
-    async def put_blobs(self, blobs: list[tuple[str, bytes, str]]) -> None:
-        """Store fetched blobs (domain, blob, content hash), one transaction per call."""
-        await self._run(self._put_blobs, blobs)
+    async def fetch_missing(
+        self,
+        index: Mapping[bytes, bytes],
+        fetch: Callable[[list[str]], list[bytes | None]],
+        fetched: Callable[[int], object],
+    ) -> int:
+        """Fetch with ``fetch`` (domains -> their blobs, None for one gone) and store the blobs
+        of the sites of ``index`` with a certificate whose content hash the mirror lacks, 500
+        at a time (a first fill of 100,000 never sits in memory at once); ``fetched`` is told
+        each batch's count. All of it on the writer's thread, network included: a first fill
+        of 100,000 blobs is half a gigabyte to parse. The caller must not change ``index``
+        until this returns."""
+        return await self._run(self._fetch_missing, index, fetch, fetched)
 
     async def replace_index(
         self, index: Mapping[bytes, bytes], signed: Mapping[bytes, bytes]
@@ -289,6 +295,38 @@ class Mirror:
                     )
         finally:
             self._release(domain, sequence)
+
+    def _fetch_missing(
+        self,
+        index: Mapping[bytes, bytes],
+        fetch: Callable[[list[str]], list[bytes | None]],
+        fetched: Callable[[int], object],
+    ) -> int:
+        held = dict(self._write_db.execute("SELECT domain, hash FROM blobs").fetchall())
+        wanted: list[tuple[str, str]] = []
+        for raw_domain, entry in index.items():
+            head = entry.split(b"\t", 2)
+            if len(head) < 3 or head[1] != b"1":
+                continue
+            domain = raw_domain.decode("utf-8", "replace")
+            digest = head[0].decode("ascii", "replace")
+            if held.get(domain) != digest:
+                wanted.append((domain, digest))
+        count = 0
+        for i in range(0, len(wanted), 500):
+            if self._closing:
+                break
+            batch = wanted[i : i + 500]
+            blobs = fetch([domain for domain, _ in batch])
+            found = [
+                (domain, bytes(blob), digest)
+                for (domain, digest), blob in zip(batch, blobs, strict=True)
+                if blob is not None
+            ]
+            self._put_blobs(found)
+            count += len(found)
+            fetched(len(found))
+        return count
 
     def _put_blobs(self, blobs: list[tuple[str, bytes, str]]) -> None:
         with self._transaction():

@@ -30,12 +30,21 @@ from edge.verifier import Pending, raw_digest
 from pipeline.distribution import SiteRecord, parse_index_entry
 from pipeline.signing import BadSignature, SignedSite, TrustedSigners
 
-__all__ = ["RefusalListener", "SiteIndex", "SiteMeta", "normalize_host"]
+__all__ = ["RefusalListener", "SiteIndex", "SiteMeta", "Snapshot", "normalize_host"]
 
 log = logging.getLogger(__name__)
 
 # distribution.content_hash of a record without a certificate.
 _NO_CERTIFICATE = hashlib.sha256(b"\x00").hexdigest()[:16]
+
+
+class Snapshot(NamedTuple):
+    """A snapshot read and prepared for :meth:`SiteIndex.install` (see there)."""
+
+    names: dict[str, str]  # name -> domain, unverified
+    unparsed: dict[str, bytes]  # domain -> index entry
+    signed: dict[str, bytes]  # domain -> raw signed statement
+    malformed: int
 
 
 class SiteMeta(NamedTuple):
@@ -224,9 +233,15 @@ class SiteIndex:
     def load_snapshot(
         self, raw_index: Mapping[bytes, bytes], raw_signed: Mapping[bytes, bytes]
     ) -> None:
-        """Swap in a whole snapshot (``P:index`` and ``P:signed``), telling listeners about
-        every certificate that differs from one already in use. Malformed index entries are
-        skipped and counted; sites missing without a signed tombstone are kept."""
+        """Swap in a whole snapshot (``P:index`` and ``P:signed``): :meth:`prepare` then
+        :meth:`install`."""
+        self.install(self.prepare(raw_index, raw_signed))
+
+    @staticmethod
+    def prepare(raw_index: Mapping[bytes, bytes], raw_signed: Mapping[bytes, bytes]) -> Snapshot:
+        """The name map and entries of a snapshot, touching nothing of the index: a tenth of a
+        second at 100,000 sites, which the sync does on a thread rather than the event loop.
+        Entries without a tab are malformed: skipped and counted."""
         names: dict[str, str] = {}
         unparsed: dict[str, bytes] = {}
         malformed = 0
@@ -241,9 +256,16 @@ class SiteIndex:
             for name in site_names:
                 names[name] = domain
         signed = {k.decode("utf-8", "replace"): v for k, v in raw_signed.items()}
+        return Snapshot(names, unparsed, signed, malformed)
+
+    def install(self, snapshot: Snapshot) -> None:
+        """Swap in a prepared snapshot, telling listeners about every certificate that differs
+        from one already in use. Sites missing without a signed tombstone are kept."""
+        unparsed = snapshot.unparsed
         old = self.sites
-        self.sites, self.names, self._unparsed, self._signed = {}, names, unparsed, signed
-        self.malformed = malformed
+        self.sites, self.names = {}, snapshot.names
+        self._unparsed, self._signed = unparsed, snapshot.signed
+        self.malformed = snapshot.malformed
         for domain, last in list(self._accepted.items()):
             if domain not in unparsed and not self._removed_by_tombstone(domain):
                 # Gone from Redis with no signed removal: only a writer without our key does

@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -38,10 +37,10 @@ from edge.challenges import ChallengeStore, valid_token
 from edge.metrics import EdgeMetrics
 from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
-from edge.state import SiteIndex
+from edge.state import SiteIndex, Snapshot
 from edge.verifier import BATCH, Verifier, raw_digest
 from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
-from pipeline.redis_connect import RedisTarget, async_client
+from pipeline.redis_connect import RedisTarget, async_client, sync_client
 from pipeline.signing import SignedChallenge, SignedSite
 
 __all__ = ["Syncer"]
@@ -136,12 +135,14 @@ class Syncer:
         while True:
             client = async_client(self._target, socket_connect_timeout=2, socket_timeout=5)
             pubsub = client.pubsub()
+            # Snapshots and blobs are read with a blocking client on other threads.
+            reader = sync_client(self._target, socket_connect_timeout=2, socket_timeout=5)
             try:
                 await self._subscribe(pubsub)
-                await self._snapshot(client, "start" if not self.ready.is_set() else "reconnect")
+                await self._snapshot(reader, "start" if not self.ready.is_set() else "reconnect")
                 self.connected = True
                 backoff = 0.05
-                await self._follow(client, pubsub)
+                await self._follow(client, reader, pubsub)
             except _CONNECTION_ERRORS as exc:
                 if self.connected:
                     log.warning("lost Redis (%s); serving what we have, reconnecting", exc)
@@ -158,6 +159,8 @@ class Syncer:
                     self._in_sync_at = time.monotonic()
                 self.connected = False
                 await _close(pubsub, client)
+                with contextlib.suppress(Exception):
+                    reader.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
@@ -170,37 +173,45 @@ class Syncer:
                 return
         raise redis.TimeoutError("no subscription confirmation")
 
-    async def _snapshot(self, client: redis.asyncio.Redis[Any], cause: str) -> None:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.get(f"{self._prefix}:version")
-            pipe.hgetall(f"{self._prefix}:index")
-            pipe.hgetall(f"{self._prefix}:signed")
-            version_raw, raw_index, raw_signed = await pipe.execute()
+    async def _snapshot(self, reader: redis.Redis[Any], cause: str) -> None:
+        # Read, parsed and prepared on a thread: at 100,000 sites the replies alone are tens
+        # of megabytes, a third of a second the event loop would not answer handshakes.
+        version_raw, raw_index, raw_signed, prepared = await asyncio.to_thread(
+            self._read_snapshot, reader
+        )
         first_fill = not self.mirror_complete
         if first_fill:
             # A mirror never filled: serve from the index at once, as an edge without a mirror
             # always did (handshakes fetch their blob from Redis until the fill completes).
-            self._load(raw_index, raw_signed, version_raw, cause)
+            self._load(prepared, version_raw, cause)
         # Otherwise the blobs that changed first, so the index never names content the
         # mirror lacks.
-        fetched = await self._fetch_changed_blobs(client, raw_index)
+        key = f"{self._prefix}:sites"
+        fetched = await self.mirror.fetch_missing(
+            raw_index, lambda domains: reader.hmget(key, domains), self._metrics.mirror_fetched.inc
+        )
         await self.mirror.replace_index(raw_index, raw_signed)
         if not first_fill:
-            self._load(raw_index, raw_signed, version_raw, cause)
+            self._load(prepared, version_raw, cause)
         self.mirror_complete = True
         self.mirror_filled.set()
         self._mark_synced()
         log.info("snapshot: %d sites at version %d (%s), %d blobs fetched into the mirror",
                  len(raw_index), self.version, cause, fetched)  # fmt: skip
 
-    def _load(
-        self,
-        raw_index: Mapping[bytes, bytes],
-        raw_signed: Mapping[bytes, bytes],
-        version_raw: bytes | None,
-        cause: str,
-    ) -> None:
-        self._index.load_snapshot(raw_index, raw_signed)
+    def _read_snapshot(
+        self, reader: redis.Redis[Any]
+    ) -> tuple[bytes | None, dict[bytes, bytes], dict[bytes, bytes], Snapshot]:
+        """(version, index, statements, prepared), read in one MULTI. On a thread of its own."""
+        with reader.pipeline(transaction=True) as pipe:
+            pipe.get(f"{self._prefix}:version")
+            pipe.hgetall(f"{self._prefix}:index")
+            pipe.hgetall(f"{self._prefix}:signed")
+            version_raw, raw_index, raw_signed = pipe.execute()
+        return version_raw, raw_index, raw_signed, SiteIndex.prepare(raw_index, raw_signed)
+
+    def _load(self, prepared: Snapshot, version_raw: bytes | None, cause: str) -> None:
+        self._index.install(prepared)
         if self._index.malformed:
             log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
                       "rewrites them)", self._index.malformed)  # fmt: skip
@@ -235,43 +246,16 @@ class Syncer:
             # Nothing is lost: an unverified statement is verified at its first use.
             self._failure_log.exception("verifying ahead failed; statements wait for first use")
 
-    async def _fetch_changed_blobs(
-        self, client: redis.asyncio.Redis[Any], raw_index: Mapping[bytes, bytes]
-    ) -> int:
-        """Fetch into the mirror the blobs of sites with a certificate whose content hash it
-        lacks, 500 at a time (a first fill of 100,000 never sits in memory at once)."""
-        held = await self.mirror.hashes()
-        wanted: list[tuple[str, str]] = []
-        for raw_domain, entry in raw_index.items():
-            head = entry.split(b"\t", 2)
-            if len(head) < 3 or head[1] != b"1":
-                continue
-            domain = raw_domain.decode("utf-8", "replace")
-            digest = head[0].decode("ascii", "replace")
-            if held.get(domain) != digest:
-                wanted.append((domain, digest))
-        fetched = 0
-        for i in range(0, len(wanted), 500):
-            batch = wanted[i : i + 500]
-            blobs = await client.hmget(f"{self._prefix}:sites", [d for d, _ in batch])
-            found = [
-                (domain, bytes(blob), digest)
-                for (domain, digest), blob in zip(batch, blobs, strict=True)
-                if blob is not None
-            ]
-            await self.mirror.put_blobs(found)
-            fetched += len(found)
-            self._metrics.mirror_fetched.inc(len(found))
-            await asyncio.sleep(0)  # handshakes in between
-        return fetched
-
     def _mark_synced(self) -> None:
         self._in_sync_at = time.monotonic()
         self.synced_at = time.time()
         self.mirror.synced(self.version)
 
     async def _follow(
-        self, client: redis.asyncio.Redis[Any], pubsub: redis.asyncio.client.PubSub
+        self,
+        client: redis.asyncio.Redis[Any],
+        reader: redis.Redis[Any],
+        pubsub: redis.asyncio.client.PubSub,
     ) -> None:
         next_reconcile = time.monotonic() + self._reconcile_interval
         while True:
@@ -288,13 +272,13 @@ class Syncer:
                     self._resnapshot = True
             if self._resnapshot:
                 self._resnapshot = False
-                await self._snapshot(client, "gap")
+                await self._snapshot(reader, "gap")
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + self._reconcile_interval
                 current = int(await client.get(f"{self._prefix}:version") or 0)
                 # A version below ours means the store was flushed: just as stale.
                 if current != self.version:
-                    await self._snapshot(client, "reconcile")
+                    await self._snapshot(reader, "reconcile")
 
     def _apply(self, data: bytes | str) -> None:
         """Apply one event; raises MalformedEvent (or ValueError, KeyError, TypeError from the

@@ -61,7 +61,23 @@ def test_a_change_is_served_before_its_write_is_committed(tmp_path: Path) -> Non
             await mirror.flush()
             assert mirror._pending == {}  # every write committed: read from the file
             assert mirror.blob("a.test") == b"blob-2"
-            assert await mirror.hashes() == {"a.test": "h2"}
+            # Only blobs whose content hash the mirror lacks are fetched.
+            asked: list[list[str]] = []
+
+            def fetch(domains: list[str]) -> list[bytes | None]:
+                asked.append(domains)
+                return [b"blob-" + d.encode() if d != "gone.test" else None for d in domains]
+
+            index = {
+                b"a.test": b"h2\t1\t\t\ta.test",
+                b"c.test": b"hc\t1\t\t\tc.test",
+                b"gone.test": b"hg\t1\t\t\tgone.test",
+                b"nocert.test": b"hn\t0\t\t\t",
+            }
+            counts: list[int] = []
+            assert await mirror.fetch_missing(index, fetch, counts.append) == 1
+            assert asked == [["c.test", "gone.test"]] and counts == [1]
+            assert mirror.blob("c.test") == b"blob-c.test"
             # A snapshot without the site drops it, its blob and what was trusted of it.
             await mirror.replace_index({b"b.test": b"entry-b"}, {b"b.test": b"signed-b"})
             mirror.synced(7)
