@@ -80,13 +80,11 @@ class MirrorContents:
         version: int,
         synced_at: float | None,
         index: dict[bytes, bytes],
-        signed: dict[bytes, bytes],
         trusted: dict[str, tuple[bytes, str]] | None = None,
     ) -> None:
         self.version = version
         self.synced_at = synced_at  # epoch seconds of the last sync, None if never
-        self.index = index
-        self.signed = signed
+        self.index = index  # statements are read one at a time: Mirror.statement
         # domain -> (digest of the raw statement verified, its signer's key id)
         self.trusted = trusted or {}
 
@@ -151,22 +149,25 @@ class Mirror:
     def load(self) -> MirrorContents:
         db = self._read_db
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        index: dict[bytes, bytes] = {}
-        signed: dict[bytes, bytes] = {}
-        for domain, entry, statement in db.execute("SELECT domain, entry, signed FROM sites"):
-            key = domain.encode()
-            if entry is not None:
-                index[key] = bytes(entry)
-            if statement is not None:
-                signed[key] = bytes(statement)
+        index = {
+            domain.encode(): bytes(entry)
+            for domain, entry in db.execute("SELECT domain, entry FROM sites WHERE entry NOT NULL")
+        }
         trusted = {
             domain: (bytes(digest), signer)
             for domain, digest, signer in db.execute("SELECT domain, digest, signer FROM trusted")
         }
         synced = meta.get("synced_at") if meta.get("source", "") == self.source else None
         return MirrorContents(
-            int(meta.get("version", 0)), float(synced) if synced else None, index, signed, trusted
+            int(meta.get("version", 0)), float(synced) if synced else None, index, trusted
         )
+
+    def statement(self, domain: str) -> bytes | None:
+        """The signed statement (or tombstone) held for ``domain``, as last written."""
+        row = self._read_db.execute(
+            "SELECT signed FROM sites WHERE domain = ?", (domain,)
+        ).fetchone()
+        return bytes(row[0]) if row is not None and row[0] is not None else None
 
     def blob(self, domain: str) -> bytes | None:
         pending = self._pending.get(domain)

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
-from edge.verifier import Pending, raw_digest
+from edge.verifier import raw_digest
 from pipeline.distribution import SiteRecord, parse_index_entry
 from pipeline.signing import BadSignature, SignedSite, TrustedSigners
 
@@ -45,6 +45,13 @@ class Snapshot(NamedTuple):
     unparsed: dict[str, bytes]  # domain -> index entry
     signed: dict[str, bytes]  # domain -> raw signed statement
     malformed: int
+    # Where statements not in ``signed`` are looked up on first use (the local mirror's, for
+    # a start from it: 50 MB at 100,000 sites that a start need not read).
+    lookup: Callable[[str], bytes | None] | None = None
+
+    def pending(self) -> list[tuple[str, bytes]]:
+        """(domain, raw statement) of every entry: what the verifier may check ahead."""
+        return [(d, raw) for d, raw in self.signed.items() if d in self.unparsed]
 
 
 class SiteMeta(NamedTuple):
@@ -122,6 +129,7 @@ class SiteIndex:
         self.names: dict[str, str] = {}
         self._unparsed: dict[str, bytes] = {}
         self._signed: dict[str, bytes] = {}
+        self._lookup: Callable[[str], bytes | None] | None = None
         # The newest statement accepted per domain, kept across snapshots: what "last good"
         # and "no roll-back" are measured against; and a digest of its raw bytes, so that the
         # same statement met again (a re-read snapshot) is not verified again.
@@ -159,16 +167,10 @@ class SiteIndex:
         """Every domain known, parsed or not (nothing is parsed or verified for this)."""
         return [*self.sites, *(d for d in self._unparsed if d not in self.sites)]
 
-    def unverified(self) -> list[Pending]:
-        """The statements of sites not yet used, with the digest already known good for each
-        (if any): what :class:`edge.verifier.Verifier` should look at."""
-        signed = self._signed
-        known = self._trusted
-        return [
-            (domain, signed[domain], known.get(domain) or self._accepted_raw.get(domain))
-            for domain in self._unparsed
-            if domain in signed
-        ]
+    def known_digest(self, domain: str) -> bytes | None:
+        """The digest of a raw statement of ``domain`` whose signature is known good, if any.
+        Called from the verifier's thread too: two dict lookups, atomic under the GIL."""
+        return self._trusted.get(domain) or self._accepted_raw.get(domain)
 
     def trust(self, verified: Iterable[tuple[str, bytes]]) -> None:
         """Statements (domain, raw digest) whose signatures are known good."""
@@ -265,6 +267,7 @@ class SiteIndex:
         old = self.sites
         self.sites, self.names = {}, snapshot.names
         self._unparsed, self._signed = unparsed, snapshot.signed
+        self._lookup = snapshot.lookup
         self.malformed = snapshot.malformed
         for domain, last in list(self._accepted.items()):
             if domain not in unparsed and not self._removed_by_tombstone(domain):
@@ -282,7 +285,7 @@ class SiteIndex:
                 self._changed(domain)
 
     def _removed_by_tombstone(self, domain: str) -> bool:
-        raw = self._signed.pop(domain, None)
+        raw = self._statement(domain)
         if raw is None:
             return False
         try:
@@ -298,7 +301,7 @@ class SiteIndex:
 
     def _parse(self, domain: str) -> SiteMeta | None:
         entry = self._unparsed.pop(domain)
-        raw_signed = self._signed.pop(domain, None)
+        raw_signed = self._statement(domain)
         try:
             parse_index_entry(entry)
         except (ValueError, UnicodeDecodeError):
@@ -330,6 +333,12 @@ class SiteIndex:
             return self._fall_back(domain)
         self._accepted_raw[domain] = seen
         return meta
+
+    def _statement(self, domain: str) -> bytes | None:
+        raw = self._signed.pop(domain, None)
+        if raw is None and self._lookup is not None:
+            raw = self._lookup(domain)
+        return raw
 
     def _newer(self, signed: SignedSite) -> bool:
         last = self._accepted.get(signed.domain)

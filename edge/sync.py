@@ -106,8 +106,10 @@ class Syncer:
         if not contents.usable:
             return False
         self._index.trust_remembered(contents.trusted)
-        self._index.load_snapshot(contents.index, contents.signed)
-        self._verify_ahead()
+        # Statements are read from the mirror on first use; what it did not remember as
+        # verified is verified then, or ahead once Redis answers and a snapshot is read.
+        prepared = SiteIndex.prepare(contents.index, {})
+        self._index.install(prepared._replace(lookup=self.mirror.statement))
         self.version = contents.version
         self.synced_at = contents.synced_at
         self._in_sync_at = time.monotonic() - (time.time() - (contents.synced_at or time.time()))
@@ -176,14 +178,14 @@ class Syncer:
     async def _snapshot(self, reader: redis.Redis[Any], cause: str) -> None:
         # Read, parsed and prepared on a thread: at 100,000 sites the replies alone are tens
         # of megabytes, a third of a second the event loop would not answer handshakes.
-        version_raw, raw_index, raw_signed, prepared = await asyncio.to_thread(
+        version_raw, raw_index, raw_signed, prepared, pending = await asyncio.to_thread(
             self._read_snapshot, reader
         )
         first_fill = not self.mirror_complete
         if first_fill:
             # A mirror never filled: serve from the index at once, as an edge without a mirror
             # always did (handshakes fetch their blob from Redis until the fill completes).
-            self._load(prepared, version_raw, cause)
+            self._load(prepared, pending, version_raw, cause)
         # Otherwise the blobs that changed first, so the index never names content the
         # mirror lacks.
         key = f"{self._prefix}:sites"
@@ -192,7 +194,7 @@ class Syncer:
         )
         await self.mirror.replace_index(raw_index, raw_signed)
         if not first_fill:
-            self._load(prepared, version_raw, cause)
+            self._load(prepared, pending, version_raw, cause)
         self.mirror_complete = True
         self.mirror_filled.set()
         self._mark_synced()
@@ -201,16 +203,26 @@ class Syncer:
 
     def _read_snapshot(
         self, reader: redis.Redis[Any]
-    ) -> tuple[bytes | None, dict[bytes, bytes], dict[bytes, bytes], Snapshot]:
-        """(version, index, statements, prepared), read in one MULTI. On a thread of its own."""
+    ) -> tuple[
+        bytes | None, dict[bytes, bytes], dict[bytes, bytes], Snapshot, list[tuple[str, bytes]]
+    ]:
+        """(version, index, statements, prepared, statements to verify ahead), read in one
+        MULTI. On a thread of its own."""
         with reader.pipeline(transaction=True) as pipe:
             pipe.get(f"{self._prefix}:version")
             pipe.hgetall(f"{self._prefix}:index")
             pipe.hgetall(f"{self._prefix}:signed")
             version_raw, raw_index, raw_signed = pipe.execute()
-        return version_raw, raw_index, raw_signed, SiteIndex.prepare(raw_index, raw_signed)
+        prepared = SiteIndex.prepare(raw_index, raw_signed)
+        return version_raw, raw_index, raw_signed, prepared, prepared.pending()
 
-    def _load(self, prepared: Snapshot, version_raw: bytes | None, cause: str) -> None:
+    def _load(
+        self,
+        prepared: Snapshot,
+        pending: list[tuple[str, bytes]],
+        version_raw: bytes | None,
+        cause: str,
+    ) -> None:
         self._index.install(prepared)
         if self._index.malformed:
             log.error("snapshot: skipped %d malformed index entries (certman snapshot resync "
@@ -222,23 +234,22 @@ class Syncer:
         # Subscribed, and the snapshot loaded: in sync, even while blobs are being fetched.
         self.connected = True
         self.ready.set()
-        self._verify_ahead()
+        self._verify_ahead(pending)
 
-    def _verify_ahead(self) -> None:
+    def _verify_ahead(self, pending: list[tuple[str, bytes]]) -> None:
         """Verify, on the verifier's thread, every statement of the snapshot just loaded that
         is not known good yet (a newer snapshot starts over)."""
         if self._verifier is None:
             return
         if self._verifying is not None:
             self._verifying.cancel()
-        self._verifying = asyncio.create_task(self._verify_pending(self._verifier))
+        self._verifying = asyncio.create_task(self._verify_pending(self._verifier, pending))
 
-    async def _verify_pending(self, verifier: Verifier) -> None:
-        pending = self._index.unverified()
+    async def _verify_pending(self, verifier: Verifier, pending: list[tuple[str, bytes]]) -> None:
         verifier.pending.set(len(pending))
         try:
             for i in range(0, len(pending), BATCH):
-                good = await verifier.verify(pending[i : i + BATCH])
+                good = await verifier.verify(pending[i : i + BATCH], self._index.known_digest)
                 self._index.trust((domain, digest) for domain, digest, _ in good)
                 self.mirror.trust(good)
                 verifier.pending.set(max(0, len(pending) - i - BATCH))

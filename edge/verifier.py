@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -28,8 +29,6 @@ __all__ = ["Verifier", "raw_digest"]
 # Verified per trip to the thread: ~30 ms of its work, so a newer snapshot stops it soon.
 BATCH = 256
 
-# (domain, raw statement, digest of the statement already known good for it, or None)
-Pending = tuple[str, bytes, bytes | None]
 # (domain, digest of the raw statement, signer's key id)
 Verified = tuple[str, bytes, str]
 
@@ -60,19 +59,24 @@ class Verifier:
             registry=registry,
         )
 
-    async def verify(self, batch: list[Pending]) -> list[Verified]:
-        """Those of ``batch`` that are filed under their own domain and carry a good
-        signature of a trusted signer (removals included); the rest are left out."""
+    async def verify(
+        self, batch: list[tuple[str, bytes]], known: Callable[[str], bytes | None]
+    ) -> list[Verified]:
+        """Those statements of ``batch`` (domain, raw) that are filed under their own domain
+        and carry a good signature of a trusted signer (removals included), leaving out the
+        rest and those whose digest ``known`` (called on the thread) gives for the domain."""
         loop = asyncio.get_running_loop()
-        good = await loop.run_in_executor(self._thread, self._verify, batch)
+        good = await loop.run_in_executor(self._thread, self._verify, batch, known)
         self.verified.inc(len(good))
         return good
 
-    def _verify(self, batch: list[Pending]) -> list[Verified]:
+    def _verify(
+        self, batch: list[tuple[str, bytes]], known: Callable[[str], bytes | None]
+    ) -> list[Verified]:
         good: list[Verified] = []
-        for domain, raw, known in batch:
+        for domain, raw in batch:
             digest = raw_digest(raw)
-            if digest == known:
+            if digest == known(domain):
                 continue
             try:
                 statement = SignedSite.from_json(raw)

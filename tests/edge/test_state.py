@@ -189,12 +189,12 @@ def test_a_statement_verified_ahead_is_accepted_without_a_second_verification(
         TrustedSigners.of([SIGNER.public_key()]), on_verified=lambda: on_loop.append(None)
     )
     ahead, later = record("ahead.test"), record("later.test")
-    index.load_snapshot(*snapshot(ahead, later))
-    assert [d for d, _, known in index.unverified() if known is None] == [
-        "ahead.test",
-        "later.test",
-    ]
+    prepared = SiteIndex.prepare(*snapshot(ahead, later))
+    assert prepared.pending() == [("ahead.test", _raw(ahead)), ("later.test", _raw(later))]
+    index.install(prepared)
     index.trust([("ahead.test", raw_digest(_raw(ahead)))])
+    assert index.known_digest("ahead.test") == raw_digest(_raw(ahead))
+    assert index.known_digest("later.test") is None
     assert index.lookup("ahead.test") is not None
     assert on_loop == []  # parsed only
     assert index.lookup("later.test") is not None

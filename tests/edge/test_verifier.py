@@ -30,16 +30,17 @@ def test_only_good_statements_filed_under_their_own_domain_are_vouched_for() -> 
     forged = SignedSite.from_json(_raw("forged.test", upstream="http://10.0.0.1"))
     removal = SIGNER.sign_site(SignedSite("gone.test", 2, removed=True)).to_json().encode()
     batch = [
-        ("good.test", good, None),
-        ("known.test", known, raw_digest(known)),  # verified before: skipped
-        ("forged.test", replace(forged, upstream="http://10.6.6.6").to_json().encode(), None),
-        ("other.test", _raw("good.test"), None),  # a genuine statement filed elsewhere
-        ("stranger.test", _raw("stranger.test", signer=SigningKey.generate()), None),
-        ("junk.test", b"\xff{not json", None),
-        ("gone.test", removal, None),
+        ("good.test", good),
+        ("known.test", known),  # verified before: skipped
+        ("forged.test", replace(forged, upstream="http://10.6.6.6").to_json().encode()),
+        ("other.test", _raw("good.test")),  # a genuine statement filed elsewhere
+        ("stranger.test", _raw("stranger.test", signer=SigningKey.generate())),
+        ("junk.test", b"\xff{not json"),
+        ("gone.test", removal),
     ]
+    remembered = {"known.test": raw_digest(known)}
     try:
-        got = asyncio.run(verifier.verify(batch))
+        got = asyncio.run(verifier.verify(batch, remembered.get))
     finally:
         verifier.close()
     assert got == [
@@ -84,6 +85,7 @@ def test_a_change_is_served_before_its_write_is_committed(tmp_path: Path) -> Non
             await mirror.flush()
             contents = mirror.load()
             assert (contents.index, contents.trusted) == ({b"b.test": b"entry-b"}, {})
+            assert mirror.statement("b.test") == b"signed-b"
             assert contents.version == 7 and mirror.blob("a.test") is None
         finally:
             mirror.close()
