@@ -253,16 +253,17 @@ def time_to_first_handshake(edge: EdgeProcess, ctx: ssl.SSLContext, name: str) -
 
 
 def wait_settled(edge: EdgeProcess, n: int) -> None:
-    """Until every process's first mirror fill is done and its verifier has verified every
-    statement: measurements are of a steady edge, not of one still copying n blobs to its disk
-    or checking n signatures."""
+    """Until every process's first mirror fill is done and its verifier has been through every
+    statement (it sets how many are pending before the fill starts): measurements are of a
+    steady edge, not of one still copying n blobs to its disk or checking n signatures."""
     end = time.perf_counter() + 600
     for port in range(edge.metrics, edge.metrics + edge.processes):
-        for name in ("mirror_blobs_fetched_total", "signatures_verified_ahead_total"):
-            while (value := metric(edge, f"certman_edge_{name}", port)) < n:
-                if time.perf_counter() > end:
-                    raise RuntimeError(f"the edge never settled ({name} {value} of {n})")
-                time.sleep(0.05)
+        while (blobs := metric(edge, "certman_edge_mirror_blobs_fetched_total", port)) < n or (
+            metric(edge, "certman_edge_signatures_pending", port) > 0
+        ):
+            if time.perf_counter() > end:
+                raise RuntimeError(f"the edge never settled ({blobs} of {n} blobs)")
+            time.sleep(0.05)
 
 
 def _load_worker(args: tuple[bytes, int, list[str], float]) -> int:
