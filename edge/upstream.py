@@ -12,6 +12,10 @@ have closed the connection just as the request left.
 
 Every request of the edge uses the same TLS settings, so the pool key is (host, port, TLS).
 
+Tornado has no public hook for either, so this subclasses its private ``_HTTPConnection``:
+pyproject.toml pins Tornado to the minor release this was checked against, and
+``tests/edge/test_upstream_contract.py`` fails when the private methods relied on change.
+
 :meth:`KeepAliveHTTPClient.cancel` ends a request at once, in any phase (queued, connecting,
 sending, receiving): its connection is closed, never pooled, and its slot among
 ``max_clients`` is freed. The proxy calls it when its client leaves.

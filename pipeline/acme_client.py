@@ -1,4 +1,4 @@
-"""A thin ACME client over certbot's ``acme`` library, one per worker process.
+"""A thin ACME client over certbot's ``acme`` library, one per worker process (the runtime's).
 
 What it adds to ``acme`` (docs/architecture.md, "acme"): the ``replaces`` field on new orders,
 ``badNonce`` retried more than once, the Retry-After of an error response kept, request pacing
@@ -22,7 +22,14 @@ from josepy.json_util import field
 from josepy.jwa import ES256, RS256
 from josepy.jwk import JWK, JWKEC
 
-from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
+from pipeline.errors import (
+    AttemptFailed,
+    NameRefused,
+    Outcome,
+    RateLimited,
+    RetryLater,
+    meaning,
+)
 from pipeline.ratelimit import RateLimiter
 
 T = TypeVar("T")
@@ -32,9 +39,7 @@ BAD_NONCE_TRIES = 5
 # A pacing wait shorter than this is slept inside the request (it is pacing, tens of
 # milliseconds); a longer one goes back to Celery as a countdown.
 MAX_INLINE_PACING_WAIT = 1.0
-TERMINAL_CODES = {"unauthorized", "rejectedIdentifier", "caa", "unsupportedIdentifier"}
 NOT_FOUND = "notFound"  # ours, not RFC 8555's: a 404 without a problem document
-RETRYABLE_CODES = {"badNonce", "serverInternal", "rateLimited", "orderNotReady"}
 
 
 class NewOrderWithReplaces(messages.NewOrder):
@@ -269,35 +274,48 @@ class AcmeClient:
 
 
 def classify(exc: messages.Error) -> Exception:
-    """Map a CA problem document to what the pipeline should do about it."""
+    """Map a CA problem document to what the pipeline should do about it (the table:
+    :data:`pipeline.errors.ACME_ERRORS`)."""
     # The library knows only the codes of its day (not RFC 9773's alreadyReplaced, say) and
     # gives None for the rest: read any ACME error type's code from the type itself.
     typ = exc.typ or ""
     code = exc.code or (typ.rsplit(":", 1)[-1] if typ.startswith(messages.ERROR_PREFIX) else "")
     detail = exc.detail or str(exc)
     retry_after = getattr(exc, "retry_after", None)
-    if code == "rateLimited":
-        return RateLimited(f"rate limited by the CA: {detail}", retry_after or 3600)
-    if code in TERMINAL_CODES:
+    if exc.typ is None or "serverInternal" in typ:
+        outcome = Outcome.RETRY
+    else:
+        # A type that is not an ACME one: nothing says a retry would help.
+        outcome = meaning(code).request if code else Outcome.END_ATTEMPT
+    if outcome is Outcome.RATE_LIMITED:
+        return RateLimited(f"rate limited by the CA: {detail}", retry_after or 3600, by_ca=True)
+    if outcome is Outcome.REFUSED:
         return NameRefused(f"the CA refuses ({code}): {detail}", error_type=code)
-    if code in RETRYABLE_CODES or exc.typ is None or "serverInternal" in (exc.typ or ""):
+    if outcome is Outcome.RETRY:
         return RetryLater(f"{code or 'server error'}: {detail}", retry_after or 5)
-    return AttemptFailed(f"{code}: {detail}", error_type=code)
+    return AttemptFailed(
+        f"{code}: {detail}", error_type=code, already_replaced=_already_replaced(code, detail)
+    )
 
 
-_clients: dict[str, AcmeClient] = {}
+def _already_replaced(code: str, detail: str) -> bool:
+    # RFC 9773's alreadyReplaced; Boulder said "conflict" before it, Pebble "malformed", and
+    # only their text tells: read here, once, at the boundary.
+    return code == "alreadyReplaced" or (
+        code in ("conflict", "malformed") and "replacement order" in detail
+    )
 
 
 def get_client() -> AcmeClient:
-    """This process's client, built from the stored account (registered on first use)."""
-    from pipeline.accounts import build_client
+    """This process's client: the runtime's (:mod:`pipeline.runtime`), for scripts."""
+    from pipeline import runtime
 
-    client_ = _clients.get("default")
-    if client_ is None:
-        client_ = _clients["default"] = build_client()
-    return client_
+    return runtime.current().acme
 
 
 def reset() -> None:
-    """Forget clients: their TLS connections must not cross a fork."""
-    _clients.clear()
+    """Forget the process's runtime, clients included: their TLS connections must not cross a
+    fork (:func:`pipeline.runtime.reset`)."""
+    from pipeline import runtime
+
+    runtime.reset()

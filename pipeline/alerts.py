@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.connections import get_redis
 from pipeline.models.base import utcnow
-from pipeline.settings import get_settings
+from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,14 @@ def raise_alerts(
     *,
     send: Callable[[dict[str, Any]], object] | None = None,
     client: redis.Redis[Any] | None = None,
+    settings: Settings | None = None,
 ) -> list[Alert]:
     """Raise each alert not raised in the last day; returns those raised now.
 
     ``send`` hands the payload to the webhook task (``send_alert_webhook.delay``); it is called
-    only when a webhook is configured.
+    only when a webhook is configured. ``client`` and ``settings`` default to the process's.
     """
-    settings = get_settings()
+    settings = settings or get_settings()
     r = client or get_redis()
     raised = []
     for alert in alerts:

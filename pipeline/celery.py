@@ -55,12 +55,9 @@ flower_guard.install()
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    # Connections and ACME clients made before the fork must not be shared with the parent; the
-    # signing key is cached with them, so it is forgotten with them (every cache reset in one
-    # place, none left holding what the parent read).
-    from pipeline import acme_client, connections, db, signer
+    # Everything the process holds (engines, Redis, the limiter, the ACME client, the signing
+    # key, the publisher) belongs to its runtime: dropped here, in one place, and made again
+    # in the child on first use. Only dropped: closing would shut the parent's connections.
+    from pipeline import runtime
 
-    db.dispose_engines()
-    connections.reset()
-    acme_client.reset()
-    signer.reset()
+    runtime.reset()

@@ -1,4 +1,4 @@
-"""Operations commands of ``certman``: registered on the main group by pipeline.cli."""
+"""Operations commands of ``certman``: added to the main group by pipeline.cli."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import click
 
-from pipeline.cli import _Group, _print_json, main
+from pipeline.cli_common import _Group, _print_json
 from pipeline.settings import get_settings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,7 +37,7 @@ class _Duration(click.ParamType[timedelta]):
 
 
 # --- orders --------------------------------------------------------------------------------------
-@main.group(cls=_Group)
+@click.group(cls=_Group)
 def orders() -> None:
     """ACME orders in flight."""
 
@@ -71,7 +71,7 @@ def orders_stuck(as_json: bool, older_than: timedelta | None) -> None:
 
 
 # --- renew ---------------------------------------------------------------------------------------
-@main.command("renew")
+@click.command("renew")
 @click.option("--scheme", help="Renew every certificate sealed with this scheme (legacy-rsa…).")
 @click.option("--key-id", help="Renew every certificate sealed to this edge key.")
 @click.option(
@@ -82,7 +82,7 @@ def renew(scheme: str | None, key_id: str | None, within: timedelta) -> None:
     from pipeline.db import session_scope
     from pipeline.envelope import Scheme
     from pipeline.models.base import utcnow
-    from pipeline.upkeep import schedule_reseal
+    from pipeline.renewal import schedule_reseal
 
     if (scheme is None) == (key_id is None):
         raise click.UsageError("give exactly one of --scheme and --key-id")
@@ -95,7 +95,7 @@ def renew(scheme: str | None, key_id: str | None, within: timedelta) -> None:
 
 
 # --- exporter ------------------------------------------------------------------------------------
-@main.command("exporter")
+@click.command("exporter")
 @click.option("--port", type=click.IntRange(1, 65535), required=True)
 @click.option(
     "--address",

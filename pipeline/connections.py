@@ -1,4 +1,8 @@
-"""The process's Redis connection and rate limiter, made on first use and dropped after a fork."""
+"""The process's Redis connection and rate limiter, for commands and scripts; locks' release.
+
+Both belong to the process's :class:`pipeline.runtime.Runtime` (made on first use, dropped after
+a fork in one place); services are handed them as arguments instead of calling these.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +13,31 @@ import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from pipeline.ratelimit import Limits, RateLimiter
-from pipeline.redis_connect import RedisTarget, sync_client
-from pipeline.settings import get_settings
+from pipeline.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-_redis: redis.Redis[Any] | None = None
-_limiter: RateLimiter | None = None
-
 
 def get_redis() -> redis.Redis[Any]:
-    global _redis
-    if _redis is None:
-        # One server, or the master the Sentinels name (asked again on every reconnection, so
-        # that after a failover the next call reaches the new master).
-        _redis = sync_client(
-            RedisTarget.from_settings(get_settings()), socket_timeout=10, health_check_interval=30
-        )
-    return _redis
+    """The runtime's Redis client."""
+    from pipeline import runtime
+
+    return runtime.current().redis
 
 
 def get_limiter() -> RateLimiter:
-    global _limiter
-    if _limiter is None:
-        settings = get_settings()
-        _limiter = RateLimiter(
-            get_redis(), Limits.from_settings(settings), prefix=settings.redis_prefix
-        )
-    return _limiter
+    """The runtime's rate limiter."""
+    from pipeline import runtime
+
+    return runtime.current().limiter
 
 
 def reset(*, close: bool = False) -> None:
-    """Forget the connection. After a fork it must only be dropped: closing it would shut the
-    socket the parent still uses."""
-    global _redis, _limiter
-    if close and _redis is not None:
-        _redis.close()
-    _redis = None
-    _limiter = None
+    """Forget the process's runtime (:func:`pipeline.runtime.reset`). After a fork connections
+    must only be dropped: closing them would shut the sockets the parent still uses."""
+    from pipeline import runtime
+
+    runtime.reset(close=close)
 
 
 def release(lock: Lock) -> None:

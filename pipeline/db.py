@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ _DRIVER_PACKAGES = {
     "mssql+pyodbc": "pyodbc",
     "oracle+oracledb": "oracledb",
 }
+
+
+# What services are handed to open a transaction: ``with sessions() as session: ...``.
+SessionScope = Callable[[], AbstractContextManager[Session]]
 
 
 class DatabaseURLError(ValueError):

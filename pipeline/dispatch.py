@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from pipeline import site_states
 from pipeline.models import Certificate, Order, OrderKind, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
-from pipeline.settings import get_settings
 
 UNFINISHED = (
     OrderStep.QUEUED,
@@ -45,8 +45,17 @@ def in_flight(session: Session) -> int:
     )
 
 
-def start_due(session: Session, *, limit: int, now: datetime | None = None) -> list[Started]:
+def start_due(
+    session: Session,
+    *,
+    limit: int,
+    profile: str | None = None,
+    now: datetime | None = None,
+) -> list[Started]:
     """Create orders for what is due, up to ``limit`` minus what is in flight.
+
+    ``profile`` is the installation's ACME profile (CERTMAN_ACME_PROFILE), for sites that do
+    not name their own.
 
     New sites go first: a renewal has weeks of slack, a new customer has none. Each site is
     claimed with a conditional UPDATE, so two dispatchers never start the same site twice.
@@ -59,7 +68,7 @@ def start_due(session: Session, *, limit: int, now: datetime | None = None) -> l
     new_sites = session.scalars(
         select(Site)
         .where(
-            Site.state.in_([SiteState.PENDING, SiteState.RETRYING]),
+            Site.state.in_(site_states.sources(SiteState.ISSUING)),
             Site.next_attempt_at <= now,
         )
         .order_by(Site.next_attempt_at)
@@ -67,8 +76,8 @@ def start_due(session: Session, *, limit: int, now: datetime | None = None) -> l
         .options(selectinload(Site.names))
     ).all()
     for site in new_sites:
-        if _claim(session, site, site.state, SiteState.ISSUING):
-            started.append(_new_order(session, site, OrderKind.ISSUE, None, now))
+        if site_states.move(session, site.id, site.state, SiteState.ISSUING):
+            started.append(_new_order(session, site, OrderKind.ISSUE, None, now, profile))
     capacity -= len(started)
     if capacity <= 0:
         return started
@@ -81,23 +90,18 @@ def start_due(session: Session, *, limit: int, now: datetime | None = None) -> l
     ).all()
     for cert in due_certs:
         site = cert.site
-        if _claim(session, site, SiteState.ACTIVE, SiteState.RENEWING):
-            started.append(_new_order(session, site, OrderKind.RENEW, cert, now))
+        if site_states.move(session, site.id, SiteState.ACTIVE, SiteState.RENEWING):
+            started.append(_new_order(session, site, OrderKind.RENEW, cert, now, profile))
     return started
 
 
-def _claim(session: Session, site: Site, expected: str, new: SiteState) -> bool:
-    result = session.execute(
-        update(Site)
-        .where(Site.id == site.id, Site.state == expected)
-        .values(state=new, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
 def _new_order(
-    session: Session, site: Site, kind: OrderKind, cert: Certificate | None, now: datetime
+    session: Session,
+    site: Site,
+    kind: OrderKind,
+    cert: Certificate | None,
+    now: datetime,
+    profile: str | None,
 ) -> Started:
     exempt = bool(
         cert is not None
@@ -110,7 +114,7 @@ def _new_order(
         site_id=site.id,
         kind=kind,
         names=site.all_names,
-        profile=site.profile or get_settings().acme_profile,
+        profile=site.profile or profile,
         replaces=cert.ari_id if cert is not None else None,
         exempt=exempt,
         step=OrderStep.QUEUED,

@@ -2,15 +2,25 @@
 
 IssuanceProblem
 ├── RetryLater          try this step again after ``countdown`` seconds (network, badNonce,
-│   ├── RateLimited     5xx, a limiter wait, a CA ``rateLimited`` with its Retry-After)
+│   ├── RateLimited     5xx, a limiter wait, a CA ``rateLimited`` with its Retry-After;
+│   │                   ``by_ca`` tells the CA's refusal from our own limiter's wait)
 │   └── PollAgain       the CA is still validating or issuing: expected, not trouble
-├── AttemptFailed       this attempt is over (validation failed); the next one is scheduled
-│                       at 1 min, 10 min, 100 min, then daily
-└── NameRefused         the CA will not issue for a name (unauthorized, rejectedIdentifier,
-                        caa): blocked until someone acts
+└── AttemptFailed       this attempt is over (validation failed); the next one is scheduled
+    │                   at 1 min, 10 min, 100 min, then daily. ``error_type`` is the ACME
+    │                   error type; ``already_replaced`` flags an ARI renewal the CA refuses
+    │                   because the certificate already has a replacement order
+    └── NameRefused     the CA will not issue for a name (rejectedIdentifier, caa,
+                        unauthorized when ordering): blocked until someone acts
+
+:data:`ACME_ERRORS` is the one table of ACME error types (RFC 8555 section 6.7, RFC 9773) and
+what each means to the pipeline, when a request is answered with it and when a challenge's
+validation ends with it; :func:`meaning` reads it, and every step goes through it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
 
 
 class IssuanceProblem(Exception):
@@ -26,7 +36,11 @@ class RetryLater(IssuanceProblem):
 
 
 class RateLimited(RetryLater):
-    """The CA (or our own limiter) said not now."""
+    """The CA (``by_ca``) or our own limiter said not now."""
+
+    def __init__(self, reason: str, countdown: float, *, by_ca: bool = False) -> None:
+        super().__init__(reason, countdown)
+        self.by_ca = by_ca
 
 
 class PollAgain(RetryLater):
@@ -35,10 +49,75 @@ class PollAgain(RetryLater):
 
 
 class AttemptFailed(IssuanceProblem):
-    def __init__(self, reason: str, *, error_type: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, error_type: str | None = None, already_replaced: bool = False
+    ) -> None:
         super().__init__(reason)
         self.error_type = error_type
+        self.already_replaced = already_replaced
 
 
 class NameRefused(AttemptFailed):
     pass
+
+
+# --- the table -----------------------------------------------------------------------------------
+class Outcome(StrEnum):
+    """What an ACME error means to the pipeline."""
+
+    RETRY = "retry"  # RetryLater: the same step again, after a countdown
+    RATE_LIMITED = "rate-limited"  # RateLimited(by_ca=True): every worker waits for the bucket
+    END_ATTEMPT = "end-attempt"  # AttemptFailed: the site backs off and tries again
+    REFUSED = "refused"  # NameRefused: blocked until someone runs `certman domains retry`
+
+
+@dataclass(frozen=True)
+class Meaning:
+    """An error type's outcome when a request is answered with it, and when a challenge's
+    validation ends with it."""
+
+    request: Outcome
+    validation: Outcome = Outcome.END_ATTEMPT
+
+
+ACME_ERRORS: dict[str, Meaning] = {
+    # Transient: the same request may well succeed (badNonce is retried inside the request
+    # first; orderNotReady when finalising an order the CA has not marked ready yet).
+    "badNonce": Meaning(Outcome.RETRY),
+    "serverInternal": Meaning(Outcome.RETRY),
+    "orderNotReady": Meaning(Outcome.RETRY),
+    "rateLimited": Meaning(Outcome.RATE_LIMITED),
+    # The CA will not issue for the name whatever we serve.
+    "rejectedIdentifier": Meaning(Outcome.REFUSED, Outcome.REFUSED),
+    "caa": Meaning(Outcome.REFUSED, Outcome.REFUSED),
+    "unsupportedIdentifier": Meaning(Outcome.REFUSED, Outcome.REFUSED),
+    # Refused when ordering (the account may not have the name); in a challenge's error it is
+    # what the CA says when it fetched the token and got a 404 or the wrong body (DNS or an
+    # AAAA record pointing elsewhere), which the customer can fix: back off, do not block.
+    "unauthorized": Meaning(Outcome.REFUSED, Outcome.END_ATTEMPT),
+    # RFC 9773: the certificate named in ``replaces`` already has a replacement order.
+    "alreadyReplaced": Meaning(Outcome.END_ATTEMPT),
+    # Validation failures proper: the dealer's DNS, server or network.
+    "connection": Meaning(Outcome.END_ATTEMPT),
+    "dns": Meaning(Outcome.END_ATTEMPT),
+    "incorrectResponse": Meaning(Outcome.END_ATTEMPT),
+    "tls": Meaning(Outcome.END_ATTEMPT),
+    # Everything else RFC 8555 names ends the attempt too (malformed, badCSR, ...).
+}
+UNKNOWN = Meaning(Outcome.END_ATTEMPT)
+# A failure without any ACME error type (a 5xx with no problem document): retried.
+NO_TYPE = Meaning(Outcome.RETRY)
+
+
+def meaning(code: str | None) -> Meaning:
+    """What the ACME error type ``code`` means (None: an answer without a problem type)."""
+    if not code:
+        return NO_TYPE
+    return ACME_ERRORS.get(code, UNKNOWN)
+
+
+def validation_problem(detail: str, code: str | None) -> AttemptFailed:
+    """The problem for a challenge whose validation ended with error type ``code``."""
+    if meaning(code).validation is Outcome.REFUSED:
+        return NameRefused(detail, error_type=code)
+    return AttemptFailed(detail, error_type=code)

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import upkeep
+from pipeline import renewal, upkeep
 from pipeline.db import session_scope
 from pipeline.dispatch import UNFINISHED
 from pipeline.models import Attempt, Certificate, Order, Site, SiteState
@@ -65,7 +65,7 @@ class InventoryCollector(Collector):
                 sites.add_metric([state.value], float(by_state.get(state.value, 0)))
             yield sites
 
-            current = upkeep.count_current(session)
+            current = renewal.count_current(session)
             yield GaugeMetricFamily(
                 "certman_certificates", "Current (served) certificates.", value=current
             )

@@ -1,44 +1,76 @@
-"""The issuance steps as plain functions, one per task of the chain.
+"""The issuance steps, one per task of the chain, and the ends of an attempt.
 
 Each step is keyed by the order's id, checks where the order stands before doing anything, and
 records its progress in the database, so that running a step twice, or after a crash, neither
 loses the order nor places a second one. A step that must wait raises :class:`RetryLater`;
 the task turns that into ``self.retry(countdown=...)``; nothing here sleeps.
+
+The steps are methods of :class:`OrderSteps`, which is handed its dependencies (the store's
+sessions, the ACME client, the rate limiter, the publisher to the edges, the settings) by the
+process's runtime (:mod:`pipeline.runtime`) or by a test; nothing here reaches for them.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 from acme import messages
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipeline import envelope, renewal, selfcheck, snapshot
-from pipeline.acme_client import NOT_FOUND, AcmeClient, get_client
+from pipeline import envelope, renewal, selfcheck, site_states
+from pipeline.acme_client import NOT_FOUND, AcmeClient
 from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
-from pipeline.connections import get_limiter
-from pipeline.db import session_scope
-from pipeline.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
+from pipeline.errors import (
+    AttemptFailed,
+    NameRefused,
+    PollAgain,
+    RateLimited,
+    RetryLater,
+    validation_problem,
+)
 from pipeline.keys import KeyFileError, PublicKey
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, SiteState
 from pipeline.models.base import utcnow
-from pipeline.settings import KeyType, get_settings
+from pipeline.ratelimit import RateLimiter
+from pipeline.settings import KeyType, Settings
+from pipeline.snapshot import Publisher, site_record
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 PROBE_TTL = 30  # per name: a pre-flight probe lives only as long as its fetches
 CHALLENGE_TTL = 24 * 3600  # an authorization stays pending for days; the token must outlive polls
 MAX_COUNTDOWN = 15 * 60  # under the broker's visibility timeout
-# Challenge errors that mean the CA will not issue for the name whatever we serve.
-VALIDATION_REFUSALS = frozenset({"rejectedIdentifier", "caa", "unsupportedIdentifier"})
 
 
 class OrderGone(Exception):
     """The order was removed (its site deleted): nothing left to do."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the chain: its name (the task's, and the attempt rows'), the order step it
+    runs at, and whether the order's in-flight slot is free once it has run."""
+
+    name: str
+    at: OrderStep
+    ends_order: bool = False
+
+
+STEPS: tuple[Step, ...] = (
+    Step("place_order", OrderStep.QUEUED),
+    Step("publish_challenges", OrderStep.PLACED),
+    Step("poll_validation", OrderStep.CHALLENGED),
+    Step("finalise", OrderStep.READY),
+    Step("encrypt_and_store", OrderStep.ISSUED, ends_order=True),
+)
 
 
 def _order(session: Session, order_id: int) -> Order:
@@ -57,482 +89,536 @@ def _advance(order: Order, step: OrderStep) -> None:
     order.polls = 0
 
 
-def _count_poll(order_id: int) -> int:
-    # A poll is a task run like any other: it tells the sweeper the order is alive.
-    with session_scope() as session:
-        order = _order(session, order_id)
-        order.polls += 1
-        order.touched_at = utcnow()
-        return order.polls
-
-
 def _poll_delay(polls: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return float(min(max(retry_after, 0.5), MAX_COUNTDOWN))
     return float(min(0.5 * 2**polls, 30.0))
 
 
-# --- step 1 --------------------------------------------------------------------------------------
-def place_order(order_id: int) -> None:
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step != OrderStep.QUEUED:
-            return
-        names, profile, replaces = list(order.names), order.profile, order.replaces
-        exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
-        recorded = order_url = order.order_url
-    # Nothing to seal the new key to means no certificate: find out before asking the CA.
-    _edge_key()
-    client = get_client()
-    body = _ca_order_to_resume(client, recorded) if recorded else None
-    if body is None:
-        if get_settings().self_check:
-            _preflight(names)
-        order_url, body = _new_ca_order(client, names, profile, replaces, exempt)
-        # Recorded before the authorizations are fetched: if fetching them fails (a network
-        # blip, a crash), the re-run resumes this CA order instead of placing a second one,
-        # which would count against the CA's order limits and, for an ARI renewal, be
-        # refused as a second replacement of the same certificate. Only over what this run
-        # read: a copy of the step that outlived its lock may have recorded its own order.
-        with session_scope() as session:
-            claimed = session.execute(
-                update(Order)
-                .where(
-                    Order.id == order_id,
-                    Order.step == OrderStep.QUEUED,
-                    Order.order_url.is_(None) if recorded is None else Order.order_url == recorded,
-                )
-                .values(order_url=order_url, finalize_url=body.finalize)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                # Left pending at the CA, which expires it; named here for whoever counts.
-                log.warning("order %s: another run recorded its CA order first; %s unused",
-                            order_id, order_url)  # fmt: skip
-                return
-    authorizations: dict[str, Any] = {}
-    for authz_url in body.authorizations:
-        authz = client.get_authorization(authz_url)
-        http01 = [c for c in authz.challenges if c.chall.typ == "http-01"]
-        if not http01:
-            raise AttemptFailed(f"{authz.identifier.value}: the CA offers no http-01 challenge")
-        authorizations[authz_url] = {
-            "name": authz.identifier.value,
-            "token": http01[0].chall.encode("token"),
-            "challenge_url": http01[0].uri,
-            "status": authz.status.name,
-        }
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step != OrderStep.QUEUED or order.order_url != order_url:
-            return  # another run moved on, or replaced the CA order this one fetched
-        order.authorizations = authorizations
-        _advance(order, OrderStep.PLACED)
+class OrderSteps:
+    """The five steps, and the ends of an attempt, over one runtime's dependencies.
 
-
-def _preflight(names: list[str]) -> None:
-    """Fetch a probe token from every name the way the CA will fetch the real one.
-
-    Before the CA is asked for anything: a dealer who has not pointed DNS at the edges yet
-    costs no order, no pending authorization (the CA allows an account only so many) and no
-    failed validation, and holds no in-flight slot while waiting. The attempt ends and the
-    site tries again on the usual backoff.
+    The ACME client, the limiter and the publisher are asked of the runtime only when a step
+    needs them (a step that finds its order done talks to nobody).
     """
-    settings = get_settings()
-    token, expected = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    try:
-        # Long enough for every name's fetches, each of which may take its full timeout.
-        snapshot.set_challenge(token, expected, PROBE_TTL * len(names))
-    except redis.RedisError as exc:
-        raise RetryLater(f"cannot store the self-check's probe in Redis: {exc}", 10) from exc
-    try:
-        problems = [
-            problem
-            for name in names
-            if (problem := selfcheck.check(name, token, expected, port=settings.http01_port,
-                                           resolver=settings.dns_resolver))
-        ]  # fmt: skip
-    finally:
-        try:
-            snapshot.remove_challenge(token)
-        except redis.RedisError as exc:  # it expires on its own
-            log.warning("could not remove the self-check's probe: %s", exc)
-    if any(problem.ours for problem in problems):
-        # Our outage, not the dealer's DNS: wait for it to end rather than count a failure
-        # against the site and push it onto the daily backoff.
-        reasons = "; ".join(problem.reason for problem in problems if problem.ours)
-        raise RetryLater(reasons, 30)
-    if problems:
-        # Every name at once: a dealer fixing DNS should not find the next broken alias only
-        # on the next attempt, a backoff later.
-        reasons = "; ".join(problem.reason for problem in problems)
-        raise AttemptFailed(f"{reasons}; no order placed", error_type="selfCheck")
 
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings: Settings = runtime.settings
+        self.sessions = runtime.session_scope
 
-def _new_ca_order(
-    client: AcmeClient,
-    names: list[str],
-    profile: str | None,
-    replaces: str | None,
-    exempt: bool,
-) -> tuple[str, messages.Order]:
-    try:
-        return _request_order(client, names, profile, replaces, exempt=exempt)
-    except AttemptFailed as exc:
-        if replaces is None or not _already_replaced(exc):
-            raise
-    # An earlier attempt's order (it failed, or was abandoned) already names the certificate as
-    # the one it replaces, and the CA takes only one: ask without naming it, rather than send
-    # the same refused request on every attempt until the certificate expires. Without it the
-    # order is no longer exempt from the CA's limits.
-    log.warning("renewal of %s: the CA says %s already has a replacement order; ordering "
-                "without naming it", names[0], replaces)  # fmt: skip
-    # An exempt request spent nothing from our limiter; a counted one has spent already.
-    return _request_order(client, names, profile, None, exempt=False, reserve=exempt)
+    @property
+    def acme(self) -> AcmeClient:
+        return self.runtime.acme
 
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.runtime.limiter
 
-def _already_replaced(problem: AttemptFailed) -> bool:
-    # RFC 9773's alreadyReplaced; Boulder said "conflict" before it, Pebble "malformed".
-    return problem.error_type == "alreadyReplaced" or (
-        problem.error_type in ("conflict", "malformed") and "replacement order" in problem.reason
-    )
+    @property
+    def publisher(self) -> Publisher:
+        return self.runtime.publisher
 
+    def run(self, step: Step, order_id: int) -> None:
+        """Run ``step`` for the order."""
+        getattr(self, step.name)(order_id)
 
-def _request_order(
-    client: AcmeClient,
-    names: list[str],
-    profile: str | None,
-    replaces: str | None,
-    *,
-    exempt: bool,
-    reserve: bool = True,
-) -> tuple[str, messages.Order]:
-    account = client.account_uri
-    if reserve:
-        # pacing=False: the transport paces the new-order request itself.
-        decision = get_limiter().reserve_new_order(account, names, exempt=exempt, pacing=False)
-        if not decision.allowed:
-            raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
-    try:
-        return client.new_order(names, profile=profile, replaces=replaces)
-    except RateLimited as exc:
-        # Block the matching bucket for every worker, not just this task.
-        get_limiter().block_for_problem(exc.reason, exc.countdown, account=account, names=names)
-        raise
-
-
-def _ca_order_to_resume(client: AcmeClient, order_url: str) -> messages.Order | None:
-    """The CA order an earlier run of this step placed, or None if it can no longer be used."""
-    try:
-        body, _ = client.get_order(order_url)
-    except AttemptFailed as exc:
-        if exc.error_type not in ("malformed", NOT_FOUND):
-            raise
-        # What Boulder (404, malformed) and Pebble (a bare 404) answer for an order they no
-        # longer hold: after a restart, or once it expired and was cleaned up.
-        log.info("CA order %s is unknown to the CA (%s); placing a new one", order_url, exc)
-        return None
-    if body.status not in (messages.STATUS_PENDING, messages.STATUS_READY):
-        # Expired, or an authorization deactivated (RFC 8555 says "invalid"; Pebble says
-        # "deactivated"): nothing of it can be finished, so start afresh.
-        log.info("CA order %s is %s; placing a new one", order_url, body.status)
-        return None
-    return body
-
-
-# --- step 2 --------------------------------------------------------------------------------------
-def publish_challenges(order_id: int) -> None:
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step != OrderStep.PLACED:
-            return
-        pending = {
-            url: authz
-            for url, authz in (order.authorizations or {}).items()
-            if authz["status"] != "valid"
-        }
-    client = get_client()
-    # Every edge must be able to answer before the CA asks: store and announce first. (That
-    # DNS reaches the edges was checked before the order was placed: _preflight.)
-    for authz in pending.values():
-        key_auth = client.key_authorization(authz["token"])
-        snapshot.set_challenge(authz["token"], key_auth, CHALLENGE_TTL)
-    for authz_url, authz in pending.items():
-        _answer(client, authz_url, authz["challenge_url"])
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step == OrderStep.PLACED:
-            _advance(order, OrderStep.CHALLENGED)
-
-
-def _answer(client: Any, authz_url: str, challenge_url: str) -> None:
-    try:
-        client.answer_challenge(challenge_url)
-    except AttemptFailed:
-        # A re-run after a crash between answering and recording it finds the challenge answered
-        # already, and the CA refuses a second answer (Pebble: "malformed ... only status
-        # pending"). The first answer stands: poll_validation reads its outcome.
-        challenge = next(
-            (c for c in client.get_authorization(authz_url).challenges if c.uri == challenge_url),
-            None,
-        )
-        if challenge is None or challenge.status.name == "pending":
-            raise
-
-
-# --- step 3 --------------------------------------------------------------------------------------
-def poll_validation(order_id: int) -> None:
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step != OrderStep.CHALLENGED:
-            return
-        order_url = order.order_url
-        assert order_url
-        authorizations = dict(order.authorizations or {})
-    client = get_client()
-    body, retry_after = client.get_order(order_url)
-    status = body.status.name
-    if status in ("ready", "processing", "valid"):
-        with session_scope() as session:
+    def _count_poll(self, order_id: int) -> int:
+        # A poll is a task run like any other: it tells the sweeper the order is alive.
+        with self.sessions() as session:
             order = _order(session, order_id)
-            if order.step == OrderStep.CHALLENGED:
-                _advance(order, OrderStep.READY)
-        return
-    if status == "invalid":
-        raise _validation_failure(client, authorizations, body)
-    raise PollAgain(
-        "waiting for the CA to validate", _poll_delay(_count_poll(order_id), retry_after)
-    )
+            order.polls += 1
+            order.touched_at = utcnow()
+            return order.polls
 
-
-def _validation_failure(client: Any, authorizations: dict[str, Any], body: Any) -> AttemptFailed:
-    limiter = get_limiter()
-    account = client.account_uri
-    for authz_url, info in authorizations.items():
-        authz = client.get_authorization(authz_url)
-        if authz.status.name != "invalid":
-            continue
-        limiter.record_authorization_failure(account, info["name"])
-        for challenge in authz.challenges:
-            if challenge.error is not None:
-                code = challenge.error.code or "validation failed"
-                detail = f"{info['name']}: {code}: {challenge.error.detail}"
-                # Not "unauthorized": that is what the CA says when it fetched the token and got
-                # a 404 or the wrong body (DNS or an AAAA record pointing elsewhere), which the
-                # customer can fix, so the site backs off and tries again rather than blocking.
-                if code in VALIDATION_REFUSALS:
-                    return NameRefused(detail, error_type=code)
-                return AttemptFailed(detail, error_type=code)
-    error = body.error
-    if error is not None:
-        return AttemptFailed(f"{error.code}: {error.detail}", error_type=error.code)
-    return AttemptFailed("the CA marked the order invalid without a reason")
-
-
-# --- step 4 --------------------------------------------------------------------------------------
-def finalise(order_id: int) -> None:
-    settings = get_settings()
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step != OrderStep.READY:
-            return
-        first_try = order.csr_pem is None
-        if first_try:
-            # The key is sealed before anything leaves this step; a re-run posts the same CSR.
-            request = new_sealed_request(
-                list(order.names),
-                KeyType(order.site.key_type or settings.key_type),
-                _edge_key(),
-                domain=order.site.domain,
-            )
-            # Only where no run has stored one: a copy of this step that outlived its lock may
-            # have, and the CSR posted must be the one whose key is kept.
-            first_try = bool(
-                session.execute(
+    # --- step 1 ---------------------------------------------------------------------------
+    def place_order(self, order_id: int) -> None:
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step != OrderStep.QUEUED:
+                return
+            names, profile, replaces = list(order.names), order.profile, order.replaces
+            exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
+            recorded = order_url = order.order_url
+        # Nothing to seal the new key to means no certificate: find out before asking the CA.
+        self._edge_key()
+        client = self.acme
+        body = self._ca_order_to_resume(client, recorded) if recorded else None
+        if body is None:
+            if self.settings.self_check:
+                self._preflight(names)
+            order_url, body = self._new_ca_order(client, names, profile, replaces, exempt)
+            # Recorded before the authorizations are fetched: if fetching them fails (a network
+            # blip, a crash), the re-run resumes this CA order instead of placing a second one,
+            # which would count against the CA's order limits and, for an ARI renewal, be
+            # refused as a second replacement of the same certificate. Only over what this run
+            # read: a copy of the step that outlived its lock may have recorded its own order.
+            with self.sessions() as session:
+                claimed = session.execute(
                     update(Order)
-                    .where(Order.id == order_id, Order.csr_pem.is_(None))
-                    .values(key_envelope=request.key_envelope, csr_pem=request.csr_pem)
-                    .execution_options(synchronize_session=False)
-                ).rowcount  # type: ignore[attr-defined]
-            )
-            session.refresh(order, ["csr_pem"])
-        order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
-    assert order_url and finalize_url and csr_pem
-    client = get_client()
-    # poll_validation just saw the order ready: on the first try, finalise without asking again
-    # (an order that is not ready after all answers orderNotReady, which is retried).
-    body: Any = None
-    retry_after: float | None = None
-    if not first_try:
-        body, retry_after = client.get_order(order_url)
-    if body is None or body.status.name == "ready":
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-
-        csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
-        body = client.finalize(finalize_url, csr.public_bytes(serialization.Encoding.DER))
-    status = body.status.name
-    if status == "invalid":
-        error = body.error
-        raise AttemptFailed(f"finalisation refused: {error.detail if error else 'no reason'}")
-    if status != "valid" or not body.certificate:
-        raise PollAgain(
-            "waiting for the CA to issue", _poll_delay(_count_poll(order_id), retry_after)
-        )
-    chain = client.download(body.certificate)
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step == OrderStep.READY:
-            order.certificate_url = body.certificate
-            order.chain_pem = chain
-            _advance(order, OrderStep.ISSUED)
-
-
-def _edge_key() -> PublicKey:
-    path = get_settings().edge_public_key
-    if path is None:
-        raise AttemptFailed("CERTMAN_EDGE_PUBLIC_KEY is not set: nothing to seal keys to")
-    try:
-        return PublicKey.load(path)
-    except KeyFileError as exc:
-        raise AttemptFailed(f"CERTMAN_EDGE_PUBLIC_KEY: {exc}") from None
-
-
-# --- step 5 --------------------------------------------------------------------------------------
-def encrypt_and_store(order_id: int) -> None:
-    settings = get_settings()
-    with session_scope() as session:
-        order = _order(session, order_id)
-        if order.step not in (OrderStep.ISSUED, OrderStep.DONE):
-            return
-        site = order.site
-        if order.step == OrderStep.ISSUED:
-            assert order.chain_pem and order.csr_pem and order.key_envelope
-            try:
-                info = inspect_chain(order.chain_pem, order.csr_pem)
-            except ChainMismatch as exc:
-                raise AttemptFailed(str(exc)) from None
-            renew_at = renewal.lifetime_renew_at(
-                site.domain,
-                info.not_before,
-                info.not_after,
-                fraction=settings.renew_fraction,
-                spread=settings.renew_spread,
-            )
-            session.execute(
-                update(Certificate)
-                .where(Certificate.site_id == site.id, Certificate.current)
-                .values(current=False)
-            )
-            # The envelope says which key it is sealed to; the setting may have moved since.
-            sealed_to = envelope.read_header(
-                envelope.from_text(order.key_envelope, domain=site.domain), domain=site.domain
-            )
-            session.add(
-                Certificate(
-                    site_id=site.id,
-                    order_id=order.id,
-                    chain_pem=order.chain_pem,
-                    key_envelope=order.key_envelope,
-                    scheme=str(sealed_to.scheme),
-                    key_id=sealed_to.key_id,
-                    serial=info.serial,
-                    ari_id=info.ari_id,
-                    not_before=info.not_before,
-                    not_after=info.not_after,
-                    renew_at=renew_at,
-                    current=True,
+                    .where(
+                        Order.id == order_id,
+                        Order.step == OrderStep.QUEUED,
+                        Order.order_url.is_(None)
+                        if recorded is None
+                        else Order.order_url == recorded,
+                    )
+                    .values(order_url=order_url, finalize_url=body.finalize)
                 )
+                if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                    # Left pending at the CA, which expires it; named here for whoever counts.
+                    log.warning("order %s: another run recorded its CA order first; %s unused",
+                                order_id, order_url)  # fmt: skip
+                    return
+        authorizations: dict[str, Any] = {}
+        for authz_url in body.authorizations:
+            authz = client.get_authorization(authz_url)
+            http01 = [c for c in authz.challenges if c.chall.typ == "http-01"]
+            if not http01:
+                raise AttemptFailed(f"{authz.identifier.value}: the CA offers no http-01 challenge")
+            authorizations[authz_url] = {
+                "name": authz.identifier.value,
+                "token": http01[0].chall.encode("token"),
+                "challenge_url": http01[0].uri,
+                "status": authz.status.name,
+            }
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step != OrderStep.QUEUED or order.order_url != order_url:
+                return  # another run moved on, or replaced the CA order this one fetched
+            order.authorizations = authorizations
+            _advance(order, OrderStep.PLACED)
+
+    def _preflight(self, names: list[str]) -> None:
+        """Fetch a probe token from every name the way the CA will fetch the real one.
+
+        Before the CA is asked for anything: a dealer who has not pointed DNS at the edges yet
+        costs no order, no pending authorization (the CA allows an account only so many) and
+        no failed validation, and holds no in-flight slot while waiting. The attempt ends and
+        the site tries again on the usual backoff.
+        """
+        settings = self.settings
+        token, expected = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        try:
+            # Long enough for every name's fetches, each of which may take its full timeout.
+            self.publisher.set_challenge(token, expected, PROBE_TTL * len(names))
+        except redis.RedisError as exc:
+            raise RetryLater(f"cannot store the self-check's probe in Redis: {exc}", 10) from exc
+        try:
+            problems = [
+                problem
+                for name in names
+                if (problem := selfcheck.check(name, token, expected, port=settings.http01_port,
+                                               resolver=settings.dns_resolver))
+            ]  # fmt: skip
+        finally:
+            try:
+                self.publisher.remove_challenge(token)
+            except redis.RedisError as exc:  # it expires on its own
+                log.warning("could not remove the self-check's probe: %s", exc)
+        if any(problem.ours for problem in problems):
+            # Our outage, not the dealer's DNS: wait for it to end rather than count a failure
+            # against the site and push it onto the daily backoff.
+            reasons = "; ".join(problem.reason for problem in problems if problem.ours)
+            raise RetryLater(reasons, 30)
+        if problems:
+            # Every name at once: a dealer fixing DNS should not find the next broken alias
+            # only on the next attempt, a backoff later.
+            reasons = "; ".join(problem.reason for problem in problems)
+            raise AttemptFailed(f"{reasons}; no order placed", error_type="selfCheck")
+
+    def _new_ca_order(
+        self,
+        client: AcmeClient,
+        names: list[str],
+        profile: str | None,
+        replaces: str | None,
+        exempt: bool,
+    ) -> tuple[str, messages.Order]:
+        try:
+            return self._request_order(client, names, profile, replaces, exempt=exempt)
+        except AttemptFailed as exc:
+            if replaces is None or not exc.already_replaced:
+                raise
+        # An earlier attempt's order (it failed, or was abandoned) already names the
+        # certificate as the one it replaces, and the CA takes only one: ask without naming
+        # it, rather than send the same refused request on every attempt until the certificate
+        # expires. Without it the order is no longer exempt from the CA's limits.
+        log.warning("renewal of %s: the CA says %s already has a replacement order; ordering "
+                    "without naming it", names[0], replaces)  # fmt: skip
+        # An exempt request spent nothing from our limiter; a counted one has spent already.
+        return self._request_order(client, names, profile, None, exempt=False, reserve=exempt)
+
+    def _request_order(
+        self,
+        client: AcmeClient,
+        names: list[str],
+        profile: str | None,
+        replaces: str | None,
+        *,
+        exempt: bool,
+        reserve: bool = True,
+    ) -> tuple[str, messages.Order]:
+        account = client.account_uri
+        limiter = self.limiter
+        if reserve:
+            # pacing=False: the transport paces the new-order request itself.
+            decision = limiter.reserve_new_order(account, names, exempt=exempt, pacing=False)
+            if not decision.allowed:
+                raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
+        try:
+            return client.new_order(names, profile=profile, replaces=replaces)
+        except RateLimited as exc:
+            # Block the matching bucket for every worker, not just this task.
+            limiter.block_for_problem(exc.reason, exc.countdown, account=account, names=names)
+            raise
+
+    def _ca_order_to_resume(self, client: AcmeClient, order_url: str) -> messages.Order | None:
+        """The CA order an earlier run of this step placed, or None if it can no longer be
+        used."""
+        try:
+            body, _ = client.get_order(order_url)
+        except AttemptFailed as exc:
+            if exc.error_type not in ("malformed", NOT_FOUND):
+                raise
+            # What Boulder (404, malformed) and Pebble (a bare 404) answer for an order they no
+            # longer hold: after a restart, or once it expired and was cleaned up.
+            log.info("CA order %s is unknown to the CA (%s); placing a new one", order_url, exc)
+            return None
+        if body.status not in (messages.STATUS_PENDING, messages.STATUS_READY):
+            # Expired, or an authorization deactivated (RFC 8555 says "invalid"; Pebble says
+            # "deactivated"): nothing of it can be finished, so start afresh.
+            log.info("CA order %s is %s; placing a new one", order_url, body.status)
+            return None
+        return body
+
+    # --- step 2 ---------------------------------------------------------------------------
+    def publish_challenges(self, order_id: int) -> None:
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step != OrderStep.PLACED:
+                return
+            pending = {
+                url: authz
+                for url, authz in (order.authorizations or {}).items()
+                if authz["status"] != "valid"
+            }
+        client = self.acme
+        # Every edge must be able to answer before the CA asks: store and announce first.
+        # (That DNS reaches the edges was checked before the order was placed: _preflight.)
+        for authz in pending.values():
+            key_auth = client.key_authorization(authz["token"])
+            self.publisher.set_challenge(authz["token"], key_auth, CHALLENGE_TTL)
+        for authz_url, authz in pending.items():
+            self._answer(client, authz_url, authz["challenge_url"])
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step == OrderStep.PLACED:
+                _advance(order, OrderStep.CHALLENGED)
+
+    @staticmethod
+    def _answer(client: AcmeClient, authz_url: str, challenge_url: str) -> None:
+        try:
+            client.answer_challenge(challenge_url)
+        except AttemptFailed:
+            # A re-run after a crash between answering and recording it finds the challenge
+            # answered already, and the CA refuses a second answer (Pebble: "malformed ... only
+            # status pending"). The first answer stands: poll_validation reads its outcome.
+            challenge = next(
+                (
+                    c
+                    for c in client.get_authorization(authz_url).challenges
+                    if c.uri == challenge_url
+                ),
+                None,
             )
-            site.state = SiteState.ACTIVE
-            site.last_error = None
-            site.consecutive_failures = 0
-            site.next_attempt_at = None
-            _advance(order, OrderStep.DONE)
-            order.finished_at = utcnow()
-            # The order's copy of the envelope is no longer needed: the certificate holds it.
-            order.key_envelope = None
-            session.add(Attempt(site_id=site.id, order_id=order.id, step="store", outcome="ok"))
-        session.flush()
-        record = snapshot.site_record(session, site)
-        tokens = [a["token"] for a in (order.authorizations or {}).values()]
-    # Published after the commit, and again on a re-run: the snapshot follows the store.
-    try:
-        snapshot.publish(record)
-        for token in tokens:
-            snapshot.remove_challenge(token)
-    except redis.RedisError as exc:
-        # Stored but not on the edges yet: the retry, at DONE, publishes again (and if even
-        # the retry cannot be sent, beat's snapshot reconcile finds the difference).
-        raise RetryLater(f"stored, but not yet published to the edges: {exc}", 5) from exc
+            if challenge is None or challenge.status.name == "pending":
+                raise
 
-
-# --- failures ------------------------------------------------------------------------------------
-def fail_order(order_id: int, step: str, problem: AttemptFailed) -> None:
-    """End this attempt: record why, and schedule the next one (or block the site)."""
-    now = utcnow()
-    with session_scope() as session:
-        order = session.get(Order, order_id)
-        if order is None or OrderStep(order.step).finished:
-            return  # already ended: a second report of the same failure changes nothing
-        site = order.site
-        order.step = OrderStep.FAILED
-        order.error = problem.reason
-        order.finished_at = order.step_changed_at = now
-        tokens = [a["token"] for a in (order.authorizations or {}).values()]
-        site.last_error = problem.reason
-        site.consecutive_failures += 1
-        has_cert = session.scalar(
-            select(Certificate.id).where(Certificate.site_id == site.id, Certificate.current)
+    # --- step 3 ---------------------------------------------------------------------------
+    def poll_validation(self, order_id: int) -> None:
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step != OrderStep.CHALLENGED:
+                return
+            order_url = order.order_url
+            assert order_url
+            authorizations = dict(order.authorizations or {})
+        client = self.acme
+        body, retry_after = client.get_order(order_url)
+        status = body.status.name
+        if status in ("ready", "processing", "valid"):
+            with self.sessions() as session:
+                order = _order(session, order_id)
+                if order.step == OrderStep.CHALLENGED:
+                    _advance(order, OrderStep.READY)
+            return
+        if status == "invalid":
+            raise self._validation_failure(client, authorizations, body)
+        raise PollAgain(
+            "waiting for the CA to validate", _poll_delay(self._count_poll(order_id), retry_after)
         )
-        if isinstance(problem, NameRefused):
-            site.state = SiteState.BLOCKED
-            site.next_attempt_at = None
-            site.last_error = f"{problem.reason} (blocked until someone acts)"
-            outcome = "blocked"
-        else:
-            retry_at = now + renewal.backoff(site.consecutive_failures)
-            if has_cert:
-                # A renewal failed: keep serving the old certificate, try again later.
-                site.state = SiteState.ACTIVE
+
+    def _validation_failure(
+        self, client: AcmeClient, authorizations: dict[str, Any], body: Any
+    ) -> AttemptFailed:
+        account = client.account_uri
+        for authz_url, info in authorizations.items():
+            authz = client.get_authorization(authz_url)
+            if authz.status.name != "invalid":
+                continue
+            self.limiter.record_authorization_failure(account, info["name"])
+            for challenge in authz.challenges:
+                if challenge.error is not None:
+                    code = challenge.error.code or "validation failed"
+                    detail = f"{info['name']}: {code}: {challenge.error.detail}"
+                    # What a validation error means is the table's (pipeline.errors): the
+                    # CA's "unauthorized" here is a token it fetched and found wrong, which
+                    # the customer can fix, so the site backs off rather than blocks.
+                    return validation_problem(detail, code)
+        error = body.error
+        if error is not None:
+            return AttemptFailed(f"{error.code}: {error.detail}", error_type=error.code)
+        return AttemptFailed("the CA marked the order invalid without a reason")
+
+    # --- step 4 ---------------------------------------------------------------------------
+    def finalise(self, order_id: int) -> None:
+        settings = self.settings
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step != OrderStep.READY:
+                return
+            first_try = order.csr_pem is None
+            if first_try:
+                # The key is sealed before anything leaves this step; a re-run posts the same
+                # CSR.
+                request = new_sealed_request(
+                    list(order.names),
+                    KeyType(order.site.key_type or settings.key_type),
+                    self._edge_key(),
+                    domain=order.site.domain,
+                )
+                # Only where no run has stored one: a copy of this step that outlived its lock
+                # may have, and the CSR posted must be the one whose key is kept.
+                first_try = bool(
+                    session.execute(
+                        update(Order)
+                        .where(Order.id == order_id, Order.csr_pem.is_(None))
+                        .values(key_envelope=request.key_envelope, csr_pem=request.csr_pem)
+                        .execution_options(synchronize_session=False)
+                    ).rowcount  # type: ignore[attr-defined]
+                )
+                session.refresh(order, ["csr_pem"])
+            order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
+        assert order_url and finalize_url and csr_pem
+        client = self.acme
+        # poll_validation just saw the order ready: on the first try, finalise without asking
+        # again (an order that is not ready after all answers orderNotReady, which is retried).
+        body: Any = None
+        retry_after: float | None = None
+        if not first_try:
+            body, retry_after = client.get_order(order_url)
+        if body is None or body.status.name == "ready":
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
+
+            csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+            body = client.finalize(finalize_url, csr.public_bytes(serialization.Encoding.DER))
+        status = body.status.name
+        if status == "invalid":
+            error = body.error
+            raise AttemptFailed(f"finalisation refused: {error.detail if error else 'no reason'}")
+        if status != "valid" or not body.certificate:
+            raise PollAgain(
+                "waiting for the CA to issue", _poll_delay(self._count_poll(order_id), retry_after)
+            )
+        chain = client.download(body.certificate)
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step == OrderStep.READY:
+                order.certificate_url = body.certificate
+                order.chain_pem = chain
+                _advance(order, OrderStep.ISSUED)
+
+    def _edge_key(self) -> PublicKey:
+        path = self.settings.edge_public_key
+        if path is None:
+            raise AttemptFailed("CERTMAN_EDGE_PUBLIC_KEY is not set: nothing to seal keys to")
+        try:
+            return PublicKey.load(path)
+        except KeyFileError as exc:
+            raise AttemptFailed(f"CERTMAN_EDGE_PUBLIC_KEY: {exc}") from None
+
+    # --- step 5 ---------------------------------------------------------------------------
+    def encrypt_and_store(self, order_id: int) -> None:
+        settings = self.settings
+        with self.sessions() as session:
+            order = _order(session, order_id)
+            if order.step not in (OrderStep.ISSUED, OrderStep.DONE):
+                return
+            site = order.site
+            if order.step == OrderStep.ISSUED:
+                assert order.chain_pem and order.csr_pem and order.key_envelope
+                try:
+                    info = inspect_chain(order.chain_pem, order.csr_pem)
+                except ChainMismatch as exc:
+                    raise AttemptFailed(str(exc)) from None
+                renew_at = renewal.lifetime_renew_at(
+                    site.domain,
+                    info.not_before,
+                    info.not_after,
+                    fraction=settings.renew_fraction,
+                    spread=settings.renew_spread,
+                )
                 session.execute(
                     update(Certificate)
                     .where(Certificate.site_id == site.id, Certificate.current)
-                    .values(renew_at=retry_at)
+                    .values(current=False)
                 )
-            else:
-                site.state = SiteState.RETRYING
-                site.next_attempt_at = retry_at
-            outcome = "failed"
-        session.add(
-            Attempt(
-                site_id=site.id,
-                order_id=order.id,
-                step=step,
-                outcome=outcome,
-                error_type=problem.error_type,
-                detail=problem.reason,
+                # The envelope says which key it is sealed to; the setting may have moved since.
+                sealed_to = envelope.read_header(
+                    envelope.from_text(order.key_envelope, domain=site.domain), domain=site.domain
+                )
+                session.add(
+                    Certificate(
+                        site_id=site.id,
+                        order_id=order.id,
+                        chain_pem=order.chain_pem,
+                        key_envelope=order.key_envelope,
+                        scheme=str(sealed_to.scheme),
+                        key_id=sealed_to.key_id,
+                        serial=info.serial,
+                        ari_id=info.ari_id,
+                        not_before=info.not_before,
+                        not_after=info.not_after,
+                        renew_at=renew_at,
+                        current=True,
+                    )
+                )
+                site_states.set_state(site, SiteState.ACTIVE)
+                site.last_error = None
+                site.consecutive_failures = 0
+                site.next_attempt_at = None
+                _advance(order, OrderStep.DONE)
+                order.finished_at = utcnow()
+                # The order's copy of the envelope is no longer needed: the certificate has it.
+                order.key_envelope = None
+                session.add(Attempt(site_id=site.id, order_id=order.id, step="store", outcome="ok"))
+            session.flush()
+            record = site_record(session, site)
+            tokens = [a["token"] for a in (order.authorizations or {}).values()]
+        # Published after the commit, and again on a re-run: the snapshot follows the store.
+        try:
+            self.publisher.publish(record)
+            for token in tokens:
+                self.publisher.remove_challenge(token)
+        except redis.RedisError as exc:
+            # Stored but not on the edges yet: the retry, at DONE, publishes again (and if even
+            # the retry cannot be sent, beat's snapshot reconcile finds the difference).
+            raise RetryLater(f"stored, but not yet published to the edges: {exc}", 5) from exc
+
+    # --- the ends of an attempt -----------------------------------------------------------
+    def fail_order(self, order_id: int, step: str, problem: AttemptFailed) -> None:
+        """End this attempt: record why, and schedule the next one (or block the site)."""
+        now = utcnow()
+        with self.sessions() as session:
+            order = session.get(Order, order_id)
+            if order is None or OrderStep(order.step).finished:
+                return  # already ended: a second report of the same failure changes nothing
+            site = order.site
+            order.step = OrderStep.FAILED
+            order.error = problem.reason
+            order.finished_at = order.step_changed_at = now
+            tokens = [a["token"] for a in (order.authorizations or {}).values()]
+            site.last_error = problem.reason
+            site.consecutive_failures += 1
+            has_cert = session.scalar(
+                select(Certificate.id).where(Certificate.site_id == site.id, Certificate.current)
             )
-        )
-        domain = site.domain
-    log.warning("order %s for %s failed at %s: %s", order_id, domain, step, problem.reason)
-    for token in tokens:
-        snapshot.remove_challenge(token)
-
-
-def note_retry(order_id: int, step: str, problem: RetryLater) -> None:
-    """Keep a trace of transient trouble without ending the attempt."""
-    with session_scope() as session:
-        order = session.get(Order, order_id)
-        if order is None:
-            return
-        order.touched_at = utcnow()
-        if not isinstance(problem, RateLimited) or "rate limited by the CA" in problem.reason:
+            if isinstance(problem, NameRefused):
+                site_states.set_state(site, SiteState.BLOCKED)
+                site.next_attempt_at = None
+                site.last_error = f"{problem.reason} (blocked until someone acts)"
+                outcome = "blocked"
+            else:
+                retry_at = now + renewal.backoff(site.consecutive_failures)
+                if has_cert:
+                    # A renewal failed: keep serving the old certificate, try again later.
+                    site_states.set_state(site, SiteState.ACTIVE)
+                    session.execute(
+                        update(Certificate)
+                        .where(Certificate.site_id == site.id, Certificate.current)
+                        .values(renew_at=retry_at)
+                    )
+                else:
+                    site_states.set_state(site, SiteState.RETRYING)
+                    site.next_attempt_at = retry_at
+                outcome = "failed"
             session.add(
                 Attempt(
-                    site_id=order.site_id,
+                    site_id=site.id,
                     order_id=order.id,
                     step=step,
-                    outcome="retry",
+                    outcome=outcome,
+                    error_type=problem.error_type,
                     detail=problem.reason,
                 )
             )
+            domain = site.domain
+        log.warning("order %s for %s failed at %s: %s", order_id, domain, step, problem.reason)
+        for token in tokens:
+            self.publisher.remove_challenge(token)
+
+    def note_retry(self, order_id: int, step: str, problem: RetryLater) -> None:
+        """Keep a trace of transient trouble without ending the attempt."""
+        with self.sessions() as session:
+            order = session.get(Order, order_id)
+            if order is None:
+                return
+            order.touched_at = utcnow()
+            # Our own limiter's waits are routine pacing: only the CA's refusals are recorded.
+            if not isinstance(problem, RateLimited) or problem.by_ca:
+                session.add(
+                    Attempt(
+                        site_id=order.site_id,
+                        order_id=order.id,
+                        step=step,
+                        outcome="retry",
+                        detail=problem.reason,
+                    )
+                )
+
+
+# --- the process's steps, for scripts and benchmarks (tasks pass the runtime themselves) ---------
+def _steps() -> OrderSteps:
+    from pipeline import runtime
+
+    return OrderSteps(runtime.current())
+
+
+def place_order(order_id: int) -> None:
+    _steps().place_order(order_id)
+
+
+def publish_challenges(order_id: int) -> None:
+    _steps().publish_challenges(order_id)
+
+
+def poll_validation(order_id: int) -> None:
+    _steps().poll_validation(order_id)
+
+
+def finalise(order_id: int) -> None:
+    _steps().finalise(order_id)
+
+
+def encrypt_and_store(order_id: int) -> None:
+    _steps().encrypt_and_store(order_id)
+
+
+def fail_order(order_id: int, step: str, problem: AttemptFailed) -> None:
+    _steps().fail_order(order_id, step, problem)
+
+
+def note_retry(order_id: int, step: str, problem: RetryLater) -> None:
+    _steps().note_retry(order_id, step, problem)

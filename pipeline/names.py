@@ -29,9 +29,11 @@ class InvalidName(ValueError):
 
 
 @functools.cache
-def _psl() -> PublicSuffixList:
-    # accept_unknown=False: a TLD the list does not know is not a suffix we can issue under.
-    return PublicSuffixList(accept_unknown=False)
+def _psl(*, accept_unknown: bool = False) -> PublicSuffixList:
+    # Validation: accept_unknown=False, a TLD the list does not know is not a suffix we can
+    # issue under. Counting (registered_domain): the CA's rule, an unknown TLD is a suffix.
+    # Loading the list costs ~0.1 s: once per flavour, on first use, not at import.
+    return PublicSuffixList(accept_unknown=accept_unknown)
 
 
 def normalise(raw: str) -> str:
@@ -95,9 +97,19 @@ def _check_labels(raw: str, name: str) -> str:
     return name
 
 
+def comparison_form(name: str) -> str:
+    """Lower-case, without a trailing dot: the form the CA compares names in (no validation,
+    for names that are already stored or that come back in a CA's message)."""
+    return name.strip().rstrip(".").lower()
+
+
 def registered_domain(name: str) -> str:
-    """The name's registrable domain (``www.example.co.uk`` -> ``example.co.uk``)."""
-    return _psl().privatesuffix(name) or name
+    """The registered domain (public suffix + 1 label) a name counts against at the CA:
+    ``www.example.co.uk`` -> ``example.co.uk``. A name that is itself a public suffix (or is
+    malformed) counts for itself; a wildcard counts for the name under it."""
+    name = comparison_form(name).removeprefix("*.")
+    registered: str | None = _psl(accept_unknown=True).privatesuffix(name)
+    return registered or name
 
 
 def _is_ip_address(text: str) -> bool:

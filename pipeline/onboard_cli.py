@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline import onboarding
+from pipeline import snapshot
 from pipeline.connections import get_redis
 from pipeline.keys import KeyFileError
 from pipeline.onboarding import (
@@ -38,7 +38,6 @@ from pipeline.onboarding import (
     RejectedWriter,
     Summary,
     estimate,
-    heal_snapshot,
     open_input,
     read_lines,
 )
@@ -218,11 +217,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             priority=args.priority,
         ),
         # Looked up at each call, not bound at import: a test swaps it to crash mid-run.
-        publish_batch=(lambda sites: onboarding.publish_records(client, prefix, sites, signing_key))
+        publish_batch=(lambda sites: snapshot.publish_records(client, prefix, sites, signing_key))
         if writes
         else None,
         publish_existing=(
-            lambda domains: heal_snapshot(engine, client, prefix, domains, signing_key)
+            lambda domains: snapshot.heal_snapshot(engine, client, prefix, domains, signing_key)
         )
         if writes
         else None,

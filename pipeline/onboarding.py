@@ -38,13 +38,17 @@ from typing import IO, Any, Literal
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from pipeline import distribution
+from pipeline import site_states
 from pipeline.models import Site, SiteName, SiteState
 from pipeline.models.base import utcnow
 from pipeline.names import registered_domain
 from pipeline.ratelimit import Limits, Rate
-from pipeline.signing import SigningKey
 from pipeline.sites import NewSite, parse_site
+
+# Publishing the batches to the edges is the snapshot's (the one home for publishing); named
+# here too for the callers that found them here (scripts, benchmarks/onboard.py).
+from pipeline.snapshot import heal_snapshot as heal_snapshot
+from pipeline.snapshot import publish_records as publish_records
 
 SITES = Site.__table__
 SITE_NAMES = SiteName.__table__
@@ -446,7 +450,7 @@ class Onboarding:
                 "domain": site.domain,
                 "upstream": site.upstream,
                 "customer_ref": site.customer_ref,
-                "state": SiteState.PENDING.value,
+                "state": site_states.INITIAL.value,
                 "consecutive_failures": 0,
                 "next_attempt_at": next_attempt_at,
                 "created_at": now,
@@ -477,7 +481,7 @@ class Onboarding:
         with self.engine.connect() as connection:
             earliest = connection.execute(
                 select(func.min(Site.next_attempt_at)).where(
-                    Site.state.in_([SiteState.PENDING, SiteState.RETRYING])
+                    Site.state.in_(site_states.sources(SiteState.ISSUING))
                 )
             ).scalar_one_or_none()
         return min(earliest or now, now) - timedelta(seconds=1)
@@ -494,57 +498,6 @@ def _insert(dialect: str, table: Any) -> Any:
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-# --- publishing to the edges -------------------------------------------------------------------
-def publish_records(
-    redis_client: Any, prefix: str, sites: Sequence[NewSite], signer: SigningKey
-) -> None:
-    """The batch's new sites into the edges' snapshot, signed: two Redis round trips a batch.
-
-    Each site still goes through the atomic publishing script and its event
-    (:func:`pipeline.snapshot.publish_batch`); the batch only saves the round trips.
-    """
-    from pipeline import snapshot
-
-    records = [
-        distribution.SiteRecord(
-            domain=site.domain,
-            names=site.names,
-            upstream=site.upstream,
-            chain_pem=None,
-            envelope=None,
-            not_after=None,
-            serial=None,
-        )
-        for site in sites
-    ]
-    snapshot.publish_batch(redis_client, prefix, records, signer)
-
-
-def heal_snapshot(
-    engine: Engine, redis_client: Any, prefix: str, domains: Sequence[str], signer: SigningKey
-) -> None:
-    """Publish the sites among ``domains`` that the snapshot lacks.
-
-    A run killed between a batch's commit and its publication leaves committed sites the edges
-    do not know; the re-run finds them "already there" and this puts them back. One HMGET per
-    batch: the common case (all present) costs one round trip.
-    """
-    present = redis_client.hmget(f"{prefix}:index", list(domains))
-    missing = [domain for domain, entry in zip(domains, present, strict=True) if entry is None]
-    if not missing:
-        return
-    from sqlalchemy.orm import Session, selectinload
-
-    from pipeline import snapshot
-
-    with Session(engine) as session:
-        sites = session.scalars(
-            select(Site).where(Site.domain.in_(missing)).options(selectinload(Site.names))
-        ).all()
-        records = [snapshot.site_record(session, site) for site in sites]
-    snapshot.publish_batch(redis_client, prefix, records, signer)
 
 
 def open_input(path: str) -> IO[str]:

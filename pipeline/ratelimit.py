@@ -23,7 +23,6 @@ Bucket names, by kind (the first ``:``-separated part)::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -36,9 +35,10 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pipeline.names import comparison_form, registered_domain
+
 if TYPE_CHECKING:
     import redis
-    from publicsuffixlist import PublicSuffixList
 
 log = logging.getLogger(__name__)
 
@@ -371,30 +371,9 @@ class BucketStatus:
         }
 
 
-@functools.cache
-def _psl() -> PublicSuffixList:
-    # Loading the list costs ~0.1 s: do it once, on first use, not at import.
-    from publicsuffixlist import PublicSuffixList
-
-    return PublicSuffixList()
-
-
-def normalize_name(name: str) -> str:
-    """Lower-case, without a trailing dot: the form the CA compares names in."""
-    return name.strip().rstrip(".").lower()
-
-
-def registered_domain(name: str) -> str:
-    """The registered domain (public suffix + 1 label) a name counts against at the CA."""
-    name = normalize_name(name).removeprefix("*.")
-    registered: str | None = _psl().privatesuffix(name)
-    # A name that is itself a public suffix (or is malformed) counts for itself.
-    return registered or name
-
-
 def names_key(names: Iterable[str]) -> str:
     """Key of an exact set of names: order and case do not matter, as at the CA."""
-    joined = "\n".join(sorted({normalize_name(n) for n in names}))
+    joined = "\n".join(sorted({comparison_form(n) for n in names}))
     return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
@@ -458,7 +437,7 @@ class RateLimiter:
     ) -> list[Spend]:
         """The buckets a new order needs (see :meth:`reserve_new_order`)."""
         limits = self.limits
-        unique = sorted({normalize_name(n) for n in names})
+        unique = sorted({comparison_form(n) for n in names})
         spends: list[Spend] = []
         if not exempt:
             spends.append(Spend(f"new-orders:{account}", limits.new_orders))
@@ -519,7 +498,7 @@ class RateLimiter:
         self, account: str, name: str, *, now: float | None = None
     ) -> None:
         """Count a failed authorization; never refused (the CA has counted it already)."""
-        bucket = f"authz-failures:{account}:{normalize_name(name)}"
+        bucket = f"authz-failures:{account}:{comparison_form(name)}"
         self.acquire([Spend(bucket, self.limits.authz_failures, "force")], now=now)
 
     def block(self, bucket: str, seconds: float, *, now: float | None = None) -> float:
@@ -542,10 +521,10 @@ class RateLimiter:
     ) -> list[str]:
         """The bucket(s) a CA ``rateLimited`` problem detail is about (see the wording below)."""
         text = detail.lower()
-        unique = sorted({normalize_name(n) for n in names})
+        unique = sorted({comparison_form(n) for n in names})
         # Let's Encrypt names the domain in quotes ("example.com"); the old wording after "for: ".
-        quoted = [normalize_name(q) for q in re.findall(r"\"([^\"\s]+)\"", text)]
-        quoted += [normalize_name(q) for q in re.findall(r"issued for: ([^\s:,]+)", text)]
+        quoted = [comparison_form(q) for q in re.findall(r"\"([^\"\s]+)\"", text)]
+        quoted += [comparison_form(q) for q in re.findall(r"issued for: ([^\s:,]+)", text)]
         if "exact set" in text or "exact same set" in text:
             return [f"duplicate-certs:{names_key(unique)}"]
         if "too many certificates" in text:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from pipeline import site_states
 from pipeline.dispatch import UNFINISHED
 from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
@@ -116,7 +117,7 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
         customer_ref=new.customer_ref,
         profile=new.profile,
         key_type=new.key_type,
-        state=SiteState.PENDING,
+        state=site_states.INITIAL,
         next_attempt_at=now or utcnow(),
         names=[SiteName(name=name) for name in new.names],
     )
@@ -186,16 +187,14 @@ def retry_sites(
         )
         # Only from the state read above, as the dispatcher claims a site: one it started since
         # is not set back, which would start a second order.
-        moved = session.execute(
-            update(Site)
-            .where(Site.id == site.id, Site.state == was)
-            .values(
-                state=SiteState.ACTIVE if has_cert else SiteState.PENDING,
-                next_attempt_at=None if has_cert else now,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
+        moved = site_states.move(
+            session,
+            site.id,
+            was,
+            SiteState.ACTIVE if has_cert else SiteState.PENDING,
+            now=now,
+            next_attempt_at=None if has_cert else now,
+        )
         if not moved:
             continue
         if has_cert:

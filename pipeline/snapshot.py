@@ -1,8 +1,9 @@
 """What the edges see: the pipeline's side of the Redis snapshot (pipeline.distribution).
 
-The one home for publishing to the edges: every site record, removal, resync and challenge
-answer goes through here, signed with the pipeline's signing key (:mod:`pipeline.signer`),
-because an edge serves only what verifies.
+The one home for publishing to the edges: every site record, removal, resync, reconcile,
+challenge answer and bulk onboarding batch goes through here (:class:`Publisher`, or the batch
+functions onboarding calls), signed with the pipeline's signing key, because an edge serves
+only what verifies.
 """
 
 from __future__ import annotations
@@ -10,23 +11,20 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload
 
 from pipeline import distribution
-from pipeline.connections import get_redis
 from pipeline.models import Certificate, Site, SiteName
-from pipeline.settings import get_settings
-from pipeline.signer import get_signing_key
 from pipeline.signing import BadSignature, SignedSite, SigningKey, TrustedSigners
-from pipeline.sites import current_certificates
+from pipeline.sites import NewSite, current_certificates
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +48,106 @@ def _record(site: Site, cert: Certificate | None) -> distribution.SiteRecord:
     )
 
 
+class Publisher:
+    """The pipeline's side of the edges' snapshot: every write to it goes through here, signed.
+
+    Made by the process's runtime (:class:`pipeline.runtime.Runtime`) over its Redis client
+    and signing key; the key is asked for only when something is signed.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis[Any],
+        prefix: str,
+        signing_key: Callable[[], SigningKey],
+    ) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._signing_key = signing_key
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return self._signing_key()
+
+    def publish(self, record: distribution.SiteRecord) -> None:
+        distribution.publish_site(self.redis, self.prefix, record, signer=self.signing_key)
+
+    def unpublish(self, domain: str) -> None:
+        """Take a site off the edges: a signed tombstone, the only removal an edge believes."""
+        distribution.remove_site(self.redis, self.prefix, domain, signer=self.signing_key)
+
+    def publish_batch(self, records: Iterable[distribution.SiteRecord]) -> None:
+        publish_batch(self.redis, self.prefix, records, self.signing_key)
+
+    def set_challenge(self, token: str, key_authorization: str, ttl: int) -> None:
+        distribution.set_challenge(
+            self.redis, self.prefix, token, key_authorization, ttl, signer=self.signing_key
+        )
+
+    def remove_challenge(self, token: str) -> None:
+        distribution.remove_challenge(self.redis, self.prefix, token)
+
+    def exists(self) -> bool:
+        """Whether Redis holds a snapshot at all (its version counter is set by every write)."""
+        return bool(self.redis.exists(f"{self.prefix}:version"))
+
+    def resync(self, session: Session) -> int:
+        """Rebuild the whole snapshot from the store (after a Redis loss); returns the count."""
+        return _resync(self, session)
+
+    def find_drift(self, session: Session) -> Drift:
+        return _find_drift(self, session)
+
+    def reconcile(
+        self, session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int | None
+    ) -> Drift:
+        return _reconcile(self, session_scope, limit=limit)
+
+
+def _publisher() -> Publisher:
+    from pipeline import runtime
+
+    return runtime.current().publisher
+
+
+# --- the process's publisher, for commands and scripts -------------------------------------------
 def publish(record: distribution.SiteRecord) -> None:
-    distribution.publish_site(
-        get_redis(), get_settings().redis_prefix, record, signer=get_signing_key()
-    )
+    _publisher().publish(record)
 
 
 def unpublish(domain: str) -> None:
     """Take a site off the edges: a signed tombstone, the only removal an edge believes."""
-    distribution.remove_site(
-        get_redis(), get_settings().redis_prefix, domain, signer=get_signing_key()
-    )
+    _publisher().unpublish(domain)
 
 
 def set_challenge(token: str, key_authorization: str, ttl: int) -> None:
-    distribution.set_challenge(
-        get_redis(),
-        get_settings().redis_prefix,
-        token,
-        key_authorization,
-        ttl,
-        signer=get_signing_key(),
-    )
+    _publisher().set_challenge(token, key_authorization, ttl)
+
+
+def remove_challenge(token: str) -> None:
+    _publisher().remove_challenge(token)
+
+
+def exists() -> bool:
+    """Whether Redis holds a snapshot at all (its version counter is set by every write)."""
+    return _publisher().exists()
+
+
+def resync(session: Session) -> int:
+    """Rebuild the whole snapshot from the store (after a Redis loss); returns the site count."""
+    return _publisher().resync(session)
+
+
+def find_drift(session: Session) -> Drift:
+    """Compare the store with the snapshot's index and signed statements."""
+    return _publisher().find_drift(session)
+
+
+def reconcile(
+    session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int | None
+) -> Drift:
+    """Publish what the snapshot lacks and remove what the store no longer has."""
+    return _publisher().reconcile(session_scope, limit=limit)
 
 
 def publish_batch(
@@ -84,20 +160,56 @@ def publish_batch(
     distribution.publish_sites(client, prefix, records, signer)
 
 
-def remove_challenge(token: str) -> None:
-    distribution.remove_challenge(get_redis(), get_settings().redis_prefix, token)
+def publish_records(
+    redis_client: redis.Redis[Any], prefix: str, sites: Sequence[NewSite], signer: SigningKey
+) -> None:
+    """Bulk onboarding's new sites into the edges' snapshot, signed: two Redis round trips a
+    batch. Each site still goes through the atomic publishing script and its event; the batch
+    only saves the round trips."""
+    records = [
+        distribution.SiteRecord(
+            domain=site.domain,
+            names=site.names,
+            upstream=site.upstream,
+            chain_pem=None,
+            envelope=None,
+            not_after=None,
+            serial=None,
+        )
+        for site in sites
+    ]
+    publish_batch(redis_client, prefix, records, signer)
 
 
-def exists() -> bool:
-    """Whether Redis holds a snapshot at all (its version counter is set by every write)."""
-    return bool(get_redis().exists(f"{get_settings().redis_prefix}:version"))
+def heal_snapshot(
+    engine: Engine,
+    redis_client: redis.Redis[Any],
+    prefix: str,
+    domains: Sequence[str],
+    signer: SigningKey,
+) -> None:
+    """Publish the sites among ``domains`` that the snapshot lacks.
+
+    A bulk onboarding killed between a batch's commit and its publication leaves committed
+    sites the edges do not know; the re-run finds them "already there" and this puts them
+    back. One HMGET per batch: the common case (all present) costs one round trip.
+    """
+    present = redis_client.hmget(f"{prefix}:index", list(domains))
+    missing = [domain for domain, entry in zip(domains, present, strict=True) if entry is None]
+    if not missing:
+        return
+    with Session(engine) as session:
+        sites = session.scalars(
+            select(Site).where(Site.domain.in_(missing)).options(selectinload(Site.names))
+        ).all()
+        records = [site_record(session, site) for site in sites]
+    publish_batch(redis_client, prefix, records, signer)
 
 
 RESYNC_BATCH = 1000
 
 
-def resync(session: Session) -> int:
-    """Rebuild the whole snapshot from the store (after a Redis loss); returns the site count."""
+def _resync(publisher: Publisher, session: Session) -> int:
     count = 0
     if session.get_bind().dialect.name == "postgresql":
         # The batches are read one after another: one snapshot of the store for all of them,
@@ -124,7 +236,7 @@ def resync(session: Session) -> int:
             session.expunge_all()
 
     distribution.replace_all(
-        get_redis(), get_settings().redis_prefix, records(), signer=get_signing_key()
+        publisher.redis, publisher.prefix, records(), signer=publisher.signing_key
     )
     return count
 
@@ -192,7 +304,7 @@ def _signed_by_us(key: SigningKey) -> TrustedSigners:
     return TrustedSigners.of([ed25519.Ed25519PublicKey.from_public_bytes(key.public_bytes)])
 
 
-def find_drift(session: Session) -> Drift:
+def _find_drift(publisher: Publisher, session: Session) -> Drift:
     """Compare the store with the snapshot's index and signed statements, reading only the
     small columns of the store."""
     certs = {
@@ -226,8 +338,8 @@ def find_drift(session: Session) -> Drift:
         )
         expected[domain] = _summary(record)
         claims[domain] = _claims(record.statement(0))
-    prefix = get_settings().redis_prefix
-    client = get_redis()
+    prefix = publisher.prefix
+    client = publisher.redis
     found: dict[str, tuple[object, ...] | None] = {}
     hashes: dict[str, str] = {}
     for raw_domain, raw_entry in client.hscan_iter(f"{prefix}:index", count=1000):
@@ -238,7 +350,7 @@ def find_drift(session: Session) -> Drift:
             found[domain] = None  # unreadable: published again if the store has it
             continue
         found[domain], hashes[domain] = parsed[1:], parsed[0]
-    key = get_signing_key()
+    key = publisher.signing_key
     trusted = _signed_by_us(key)
     good: set[str] = set()
     live: set[str] = set()  # statements of a site (not a tombstone), whatever their signature
@@ -271,8 +383,11 @@ def find_drift(session: Session) -> Drift:
     return Drift(stale=stale, extra=extra, unsigned=unsigned)
 
 
-def reconcile(
-    session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int | None
+def _reconcile(
+    publisher: Publisher,
+    session_scope: Callable[[], AbstractContextManager[Session]],
+    *,
+    limit: int | None,
 ) -> Drift:
     """Publish what the snapshot lacks and remove what the store no longer has.
 
@@ -285,7 +400,7 @@ def reconcile(
     a snapshot that is wholly wrong is for ``resync``.
     """
     with session_scope() as session:
-        drift = find_drift(session)
+        drift = _find_drift(publisher, session)
     fixes = [*drift.extra, *drift.stale][:limit]
     failed = 0
     for domain in fixes:
@@ -296,9 +411,9 @@ def reconcile(
             record = site_record(session, site) if site is not None else None
         try:
             if record is not None:
-                publish(record)
+                publisher.publish(record)
             else:
-                unpublish(domain)
+                publisher.unpublish(domain)
         except RuntimeError as exc:
             # The publishing script refused every version we signed (a signed version in Redis
             # that stays above ours): one site, not a reason to leave the others unfixed.

@@ -1,16 +1,16 @@
-"""Upkeep: what beat runs so that the fleet needs nobody — stuck orders, ARI, expiry, re-seals.
+"""Fleet upkeep: what beat runs so that the fleet needs nobody — stuck orders, expiry and
+failure alerts. (When a certificate is renewed, ARI included, is :mod:`pipeline.renewal`'s.)
 
 Plain functions over a session; the tasks in pipeline.tasks.maintenance only call them and send
 messages after the commit. Every function is a handful of indexed queries whatever the size of
-the fleet (the indexes: orders(step, touched_at), certificates(current, renew_at),
-certificates(current, not_after), certificates(scheme, key_id)), and safe to run twice.
+the fleet (the indexes: orders(step, touched_at), certificates(current, not_after)), and safe
+to run twice.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,11 +18,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from pipeline import renewal
 from pipeline.alerts import Alert
 from pipeline.dispatch import UNFINISHED, Started
-from pipeline.envelope import Scheme
-from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.errors import AttemptFailed
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site
 
 log = logging.getLogger(__name__)
@@ -173,10 +171,11 @@ def sweep_stuck(
     return sweep
 
 
-def fail_exhausted(sweep: Sweep, *, max_tries: int) -> None:
-    """End the attempts the sweeper gave up on: the site backs off like any failed attempt."""
-    from pipeline.issuance import fail_order
-
+def fail_exhausted(
+    sweep: Sweep, *, max_tries: int, fail_order: Callable[[int, str, AttemptFailed], None]
+) -> None:
+    """End the attempts the sweeper gave up on: the site backs off like any failed attempt
+    (``fail_order``: :meth:`pipeline.issuance.OrderSteps.fail_order`)."""
     for item in sweep.exhausted:
         # The order's step, not the task's name: attempts.step is VARCHAR(16), and
         # "publish_challenges" does not fit on PostgreSQL.
@@ -188,156 +187,6 @@ def fail_exhausted(sweep: Sweep, *, max_tries: int) -> None:
                 error_type="stuck",
             ),
         )
-
-
-# --- ARI -----------------------------------------------------------------------------------------
-Window = tuple[datetime, datetime]
-
-
-@dataclass(frozen=True)
-class AriCandidate:
-    cert_id: int
-    domain: str
-    chain_pem: str
-    not_before: datetime
-    not_after: datetime
-    renew_at: datetime
-    key_id: str
-    failing: bool
-
-
-def ari_batch_size(total: int, *, interval: float, period: float, floor: int = 10) -> int:
-    """Certificates per run so that each is checked about once per ``period`` (seconds)."""
-    return max(floor, math.ceil(total * interval / period))
-
-
-def count_current(session: Session) -> int:
-    return int(
-        session.scalar(select(func.count()).select_from(Certificate).where(Certificate.current))
-        or 0
-    )
-
-
-def ari_due(
-    session: Session, *, now: datetime, period: timedelta, limit: int
-) -> list[AriCandidate]:
-    """Current certificates whose ARI window is oldest (never checked first)."""
-    rows = session.execute(
-        select(
-            Certificate.id,
-            Site.domain,
-            Certificate.chain_pem,
-            Certificate.not_before,
-            Certificate.not_after,
-            Certificate.renew_at,
-            Certificate.key_id,
-            Site.consecutive_failures,
-        )
-        .join(Site, Site.id == Certificate.site_id)
-        .where(
-            Certificate.current,
-            Certificate.ari_id.is_not(None),
-            (Certificate.ari_checked_at.is_(None)) | (Certificate.ari_checked_at <= now - period),
-        )
-        .order_by(Certificate.ari_checked_at.nulls_first(), Certificate.id)
-        .limit(limit)
-    ).all()
-    return [
-        AriCandidate(
-            cert_id=r.id,
-            domain=r.domain,
-            chain_pem=r.chain_pem,
-            not_before=r.not_before,
-            not_after=r.not_after,
-            renew_at=r.renew_at,
-            key_id=r.key_id,
-            failing=r.consecutive_failures > 0,
-        )
-        for r in rows
-    ]
-
-
-def ari_decision(
-    candidate: AriCandidate, window: Window | None, *, now: datetime, edge_key_id: str | None
-) -> tuple[Window | None, datetime]:
-    """The window worth keeping (None: unusable) and the renewal time it implies.
-
-    - A window that closes before the certificate was even issued, or after it expires, is
-      nonsense (Pebble's short certificates): the lifetime rule's time stands.
-    - A renewal time already inside the window stays put, so refreshes do not shuffle it.
-    - ARI never postpones a retry's backoff, nor a re-seal (a certificate sealed to a key other
-      than the current edge key was brought forward on purpose by ``certman renew``).
-    """
-    if window is None:
-        return None, candidate.renew_at
-    start, end = window
-    at = None
-    if end > candidate.not_before:
-        at = renewal.ari_renew_at(candidate.domain, window, now=now, not_after=candidate.not_after)
-    if at is None:
-        return None, candidate.renew_at
-    if start <= candidate.renew_at <= end:
-        return window, candidate.renew_at
-    resealing = edge_key_id is not None and candidate.key_id != edge_key_id
-    if candidate.failing:
-        at = max(at, candidate.renew_at)
-    elif resealing:
-        at = min(at, candidate.renew_at)
-    return window, at
-
-
-@dataclass
-class AriRefresh:
-    checked: int = 0
-    moved: int = 0
-    errors: int = 0
-
-
-def refresh_ari(
-    session_scope: Callable[[], Any],
-    window_for: Callable[[bytes], Window | None],
-    *,
-    now: datetime,
-    period: timedelta,
-    limit: int,
-    edge_key_id: str | None = None,
-) -> AriRefresh:
-    """Ask the CA for the window of the ``limit`` stalest certificates and store what it says.
-
-    The CA is asked outside any transaction; the results are written in one bulk UPDATE.
-    """
-    result = AriRefresh()
-    with session_scope() as session:
-        candidates = ari_due(session, now=now, period=period, limit=limit)
-    updates: list[dict[str, Any]] = []
-    for candidate in candidates:
-        try:
-            window = window_for(candidate.chain_pem.encode("ascii"))
-        except RetryLater as exc:
-            # The CA is unreachable or busy: the rest of the batch waits for the next run.
-            log.warning("ARI refresh stopped at %s: %s", candidate.domain, exc.reason)
-            break
-        except AttemptFailed as exc:
-            # This certificate only (unknown to the CA, say): checked, and left as it is.
-            log.warning("ARI refresh for %s failed: %s", candidate.domain, exc.reason)
-            result.errors += 1
-            window = None
-        kept, renew_at = ari_decision(candidate, window, now=now, edge_key_id=edge_key_id)
-        result.checked += 1
-        result.moved += renew_at != candidate.renew_at
-        updates.append(
-            {
-                "id": candidate.cert_id,
-                "ari_checked_at": now,
-                "ari_window_start": kept[0] if kept else None,
-                "ari_window_end": kept[1] if kept else None,
-                "renew_at": renew_at,
-            }
-        )
-    if updates:
-        with session_scope() as session:
-            session.execute(update(Certificate), updates)  # by primary key, one executemany
-    return result
 
 
 # --- expiry and failing sites --------------------------------------------------------------------
@@ -446,40 +295,3 @@ def _human(delta: timedelta) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} hours"
     return f"{seconds} s"
-
-
-# --- re-seal migration ---------------------------------------------------------------------------
-def schedule_reseal(
-    session: Session,
-    *,
-    scheme: str | None = None,
-    key_id: str | None = None,
-    within: timedelta,
-    now: datetime,
-) -> int:
-    """Bring forward the renewal of every current certificate sealed with ``scheme``/``key_id``.
-
-    Renewal times are spread evenly over ``[now, now + within)`` (soonest expiry first), and
-    never moved later: a renewal re-seals to the current edge key, so this is how a scheme or
-    key is retired without a burst at the CA. Returns how many certificates were scheduled.
-    """
-    if scheme is None and key_id is None:
-        raise ValueError("give a scheme or a key id")
-    # scheme IN (every scheme) lets a key-id-only filter use the (scheme, key_id) index.
-    schemes: Sequence[str] = [scheme] if scheme else [s.value for s in Scheme]
-    query = (
-        select(Certificate.id, Certificate.renew_at)
-        .where(Certificate.current, Certificate.scheme.in_(schemes))
-        .order_by(Certificate.not_after, Certificate.id)
-    )
-    if key_id:
-        query = query.where(Certificate.key_id == key_id)
-    rows = session.execute(query).all()
-    n = len(rows)
-    updates = [
-        {"id": cert_id, "renew_at": min(renew_at, now + within * (i / n))}
-        for i, (cert_id, renew_at) in enumerate(rows)
-    ]
-    if updates:
-        session.execute(update(Certificate), updates)
-    return n

@@ -13,14 +13,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 
 from tests.support.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 REDIS_HOST = os.environ.get("CERTMAN_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CERTMAN_TEST_REDIS_PORT", "6379"))
@@ -110,13 +114,87 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
     yield url
 
 
+@pytest.fixture(scope="session")
+def sqlite_store_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A SQLite store migrated once for the run, whose transactions can hold savepoints.
+
+    pysqlite begins transactions itself and does not let SAVEPOINT nest inside them: the
+    driver's own handling is turned off and SQLAlchemy emits BEGIN (SQLAlchemy's documented
+    recipe for SAVEPOINT with pysqlite).
+    """
+    from sqlalchemy import event
+
+    from pipeline.db import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'certman.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[[], AbstractContextManager[Session]]]:
+    """A migrated store (SQLite, or the run's PostgreSQL database) in a transaction rolled
+    back at the end of the test.
+
+    ``with store() as session:`` is a session scope like the pipeline's: committed on success
+    (to a savepoint of the test's transaction), rolled back on any error. Nothing is truncated
+    and nothing outlives the test. For tests that run in this process only (a subprocess or a
+    worker cannot see the test's transaction: those use ``database_url``).
+    """
+    from sqlalchemy.orm import Session
+
+    from pipeline.db import get_engine
+    from pipeline.models import Base
+
+    if request.param == "sqlite":
+        engine = request.getfixturevalue("sqlite_store_engine")
+    else:
+        engine = get_engine(request.getfixturevalue("pg_database_url"))
+    with engine.connect() as connection:
+        outer = connection.begin()
+        # Empty for this test, whatever other tests left in the run's database: undone too.
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+        @contextmanager
+        def scope() -> Iterator[Session]:
+            session = Session(
+                bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+            )
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+
+        try:
+            yield scope
+        finally:
+            outer.rollback()
+
+
 @pytest.fixture
 def certman_env(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, redis_url: str, database_url: str
 ) -> Iterator[dict[str, str]]:
     """The process's settings pointed at this test's store and Redis database."""
-    from pipeline import acme_client, connections, signer
-    from pipeline.settings import get_settings
+    from pipeline import runtime
 
     env = {
         "CERTMAN_DATA_DIR": str(tmp_path),
@@ -125,12 +203,8 @@ def certman_env(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    connections.reset()
-    acme_client.reset()
-    signer.reset()  # the signing key of this test's data directory, made on first use
+    # The process's runtime made afresh from these settings (the signing key of this test's
+    # data directory made on first use), and closed after the test.
+    runtime.reset(close=True, settings=True)
     yield env
-    get_settings.cache_clear()
-    connections.reset(close=True)
-    acme_client.reset()
-    signer.reset()
+    runtime.reset(close=True, settings=True)

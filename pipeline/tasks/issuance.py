@@ -1,58 +1,61 @@
-"""The issuance chain: one thin task per step over the functions in pipeline.issuance.
+"""The issuance chain: one thin task per step over :class:`pipeline.issuance.OrderSteps`.
 
 Task names say the step and arguments carry the domain, so Flower shows which site is where.
+Each task hands the step the process's runtime (:mod:`pipeline.runtime`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Task, chain
 
-from pipeline import issuance
+from pipeline import issuance, runtime
 from pipeline.celery import app
-from pipeline.connections import get_redis, release
+from pipeline.connections import release
 from pipeline.errors import AttemptFailed, PollAgain, RetryLater
+from pipeline.issuance import OrderSteps, Step
 from pipeline.models import OrderStep
-from pipeline.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 _TASK_OPTIONS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": None}
+_STEP = {step.name: step for step in issuance.STEPS}
 
 
-def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain: str) -> None:
+def _run(task: Task, step: Step, order_id: int, domain: str) -> None:
+    process = runtime.current()
+    steps = OrderSteps(process)
     # Two copies of a step for one order (a sweeper re-enqueue racing a slow original) must not
     # both talk to the CA: the second waits its turn, then finds the step already done.
-    lock = get_redis().lock(
+    lock = process.redis.lock(
         # Longer than a step takes (a few requests of at most 30 s each), short enough that a
         # SIGKILLed worker's lock does not hold up the redelivered step for long.
-        f"{get_settings().redis_prefix}:lock:order:{order_id}",
+        f"{process.settings.redis_prefix}:lock:order:{order_id}",
         timeout=90,
         blocking=False,
     )
     if not lock.acquire():
         raise task.retry(countdown=5 + random.random() * 5)
     try:
-        fn(order_id)
-        if fn is issuance.encrypt_and_store:
-            _order_slot_freed()
+        steps.run(step, order_id)
+        if step.ends_order:
+            _order_slot_freed(process)
     except issuance.OrderGone:
         log.info("order %s for %s is gone; nothing to do", order_id, domain)
     except AttemptFailed as problem:
-        issuance.fail_order(order_id, step, problem)
-        _order_slot_freed()
+        steps.fail_order(order_id, step.name, problem)
+        _order_slot_freed(process)
     except RetryLater as problem:
         if not isinstance(problem, PollAgain):
-            issuance.note_retry(order_id, step, problem)
+            steps.note_retry(order_id, step.name, problem)
         countdown = min(problem.countdown, issuance.MAX_COUNTDOWN)
         # Jitter, so that workers refused together do not all come back in the same instant.
         countdown += random.uniform(0, min(1.0, countdown * 0.1))
-        log.info("order %s for %s waits %.1fs at %s: %s", order_id, domain, countdown, step,
+        log.info("order %s for %s waits %.1fs at %s: %s", order_id, domain, countdown, step.name,
                  problem.reason)  # fmt: skip
         raise task.retry(countdown=countdown) from None
     finally:
@@ -63,15 +66,15 @@ def _run(task: Task, step: str, fn: Callable[[int], None], order_id: int, domain
 DISPATCH_DEBOUNCE = 0.5
 
 
-def _order_slot_freed() -> None:
+def _order_slot_freed(process: runtime.Runtime) -> None:
     # An order ended, so one more may start: ask for a dispatch soon rather than at beat's next
     # tick, or a bulk onboarding would go in steps of CERTMAN_MAX_ORDERS_IN_FLIGHT per tick.
     # One request per DISPATCH_DEBOUNCE, not one per order: that dispatch fills every slot freed
     # meanwhile, where a task per order cost two queries per certificate. The flag lapses before
     # the dispatch runs, so an order that found it set ended before the dispatch looks.
-    flag = f"{get_settings().redis_prefix}:dispatch-requested"
+    flag = f"{process.settings.redis_prefix}:dispatch-requested"
     try:
-        first = get_redis().set(flag, 1, nx=True, px=int(DISPATCH_DEBOUNCE * 800))
+        first = process.redis.set(flag, 1, nx=True, px=int(DISPATCH_DEBOUNCE * 800))
     except redis.RedisError as exc:
         # The order is stored either way; beat's next dispatch fills the slot.
         log.warning("could not ask for a dispatch now (%s); beat will dispatch", exc)
@@ -82,27 +85,27 @@ def _order_slot_freed() -> None:
 
 @app.task(name="certman.issue.place_order", **_TASK_OPTIONS)
 def place_order(self: Task, order_id: int, domain: str) -> None:
-    _run(self, "place_order", issuance.place_order, order_id, domain)
+    _run(self, _STEP["place_order"], order_id, domain)
 
 
 @app.task(name="certman.issue.publish_challenges", **_TASK_OPTIONS)
 def publish_challenges(self: Task, order_id: int, domain: str) -> None:
-    _run(self, "publish_challenges", issuance.publish_challenges, order_id, domain)
+    _run(self, _STEP["publish_challenges"], order_id, domain)
 
 
 @app.task(name="certman.issue.poll_validation", **_TASK_OPTIONS)
 def poll_validation(self: Task, order_id: int, domain: str) -> None:
-    _run(self, "poll_validation", issuance.poll_validation, order_id, domain)
+    _run(self, _STEP["poll_validation"], order_id, domain)
 
 
 @app.task(name="certman.issue.finalise", **_TASK_OPTIONS)
 def finalise(self: Task, order_id: int, domain: str) -> None:
-    _run(self, "finalise", issuance.finalise, order_id, domain)
+    _run(self, _STEP["finalise"], order_id, domain)
 
 
 @app.task(name="certman.issue.encrypt_and_store", **_TASK_OPTIONS)
 def encrypt_and_store(self: Task, order_id: int, domain: str) -> None:
-    _run(self, "encrypt_and_store", issuance.encrypt_and_store, order_id, domain)
+    _run(self, _STEP["encrypt_and_store"], order_id, domain)
 
 
 STEPS: list[tuple[OrderStep, Task]] = [

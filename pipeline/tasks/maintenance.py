@@ -1,4 +1,8 @@
-"""Beat's tasks: start due work, and keep the fleet alive unattended."""
+"""Beat's tasks: start due work, and keep the fleet alive unattended.
+
+Thin tasks: each takes the process's runtime (:mod:`pipeline.runtime`) and hands its parts to
+the plain functions of dispatch, renewal, upkeep, snapshot and alerts.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,11 @@ from typing import Any
 
 from celery import Task
 
-from pipeline import alerts, dispatch, snapshot, upkeep
+from pipeline import alerts, dispatch, renewal, runtime, upkeep
 from pipeline.celery import app
-from pipeline.connections import get_redis, release
-from pipeline.db import session_scope
+from pipeline.connections import release
+from pipeline.issuance import OrderSteps
 from pipeline.models.base import utcnow
-from pipeline.settings import get_settings
 from pipeline.tasks.issuance import enqueue_chain
 
 log = logging.getLogger(__name__)
@@ -22,8 +25,9 @@ log = logging.getLogger(__name__)
 @app.task(name="certman.maintenance.dispatch", bind=True, acks_late=True)
 def dispatch_due(self: Task) -> int:
     """Start orders for due sites and renewals, as many as the in-flight bound allows."""
-    settings = get_settings()
-    lock = get_redis().lock(f"{settings.redis_prefix}:lock:dispatch", timeout=120, blocking=False)
+    process = runtime.current()
+    settings = process.settings
+    lock = process.redis.lock(f"{settings.redis_prefix}:lock:dispatch", timeout=120, blocking=False)
     if not lock.acquire():
         # Another dispatch is at it, and may have looked before the order that asked for this
         # one ended: look again shortly rather than leave its slot empty until beat's next tick.
@@ -31,13 +35,16 @@ def dispatch_due(self: Task) -> int:
             raise self.retry(countdown=1.0)
         return 0
     try:
-        if not snapshot.exists():
+        publisher = process.publisher
+        if not publisher.exists():
             # Redis lost its data (a restart without persistence): rebuild what edges read.
-            with session_scope() as session:
-                count = snapshot.resync(session)
+            with process.session_scope() as session:
+                count = publisher.resync(session)
             log.warning("edge snapshot was missing from Redis; rebuilt %d sites", count)
-        with session_scope() as session:
-            started = dispatch.start_due(session, limit=settings.max_orders_in_flight)
+        with process.session_scope() as session:
+            started = dispatch.start_due(
+                session, limit=settings.max_orders_in_flight, profile=settings.acme_profile
+            )
         for item in started:
             enqueue_chain(item.order_id, item.domain, item.step, item.queue)
         if started:
@@ -52,7 +59,7 @@ def kick_dispatch() -> None:
     dispatch_due.apply_async(queue="issuance")
 
 
-# --- upkeep (issue 7): thin tasks over pipeline.upkeep ------------------------------------------
+# --- upkeep (issue 7): thin tasks over pipeline.upkeep and pipeline.renewal ---------------------
 # Each is idempotent: a sweep claims orders with a conditional UPDATE, a refresh rewrites what the
 # CA says, an alert is deduplicated in Redis. Overlapping runs are harmless, retries are safe.
 ARI_INTERVAL_DEFAULT = 600.0
@@ -72,8 +79,9 @@ def _beat_interval(entry: str, default: float) -> float:
 @app.task(name="certman.maintenance.sweep_stuck_orders", bind=True, acks_late=True)
 def sweep_stuck_orders(self: Task) -> dict[str, int]:
     """Re-send the chain of orders nothing has touched for a while; give up after N tries."""
-    settings = get_settings()
-    with session_scope() as session:
+    process = runtime.current()
+    settings = process.settings
+    with process.session_scope() as session:
         sweep = upkeep.sweep_stuck(
             session,
             now=utcnow(),
@@ -85,30 +93,32 @@ def sweep_stuck_orders(self: Task) -> dict[str, int]:
         log.warning("order %s for %s stuck at %s: sent again", item.order_id, item.domain,
                     item.step)  # fmt: skip
         enqueue_chain(item.order_id, item.domain, item.step, item.queue)
-    upkeep.fail_exhausted(sweep, max_tries=settings.stuck_max_tries)
+    upkeep.fail_exhausted(
+        sweep, max_tries=settings.stuck_max_tries, fail_order=OrderSteps(process).fail_order
+    )
     return {"requeued": len(sweep.requeue), "failed": len(sweep.exhausted)}
 
 
 @app.task(name="certman.maintenance.refresh_ari", bind=True, acks_late=True)
 def refresh_ari(self: Task) -> dict[str, int]:
     """Ask the CA for the ARI window of the stalest batch of certificates."""
-    from pipeline.acme_client import get_client
     from pipeline.keys import PublicKey
 
-    settings = get_settings()
-    client = get_client()
+    process = runtime.current()
+    settings = process.settings
+    client = process.acme
     if not client.supports_ari:
         return {"checked": 0, "moved": 0, "errors": 0}
-    lock = get_redis().lock(
+    lock = process.redis.lock(
         f"{settings.redis_prefix}:lock:refresh-ari", timeout=600, blocking=False
     )
     if not lock.acquire():
         return {"checked": 0, "moved": 0, "errors": 0}  # a slow previous run is still at it
     try:
         period = timedelta(hours=settings.ari_refresh_hours)
-        with session_scope() as session:
-            total = upkeep.count_current(session)
-        limit = upkeep.ari_batch_size(
+        with process.session_scope() as session:
+            total = renewal.count_current(session)
+        limit = renewal.ari_batch_size(
             total,
             interval=_beat_interval("refresh-ari", ARI_INTERVAL_DEFAULT),
             period=period.total_seconds(),
@@ -116,8 +126,8 @@ def refresh_ari(self: Task) -> dict[str, int]:
         edge_key_id = (
             PublicKey.load(settings.edge_public_key).key_id if settings.edge_public_key else None
         )
-        result = upkeep.refresh_ari(
-            session_scope,
+        result = renewal.refresh_ari(
+            process.session_scope,
             client.renewal_window,
             now=utcnow(),
             period=period,
@@ -139,20 +149,25 @@ RECONCILE_LIMIT = 1000
 @app.task(name="certman.maintenance.reconcile_snapshot", bind=True, acks_late=True)
 def reconcile_snapshot(self: Task) -> dict[str, int]:
     """Make the edges' snapshot match the store where a publish was lost."""
-    if not snapshot.exists():
+    process = runtime.current()
+    publisher = process.publisher
+    if not publisher.exists():
         return {"stale": 0, "extra": 0}  # nothing to compare: the next dispatch rebuilds it all
-    drift = snapshot.reconcile(session_scope, limit=RECONCILE_LIMIT)
+    drift = publisher.reconcile(process.session_scope, limit=RECONCILE_LIMIT)
     return {"stale": len(drift.stale), "extra": len(drift.extra)}
 
 
 @app.task(name="certman.maintenance.check_expiry", bind=True, acks_late=True)
 def check_expiry(self: Task) -> int:
     """Alert on certificates running out of life unrenewed, and on sites failing repeatedly."""
-    settings = get_settings()
-    with session_scope() as session:
+    process = runtime.current()
+    settings = process.settings
+    with process.session_scope() as session:
         found = upkeep.expiring_alerts(session, now=utcnow(), fraction=settings.alert_fraction)
         found += upkeep.failing_alerts(session, threshold=settings.alert_consecutive_failures)
-    raised = alerts.raise_alerts(found, send=_queue_webhook)
+    raised = alerts.raise_alerts(
+        found, send=_queue_webhook, client=process.redis, settings=settings
+    )
     return len(raised)
 
 
@@ -172,7 +187,7 @@ def _queue_webhook(payload: dict[str, Any]) -> None:
 )
 def send_alert_webhook(self: Task, payload: dict[str, Any]) -> None:
     """POST one alert to CERTMAN_ALERT_WEBHOOK; retried with backoff while the receiver is down."""
-    url = get_settings().alert_webhook
+    url = runtime.current().settings.alert_webhook
     if not url:
         return  # unset since the alert was queued
     try:

@@ -206,23 +206,16 @@ def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
 def in_process(system: System, monkeypatch: pytest.MonkeyPatch) -> Iterator[System]:
     """The system's CA, database and Redis, with the steps called here rather than by workers,
     so that a test can stop one between two of its requests."""
-    from pipeline import acme_client, connections, signer
-    from pipeline.settings import get_settings
+    from pipeline import runtime
 
     system.start(workers=0)
     for key, value in system.env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    connections.reset()
-    acme_client.reset()
-    signer.reset()
+    runtime.reset(close=True, settings=True)
     try:
         yield system
     finally:
-        get_settings.cache_clear()
-        connections.reset(close=True)
-        acme_client.reset()
-        signer.reset()
+        runtime.reset(close=True, settings=True)
 
 
 def _start_order(name: str) -> int:
@@ -336,7 +329,7 @@ def _step_until(step: Callable[[int], None], order_id: int, reached: str) -> Non
 def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
     in_process: System, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import issuance, snapshot
+    from pipeline import issuance, runtime
     from pipeline.errors import RetryLater
 
     order_id = _start_order("unpublished.example.com")
@@ -349,7 +342,7 @@ def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
         def redis_gone(record: object) -> None:
             raise redis.ConnectionError("Connection reset by peer")
 
-        patch.setattr(snapshot, "publish", redis_gone)
+        patch.setattr(runtime.current().publisher, "publish", redis_gone)
         with pytest.raises(RetryLater, match="not yet published to the edges"):
             issuance.encrypt_and_store(order_id)
     assert _order(order_id)[0] == "done"  # stored: the certificate is not lost
@@ -365,11 +358,11 @@ def test_an_edge_that_lacks_the_probe_is_our_outage_not_the_dealers_dns(
 ) -> None:
     # DNS reaches the edge, but the edge cannot see the probe (as when it lost Redis): wait
     # for that to end, without counting a failure against the site or placing an order.
-    from pipeline import issuance, snapshot
+    from pipeline import issuance, runtime
     from pipeline.errors import RetryLater
 
     order_id = _start_order("our-outage.example.com")
-    monkeypatch.setattr(snapshot, "set_challenge", lambda *args: None)
+    monkeypatch.setattr(runtime.current().publisher, "set_challenge", lambda *args: None)
     with pytest.raises(RetryLater, match="without the challenge .is it connected to Redis"):
         issuance.place_order(order_id)
     assert _order(order_id) == ("queued", None)

@@ -15,7 +15,17 @@ import requests
 from acme import messages
 
 from pipeline.acme_client import _Network, classify
-from pipeline.errors import AttemptFailed, NameRefused, RateLimited, RetryLater
+from pipeline.errors import (
+    ACME_ERRORS,
+    AttemptFailed,
+    Meaning,
+    NameRefused,
+    Outcome,
+    RateLimited,
+    RetryLater,
+    meaning,
+    validation_problem,
+)
 
 
 def problem_response(
@@ -109,10 +119,11 @@ def test_a_renewal_refused_as_already_replaced_orders_without_naming_it(
     code: str,
     exempt: bool,
 ) -> None:
-    from pipeline import issuance
-    from pipeline.connections import get_limiter
+    from pipeline import runtime
+    from pipeline.issuance import OrderSteps
 
-    limiter = get_limiter()
+    steps = OrderSteps(runtime.current())
+    limiter = steps.limiter
     reserved: list[bool] = []
     real = limiter.reserve_new_order
 
@@ -127,7 +138,7 @@ def test_a_renewal_refused_as_already_replaced_orders_without_naming_it(
         )
     )
     ca = _LetsEncrypt(refusal)
-    url, _ = issuance._new_ca_order(ca, ["r.example.com"], None, "aki.03ab", exempt)  # type: ignore[arg-type]
+    url, _ = steps._new_ca_order(ca, ["r.example.com"], None, "aki.03ab", exempt)  # type: ignore[arg-type]
     assert url == "https://ca.test/acme/order/2"
     assert ca.asked == ["aki.03ab", None]
     # The order without the exemption counts against the limits once, never twice.
@@ -137,7 +148,10 @@ def test_a_renewal_refused_as_already_replaced_orders_without_naming_it(
 def test_another_refusal_of_a_renewal_is_not_retried(
     certman_env: dict[str, str], redis_client: object
 ) -> None:
-    from pipeline.issuance import _new_ca_order
+    from pipeline import runtime
+    from pipeline.issuance import OrderSteps
+
+    _new_ca_order = OrderSteps(runtime.current())._new_ca_order
 
     refusal = check(
         problem_response(400, {"type": "urn:ietf:params:acme:error:malformed", "detail": "x"}, {})
@@ -146,3 +160,70 @@ def test_another_refusal_of_a_renewal_is_not_retried(
     with pytest.raises(AttemptFailed):
         _new_ca_order(ca, ["r.example.com"], None, "aki.03ab", True)  # type: ignore[arg-type]
     assert ca.asked == ["aki.03ab"]
+
+
+# --- the one table (pipeline.errors.ACME_ERRORS) -------------------------------------------------
+EXPECTED_CLASS = {
+    Outcome.RETRY: RetryLater,
+    Outcome.RATE_LIMITED: RateLimited,
+    Outcome.END_ATTEMPT: AttemptFailed,
+    Outcome.REFUSED: NameRefused,
+}
+
+
+def _answer(code: str) -> Exception:
+    return classify(messages.Error(typ=messages.ERROR_PREFIX + code, detail="x"))
+
+
+@pytest.mark.parametrize("code", sorted(ACME_ERRORS))
+def test_a_request_answered_with_an_error_type_does_what_the_table_says(code: str) -> None:
+    problem = _answer(code)
+    wanted = EXPECTED_CLASS[ACME_ERRORS[code].request]
+    assert type(problem) is wanted
+    if isinstance(problem, AttemptFailed):
+        assert problem.error_type == code
+    if isinstance(problem, RateLimited):
+        assert problem.by_ca  # the CA's refusal, not our limiter's wait
+
+
+@pytest.mark.parametrize("code", sorted(ACME_ERRORS))
+def test_a_validation_ended_with_an_error_type_does_what_the_table_says(code: str) -> None:
+    problem = validation_problem("x", code)
+    outcome = ACME_ERRORS[code].validation
+    assert type(problem) is EXPECTED_CLASS[outcome]
+    assert problem.error_type == code
+
+
+def test_unauthorized_blocks_an_order_but_only_backs_off_a_validation() -> None:
+    # The disagreement the table settles: refused when ordering, the dealer's to fix (a token
+    # the CA fetched and found wrong) when validating.
+    assert type(_answer("unauthorized")) is NameRefused
+    assert type(validation_problem("x", "unauthorized")) is AttemptFailed
+
+
+def test_types_the_table_does_not_know_end_the_attempt_and_none_is_retried() -> None:
+    assert meaning("badSignatureAlgorithm") == Meaning(Outcome.END_ATTEMPT)
+    assert type(_answer("userActionRequired")) is AttemptFailed
+    assert type(classify(messages.Error(typ=None, detail="502 Bad Gateway"))) is RetryLater
+    assert type(classify(messages.Error(typ="about:blank", detail="?"))) is AttemptFailed
+
+
+def test_our_limiters_wait_is_not_the_cas_refusal() -> None:
+    assert not RateLimited("waiting for rate limit new-orders", 5).by_ca
+
+
+@pytest.mark.parametrize(
+    ("code", "detail", "flag"),
+    [
+        ("alreadyReplaced", "x", True),
+        ("conflict", REPLACED, True),
+        ("malformed", REPLACED, True),
+        ("malformed", "something else", False),
+        ("badCSR", REPLACED, False),
+    ],
+)
+def test_already_replaced_is_a_flag_read_once_at_the_boundary(
+    code: str, detail: str, flag: bool
+) -> None:
+    problem = classify(messages.Error(typ=messages.ERROR_PREFIX + code, detail=detail))
+    assert isinstance(problem, AttemptFailed) and problem.already_replaced is flag

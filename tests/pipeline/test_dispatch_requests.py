@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import redis
 
+from pipeline import runtime
 from pipeline.celery import app
 from pipeline.tasks import issuance as issuance_tasks
 from tests.support.ports import wait_until
@@ -31,7 +32,7 @@ def test_orders_ending_together_ask_for_one_dispatch(
     # flags for 0.4 s): all 50 fall in it.
     monkeypatch.setattr(issuance_tasks, "DISPATCH_DEBOUNCE", 30)
     for _ in range(50):
-        issuance_tasks._order_slot_freed()
+        issuance_tasks._order_slot_freed(runtime.current())
     assert len(sent) == 1
     name, options = sent[0]
     assert name == "certman.maintenance.dispatch"
@@ -42,10 +43,10 @@ def test_orders_ending_together_ask_for_one_dispatch(
 def test_an_order_ending_after_the_window_asks_again(
     certman_env: dict[str, str], redis_client: redis.Redis, sent: list[tuple[str, Any]]
 ) -> None:
-    issuance_tasks._order_slot_freed()
+    issuance_tasks._order_slot_freed(runtime.current())
 
     def asked_again() -> bool:
-        issuance_tasks._order_slot_freed()
+        issuance_tasks._order_slot_freed(runtime.current())
         return len(sent) == 2
 
     wait_until(asked_again, timeout=5, what="a second dispatch request")
@@ -57,12 +58,9 @@ def test_redis_down_leaves_the_dispatch_to_beat(
     sent: list[tuple[str, Any]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from pipeline import connections
-    from pipeline.settings import get_settings
-
     monkeypatch.setenv("CERTMAN_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
-    get_settings.cache_clear()
-    connections.reset()
-    issuance_tasks._order_slot_freed()  # the order is stored already: this must not raise
+    runtime.reset(close=True, settings=True)
+    # The order is stored already: this must not raise.
+    issuance_tasks._order_slot_freed(runtime.current())
     assert sent == []
     assert "beat will dispatch" in caplog.text

@@ -1,34 +1,75 @@
-"""How a failed attempt is recorded: backoff, blocking, and idempotence."""
+"""How a failed attempt is recorded: backoff, blocking, and idempotence.
+
+At the service level: the steps over a runtime whose store is a transaction rolled back after
+each test (the ``store`` fixture), with a publisher that records.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from pipeline.db import session_scope
 from pipeline.errors import AttemptFailed, NameRefused
-from pipeline.issuance import fail_order
+from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Order, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
+from pipeline.runtime import Runtime
+from pipeline.settings import Settings
 from pipeline.sites import add_site, parse_site
+from tests.support.fake_acme import RecordingPublisher
+
+Store = Callable[[], AbstractContextManager[Session]]
+
+
+class _NoCA:
+    """A CA the test must not reach."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the CA was asked ({name})")
+
+
+def _steps(store: Store, tmp_path: Path) -> OrderSteps:
+    # No CERTMAN_EDGE_PUBLIC_KEY: nothing to seal a key to.
+    settings = Settings(data_dir=tmp_path, edge_public_key=None, self_check=False)
+    return OrderSteps(
+        Runtime(
+            settings,
+            sessions=store,
+            acme=_NoCA(),  # type: ignore[arg-type]
+            publisher=RecordingPublisher(),  # type: ignore[arg-type]
+        )
+    )
 
 
 @pytest.fixture
-def order_id(certman_env: dict[str, str], redis_client: object) -> int:
-    with session_scope() as session:
+def steps(store: Store, tmp_path: Path) -> OrderSteps:
+    return _steps(store, tmp_path)
+
+
+@pytest.fixture
+def order_id(store: Store) -> int:
+    with store() as session:
         site, _ = add_site(session, parse_site("dealer.example.com"))
-        site.state = SiteState.ISSUING
+        site.state = SiteState.ISSUING  # as the dispatcher leaves it
         order = Order(site_id=site.id, names=site.all_names, step=OrderStep.CHALLENGED)
         session.add(order)
         session.flush()
         return order.id
 
 
-def test_validation_failure_backs_off_one_minute_then_ten(order_id: int) -> None:
-    fail_order(order_id, "poll_validation", AttemptFailed("dealer.example.com: connection refused"))
-    with session_scope() as session:
+def test_validation_failure_backs_off_one_minute_then_ten(
+    store: Store, steps: OrderSteps, order_id: int
+) -> None:
+    steps.fail_order(
+        order_id, "poll_validation", AttemptFailed("dealer.example.com: connection refused")
+    )
+    with store() as session:
         site = session.scalars(select(Site)).one()
         assert site.state == SiteState.RETRYING
         assert site.last_error == "dealer.example.com: connection refused"
@@ -43,26 +84,30 @@ def test_validation_failure_backs_off_one_minute_then_ten(order_id: int) -> None
         session.add(second)
         session.flush()
         second_id = second.id
-    fail_order(second_id, "publish_challenges", AttemptFailed("again"))
-    with session_scope() as session:
+    steps.fail_order(second_id, "publish_challenges", AttemptFailed("again"))
+    with store() as session:
         site = session.scalars(select(Site)).one()
         assert site.consecutive_failures == 2
         assert site.next_attempt_at is not None
         assert site.next_attempt_at - utcnow() > timedelta(minutes=9)
 
 
-def test_a_second_report_of_the_same_failure_changes_nothing(order_id: int) -> None:
-    fail_order(order_id, "poll_validation", AttemptFailed("first"))
-    fail_order(order_id, "poll_validation", AttemptFailed("duplicate"))
-    with session_scope() as session:
+def test_a_second_report_of_the_same_failure_changes_nothing(
+    store: Store, steps: OrderSteps, order_id: int
+) -> None:
+    steps.fail_order(order_id, "poll_validation", AttemptFailed("first"))
+    steps.fail_order(order_id, "poll_validation", AttemptFailed("duplicate"))
+    with store() as session:
         site = session.scalars(select(Site)).one()
         assert site.consecutive_failures == 1 and site.last_error == "first"
         assert session.scalar(select(func.count()).select_from(Attempt)) == 1
 
 
-def test_a_refused_name_blocks_the_site(order_id: int) -> None:
-    fail_order(order_id, "place_order", NameRefused("the CA refuses (rejectedIdentifier): no"))
-    with session_scope() as session:
+def test_a_refused_name_blocks_the_site(store: Store, steps: OrderSteps, order_id: int) -> None:
+    steps.fail_order(
+        order_id, "place_order", NameRefused("the CA refuses (rejectedIdentifier): no")
+    )
+    with store() as session:
         site = session.scalars(select(Site)).one()
         assert site.state == SiteState.BLOCKED
         assert site.next_attempt_at is None
@@ -70,18 +115,11 @@ def test_a_refused_name_blocks_the_site(order_id: int) -> None:
 
 
 def test_no_edge_key_fails_before_the_ca_is_asked(
-    order_id: int, monkeypatch: pytest.MonkeyPatch
+    store: Store, steps: OrderSteps, order_id: int
 ) -> None:
-    from pipeline import issuance
-    from pipeline.settings import get_settings
-
-    with session_scope() as session:
+    with store() as session:
         order = session.get(Order, order_id)
         assert order is not None
         order.step = OrderStep.QUEUED
-    monkeypatch.delenv("CERTMAN_EDGE_PUBLIC_KEY", raising=False)
-    get_settings.cache_clear()
-    # No ACME directory is reachable in this test: reaching the CA would be a different error.
-    monkeypatch.setenv("CERTMAN_ACME_DIRECTORY", "https://127.0.0.1:1/dir")
     with pytest.raises(AttemptFailed, match="CERTMAN_EDGE_PUBLIC_KEY is not set"):
-        issuance.place_order(order_id)
+        steps.place_order(order_id)

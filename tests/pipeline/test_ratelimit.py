@@ -12,6 +12,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from pipeline.names import registered_domain
 from pipeline.ratelimit import (
     Decision,
     Limits,
@@ -21,7 +22,6 @@ from pipeline.ratelimit import (
     Spend,
     names_key,
     parse_rate,
-    registered_domain,
 )
 from pipeline.settings import Settings
 

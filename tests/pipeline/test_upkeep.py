@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline import renewal, upkeep
+from pipeline import issuance, renewal, upkeep
 from pipeline.db import session_scope
 from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.models import (
@@ -121,7 +121,7 @@ def test_sweeper_fails_an_order_after_max_tries(certman_env: dict[str, str]) -> 
         sweep = upkeep.sweep_stuck(s, now=NOW, stuck_after=1800, max_tries=3)
     assert sweep.requeue == []
     assert {i.order_id for i in sweep.exhausted} == set(ids[:2])
-    upkeep.fail_exhausted(sweep, max_tries=3)
+    upkeep.fail_exhausted(sweep, max_tries=3, fail_order=issuance.fail_order)
     with session_scope() as s:
         first_row, renewal_row = s.get(Order, ids[0]), s.get(Order, ids[1])
         assert first_row is not None and renewal_row is not None
@@ -186,7 +186,7 @@ def test_reseal_spreads_renewals_evenly_and_never_later(certman_env: dict[str, s
             .tuples()
             .all()  # fmt: skip
         )
-        n = upkeep.schedule_reseal(s, scheme="legacy-rsa", within=timedelta(days=7), now=NOW)
+        n = renewal.schedule_reseal(s, scheme="legacy-rsa", within=timedelta(days=7), now=NOW)
     assert n == 201
     with session_scope() as s:
         rows = s.execute(select(Certificate.id, Certificate.renew_at, Certificate.scheme)).all()
@@ -199,8 +199,8 @@ def test_reseal_spreads_renewals_evenly_and_never_later(certman_env: dict[str, s
     assert {cid: at for cid, at, scheme in rows if scheme == "hpke-x25519"} == before_new
 
     with session_scope() as s:  # by key id: the same, through the (scheme, key_id) index
-        assert upkeep.schedule_reseal(s, key_id="old", within=timedelta(hours=1), now=NOW) == 201
-        assert upkeep.schedule_reseal(s, key_id="nope", within=timedelta(hours=1), now=NOW) == 0
+        assert renewal.schedule_reseal(s, key_id="old", within=timedelta(hours=1), now=NOW) == 201
+        assert renewal.schedule_reseal(s, key_id="nope", within=timedelta(hours=1), now=NOW) == 0
 
 
 # --- ARI -----------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_ari_refresh_moves_renewal_into_usable_windows_only(certman_env: dict[st
         asked.append(chain.decode().split()[-1])
         return answers[asked[-1]]
 
-    result = upkeep.refresh_ari(session_scope, window_for, now=NOW, period=timedelta(hours=12),
+    result = renewal.refresh_ari(session_scope, window_for, now=NOW, period=timedelta(hours=12),
                                 limit=10, edge_key_id="edge-new")  # fmt: skip
     assert result.checked == 5 and sorted(asked) == sorted(answers)
     with session_scope() as s:
@@ -247,7 +247,7 @@ def test_ari_refresh_moves_renewal_into_usable_windows_only(certman_env: dict[st
 
     # All checked: nothing is due again before the refresh period has passed.
     asked.clear()
-    upkeep.refresh_ari(session_scope, window_for, now=NOW + timedelta(hours=1),
+    renewal.refresh_ari(session_scope, window_for, now=NOW + timedelta(hours=1),
                        period=timedelta(hours=12), limit=10)  # fmt: skip
     assert asked == []
 
@@ -269,14 +269,14 @@ def test_ari_refresh_is_batched_and_stops_when_the_ca_is_away(
             raise RetryLater("ACME server unreachable", 10)
         return None
 
-    result = upkeep.refresh_ari(session_scope, flaky, now=NOW, period=timedelta(hours=12),
+    result = renewal.refresh_ari(session_scope, flaky, now=NOW, period=timedelta(hours=12),
                                 limit=10)  # fmt: skip
     assert (result.checked, result.errors, calls) == (5, 1, 6)
     with session_scope() as s:
         checked = s.scalars(select(Certificate).where(Certificate.ari_checked_at.is_not(None)))
         assert len(checked.all()) == 5
-    assert upkeep.ari_batch_size(100_000, interval=600, period=12 * 3600) == 1389
-    assert upkeep.ari_batch_size(3, interval=600, period=12 * 3600) == 10
+    assert renewal.ari_batch_size(100_000, interval=600, period=12 * 3600) == 1389
+    assert renewal.ari_batch_size(3, interval=600, period=12 * 3600) == 10
 
 
 # --- alerts --------------------------------------------------------------------------------------
@@ -313,14 +313,14 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
     webhook: tuple[str, list[dict[str, Any]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from pipeline import alerts
+    from pipeline import alerts, runtime
     from pipeline.connections import get_redis
     from pipeline.settings import get_settings
     from pipeline.tasks.maintenance import send_alert_webhook
 
     url, received = webhook
     monkeypatch.setenv("CERTMAN_ALERT_WEBHOOK", url)
-    get_settings.cache_clear()
+    runtime.reset(close=True, settings=True)
     now = utcnow()
     with session_scope() as s:
         # 85-day certificate with 5 days left (< 1/6 of its life): alert.

@@ -120,14 +120,14 @@ def test_killed_mid_run_then_resumed(
         f"""
         import os, runpy, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        import pipeline.onboarding as onboarding
-        real, calls = onboarding.publish_records, []
+        import pipeline.snapshot as snapshot
+        real, calls = snapshot.publish_records, []
         def publish(*args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
             real(*args, **kwargs)
-        onboarding.publish_records = publish
+        snapshot.publish_records = publish
         sys.argv = ["bulk_onboard.py", {str(source)!r}, "--no-queue", "--batch-size", "10"]
         runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
         """
