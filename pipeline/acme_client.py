@@ -22,6 +22,7 @@ from josepy.json_util import field
 from josepy.jwa import ES256, RS256
 from josepy.jwk import JWK, JWKEC
 
+from pipeline import worker_metrics
 from pipeline.errors import (
     AttemptFailed,
     NameRefused,
@@ -74,7 +75,13 @@ class _Network(client.ClientNetwork):
                 if decision.retry_after > MAX_INLINE_PACING_WAIT:
                     raise RateLimited(f"pacing {url}", decision.retry_after)
                 time.sleep(decision.retry_after)
-        return super()._send_request(method, url, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return super()._send_request(method, url, *args, **kwargs)
+        finally:
+            worker_metrics.observe_acme_request(
+                self.endpoints.get(url, "acme"), method, time.perf_counter() - started
+            )
 
 
 def _raise_problem(response: requests.Response) -> None:

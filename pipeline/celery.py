@@ -15,7 +15,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from pipeline import flower_guard
 
@@ -61,3 +61,19 @@ def _after_fork(**_: Any) -> None:
     from pipeline import runtime
 
     runtime.reset()
+
+
+@worker_init.connect
+def _worker_metrics(**_: Any) -> None:
+    # The main process, before the pool forks: empty the multiprocess directory and serve the
+    # host's /metrics, which sums what every pool child writes there.
+    from pipeline import worker_metrics
+
+    worker_metrics.start_host_endpoint()
+
+
+@worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    from pipeline import worker_metrics
+
+    worker_metrics.child_exited(pid)

@@ -155,8 +155,10 @@ def build_registry(settings: Settings) -> CollectorRegistry:
     from pipeline.alerts import AlertCountCollector
     from pipeline.connections import get_limiter, get_redis
     from pipeline.ratelimit import RateLimitCollector
+    from pipeline.worker_metrics import register_build_and_process
 
     registry = CollectorRegistry(auto_describe=False)
+    register_build_and_process(registry)
     registry.register(InventoryCollector(settings))
     registry.register(RateLimitCollector(get_limiter()))
     registry.register(AlertCountCollector(get_redis(), settings.redis_prefix))

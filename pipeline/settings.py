@@ -114,6 +114,14 @@ class Settings(BaseSettings):
         (), description="Only these networks may be upstreams; empty: any not refused."
     )
 
+    # --- worker hosts' metrics (pipeline.worker_metrics; PROMETHEUS_MULTIPROC_DIR turns it on) ---
+    worker_metrics_address: str = Field(
+        "127.0.0.1", description="Where a worker host serves /metrics."
+    )
+    worker_metrics_port: int = Field(
+        9109, ge=0, le=65535, description="Port of a worker host's /metrics (0: none)."
+    )
+
     # --- Redis Sentinel and beat's lock (pipeline.redis_connect) -----------------------------
     # High availability: CERTMAN_REDIS_URL names the Sentinels, in the form kombu accepts
     # (sentinel://h1:26379;sentinel://h2:26379/0; Redis's own user and password in the first

@@ -289,10 +289,12 @@ def start_host_endpoint(*, address: str | None = None, port: int | None = None) 
     multiprocess mode is not on (the environment lacked ``PROMETHEUS_MULTIPROC_DIR``), or when
     the port is taken (both logged; the worker runs on without an endpoint).
     """
-    if port is None:
-        port = int(os.environ.get("CERTMAN_WORKER_METRICS_PORT", DEFAULT_PORT))
-    if address is None:
-        address = os.environ.get("CERTMAN_WORKER_METRICS_ADDRESS", DEFAULT_ADDRESS)
+    if port is None or address is None:
+        from pipeline.settings import get_settings
+
+        settings = get_settings()
+        port = settings.worker_metrics_port if port is None else port
+        address = settings.worker_metrics_address if address is None else address
     if port == 0:
         return None
     directory = multiprocess_dir()

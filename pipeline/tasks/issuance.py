@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from celery import Task, chain
 
-from pipeline import issuance, runtime
+from pipeline import issuance, runtime, worker_metrics
 from pipeline.celery import app
 from pipeline.connections import release
 from pipeline.errors import AttemptFailed, PollAgain, RetryLater
@@ -41,7 +41,8 @@ def _run(task: Task, step: Step, order_id: int, domain: str) -> None:
     if not lock.acquire():
         raise task.retry(countdown=5 + random.random() * 5)
     try:
-        steps.run(step, order_id)
+        with worker_metrics.timed_step(step.name):
+            steps.run(step, order_id)
         if step.ends_order:
             _order_slot_freed(process)
     except issuance.OrderGone:

@@ -37,8 +37,15 @@ def flower_tasks(port: int) -> dict[str, Any]:
     return tasks
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
 def test_sites_issued_end_to_end_and_served(system: System) -> None:
-    system.start(workers=1)
+    system.start(workers=0)
+    metrics_port = free_port()
+    system.start_worker(metrics_port=metrics_port)
     flower_port = free_port()
     system.start_flower(flower_port)
     wait_until(lambda: port_open(flower_port), timeout=30, what="Flower to listen")
@@ -100,3 +107,14 @@ def test_sites_issued_end_to_end_and_served(system: System) -> None:
         return seen == steps
 
     wait_until(every_step_seen, timeout=30, what="Flower to show every step for dealer-two")
+
+    # The worker host's /metrics sums its pool children: every step of three orders, and the
+    # requests to the CA, with no domain in any label.
+    text = scrape(metrics_port)
+    for step in steps:
+        line = f'certman_issuance_steps_total{{error_class="none",outcome="ok",step="{step}"}}'
+        assert any(row.startswith(line) and float(row.split()[-1]) >= 3 for row in
+                   text.splitlines()), f"{step} not counted:\n{text}"  # fmt: skip
+    assert 'certman_acme_request_duration_seconds_count{endpoint="new-order",method="POST"}' in text
+    assert "certman_build_info{" in text
+    assert not any(name in text for name in names)

@@ -194,9 +194,17 @@ class System:
             )
 
     def start_worker(
-        self, *, concurrency: int = 4, name: str | None = None
+        self, *, concurrency: int = 4, name: str | None = None, metrics_port: int = 0
     ) -> subprocess.Popen[bytes]:
+        """A worker; with ``metrics_port``, serving its host's /metrics there as the systemd
+        unit sets it up (a multiprocess directory in the worker's environment only)."""
         index = len(self.workers)
+        env = None
+        if metrics_port:
+            metrics_dir = self.workdir / f"worker{index}-metrics"
+            metrics_dir.mkdir(exist_ok=True)
+            env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+                   "CERTMAN_WORKER_METRICS_PORT": str(metrics_port)}  # fmt: skip
         worker = self._spawn(
             f"worker{index}.log",
             [
@@ -204,6 +212,7 @@ class System:
                 "-c", str(concurrency), "-n", name or f"w{index}-{os.getpid()}@%h",
                 "--without-gossip", "--without-mingle", "-E",
             ],
+            env=env,
             supervised=True,
         )  # fmt: skip
         self.workers.append(worker)
