@@ -31,7 +31,7 @@ from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandl
 from edge.proxy_protocol import ProxyProtocolAcceptor
 from edge.ratelog import RateLimitedLog
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
-from edge.state import SiteIndex
+from edge.state import SiteIndex, StatementUnavailable
 from edge.sync import Syncer, aclose
 from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from edge.verifier import Verifier
@@ -260,6 +260,7 @@ class Edge:
             reconcile_interval=config.reconcile_interval,
             target=target,
             verifier=self.verifier,
+            fetch_statement=self._first_fill_statement,
         )
         self.contexts = SiteContexts(
             self.index, keyring, self._blob, ContextCache(config.cache_size, m), m
@@ -349,6 +350,15 @@ class Edge:
             value = self._first_fill_redis.hget(f"{self.config.prefix}:sites", domain)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise SiteUnavailable(domain) from exc
+        return value if isinstance(value, bytes) or value is None else str(value).encode()
+
+    def _first_fill_statement(self, domain: str) -> bytes | None:
+        """A site's statement during the first fill, before all of them are read: from Redis,
+        within the handshake's short timeout."""
+        try:
+            value = self._first_fill_redis.hget(f"{self.config.prefix}:signed", domain)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StatementUnavailable(domain) from exc
         return value if isinstance(value, bytes) or value is None else str(value).encode()
 
     def _refused_site(self, domain: str, kind: str, detail: str, version: int) -> None:

@@ -34,7 +34,7 @@ from tornado.simple_httpclient import HTTPTimeoutError
 from edge.forwarding import TrustedProxies, forwarding_headers
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
-from edge.state import SiteIndex, normalize_host
+from edge.state import SiteIndex, StatementUnavailable, normalize_host
 from edge.targets import ASTERISK, BadTarget, Target, parse_target, upstream_url
 from edge.upstream import KeepAliveHTTPClient, UpstreamCancelled, UpstreamPool
 from pipeline.outbound import OutboundPolicy, RefusedAddress
@@ -224,7 +224,13 @@ class SiteHandler(tornado.web.RequestHandler):
             if sni is None or host != sni:
                 self._reject(421, "misdirected", "this connection is not for that host")
                 return
-        meta = self._cfg.index.lookup(host)
+        try:
+            meta = self._cfg.index.lookup(host)
+        except StatementUnavailable:
+            # An edge's first fill, with Redis not answering this instant: try again soon.
+            self.set_header("Retry-After", "1")
+            self._reject(503, "site_unavailable", "the site is not available yet")
+            return
         if meta is None:
             self._reject(404, "unknown_site", "unknown site")
             return

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from cryptography import x509
 
 from edge.metrics import EdgeMetrics
-from edge.state import SiteIndex, SiteMeta
+from edge.state import SiteIndex, SiteMeta, StatementUnavailable
 from edge.tls import build_context
 from pipeline import envelope
 from pipeline.distribution import SiteRecord, content_hash
@@ -282,13 +282,13 @@ class SniSelector:
         # Lower-cased only: a trailing dot, a port, spaces or empty labels are not a host name
         # (RFC 6066 section 3) and must not find a site, which they would once normalised.
         name = server_name.lower()
-        meta = self._lookup(name)
-        if meta is None or not meta.has_cert:
-            outcome("unknown_name").inc()
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         try:
+            meta = self._lookup(name)
+            if meta is None or not meta.has_cert:
+                outcome("unknown_name").inc()
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             ctx = self._contexts.context_for(meta, name)
-        except SiteUnavailable:
+        except (SiteUnavailable, StatementUnavailable):
             outcome("unavailable").inc()
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         except NameNotCovered:

@@ -30,12 +30,24 @@ from edge.verifier import raw_digest
 from pipeline.distribution import SiteRecord, parse_index_entry
 from pipeline.signing import BadSignature, SignedSite, TrustedSigners
 
-__all__ = ["RefusalListener", "SiteIndex", "SiteMeta", "Snapshot", "normalize_host"]
+__all__ = [
+    "RefusalListener",
+    "SiteIndex",
+    "SiteMeta",
+    "Snapshot",
+    "StatementUnavailable",
+    "normalize_host",
+]
 
 log = logging.getLogger(__name__)
 
 # distribution.content_hash of a record without a certificate.
 _NO_CERTIFICATE = hashlib.sha256(b"\x00").hexdigest()[:16]
+
+
+class StatementUnavailable(Exception):
+    """A site's statement could not be read just now (its lookup failed); nothing changed, the
+    next use tries again."""
 
 
 class Snapshot(NamedTuple):
@@ -45,8 +57,9 @@ class Snapshot(NamedTuple):
     unparsed: dict[str, bytes]  # domain -> index entry
     signed: dict[str, bytes]  # domain -> raw signed statement
     malformed: int
-    # Where statements not in ``signed`` are looked up on first use (the local mirror's, for
-    # a start from it: 50 MB at 100,000 sites that a start need not read).
+    # Where statements not in ``signed`` are looked up on first use, raising
+    # StatementUnavailable if it cannot answer now: the local mirror's, for a start from it, or
+    # Redis's, during an edge's first fill (50 MB at 100,000 sites that a start need not read).
     lookup: Callable[[str], bytes | None] | None = None
 
     def pending(self) -> list[tuple[str, bytes]]:
@@ -172,6 +185,12 @@ class SiteIndex:
         Called from the verifier's thread too: two dict lookups, atomic under the GIL."""
         return self._trusted.get(domain) or self._accepted_raw.get(domain)
 
+    def add_statements(self, signed: Mapping[str, bytes]) -> None:
+        """The statements of a snapshot whose index was installed without them (an edge's
+        first fill: ready on the index alone), for the sites not used meanwhile; lookups stop."""
+        self._signed = {d: raw for d, raw in signed.items() if d in self._unparsed}
+        self._lookup = None
+
     def trust(self, verified: Iterable[tuple[str, bytes]]) -> None:
         """Statements (domain, raw digest) whose signatures are known good."""
         self._trusted.update(verified)
@@ -285,7 +304,10 @@ class SiteIndex:
                 self._changed(domain)
 
     def _removed_by_tombstone(self, domain: str) -> bool:
-        raw = self._statement(domain)
+        try:
+            raw = self._statement(domain)
+        except StatementUnavailable:
+            return False  # not known to be removed: kept
         if raw is None:
             return False
         try:
@@ -300,8 +322,8 @@ class SiteIndex:
     # ---- internals ---------------------------------------------------------------------------
 
     def _parse(self, domain: str) -> SiteMeta | None:
+        raw_signed = self._statement(domain)  # first: it may raise, changing nothing
         entry = self._unparsed.pop(domain)
-        raw_signed = self._statement(domain)
         try:
             parse_index_entry(entry)
         except (ValueError, UnicodeDecodeError):
@@ -335,9 +357,10 @@ class SiteIndex:
         return meta
 
     def _statement(self, domain: str) -> bytes | None:
-        raw = self._signed.pop(domain, None)
+        raw = self._signed.get(domain)
         if raw is None and self._lookup is not None:
-            raw = self._lookup(domain)
+            return self._lookup(domain)
+        self._signed.pop(domain, None)
         return raw
 
     def _newer(self, signed: SignedSite) -> bool:

@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -37,7 +38,7 @@ from edge.challenges import ChallengeStore, valid_token
 from edge.metrics import EdgeMetrics
 from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
-from edge.state import SiteIndex, Snapshot
+from edge.state import SiteIndex, Snapshot, StatementUnavailable
 from edge.verifier import BATCH, Verifier, raw_digest
 from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
 from pipeline.redis_connect import RedisTarget, async_client, sync_client
@@ -71,6 +72,7 @@ class Syncer:
         max_backoff: float = 5.0,
         target: RedisTarget | None = None,
         verifier: Verifier | None = None,
+        fetch_statement: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self._target = target or RedisTarget(redis_url)
         self.mirror = mirror if mirror is not None else Mirror(None)
@@ -80,6 +82,9 @@ class Syncer:
         self.mirror_complete = False
         self.mirror_filled = asyncio.Event()  # set with mirror_complete
         self._verifier = verifier
+        # A site's statement during the first fill, before all are read (raises
+        # StatementUnavailable when Redis does not answer at once).
+        self._fetch_statement = fetch_statement or _no_statement
         self._verifying: asyncio.Task[None] | None = None
         self._prefix = prefix
         self._index = index
@@ -178,14 +183,22 @@ class Syncer:
     async def _snapshot(self, reader: redis.Redis[Any], cause: str) -> None:
         # Read, parsed and prepared on a thread: at 100,000 sites the replies alone are tens
         # of megabytes, a third of a second the event loop would not answer handshakes.
-        version_raw, raw_index, raw_signed, prepared, pending = await asyncio.to_thread(
-            self._read_snapshot, reader
-        )
         first_fill = not self.mirror_complete
         if first_fill:
             # A mirror never filled: serve from the index at once, as an edge without a mirror
-            # always did (handshakes fetch their blob from Redis until the fill completes).
-            self._load(prepared, pending, version_raw, cause)
+            # always did; handshakes fetch their statement and blob from Redis until the fill
+            # completes. The statements (five times the index) are read after.
+            version_raw, raw_index, prepared = await asyncio.to_thread(self._read_index, reader)
+            self._load(prepared._replace(lookup=self._fetch_statement), [], version_raw, cause)
+            raw_signed, statements, pending = await asyncio.to_thread(
+                self._read_statements, reader, prepared
+            )
+            self._index.add_statements(statements)
+            self._verify_ahead(pending)
+        else:
+            version_raw, raw_index, raw_signed, prepared, pending = await asyncio.to_thread(
+                self._read_snapshot, reader
+            )
         # Otherwise the blobs that changed first, so the index never names content the
         # mirror lacks.
         key = f"{self._prefix}:sites"
@@ -200,6 +213,27 @@ class Syncer:
         self._mark_synced()
         log.info("snapshot: %d sites at version %d (%s), %d blobs fetched into the mirror",
                  len(raw_index), self.version, cause, fetched)  # fmt: skip
+
+    def _read_index(
+        self, reader: redis.Redis[Any]
+    ) -> tuple[bytes | None, dict[bytes, bytes], Snapshot]:
+        """(version, index, prepared without statements), read in one MULTI. On a thread."""
+        with reader.pipeline(transaction=True) as pipe:
+            pipe.get(f"{self._prefix}:version")
+            pipe.hgetall(f"{self._prefix}:index")
+            version_raw, raw_index = pipe.execute()
+        return version_raw, raw_index, SiteIndex.prepare(raw_index, {})
+
+    def _read_statements(
+        self, reader: redis.Redis[Any], prepared: Snapshot
+    ) -> tuple[dict[bytes, bytes], dict[str, bytes], list[tuple[str, bytes]]]:
+        """(the raw statements, by domain, to verify ahead) read after their index. On a
+        thread. A statement changed between the two reads is newer than its index entry: the
+        statement is what is believed, and the change's event follows."""
+        raw_signed: dict[bytes, bytes] = reader.hgetall(f"{self._prefix}:signed")
+        statements = {k.decode("utf-8", "replace"): v for k, v in raw_signed.items()}
+        with_statements = prepared._replace(signed=statements)
+        return raw_signed, statements, with_statements.pending()
 
     def _read_snapshot(
         self, reader: redis.Redis[Any]
@@ -368,6 +402,10 @@ class Syncer:
                     self.mirror.remove_site(domain, statement.to_json().encode())
         self.version = version
         self._mark_synced()
+
+
+def _no_statement(domain: str) -> bytes | None:
+    raise StatementUnavailable(domain)
 
 
 def _token(event: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from edge.state import SiteIndex
+from edge.state import SiteIndex, StatementUnavailable
 from edge.verifier import raw_digest
 from pipeline.distribution import SiteRecord, index_entry
 from pipeline.signing import SignedSite, SigningKey, TrustedSigners
@@ -234,3 +234,26 @@ def test_a_statement_remembered_as_verified_is_not_believed_once_its_signer_is_r
     fresh.trust_remembered({"b.test": (raw_digest(_raw(current)), SIGNER.key_id)})
     fresh.load_snapshot(*snapshot(current))
     assert fresh.lookup("b.test") is not None and on_loop == []
+
+
+def test_an_index_installed_before_its_statements_serves_through_the_lookup(
+    index: SiteIndex,
+) -> None:
+    """An edge's first fill: ready on the index alone, each statement looked up on first use
+    until all of them are read; a lookup that cannot answer changes nothing."""
+    first, second = record("first.test"), record("second.test")
+    answering = {"first.test": _raw(first)}
+
+    def lookup(domain: str) -> bytes | None:
+        if domain not in answering:
+            raise StatementUnavailable(domain)
+        return answering[domain]
+
+    prepared = SiteIndex.prepare(*snapshot(first, second))
+    index.install(prepared._replace(signed={}, lookup=lookup))
+    assert index.lookup("first.test") is not None
+    with pytest.raises(StatementUnavailable):
+        index.lookup("second.test")
+    assert "second.test" in index.domains()  # still waiting, not refused
+    index.add_statements({"first.test": _raw(first), "second.test": _raw(second)})
+    assert index.lookup("second.test") is not None
