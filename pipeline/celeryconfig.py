@@ -90,6 +90,11 @@ beat_schedule = {
         "task": "certman.maintenance.reconcile_snapshot",
         "schedule": timedelta(minutes=10),
     },
+    # Attempt rows older than CERTMAN_ATTEMPTS_RETENTION_DAYS, a bounded batch a run.
+    "prune-attempts": {
+        "task": "certman.maintenance.prune_attempts",
+        "schedule": timedelta(hours=1),
+    },
     "sweep-stuck-orders": {
         "task": "certman.maintenance.sweep_stuck_orders",
         "schedule": timedelta(minutes=2),

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
 from pipeline import cli_ops
-from pipeline.cli_common import CONTEXT_SETTINGS, _Group, _print_json
+from pipeline.cli_common import (
+    CONTEXT_SETTINGS,
+    Duration,
+    SiteName,
+    _Group,
+    _print_json,
+    _print_json_array,
+)
 from pipeline.settings import get_settings
 from pipeline.version import certman_version
 
@@ -43,8 +52,14 @@ def domains() -> None:
 
 
 @domains.command("add")
-@click.argument("name")
-@click.option("--alias", "aliases", multiple=True, help="Another name on the same certificate.")
+@click.argument("name", type=SiteName())
+@click.option(
+    "--alias",
+    "aliases",
+    multiple=True,
+    type=SiteName(),
+    help="Another name on the same certificate.",
+)
 @click.option("--upstream", help="Where to proxy the site, e.g. http://10.0.0.5:8080.")
 @click.option("--customer-ref", help="The platform's own reference for this site.")
 @click.option("--profile", help="ACME profile for this site (default: CERTMAN_ACME_PROFILE).")
@@ -68,6 +83,8 @@ def domains_add(
     from pipeline.tasks.maintenance import kick_dispatch
 
     new = parse_site(name, aliases, upstream, customer_ref, profile=profile, key_type=key_type)
+    if profile:
+        _check_profile(profile)
     with session_scope() as session:
         site, created = add_site(session, new)
         record = snapshot.site_record(session, site)
@@ -81,8 +98,136 @@ def domains_add(
         click.echo(f"{new.domain} already there")
 
 
+def _check_profile(profile: str) -> None:
+    from pipeline.ca_profiles import check_profile, offered_profiles
+
+    settings = get_settings()
+    check_profile(profile, offered_profiles(settings), settings.acme_directory)
+
+
+@domains.command("update")
+@click.argument("name", type=SiteName())
+@click.option("--add-alias", "add", multiple=True, type=SiteName(), help="A name to add.")
+@click.option("--remove-alias", "remove", multiple=True, type=SiteName(), help="A name to drop.")
+@click.option("--upstream", help="Where to proxy the site from now on.")
+@click.option("--profile", help="ACME profile (one the CA's directory offers).")
+@click.option("--key-type", type=click.Choice(["ec-p256", "rsa-2048"]))
+@click.option("--json", "as_json", is_flag=True)
+def domains_update(
+    name: str,
+    add: tuple[str, ...],
+    remove: tuple[str, ...],
+    upstream: str | None,
+    profile: str | None,
+    key_type: str | None,
+    as_json: bool,
+) -> None:
+    """Change a site in place. New names, profile or key type order a new certificate (the old
+    one is served until it arrives); a new upstream reaches the edges at once."""
+    from pipeline import snapshot
+    from pipeline.db import session_scope
+    from pipeline.sites import find_site, update_site
+    from pipeline.tasks.maintenance import kick_dispatch
+
+    if not (add or remove or upstream or profile or key_type):
+        raise click.UsageError(
+            "say what to change: --add-alias, --remove-alias, --upstream, --profile, --key-type"
+        )
+    if profile:
+        _check_profile(profile)
+    with session_scope() as session:
+        done = update_site(
+            session, name, add_aliases=add, remove_aliases=remove, upstream=upstream,
+            profile=profile, key_type=key_type,
+        )  # fmt: skip
+        record = snapshot.site_record(session, find_site(session, done.domain))
+    if done.changes:
+        # After the commit: names and upstream reach the edges now; the certificate follows.
+        snapshot.publish(record)
+    if done.new_certificate:
+        kick_dispatch()
+    if as_json:
+        _print_json({"domain": done.domain, "changes": done.changes,
+                     "new_certificate": done.new_certificate, "note": done.note})  # fmt: skip
+        return
+    if not done.changes:
+        click.echo(f"{done.domain}: nothing to change")
+        return
+    for change in done.changes:
+        click.echo(f"{done.domain}: {change}")
+    if done.note:
+        click.echo(f"{done.domain}: {done.note}")
+
+
+@domains.command("show")
+@click.argument("name", type=SiteName())
+@click.option("--attempts", default=10, show_default=True, type=click.IntRange(0, 1000),
+              help="How many of the last attempts to show.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True)
+def domains_show(name: str, attempts: int, as_json: bool) -> None:
+    """One site: names, upstream, state, its certificate, when and why it renews, the order in
+    flight, the last attempts and the next one."""
+    from pipeline.db import session_scope
+    from pipeline.models.base import utcnow
+    from pipeline.site_report import site_report
+
+    with session_scope() as session:
+        report = site_report(
+            session, name, now=utcnow(), settings=get_settings(), attempts=attempts
+        )
+    if as_json:
+        _print_json(report)
+        return
+    _show(report)
+
+
+def _show(report: dict[str, Any]) -> None:
+    def line(label: str, value: object) -> None:
+        click.echo(f"{label + ':':16}{'-' if value is None or value == '' else value}")
+
+    line("domain", report["domain"])
+    line("aliases", " ".join(report["aliases"]))
+    line("state", report["state"])
+    line("upstream", report["upstream"])
+    line("profile", report["profile"] or "(installation default)")
+    line("key type", report["key_type"] or "(installation default)")
+    if report["last_error"]:
+        line("last error", f"{report['last_error']} ({report['consecutive_failures']} in a row)")
+    cert = report["certificate"]
+    if cert is None:
+        line("certificate", "none yet")
+    else:
+        click.echo("certificate:")
+        line("  serial", cert["serial"])
+        line("  issuer", cert["issuer"])
+        line("  valid", f"{cert['not_before']} to {cert['not_after']}")
+        line("  key", f"{cert['key_type']}, sealed {cert['scheme']} to key {cert['key_id']}")
+        line("  profile", cert["profile"])
+        renewal = report["renewal"]
+        line("  renews", f"{renewal['renew_at']}{' (due)' if renewal['due'] else ''}")
+        line("  why", renewal["why"])
+    order = report["order"]
+    if order is None:
+        line("order", "none in flight")
+    else:
+        click.echo("order in flight:")
+        line("  id", f"{order['order_id']} ({order['kind']}), step {order['step']}")
+        line("  touched", f"{order['touched_at']} (step tries {order['step_tries']})")
+        line("  task", f"{order['task']} args {order['task_args']} (search Flower for it)")
+    nxt = report["next_attempt"]
+    line("next attempt", nxt["note"] or f"{nxt['kind']} at {nxt['at']}")
+    if not report["attempts"]:
+        click.echo("attempts: none recorded")
+        return
+    click.echo("attempts (newest first):")
+    click.echo(f"  {'AT':32}  {'STEP':18}  {'OUTCOME':7}  {'ERROR':16}  DETAIL")
+    for a in report["attempts"]:
+        click.echo(f"  {a['at']:32}  {a['step']:18}  {a['outcome']:7}  "
+                   f"{a['error_type'] or '-':16}  {a['detail'] or ''}")  # fmt: skip
+
+
 @domains.command("remove")
-@click.argument("name")
+@click.argument("name", type=SiteName())
 def domains_remove(name: str) -> None:
     """Remove a site: stop its orders, and take its certificate off every edge."""
     from pipeline import snapshot
@@ -97,7 +242,7 @@ def domains_remove(name: str) -> None:
 
 
 @domains.command("retry")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, type=SiteName())
 @click.option("--blocked", is_flag=True, help="Every site blocked by a refusal.")
 @click.option(
     "--retrying", is_flag=True, help="Every site (or renewal) waiting to try again after a failure."
@@ -126,21 +271,45 @@ def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json
 
 @domains.command("list")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array (the scripting contract).")
-def domains_list(as_json: bool) -> None:
-    """Every site with its state, expiry and last error."""
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "issuing", "active", "renewing", "retrying", "blocked"]),
+    help="Only the sites in this state.",
+)
+@click.option(
+    "--expiring-within",
+    type=Duration(),
+    help="Only the sites whose certificate expires within this (7d, 12h).",
+)
+def domains_list(as_json: bool, state: str | None, expiring_within: timedelta | None) -> None:
+    """Every site with its state, expiry and last error, by domain (streamed: any fleet size)."""
     from pipeline.db import session_scope
-    from pipeline.sites import list_sites
+    from pipeline.models.base import utcnow
+    from pipeline.sites import iter_sites
 
+    before = utcnow() + expiring_within if expiring_within else None
     with session_scope() as session:
-        rows = list_sites(session)
-    if as_json:
-        _print_json(rows)
-        return
-    for row in rows:
-        names = " ".join([row["domain"], *row["aliases"]])
-        expiry = row["not_after"] or "-"
-        error = f"  ({row['last_error']})" if row["last_error"] else ""
-        click.echo(f"{names:50} {row['state']:9} {expiry}{error}")
+        rows = iter_sites(session, state=state, expiring_before=before)
+        if as_json:
+            _print_json_array(rows)
+            return
+        shown = 0
+        for row in rows:
+            if not shown:
+                click.echo(f"{'STATE':9}  {'EXPIRES':17}  {'RENEWS':17}  {'ALIASES':>7}  DOMAIN")
+            shown += 1
+            error = f"  ({row['last_error']})" if row["last_error"] else ""
+            click.echo(
+                f"{row['state']:9}  {_minute(row['not_after']):17}  {_minute(row['renew_at']):17}"
+                f"  {len(row['aliases']):>7}  {row['domain']}{error}"
+            )
+    if not shown:
+        click.echo("no sites match" if state or expiring_within else "no sites")
+
+
+def _minute(iso: str | None) -> str:
+    # "2025-06-01T12:00:00+00:00" -> "2025-06-01 12:00Z": fixed width, UTC said once.
+    return f"{iso[:10]} {iso[11:16]}Z" if iso else "-"
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -279,5 +448,5 @@ def status(as_json: bool) -> None:
 
 
 # Operations commands (orders, renew, exporter) live in their own module.
-for _command in (cli_ops.orders, cli_ops.renew, cli_ops.exporter):
+for _command in (cli_ops.orders, cli_ops.renew, cli_ops.revoke, cli_ops.exporter):
     main.add_command(_command)

@@ -4,13 +4,17 @@ line, and JSON output. (pipeline.cli builds the command tree; pipeline.cli_ops a
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import click
 import redis
 import sqlalchemy.exc
 
+from pipeline.errors import IssuanceProblem
 from pipeline.keys import KeyFileError
 from pipeline.settings import SettingsError
 
@@ -25,6 +29,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     sqlalchemy.exc.OperationalError,
     redis.exceptions.ConnectionError,
+    IssuanceProblem,  # the CA unreachable or refusing (certman revoke)
 )
 
 
@@ -43,6 +48,8 @@ def _one_line(exc: BaseException) -> str:
         return f"Redis unavailable: {exc}"
     if isinstance(exc, KeyFileError):
         return str(exc)
+    if isinstance(exc, IssuanceProblem):
+        return exc.reason
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -54,3 +61,56 @@ def _fail(message: str) -> NoReturn:
 
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _print_json_array(items: Iterable[Any]) -> None:
+    """A JSON array written an element at a time, as ``_print_json`` would write the whole list:
+    a listing of 100,000 sites never sits in memory."""
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=2, default=str).replace("\n", "\n  ")
+        click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
+
+
+# --- parameter types -----------------------------------------------------------------------------
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"`` (the units of the rate-limit settings)."""
+    match = _DURATION_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"invalid duration {text!r}: use a positive number and s, m, h or d")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+class Duration(click.ParamType[timedelta]):
+    name = "duration"
+
+    def convert(
+        self, value: str | timedelta, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class SiteName(click.ParamType[str]):
+    """A domain name as typed: one that starts with ``-`` is an option the user meant to give
+    (``--alias --upstream URL`` takes ``--upstream`` for the alias), said so in one line."""
+
+    name = "name"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if value.startswith("-"):
+            option = param is not None and param.param_type_name == "option" and param.opts
+            what = f"the value of {param.opts[0]}" if option and param else "a name"
+            # A ValueError, not click's usage error: one line, exit status 1, like any bad name.
+            raise ValueError(f"{value!r} looks like an option, not a domain name: give {what}")
+        return value

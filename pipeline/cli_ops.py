@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import click
 
-from pipeline.cli_common import _Group, _print_json
+from pipeline.cli_common import Duration, SiteName, _Group, _print_json
 from pipeline.settings import get_settings
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-
-
-def parse_duration(text: str) -> timedelta:
-    """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"`` (the units of the rate-limit settings)."""
-    match = _DURATION_RE.match(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise ValueError(f"invalid duration {text!r}: use a positive number and s, m, h or d")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-
-
-class _Duration(click.ParamType[timedelta]):
-    name = "duration"
-
-    def convert(
-        self, value: str | timedelta, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 # --- orders --------------------------------------------------------------------------------------
@@ -46,7 +20,7 @@ def orders() -> None:
 @click.option("--json", "as_json", is_flag=True, help="A JSON array of objects.")
 @click.option(
     "--older-than",
-    type=_Duration(),
+    type=Duration(),
     default=None,
     help="Untouched for longer than this (default: CERTMAN_STUCK_AFTER).",
 )
@@ -63,35 +37,139 @@ def orders_stuck(as_json: bool, older_than: timedelta | None) -> None:
     if as_json:
         _print_json([row.as_dict(now) for row in rows])
         return
+    if not rows:
+        click.echo(f"no stuck orders (none untouched for longer than {stuck_after:.0f}s)")
+        return
+    click.echo(
+        f"{'ORDER':>8}  {'STEP':10}  {'KIND':5}  {'AGE':>9}  {'TRIES':>5}  {'ATTEMPTS':>8}  DOMAIN"
+    )
     for row in rows:
         click.echo(
-            f"{row.domain:50} order {row.order_id:<8} {row.step:10} {row.age(now):>9.0f}s "
-            f"step_tries={row.step_tries} attempts={row.attempts}"
+            f"{row.order_id:>8}  {row.step:10}  {row.kind:5}  {row.age(now):>8.0f}s  "
+            f"{row.step_tries:>5}  {row.attempts:>8}  {row.domain}"
         )
 
 
 # --- renew ---------------------------------------------------------------------------------------
 @click.command("renew")
+@click.argument("names", nargs=-1, type=SiteName())
+@click.option("--now", "now_", is_flag=True, help="Renew the named sites now.")
+@click.option("--all", "all_", is_flag=True, help="Renew every certificate (spread over --within).")
 @click.option("--scheme", help="Renew every certificate sealed with this scheme (legacy-rsa…).")
 @click.option("--key-id", help="Renew every certificate sealed to this edge key.")
-@click.option(
-    "--within", type=_Duration(), required=True, help="Spread the renewals over this (7d, 12h)."
-)
-def renew(scheme: str | None, key_id: str | None, within: timedelta) -> None:
-    """Re-seal to the current edge key: bring renewals forward, spread evenly over --within."""
+@click.option("--within", type=Duration(), help="Spread the renewals over this (7d, 12h).")
+@click.option("--json", "as_json", is_flag=True)
+def renew(
+    names: tuple[str, ...],
+    now_: bool,
+    all_: bool,
+    scheme: str | None,
+    key_id: str | None,
+    within: timedelta | None,
+    as_json: bool,
+) -> None:
+    """Bring renewals forward: NAME... --now; every certificate (--all), or those sealed with a
+    scheme or to an edge key (--scheme, --key-id: re-seal to the current edge key), spread
+    evenly over --within. Dispatch starts them like any renewal, under the in-flight bound and
+    the rate limits; the old certificate is served until the new one is stored."""
+    from pipeline.db import session_scope
+    from pipeline.models.base import utcnow
+    from pipeline.tasks.maintenance import kick_dispatch
+
+    now = utcnow()
+    if names or now_:
+        if not names or not now_:
+            raise click.UsageError("name the sites and say --now (or use --all --within)")
+        if all_ or scheme or key_id or within:
+            raise click.UsageError("NAME... --now goes with no other option")
+        from pipeline.reschedule import renew_now
+
+        with session_scope() as session:
+            scheduled = renew_now(session, names, now=now)
+        kick_dispatch()  # after the commit, as for domains add
+        if as_json:
+            _print_json([{"domain": s.domain, "serial": s.serial, "renew_at": s.renew_at}
+                         for s in scheduled])  # fmt: skip
+            return
+        for s in scheduled:
+            click.echo(f"{s.domain}: renewal queued; certificate {s.serial} is served until then")
+        return
+    if sum((all_, scheme is not None, key_id is not None)) != 1:
+        raise click.UsageError("give NAME... --now, or exactly one of --all, --scheme, --key-id")
+    if within is None:
+        raise click.UsageError("--within says over how long to spread the renewals (7d, 12h)")
+    if all_:
+        from pipeline.reschedule import renew_all
+
+        with session_scope() as session:
+            n = renew_all(session, within=within, now=now)
+        what = "every certificate"
+    else:
+        n, what = _reseal(scheme, key_id, within, now)
+    if as_json:
+        _print_json({"scheduled": n, "within_seconds": within.total_seconds()})
+        return
+    click.echo(f"{n} certificates ({what}) scheduled for renewal within {within}")
+
+
+def _reseal(
+    scheme: str | None, key_id: str | None, within: timedelta, now: datetime
+) -> tuple[int, str]:
+    from sqlalchemy import select
+
     from pipeline.db import session_scope
     from pipeline.envelope import Scheme
-    from pipeline.models.base import utcnow
+    from pipeline.models import Certificate
     from pipeline.renewal import schedule_reseal
 
-    if (scheme is None) == (key_id is None):
-        raise click.UsageError("give exactly one of --scheme and --key-id")
     if scheme is not None and scheme not in {s.value for s in Scheme}:
         raise ValueError(f"unknown scheme {scheme!r}: one of {', '.join(s.value for s in Scheme)}")
     with session_scope() as session:
-        n = schedule_reseal(session, scheme=scheme, key_id=key_id, within=within, now=utcnow())
-    what = f"scheme {scheme}" if scheme else f"key {key_id}"
-    click.echo(f"{n} certificates sealed with {what} scheduled for renewal within {within}")
+        if key_id is not None:
+            in_use = set(
+                session.scalars(select(Certificate.key_id).where(Certificate.current).distinct())
+            )
+            if key_id not in in_use:
+                known = ", ".join(sorted(in_use)) or "none"
+                raise ValueError(
+                    f"no current certificate is sealed to key {key_id!r} (key ids in use: {known})"
+                )
+        n = schedule_reseal(session, scheme=scheme, key_id=key_id, within=within, now=now)
+    return n, f"sealed with scheme {scheme}" if scheme else f"sealed to key {key_id}"
+
+
+# --- revoke --------------------------------------------------------------------------------------
+_REASONS = ["unspecified", "keyCompromise", "affiliationChanged", "superseded",
+            "cessationOfOperation"]  # fmt: skip
+
+
+@click.command("revoke")
+@click.argument("name", type=SiteName())
+@click.option(
+    "--reason",
+    type=click.Choice(_REASONS),
+    default="unspecified",
+    show_default=True,
+    help="RFC 5280 reason code sent to the CA.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def revoke(name: str, reason: str, as_json: bool) -> None:
+    """Revoke a site's certificate at the CA, then order a new one at once (the revoked one is
+    served until it arrives)."""
+    from pipeline.acme_client import get_client
+    from pipeline.db import session_scope
+    from pipeline.models.base import utcnow
+    from pipeline.revocation import Reason, revoke_site
+    from pipeline.tasks.maintenance import kick_dispatch
+
+    done = revoke_site(session_scope, get_client(), name, reason=Reason[reason], now=utcnow())
+    kick_dispatch()
+    if as_json:
+        _print_json({"domain": done.domain, "serial": done.serial, "reason": done.reason.name,
+                     "already_revoked": done.already})  # fmt: skip
+        return
+    again = " (it was already revoked)" if done.already else ""
+    click.echo(f"{done.domain}: certificate {done.serial} revoked{again}; a new one is queued")
 
 
 # --- exporter ------------------------------------------------------------------------------------

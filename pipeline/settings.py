@@ -267,6 +267,9 @@ class Settings(BaseSettings):
     def effective_signing_key(self) -> Path:
         return self.signing_key or self.data_dir / "signing.key"
 
+    # --- retention (issue 16): beat prunes attempt rows older than this -----------------------
+    attempts_retention_days: float = Field(90, gt=0, description="Days attempt rows are kept.")
+
 
 class SettingsError(Exception):
     """A setting is wrong; the message names the environment variable."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -87,8 +87,10 @@ def parse_site(
 def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> tuple[Site, bool]:
     """Store a site; returns it and whether it was created (False: it was already there).
 
-    Re-adding a site with the same names is a no-op that may update its upstream; a name that
-    already belongs to another site is refused, and nothing is written.
+    Re-adding a site as it is stored is a no-op; re-adding it with other names, upstream,
+    profile or key type is a :class:`SiteError` that says what differs and points to
+    ``certman domains update`` (nothing is changed). A name that already belongs to another
+    site is refused, and nothing is written.
     """
     owners: dict[str, str] = dict(
         session.execute(  # type: ignore[arg-type]
@@ -106,10 +108,15 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
         if set(site.all_names) != set(new.names):
             raise SiteError(
                 f"{new.domain} exists with names {', '.join(site.all_names)}; "
-                "remove it first to change its names"
+                "change them with certman domains update"
             )
-        if new.upstream and new.upstream != site.upstream:
-            site.upstream = new.upstream
+        differs = _differences(site, new)
+        if differs:
+            # Re-adding never changes a site: a script re-run must not move an upstream.
+            raise SiteError(
+                f"{new.domain} is already there with {'; '.join(differs)}: "
+                "change it with certman domains update"
+            )
         return site, False
     site = Site(
         domain=new.domain,
@@ -124,6 +131,19 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
     session.add(site)
     session.flush()
     return site, True
+
+
+def _differences(site: Site, new: NewSite) -> list[str]:
+    """What a re-add asks for that the stored site does not have (options not given: none)."""
+    asked = {"upstream": new.upstream, "profile": new.profile, "key type": new.key_type,
+             "customer ref": new.customer_ref}  # fmt: skip
+    stored = {"upstream": site.upstream, "profile": site.profile, "key type": site.key_type,
+              "customer ref": site.customer_ref}  # fmt: skip
+    return [
+        f"{what} {stored[what] or '(none)'}, not {value}"
+        for what, value in asked.items()
+        if value is not None and value != stored[what]
+    ]
 
 
 def find_site(session: Session, name: str) -> Site:
@@ -236,39 +256,198 @@ def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int,
     return certs
 
 
-def list_sites(session: Session) -> list[dict[str, Any]]:
-    """The ``certman domains list --json`` objects (docs/architecture.md, "Contracts")."""
-    sites = session.scalars(
-        select(Site).options(selectinload(Site.names)).order_by(Site.domain)
-    ).all()
-    # Every site is listed, so every current certificate is wanted: its dates, not its chain.
-    certs = {
-        row.site_id: row
-        for row in session.execute(
-            select(
-                Certificate.site_id, Certificate.not_after, Certificate.renew_at, Certificate.serial
-            ).where(Certificate.current)
-        )
-    }
-    out = []
-    for site in sites:
-        cert = certs.get(site.id)
-        out.append(
-            {
-                "domain": site.domain,
-                "aliases": [n for n in site.all_names if n != site.domain],
-                "state": site.state,
-                "not_after": cert.not_after.isoformat() if cert else None,
-                "renew_at": cert.renew_at.isoformat() if cert else None,
-                "serial": cert.serial if cert else None,
-                "upstream": site.upstream,
-                "last_error": site.last_error,
-                "next_attempt_at": site.next_attempt_at.isoformat()
-                if site.next_attempt_at
-                else None,
+# Sites per query of a listing: each batch is two indexed queries, and only one batch is held.
+LIST_BATCH = 1000
+
+
+def iter_sites(
+    session: Session,
+    *,
+    state: str | None = None,
+    expiring_before: datetime | None = None,
+    batch: int = LIST_BATCH,
+) -> Iterator[dict[str, Any]]:
+    """The ``certman domains list --json`` objects (docs/architecture.md, "Contracts"), by
+    domain, a batch at a time: memory stays flat however many sites there are.
+
+    ``state`` keeps the sites in that state; ``expiring_before`` those whose current
+    certificate expires before then (sites without one are left out).
+    """
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        # The batches are read one after another: one snapshot of the store for all of them
+        # (a caller's transaction already begun keeps its own level).
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    query = (
+        select(
+            Site.id,
+            Site.domain,
+            Site.state,
+            Site.upstream,
+            Site.last_error,
+            Site.next_attempt_at,
+            Certificate.not_after,
+            Certificate.renew_at,
+            Certificate.serial,
+        )  # fmt: skip
+        .outerjoin(Certificate, and_(Certificate.site_id == Site.id, Certificate.current))
+        .order_by(Site.domain)
+        .limit(batch)
+    )
+    if state is not None:
+        query = query.where(Site.state == state)
+    if expiring_before is not None:
+        query = query.where(Certificate.not_after < expiring_before)
+    after = ""
+    while rows := session.execute(query.where(Site.domain > after)).all():
+        names: dict[int, list[str]] = {row.id: [] for row in rows}
+        for site_id, name in session.execute(
+            select(SiteName.site_id, SiteName.name)
+            .where(SiteName.site_id.in_(names))
+            .order_by(SiteName.id)
+        ).tuples():
+            names[site_id].append(name)
+        for row in rows:
+            yield {
+                "domain": row.domain,
+                "aliases": [n for n in names[row.id] if n != row.domain],
+                "state": row.state,
+                "not_after": _iso(row.not_after),
+                "renew_at": _iso(row.renew_at),
+                "serial": row.serial,
+                "upstream": row.upstream,
+                "last_error": row.last_error,
+                "next_attempt_at": _iso(row.next_attempt_at),
             }
+        after = rows[-1].domain
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def list_sites(session: Session) -> list[dict[str, Any]]:
+    """Every site's ``certman domains list --json`` object, in one list (small fleets, tests)."""
+    return list(iter_sites(session))
+
+
+# --- changing a site in place ---------------------------------------------------------------------
+@dataclass
+class SiteUpdate:
+    """What ``certman domains update`` changed."""
+
+    domain: str
+    changes: list[str]
+    # A new certificate is wanted (names, profile or key type changed): its renewal is due now,
+    # or the next first-issue attempt uses the new names.
+    new_certificate: bool = False
+    note: str | None = None
+
+
+def update_site(
+    session: Session,
+    name: str,
+    *,
+    add_aliases: Sequence[str] = (),
+    remove_aliases: Sequence[str] = (),
+    upstream: str | None = None,
+    profile: str | None = None,
+    key_type: str | None = None,
+    now: datetime | None = None,
+) -> SiteUpdate:
+    """Change a site in place; any problem is a :class:`SiteError` and nothing is written.
+
+    A change of names, profile or key type wants a new certificate: a site with one has its
+    renewal made due now (dispatch starts it under the in-flight bound and the rate limiter,
+    like any renewal) and keeps serving the old certificate until the new one is stored; a site
+    still waiting for its first certificate gets it with the new names. Not while an order is
+    in flight: it carries the old names, and would be stored as the site's certificate.
+    """
+    now = now or utcnow()
+    site = find_site(session, name)
+    names = list(site.all_names)
+    changes: list[str] = []
+    for raw in add_aliases:
+        try:
+            alias = normalise(raw)
+        except InvalidName as exc:
+            raise InvalidName(exc.name, f"alias: {exc.reason}") from None
+        if alias in names:
+            continue
+        owner = session.scalar(select(Site.domain).join(SiteName).where(SiteName.name == alias))
+        if owner is not None:
+            raise SiteError(f"{alias} already belongs to site {owner}")
+        names.append(alias)
+        changes.append(f"alias {alias} added")
+    for raw in remove_aliases:
+        alias = normalise(raw)
+        if alias == site.domain:
+            raise SiteError(f"{alias} is the site's primary name: it cannot be removed")
+        if alias not in names:
+            raise SiteError(f"{alias} is not a name of {site.domain}")
+        names.remove(alias)
+        changes.append(f"alias {alias} removed")
+    if len(names) > 100:
+        raise SiteError(f"{site.domain}: more than 100 names in one certificate")
+    if key_type is not None and key_type not in {k.value for k in KeyType}:
+        raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
+    new_upstream = validate_upstream(upstream) if upstream is not None else site.upstream
+    wants_cert = names != site.all_names
+    if profile is not None and profile != site.profile:
+        wants_cert = True
+        changes.append(f"profile {site.profile or '(default)'} -> {profile}")
+    if key_type is not None and key_type != site.key_type:
+        wants_cert = True
+        changes.append(f"key type {site.key_type or '(default)'} -> {key_type}")
+    if new_upstream != site.upstream:
+        changes.append(f"upstream {site.upstream or '(none)'} -> {new_upstream}")
+    if wants_cert:
+        busy = session.scalar(
+            select(Order.step).where(Order.site_id == site.id, Order.step.in_(UNFINISHED))
         )
-    return out
+        if busy is not None:
+            raise SiteError(
+                f"{site.domain} has an order in flight (step {busy}): change its names, profile "
+                "or key type when it ends (certman domains show)"
+            )
+    result = SiteUpdate(site.domain, changes, new_certificate=wants_cert)
+    if not changes:
+        return result
+    kept = [n for n in site.names if n.name in names]
+    if len(kept) != len(site.names):
+        site.names = kept
+        session.flush()  # the removed names are gone before a new one may take their place
+    site.names.extend(SiteName(name=n) for n in names if n not in site.all_names)
+    site.upstream = new_upstream
+    site.profile = profile if profile is not None else site.profile
+    site.key_type = key_type if key_type is not None else site.key_type
+    site.updated_at = now
+    if wants_cert:
+        result.note = _order_new_certificate(session, site, now)
+    session.flush()
+    return result
+
+
+def _order_new_certificate(session: Session, site: Site, now: datetime) -> str:
+    cert = session.scalar(
+        select(Certificate).where(Certificate.site_id == site.id, Certificate.current)
+    )
+    if site.state == SiteState.BLOCKED:
+        return "the site is blocked: certman domains retry starts its next order"
+    if cert is None:
+        site.next_attempt_at = now
+        return "its first certificate is ordered with these names"
+    make_due(cert, now)
+    return f"a new certificate is ordered; certificate {cert.serial} is served until it arrives"
+
+
+def make_due(cert: Certificate, at: datetime) -> None:
+    """Bring a certificate's renewal forward to ``at`` (never later than it was).
+
+    Its ARI check is put off until then too: a refresh must not move a renewal someone asked
+    for back into the CA's window.
+    """
+    cert.renew_at = min(cert.renew_at, at)
+    cert.ari_checked_at = max(cert.ari_checked_at or at, at)
 
 
 def counts_by_state(session: Session) -> dict[str, int]:

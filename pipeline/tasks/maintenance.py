@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Task
 
-from pipeline import alerts, dispatch, renewal, runtime, upkeep
+from pipeline import alerts, dispatch, renewal, retention, runtime, upkeep
 from pipeline.celery import app
 from pipeline.connections import release
 from pipeline.issuance import OrderSteps
@@ -169,6 +169,19 @@ def check_expiry(self: Task) -> int:
         found, send=_queue_webhook, client=process.redis, settings=settings
     )
     return len(raised)
+
+
+@app.task(name="certman.maintenance.prune_attempts", bind=True, acks_late=True)
+def prune_attempts(self: Task) -> int:
+    """Delete attempt rows older than CERTMAN_ATTEMPTS_RETENTION_DAYS, in batches."""
+    process = runtime.current()
+    days = process.settings.attempts_retention_days
+    deleted = retention.prune_attempts(
+        process.session_scope, before=utcnow() - timedelta(days=days)
+    )
+    if deleted:
+        log.info("pruned %d attempt rows older than %g days", deleted, days)
+    return deleted
 
 
 def _queue_webhook(payload: dict[str, Any]) -> None:

@@ -41,15 +41,20 @@ def test_add_stores_site_with_every_name(database_url: str) -> None:
     ]
 
 
-def test_adding_again_is_a_no_op_that_may_update_upstream(database_url: str) -> None:
+def test_adding_again_is_a_no_op_and_never_changes_the_upstream(database_url: str) -> None:
     with session_scope(database_url) as session:
-        add_site(session, parse_site("dealer.example.com"))
+        add_site(session, parse_site("dealer.example.com", upstream="http://10.0.0.5:8080"))
     with session_scope(database_url) as session:
-        site, created = add_site(
-            session, parse_site("dealer.example.com", upstream="http://10.1.1.1:8080/")
-        )
-        assert not created
-        assert site.upstream == "http://10.1.1.1:8080"
+        site, created = add_site(session, parse_site("dealer.example.com"))
+        assert not created and site.upstream == "http://10.0.0.5:8080"
+    with (
+        pytest.raises(SiteError, match=r"upstream http://10.0.0.5:8080, not http://10.1.1.1:8080"
+                      r": change it with certman domains update"),
+        session_scope(database_url) as session,
+    ):  # fmt: skip
+        add_site(session, parse_site("dealer.example.com", upstream="http://10.1.1.1:8080/"))
+    with session_scope(database_url) as session:
+        assert session.scalar(select(Site.upstream)) == "http://10.0.0.5:8080"
     assert count(database_url, Site) == 1
 
 

@@ -1,0 +1,178 @@
+"""One site's story, for ``certman domains show``: its names and state, the certificate it
+serves, when and why that renews, the order in flight, the last attempts and the next one.
+
+A handful of indexed queries by the site's id; the certificate is read from its chain (issuer,
+key type), never assumed from the settings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.dispatch import UNFINISHED
+from pipeline.issuance import STEPS
+from pipeline.models import Attempt, Certificate, Order, Site, SiteState
+from pipeline.settings import Settings
+from pipeline.sites import find_site
+
+_TASK_AT = {step.at: f"certman.issue.{step.name}" for step in STEPS}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def key_type_of(leaf: x509.Certificate) -> str:
+    key = leaf.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name, key.curve.name)
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"rsa-{key.key_size}"
+    return type(key).__name__
+
+
+def site_report(
+    session: Session, name: str, *, now: datetime, settings: Settings, attempts: int = 10
+) -> dict[str, Any]:
+    """The ``certman domains show --json`` object (docs/architecture.md, "Contracts")."""
+    site = find_site(session, name)
+    cert = session.scalar(
+        select(Certificate).where(Certificate.site_id == site.id, Certificate.current)
+    )
+    order = session.scalar(
+        select(Order)
+        .where(Order.site_id == site.id, Order.step.in_(UNFINISHED))
+        .order_by(Order.id.desc())
+        .limit(1)
+    )
+    recent = session.scalars(
+        select(Attempt)
+        .where(Attempt.site_id == site.id)
+        .order_by(Attempt.created_at.desc(), Attempt.id.desc())
+        .limit(attempts)
+    ).all()
+    return {
+        "domain": site.domain,
+        "aliases": [n for n in site.all_names if n != site.domain],
+        "state": str(site.state),
+        "upstream": site.upstream,
+        "customer_ref": site.customer_ref,
+        "profile": site.profile,
+        "key_type": site.key_type,
+        "last_error": site.last_error,
+        "consecutive_failures": site.consecutive_failures,
+        "certificate": _certificate(session, cert) if cert else None,
+        "renewal": _renewal(site, cert, now=now, settings=settings) if cert else None,
+        "order": _order(order, site.domain) if order else None,
+        "attempts": [
+            {
+                "at": _iso(a.created_at),
+                "order_id": a.order_id,
+                "step": a.step,
+                "outcome": a.outcome,
+                "error_type": a.error_type,
+                "detail": a.detail,
+            }
+            for a in recent
+        ],
+        "next_attempt": _next_attempt(site, cert, order),
+    }
+
+
+def _certificate(session: Session, cert: Certificate) -> dict[str, Any]:
+    leaf = x509.load_pem_x509_certificate(cert.chain_pem.encode("ascii"))
+    profile = (
+        session.scalar(select(Order.profile).where(Order.id == cert.order_id))
+        if cert.order_id
+        else None
+    )
+    return {
+        "serial": cert.serial,
+        "issuer": leaf.issuer.rfc4514_string(),
+        "not_before": _iso(cert.not_before),
+        "not_after": _iso(cert.not_after),
+        "key_type": key_type_of(leaf),
+        "scheme": cert.scheme,
+        "key_id": cert.key_id,
+        "profile": profile,
+        "ari_id": cert.ari_id,
+        "issued_at": _iso(cert.created_at),
+    }
+
+
+def _renewal(site: Site, cert: Certificate, *, now: datetime, settings: Settings) -> dict[str, Any]:
+    lifetime = (cert.not_after - cert.not_before).total_seconds()
+    fraction = (cert.renew_at - cert.not_before).total_seconds() / lifetime if lifetime else 0.0
+    window = (
+        {"start": _iso(cert.ari_window_start), "end": _iso(cert.ari_window_end)}
+        if cert.ari_window_start and cert.ari_window_end
+        else None
+    )
+    lowest = settings.renew_fraction - settings.renew_spread
+    if site.consecutive_failures and site.state == SiteState.ACTIVE:
+        reason = "backoff"
+        why = f"retry after {site.consecutive_failures} failed renewal attempts"
+    elif (
+        cert.ari_window_start
+        and cert.ari_window_end
+        and cert.ari_window_start <= cert.renew_at <= cert.ari_window_end
+    ):
+        reason = "ari"
+        why = (
+            f"inside the CA's ARI window {window and window['start']} - {window and window['end']}"
+        )
+    elif fraction < lowest - 0.005:
+        reason = "brought_forward"
+        why = (
+            f"brought forward to {fraction:.0%} of its lifetime (certman renew, domains update, "
+            "revoke or retry)"
+        )
+    else:
+        reason = "lifetime"
+        why = f"at {fraction:.0%} of its lifetime (CERTMAN_RENEW_FRACTION, spread per domain)"
+    return {
+        "renew_at": _iso(cert.renew_at),
+        "due": cert.renew_at <= now,
+        "reason": reason,
+        "why": why,
+        "fraction_of_lifetime": round(fraction, 4),
+        "ari_window": window,
+        "ari_checked_at": _iso(cert.ari_checked_at),
+    }
+
+
+def _order(order: Order, domain: str) -> dict[str, Any]:
+    task = _TASK_AT.get(order.step)
+    return {
+        "order_id": order.id,
+        "kind": str(order.kind),
+        "step": str(order.step),
+        "names": order.names,
+        "profile": order.profile,
+        "created_at": _iso(order.created_at),
+        "step_changed_at": _iso(order.step_changed_at),
+        "touched_at": _iso(order.touched_at),
+        "step_tries": order.step_tries,
+        "polls": order.polls,
+        "order_url": order.order_url,
+        # Celery's task ids are not stored: Flower finds the step's task by its name and
+        # arguments (docs/operations.md, section 6).
+        "task": task,
+        "task_args": [order.id, domain],
+    }
+
+
+def _next_attempt(site: Site, cert: Certificate | None, order: Order | None) -> dict[str, Any]:
+    if order is not None:
+        return {"kind": None, "at": None, "note": f"order {order.id} is in flight"}
+    if site.state == SiteState.BLOCKED:
+        return {"kind": None, "at": None, "note": "blocked until someone acts: domains retry"}
+    if cert is not None:
+        return {"kind": "renew", "at": _iso(cert.renew_at), "note": None}
+    return {"kind": "issue", "at": _iso(site.next_attempt_at), "note": None}
