@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from pipeline.distribution import publish_site
 from pipeline.version import certman_version
 from tests.support.ports import free_port
 
-from .conftest import RunningEdge, Sites
+from .conftest import RunningEdge, Sites, serving
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -57,13 +56,8 @@ class _Status(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def status_upstream() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Status)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_Status) as url:
+        yield url
 
 
 def test_requests_upstream_latency_and_handshakes_are_counted(
