@@ -12,7 +12,7 @@ import datetime as dt
 import email.utils
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 from acme import challenges, client, errors, messages
@@ -24,7 +24,9 @@ from josepy.jwk import JWK, JWKEC
 
 from pipeline import worker_metrics
 from pipeline.errors import (
+    AccountRefused,
     AttemptFailed,
+    IssuanceProblem,
     NameRefused,
     Outcome,
     RateLimited,
@@ -32,6 +34,9 @@ from pipeline.errors import (
     meaning,
 )
 from pipeline.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
 
 T = TypeVar("T")
 
@@ -116,7 +121,7 @@ def _retry_after_seconds(response: requests.Response) -> float | None:
 
 
 class AcmeClient:
-    """One account's view of one ACME directory."""
+    """One account's view of one ACME directory (one issuer's: ``issuer`` is its name)."""
 
     def __init__(
         self,
@@ -126,7 +131,9 @@ class AcmeClient:
         registration: messages.RegistrationResource | None = None,
         ca_bundle: str | None = None,
         limiter: RateLimiter | None = None,
+        issuer: str = "default",
     ) -> None:
+        self.issuer = issuer
         alg = ES256 if isinstance(account_key, JWKEC) else RS256
         self.net = _Network(
             key=account_key,
@@ -159,8 +166,37 @@ class AcmeClient:
             return None
 
     # --- account ---------------------------------------------------------------------------
-    def register(self, email: str | None) -> messages.RegistrationResource:
-        new = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
+    def register(
+        self, email: str | None, *, eab: tuple[str, SecretStr] | None = None
+    ) -> messages.RegistrationResource:
+        """Register the key (or find the account it has), with External Account Binding
+        (RFC 8555 section 7.3.4) when ``eab`` (key id, base64url HMAC key) is given.
+
+        A refusal that a retry cannot change (a wrong EAB key, one required and missing) is
+        :class:`AccountRefused`, naming the issuer but never the key.
+        """
+        binding = None
+        if eab is not None:
+            kid, hmac_key = eab
+            binding = messages.ExternalAccountBinding.from_data(
+                account_public_key=self.account_key.public_key(),
+                kid=kid,
+                hmac_key=hmac_key.get_secret_value(),
+                directory=self.directory,
+            )
+        new = messages.NewRegistration.from_data(
+            email=email, terms_of_service_agreed=True, external_account_binding=binding
+        )
+        try:
+            return self._register(new)
+        except AttemptFailed as exc:
+            how = f"with External Account Binding key id {eab[0]!r}" if eab else "without EAB"
+            raise AccountRefused(
+                f"issuer {self.issuer} refused our new account ({how}): {exc.reason}",
+                error_type=exc.error_type,
+            ) from exc
+
+    def _register(self, new: messages.NewRegistration) -> messages.RegistrationResource:
 
         def new_account() -> messages.RegistrationResource | str:
             try:
@@ -201,12 +237,23 @@ class AcmeClient:
         self, names: list[str], *, profile: str | None = None, replaces: str | None = None
     ) -> tuple[str, messages.Order]:
         identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        replaces = replaces if replaces and self.supports_ari else None
         body = NewOrderWithReplaces(
             identifiers=identifiers,
             profile=profile if profile and profile in self.profiles else None,
-            replaces=replaces if replaces and self.supports_ari else None,
+            replaces=replaces,
         )
-        response = self._call(lambda: self.acme._post(self.directory["newOrder"], body))
+        try:
+            response = self._call(lambda: self.acme._post(self.directory["newOrder"], body))
+        except (AttemptFailed, RetryLater) as exc:
+            if replaces is not None and _replaces_refused(exc):
+                # Whatever the CA's wording, the caller orders again without replaces.
+                raise AttemptFailed(
+                    f"the CA refuses replaces={replaces}: {exc.reason}",
+                    error_type=getattr(exc, "error_type", None) or "serverInternal",
+                    already_replaced=True,
+                ) from exc
+            raise
         return response.headers["Location"], messages.Order.from_json(response.json())
 
     def get_order(self, url: str) -> tuple[messages.Order, float | None]:
@@ -311,6 +358,22 @@ def _already_replaced(code: str, detail: str) -> bool:
     return code == "alreadyReplaced" or (
         code in ("conflict", "malformed") and "replacement order" in detail
     )
+
+
+def _replaces_refused(problem: IssuanceProblem) -> bool:
+    """A newOrder refused for its ``replaces`` (draft-ietf-acme-ari: the client may then order
+    without it): RFC 9773's alreadyReplaced; a malformed complaint about replaces; Pebble's
+    serverInternal "could not find an order for the given certificate", which retrying the same
+    request only repeats."""
+    if isinstance(problem, RateLimited):
+        return False
+    if isinstance(problem, AttemptFailed) and problem.already_replaced:
+        return True
+    text = problem.reason.lower()
+    about_replaces = "replace" in text or "for the given certificate" in text
+    if isinstance(problem, AttemptFailed):
+        return about_replaces and problem.error_type in ("malformed", "conflict", "serverInternal")
+    return about_replaces and "serverinternal" in text
 
 
 def get_client() -> AcmeClient:

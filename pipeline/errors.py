@@ -9,8 +9,13 @@ IssuanceProblem
     │                   at 1 min, 10 min, 100 min, then daily. ``error_type`` is the ACME
     │                   error type; ``already_replaced`` flags an ARI renewal the CA refuses
     │                   because the certificate already has a replacement order
-    └── NameRefused     the CA will not issue for a name (rejectedIdentifier, caa,
-                        unauthorized when ordering): blocked until someone acts
+    ├── NameRefused     the CA will not issue for a name (rejectedIdentifier, caa,
+    │                   unauthorized when ordering): blocked until someone acts
+    └── AccountRefused  the CA would not register our account with it (a wrong External
+                        Account Binding, say): that issuer is unusable, not the site
+
+:func:`fallback_cause` says which of these are the CA's side of things, worth trying the next
+issuer for (docs/architecture.md, "Issuers and fallback"); a site's own problems never are.
 
 :data:`ACME_ERRORS` is the one table of ACME error types (RFC 8555 section 6.7, RFC 9773) and
 what each means to the pipeline, when a request is answered with it and when a challenge's
@@ -38,9 +43,12 @@ class RetryLater(IssuanceProblem):
 class RateLimited(RetryLater):
     """The CA (``by_ca``) or our own limiter said not now."""
 
-    def __init__(self, reason: str, countdown: float, *, by_ca: bool = False) -> None:
+    def __init__(
+        self, reason: str, countdown: float, *, by_ca: bool = False, bucket: str | None = None
+    ) -> None:
         super().__init__(reason, countdown)
         self.by_ca = by_ca
+        self.bucket = bucket  # the limiter bucket concerned, where known
 
 
 class PollAgain(RetryLater):
@@ -59,6 +67,40 @@ class AttemptFailed(IssuanceProblem):
 
 class NameRefused(AttemptFailed):
     pass
+
+
+class AccountRefused(AttemptFailed):
+    """The issuer refused to register our account (newAccount failed for good)."""
+
+
+# --- when to try another issuer ------------------------------------------------------------------
+class FallbackCause(StrEnum):
+    """Why an order left an issuer for the next one (orders.fallback_reason starts with it)."""
+
+    UNAVAILABLE = "unavailable"  # unreachable, 5xx, serverInternal, badNonce beyond retries
+    RATE_LIMITED = "rate-limited"  # rateLimited (or our limiter for it) beyond the max wait
+    ACCOUNT = "account-refused"  # no account there (External Account Binding refused, ...)
+
+
+# Buckets about a site's own names: a name that keeps failing validation fails alike elsewhere.
+SITE_BUCKETS = ("authz-failures",)
+
+
+def fallback_cause(problem: IssuanceProblem, *, max_wait: float) -> FallbackCause | None:
+    """The CA's side of things, worth the next issuer; None for what would fail alike anywhere
+    (DNS, CAA, rejectedIdentifier, validation) or is only worth waiting for."""
+    if isinstance(problem, PollAgain):
+        return None
+    if isinstance(problem, AccountRefused):
+        return FallbackCause.ACCOUNT
+    if isinstance(problem, RateLimited):
+        if problem.bucket is not None and problem.bucket.startswith(SITE_BUCKETS):
+            return None
+        # Pacing waits are short; a refusal for longer than is worth waiting sends us on.
+        return FallbackCause.RATE_LIMITED if problem.countdown > max_wait else None
+    if isinstance(problem, RetryLater):
+        return FallbackCause.UNAVAILABLE
+    return None
 
 
 # --- the table -----------------------------------------------------------------------------------

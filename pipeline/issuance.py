@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,15 +24,18 @@ from acme import messages
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipeline import envelope, renewal, selfcheck, site_states
+from pipeline import envelope, renewal, selfcheck, site_states, worker_metrics
 from pipeline.acme_client import NOT_FOUND, AcmeClient
 from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
 from pipeline.errors import (
     AttemptFailed,
+    FallbackCause,
+    IssuanceProblem,
     NameRefused,
     PollAgain,
     RateLimited,
     RetryLater,
+    fallback_cause,
     validation_problem,
 )
 from pipeline.keys import KeyFileError, PublicKey
@@ -137,17 +142,31 @@ class OrderSteps:
             order = _order(session, order_id)
             if order.step != OrderStep.QUEUED:
                 return
-            names, profile, replaces = list(order.names), order.profile, order.replaces
-            exempt = order.kind == OrderKind.RENEW and order.replaces is not None and order.exempt
+            preferred = order.site.preferred_issuer
+            if order.issuer is None or not self._known(order.issuer):
+                # The first run (or the issuer left the settings before any CA order): the
+                # site's preferred issuer, else the installation's first.
+                order.issuer = self._candidates(preferred)[0]
+                order.touched_at = utcnow()
+            issuer = order.issuer
+            names = list(order.names)
+            profile = order.site.profile or self.settings.issuer(issuer).profile or order.profile
+            # ARI's replaces only with the issuer that issued the certificate it names.
+            replaces = self._replaces_for(session, order, issuer)
+            exempt = order.kind == OrderKind.RENEW and replaces is not None and order.exempt
             recorded = order_url = order.order_url
         # Nothing to seal the new key to means no certificate: find out before asking the CA.
         self._edge_key()
-        client = self.acme
-        body = self._ca_order_to_resume(client, recorded) if recorded else None
+        if recorded is None and self._skip_marked_down(order_id, issuer, preferred):
+            return self.place_order(order_id)  # once: it now names an issuer not marked down
+        with self._fallback_on_ca_trouble(order_id, issuer, preferred):
+            client = self._client(issuer)
+            body = self._ca_order_to_resume(client, recorded) if recorded else None
         if body is None:
             if self.settings.self_check:
                 self._preflight(names)
-            order_url, body = self._new_ca_order(client, names, profile, replaces, exempt)
+            with self._fallback_on_ca_trouble(order_id, issuer, preferred):
+                order_url, body = self._new_ca_order(client, names, profile, replaces, exempt)
             # Recorded before the authorizations are fetched: if fetching them fails (a network
             # blip, a crash), the re-run resumes this CA order instead of placing a second one,
             # which would count against the CA's order limits and, for an ARI renewal, be
@@ -159,6 +178,7 @@ class OrderSteps:
                     .where(
                         Order.id == order_id,
                         Order.step == OrderStep.QUEUED,
+                        Order.issuer == issuer,
                         Order.order_url.is_(None)
                         if recorded is None
                         else Order.order_url == recorded,
@@ -171,23 +191,158 @@ class OrderSteps:
                                 order_id, order_url)  # fmt: skip
                     return
         authorizations: dict[str, Any] = {}
-        for authz_url in body.authorizations:
-            authz = client.get_authorization(authz_url)
-            http01 = [c for c in authz.challenges if c.chall.typ == "http-01"]
-            if not http01:
-                raise AttemptFailed(f"{authz.identifier.value}: the CA offers no http-01 challenge")
-            authorizations[authz_url] = {
-                "name": authz.identifier.value,
-                "token": http01[0].chall.encode("token"),
-                "challenge_url": http01[0].uri,
-                "status": authz.status.name,
-            }
+        with self._fallback_on_ca_trouble(order_id, issuer, preferred):
+            for authz_url in body.authorizations:
+                authz = client.get_authorization(authz_url)
+                http01 = [c for c in authz.challenges if c.chall.typ == "http-01"]
+                if not http01:
+                    raise AttemptFailed(
+                        f"{authz.identifier.value}: the CA offers no http-01 challenge"
+                    )
+                authorizations[authz_url] = {
+                    "name": authz.identifier.value,
+                    "token": http01[0].chall.encode("token"),
+                    "challenge_url": http01[0].uri,
+                    "status": authz.status.name,
+                }
         with self.sessions() as session:
             order = _order(session, order_id)
             if order.step != OrderStep.QUEUED or order.order_url != order_url:
                 return  # another run moved on, or replaced the CA order this one fetched
             order.authorizations = authorizations
             _advance(order, OrderStep.PLACED)
+        return None
+
+    # --- issuers and fallback -------------------------------------------------------------
+    def _known(self, issuer: str) -> bool:
+        return any(spec.name == issuer for spec in self.settings.issuer_list)
+
+    def _candidates(self, preferred: str | None) -> list[str]:
+        """Issuers in the order this site tries them: its own preference first, if known."""
+        names = [spec.name for spec in self.settings.issuer_list]
+        if preferred in names:
+            names.remove(preferred)
+            names.insert(0, preferred)
+        elif preferred:
+            log.warning("site prefers issuer %r, which the settings do not have", preferred)
+        return names
+
+    def _client_of(self, issuer: str | None) -> AcmeClient:
+        """The client of the issuer an order was placed with (None: before issuers were
+        recorded, the first)."""
+        return self._client(issuer) if issuer is not None else self.runtime.acme
+
+    def _client(self, issuer: str) -> AcmeClient:
+        try:
+            return self.runtime.acme_for(issuer)
+        except KeyError:
+            raise AttemptFailed(
+                f"issuer {issuer} is no longer in CERTMAN_ISSUERS", error_type="issuerGone"
+            ) from None
+
+    def _issuer_limiter(self, issuer: str | None) -> RateLimiter:
+        return self.runtime.limiter_for(issuer)
+
+    def _replaces_for(self, session: Session, order: Order, issuer: str) -> str | None:
+        if order.replaces is None:
+            return None
+        issued_by = session.scalar(
+            select(Certificate.issuer).where(
+                Certificate.site_id == order.site_id, Certificate.ari_id == order.replaces
+            )
+        )
+        if (issued_by or self.settings.issuer_list[0].name) != issuer:
+            return None
+        return order.replaces
+
+    def _next_issuer(self, preferred: str | None, current: str) -> str | None:
+        """The first issuer after ``current`` in the site's order (wrapping round) that is not
+        marked down; None when every other one is."""
+        candidates = self._candidates(preferred)
+        at = candidates.index(current) if current in candidates else -1
+        for name in candidates[at + 1 :] + candidates[: max(at, 0)]:
+            if name != current and self._issuer_limiter(name).issuer_down() is None:
+                return name
+        return None
+
+    def _skip_marked_down(self, order_id: int, issuer: str, preferred: str | None) -> bool:
+        """Move an order not yet placed off an issuer marked down (by an earlier order's
+        fallback), without asking that issuer anything. True if the order moved."""
+        if len(self.settings.issuer_list) < 2:
+            return False
+        down = self._issuer_limiter(issuer).issuer_down()
+        if down is None:
+            return False
+        target = self._next_issuer(preferred, issuer)
+        if target is None:
+            return False  # every issuer is marked down: try this one anyway
+        reason, left = down
+        return self._fall_back(
+            order_id, issuer, target, "marked-down",
+            f"{issuer} skipped for {left:.0f} s more after: {reason}",
+        )  # fmt: skip
+
+    @contextmanager
+    def _fallback_on_ca_trouble(
+        self, order_id: int, issuer: str, preferred: str | None
+    ) -> Iterator[None]:
+        """Around requests to the CA while placing an order: trouble on the CA's side moves the
+        order to the next issuer (and marks this one down for new orders); anything else, and
+        trouble when there is nowhere to go, is raised as it is."""
+        try:
+            yield
+        except IssuanceProblem as problem:
+            if len(self.settings.issuer_list) < 2:
+                raise
+            cause = fallback_cause(problem, max_wait=self.settings.fallback_max_wait)
+            if cause is None:
+                raise
+            mark_for = self.settings.fallback_recheck
+            if cause is FallbackCause.RATE_LIMITED and isinstance(problem, RetryLater):
+                mark_for = max(mark_for, problem.countdown)
+            try:
+                self._issuer_limiter(issuer).mark_issuer_down(
+                    mark_for, f"{cause}: {problem.reason}"
+                )
+            except redis.RedisError as exc:
+                log.warning("could not mark issuer %s down: %s", issuer, exc)
+            target = self._next_issuer(preferred, issuer)
+            if target is None:
+                raise
+            self._fall_back(order_id, issuer, target, str(cause), problem.reason)
+            raise RetryLater(
+                f"issuer {issuer} failed on its side ({cause}); order moved to {target}", 1
+            ) from problem
+
+    def _fall_back(self, order_id: int, issuer: str, target: str, cause: str, detail: str) -> bool:
+        """Move a queued order from ``issuer`` to ``target``, recording why; forget any CA order
+        placed with ``issuer`` (it expires there). False if another run moved it first."""
+        reason = f"{cause}: {issuer} → {target}: {detail}"[:1000]
+        with self.sessions() as session:
+            moved = session.execute(
+                update(Order)
+                .where(Order.id == order_id, Order.step == OrderStep.QUEUED, Order.issuer == issuer)
+                .values(
+                    issuer=target,
+                    fallback_reason=reason,
+                    order_url=None,
+                    finalize_url=None,
+                    authorizations=None,
+                    touched_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            order = _order(session, order_id)
+            session.add(
+                Attempt(site_id=order.site_id, order_id=order_id, step="fallback",
+                        outcome="retry", error_type=None, detail=reason)
+            )  # fmt: skip
+        worker_metrics.fell_back(issuer, cause)
+        log.warning("order %s: falling back from issuer %s to %s (%s)", order_id, issuer, target,
+                    cause)  # fmt: skip
+        return True
 
     def _preflight(self, names: list[str]) -> None:
         """Fetch a probe token from every name the way the CA will fetch the real one.
@@ -260,17 +415,23 @@ class OrderSteps:
         reserve: bool = True,
     ) -> tuple[str, messages.Order]:
         account = client.account_uri
-        limiter = self.limiter
+        limiter = self._issuer_limiter(getattr(client, "issuer", None))
         if reserve:
             # pacing=False: the transport paces the new-order request itself.
             decision = limiter.reserve_new_order(account, names, exempt=exempt, pacing=False)
             if not decision.allowed:
-                raise RateLimited(f"waiting for rate limit {decision.bucket}", decision.retry_after)
+                raise RateLimited(
+                    f"waiting for rate limit {decision.bucket}",
+                    decision.retry_after,
+                    bucket=decision.bucket,
+                )
         try:
             return client.new_order(names, profile=profile, replaces=replaces)
         except RateLimited as exc:
             # Block the matching bucket for every worker, not just this task.
-            limiter.block_for_problem(exc.reason, exc.countdown, account=account, names=names)
+            exc.bucket = limiter.block_for_problem(
+                exc.reason, exc.countdown, account=account, names=names
+            )
             raise
 
     def _ca_order_to_resume(self, client: AcmeClient, order_url: str) -> messages.Order | None:
@@ -303,7 +464,8 @@ class OrderSteps:
                 for url, authz in (order.authorizations or {}).items()
                 if authz["status"] != "valid"
             }
-        client = self.acme
+            issuer = order.issuer
+        client = self._client_of(issuer)
         # Every edge must be able to answer before the CA asks: store and announce first.
         # (That DNS reaches the edges was checked before the order was placed: _preflight.)
         for authz in pending.values():
@@ -344,7 +506,8 @@ class OrderSteps:
             order_url = order.order_url
             assert order_url
             authorizations = dict(order.authorizations or {})
-        client = self.acme
+            issuer = order.issuer
+        client = self._client_of(issuer)
         body, retry_after = client.get_order(order_url)
         status = body.status.name
         if status in ("ready", "processing", "valid"):
@@ -367,7 +530,8 @@ class OrderSteps:
             authz = client.get_authorization(authz_url)
             if authz.status.name != "invalid":
                 continue
-            self.limiter.record_authorization_failure(account, info["name"])
+            limiter = self._issuer_limiter(getattr(client, "issuer", None))
+            limiter.record_authorization_failure(account, info["name"])
             for challenge in authz.challenges:
                 if challenge.error is not None:
                     code = challenge.error.code or "validation failed"
@@ -410,8 +574,9 @@ class OrderSteps:
                 )
                 session.refresh(order, ["csr_pem"])
             order_url, finalize_url, csr_pem = order.order_url, order.finalize_url, order.csr_pem
+            issuer = order.issuer
         assert order_url and finalize_url and csr_pem
-        client = self.acme
+        client = self._client_of(issuer)
         # poll_validation just saw the order ready: on the first try, finalise without asking
         # again (an order that is not ready after all answers orderNotReady, which is retried).
         body: Any = None
@@ -489,6 +654,7 @@ class OrderSteps:
                         key_id=sealed_to.key_id,
                         serial=info.serial,
                         ari_id=info.ari_id,
+                        issuer=order.issuer or settings.issuer_list[0].name,
                         not_before=info.not_before,
                         not_after=info.not_after,
                         renew_at=renew_at,
@@ -504,6 +670,10 @@ class OrderSteps:
                 # The order's copy of the envelope is no longer needed: the certificate has it.
                 order.key_envelope = None
                 session.add(Attempt(site_id=site.id, order_id=order.id, step="store", outcome="ok"))
+                worker_metrics.issued(
+                    order.issuer or settings.issuer_list[0].name,
+                    fallback=order.fallback_reason is not None,
+                )
             session.flush()
             record = site_record(session, site)
             tokens = [a["token"] for a in (order.authorizations or {}).values()]

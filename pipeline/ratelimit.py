@@ -28,7 +28,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from prometheus_client import Counter
@@ -39,6 +39,8 @@ from pipeline.names import comparison_form, registered_domain
 
 if TYPE_CHECKING:
     import redis
+
+    from pipeline.settings import Issuer
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,11 @@ class Limits:
             except ValueError as exc:
                 raise ValueError(f"CERTMAN_{attribute.upper()}: {exc}") from None
         return cls(**rates, enabled=bool(settings.rate_limits))
+
+    def for_issuer(self, issuer: Issuer) -> Limits:
+        """This catalogue with an issuer's own overrides (CERTMAN_ISSUER_<NAME>_RATE_LIMITS)."""
+        overrides = {name: parse_rate(rate) for name, rate in issuer.limit_overrides}
+        return replace(self, **overrides, enabled=self.enabled and issuer.limits_enabled)
 
     def rate_of(self, bucket: str) -> Rate | None:
         """The rate of a bucket, from its name's kind; None for a name we do not know."""
@@ -389,11 +396,23 @@ def _text(value: bytes | str) -> str:
 class RateLimiter:
     """Reserve tokens before every ACME request; block buckets the CA says are exhausted."""
 
-    def __init__(self, redis: redis.Redis[Any], limits: Limits, *, prefix: str = "certman") -> None:
+    def __init__(
+        self,
+        redis: redis.Redis[Any],
+        limits: Limits,
+        *,
+        prefix: str = "certman",
+        issuer: str | None = None,
+    ) -> None:
         self.redis = redis
         self.limits = limits
         self.prefix = prefix
-        self._bucket_prefix = f"{prefix}:rl:b:"
+        # One set of buckets per issuer: "default" (CERTMAN_ACME_*) keeps the names it always
+        # had, <prefix>:rl:b:<bucket>; any other issuer's are <prefix>:rl:i:<issuer>:b:<bucket>.
+        self.issuer = issuer
+        scoped = issuer is not None and issuer != "default"
+        self._scope = f"{prefix}:rl:i:{issuer}:" if scoped else f"{prefix}:rl:"
+        self._bucket_prefix = f"{self._scope}b:"
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._block = redis.register_script(BLOCK_LUA)
 
@@ -401,6 +420,14 @@ class RateLimiter:
     def from_settings(cls, redis: redis.Redis[Any], settings: LimiterSettings) -> RateLimiter:
         """The limiter the settings describe: their limits, under their Redis key prefix."""
         return cls(redis, Limits.from_settings(settings), prefix=settings.redis_prefix)
+
+    @classmethod
+    def for_issuer(
+        cls, redis: redis.Redis[Any], settings: LimiterSettings, issuer: Issuer
+    ) -> RateLimiter:
+        """An issuer's limiter: the catalogue with its overrides, in buckets of its own."""
+        limits = Limits.from_settings(settings).for_issuer(issuer)
+        return cls(redis, limits, prefix=settings.redis_prefix, issuer=issuer.name)
 
     # --- generic ------------------------------------------------------------------------
 
@@ -562,7 +589,7 @@ class RateLimiter:
             return buckets[0]
         for bucket in buckets:
             until = self.block(bucket, retry_after)
-            guard = f"{self.prefix}:rl:logged:{bucket}"
+            guard = f"{self._scope}logged:{bucket}"
             ttl_ms = max(1000, math.ceil(retry_after * 1000))
             if self.redis.set(guard, "1", nx=True, px=ttl_ms):
                 BLOCKS.labels(kind).inc()
@@ -574,6 +601,31 @@ class RateLimiter:
                     detail,
                 )
         return buckets[0]
+
+    # --- the issuer as a whole --------------------------------------------------------------
+
+    @property
+    def _down_key(self) -> str:
+        return f"{self._scope}issuer-down"
+
+    def mark_issuer_down(self, seconds: float, reason: str) -> None:
+        """New orders skip this issuer for ``seconds`` (it failed on its side: unreachable,
+        5xx, a long rateLimited); kept even with local limits lifted. The mark lapses by
+        itself: that is how renewals come back to a preferred issuer once it is healthy."""
+        self.redis.set(self._down_key, reason[:500], px=max(1, math.ceil(seconds * 1000)))
+
+    def issuer_down(self) -> tuple[str, float] | None:
+        """(reason, seconds left) while this issuer is marked down, else None."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._down_key)
+            pipe.pttl(self._down_key)
+            reason, ttl = pipe.execute()
+        if reason is None:
+            return None
+        return _text(reason), max(0.0, int(ttl) / 1000)
+
+    def clear_issuer_down(self) -> None:
+        self.redis.delete(self._down_key)
 
     # --- observing ------------------------------------------------------------------------
 

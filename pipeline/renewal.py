@@ -99,9 +99,28 @@ def count_current(session: Session) -> int:
 
 
 def ari_due(
-    session: Session, *, now: datetime, period: timedelta, limit: int
+    session: Session,
+    *,
+    now: datetime,
+    period: timedelta,
+    limit: int,
+    issuer: str | None = None,
+    first_issuer: bool = True,
 ) -> list[AriCandidate]:
-    """Current certificates whose ARI window is oldest (never checked first)."""
+    """Current certificates whose ARI window is oldest (never checked first).
+
+    ``issuer``: only that issuer's certificates (ARI is asked of the issuer that issued a
+    certificate, nobody else); with ``first_issuer``, also those with no recorded issuer.
+    """
+    only = (
+        []
+        if issuer is None
+        else [
+            (Certificate.issuer == issuer) | (Certificate.issuer.is_(None))
+            if first_issuer
+            else Certificate.issuer == issuer
+        ]
+    )
     rows = session.execute(
         select(
             Certificate.id,
@@ -118,6 +137,7 @@ def ari_due(
             Certificate.current,
             Certificate.ari_id.is_not(None),
             (Certificate.ari_checked_at.is_(None)) | (Certificate.ari_checked_at <= now - period),
+            *only,
         )
         .order_by(Certificate.ari_checked_at.nulls_first(), Certificate.id)
         .limit(limit)
@@ -181,6 +201,8 @@ def refresh_ari(
     period: timedelta,
     limit: int,
     edge_key_id: str | None = None,
+    issuer: str | None = None,
+    first_issuer: bool = True,
 ) -> AriRefresh:
     """Ask the CA for the window of the ``limit`` stalest certificates and store what it says.
 
@@ -188,7 +210,9 @@ def refresh_ari(
     """
     result = AriRefresh()
     with session_scope() as session:
-        candidates = ari_due(session, now=now, period=period, limit=limit)
+        candidates = ari_due(
+            session, now=now, period=period, limit=limit, issuer=issuer, first_issuer=first_issuer
+        )
     updates: list[dict[str, Any]] = []
     for candidate in candidates:
         try:

@@ -53,12 +53,20 @@ class Runtime:
         acme: AcmeClient | None = None,
         publisher: Publisher | None = None,
         signing_key: SigningKey | None = None,
+        acmes: dict[str, AcmeClient] | None = None,
+        limiters: dict[str, RateLimiter] | None = None,
     ) -> None:
         self.settings = settings
         self._sessions = sessions
         self._redis = redis_client
-        self._limiter = limiter
-        self._acme = acme
+        # Per issuer (settings.issuer_list); ``acme`` and ``limiter`` are the first issuer's.
+        first = settings.issuer_list[0].name
+        self._acmes: dict[str, AcmeClient] = dict(acmes or {})
+        self._limiters: dict[str, RateLimiter] = dict(limiters or {})
+        if acme is not None:
+            self._acmes.setdefault(first, acme)
+        if limiter is not None:
+            self._limiters.setdefault(first, limiter)
         self._publisher = publisher
         self._signing_key = signing_key
 
@@ -84,19 +92,37 @@ class Runtime:
 
     @property
     def limiter(self) -> RateLimiter:
-        if self._limiter is None:
-            self._limiter = RateLimiter.from_settings(self.redis, self.settings)
-        return self._limiter
+        """The first (most preferred) issuer's limiter."""
+        return self.limiter_for(None)
 
-    # --- the CA -----------------------------------------------------------------------------
+    def limiter_for(self, issuer: str | None) -> RateLimiter:
+        """An issuer's limiter: its buckets, its limits (None: the first issuer's)."""
+        spec = self.settings.issuer(issuer)
+        limiter = self._limiters.get(spec.name)
+        if limiter is None:
+            limiter = RateLimiter.for_issuer(self.redis, self.settings, spec)
+            self._limiters[spec.name] = limiter
+        return limiter
+
+    # --- the CAs ----------------------------------------------------------------------------
     @property
     def acme(self) -> AcmeClient:
-        """The ACME client for the stored account (registered on first use)."""
-        if self._acme is None:
+        """The first issuer's ACME client (registered on first use)."""
+        return self.acme_for(None)
+
+    def acme_for(self, issuer: str | None) -> AcmeClient:
+        """The ACME client for an issuer's stored account, registered on first use (None: the
+        first issuer's). Not kept when making it fails: the next call tries again."""
+        spec = self.settings.issuer(issuer)
+        client = self._acmes.get(spec.name)
+        if client is None:
             from pipeline.accounts import build_client
 
-            self._acme = build_client(self.settings, self.session_scope, self.redis, self.limiter)
-        return self._acme
+            client = build_client(
+                self.settings, self.session_scope, self.redis, self.limiter_for(spec.name), spec
+            )
+            self._acmes[spec.name] = client
+        return client
 
     # --- the edges --------------------------------------------------------------------------
     @property

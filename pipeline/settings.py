@@ -6,14 +6,28 @@ error, handles booleans ("on", "off", "1", "true") and paths, and saves us a han
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import os
+import re
+from collections.abc import Mapping
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipeline.outbound import parse_networks
@@ -26,6 +40,188 @@ LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 class KeyType(StrEnum):
     EC_P256 = "ec-p256"
     RSA_2048 = "rsa-2048"
+
+
+DEFAULT_ISSUER = "default"
+ISSUER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# The per-issuer variables: CERTMAN_ISSUER_<NAME>_<SUFFIX>.
+ISSUER_SUFFIXES = (
+    "DIRECTORY",
+    "CA_BUNDLE",
+    "CONTACT_EMAIL",
+    "PROFILE",
+    "EAB_KID",
+    "EAB_HMAC_KEY",
+    "EAB_HMAC_KEY_FILE",
+    "RATE_LIMITS",
+)
+# The limits an issuer's CERTMAN_ISSUER_<NAME>_RATE_LIMITS may set (the CERTMAN_LIMIT_* names).
+LIMIT_NAMES = (
+    "new_orders",
+    "certs_per_domain",
+    "duplicate_certs",
+    "authz_failures",
+    "new_accounts",
+    "pace_new_nonce",
+    "pace_new_account",
+    "pace_new_order",
+    "pace_acme",
+)
+
+
+class Issuer(BaseModel):
+    """One ACME CA certman may order from (``CERTMAN_ISSUER_<NAME>_*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    directory: str
+    ca_bundle: Path | None = None
+    contact_email: str | None = None
+    profile: str | None = None
+    # External Account Binding (RFC 8555 section 7.3.4): both or neither. The HMAC key is a
+    # SecretStr: its repr, str and any error message show it as '**********'.
+    eab_kid: str | None = None
+    eab_hmac_key: SecretStr | None = None
+    # Overrides of the CERTMAN_LIMIT_* catalogue for this issuer ("off": no local limits).
+    limits_enabled: bool = True
+    limit_overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def has_eab(self) -> bool:
+        return self.eab_kid is not None and self.eab_hmac_key is not None
+
+
+def _issuer_env(name: str, suffix: str) -> str:
+    return f"CERTMAN_ISSUER_{name.upper()}_{suffix}"
+
+
+def _is_base64url(value: str) -> bool:
+    if not value or not re.fullmatch(r"[A-Za-z0-9_-]+=*", value):
+        return False
+    try:
+        base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def _parse_rate_limits(var: str, value: str) -> tuple[bool, tuple[tuple[str, str], ...]]:
+    """``off``, ``on``/empty (the catalogue), or ``new_orders=100/1h,pace_acme=20/1s``."""
+    from pipeline.ratelimit import parse_rate
+
+    text = value.strip()
+    if text.lower() in ("", "on", "letsencrypt"):
+        return True, ()
+    if text.lower() == "off":
+        return False, ()
+    overrides: list[tuple[str, str]] = []
+    for part in re.split(r"[,\s]+", text):
+        if not part:
+            continue
+        key, sep, rate = part.partition("=")
+        key = key.strip().lower().removeprefix("limit_")
+        if not sep or key not in LIMIT_NAMES:
+            raise ValueError(
+                f"{var}: {part!r} is not NAME=RATE with NAME one of {', '.join(LIMIT_NAMES)} "
+                "(or 'off', or 'letsencrypt' for the CERTMAN_LIMIT_* catalogue)"
+            )
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise ValueError(f"{var}: {exc}") from None
+        overrides.append((key, rate.strip()))
+    return True, tuple(overrides)
+
+
+def parse_issuers(settings: Settings, environ: Mapping[str, str]) -> tuple[Issuer, ...]:
+    """The ordered issuers from ``CERTMAN_ISSUERS`` and ``CERTMAN_ISSUER_<NAME>_*``.
+
+    Without ``CERTMAN_ISSUERS`` there is one issuer, ``default``, made of ``CERTMAN_ACME_*``
+    (its ``CERTMAN_ISSUER_DEFAULT_*`` variables may add EAB or its own limits). Every error
+    names its variable, never a secret's value.
+    """
+    names = settings.issuers or (DEFAULT_ISSUER,)
+    known = {name.upper() for name in names}
+    for env_name in sorted(environ):
+        if not env_name.startswith("CERTMAN_ISSUER_"):
+            continue
+        rest = env_name.removeprefix("CERTMAN_ISSUER_")
+        suffix = next((s for s in ISSUER_SUFFIXES if rest.endswith("_" + s)), None)
+        owner = rest[: -len(suffix) - 1] if suffix else None
+        if suffix is None or owner not in known:
+            listed = ", ".join(names)
+            raise ValueError(
+                f"{env_name}: no such setting (issuers: {listed}; per issuer: "
+                f"CERTMAN_ISSUER_<NAME>_{{{','.join(ISSUER_SUFFIXES)}}})"
+            )
+    legacy = settings.issuers == ()
+    issuers: list[Issuer] = []
+    for name in names:
+
+        def get(suffix: str, name: str = name) -> str | None:
+            value = environ.get(_issuer_env(name, suffix))
+            return value.strip() if value is not None and value.strip() else None
+
+        def var(suffix: str, name: str = name) -> str:
+            return _issuer_env(name, suffix)
+
+        directory = get("DIRECTORY") or (settings.acme_directory if legacy else None)
+        if directory is None:
+            raise ValueError(
+                f"{var('DIRECTORY')}: missing (issuer {name} is named in CERTMAN_ISSUERS)"
+            )
+        if not directory.startswith(("https://", "http://")):
+            raise ValueError(f"{var('DIRECTORY')}: must be an http(s):// URL")
+        bundle_text = get("CA_BUNDLE")
+        ca_bundle = Path(bundle_text) if bundle_text else None
+        if legacy and ca_bundle is None:
+            ca_bundle = settings.acme_ca_bundle
+        if bundle_text and not Path(bundle_text).is_file():
+            raise ValueError(f"{var('CA_BUNDLE')}: {bundle_text} is not a file")
+        kid = get("EAB_KID")
+        hmac_text = get("EAB_HMAC_KEY")
+        hmac_file = get("EAB_HMAC_KEY_FILE")
+        if hmac_text and hmac_file:
+            raise ValueError(
+                f"{var('EAB_HMAC_KEY')} and {var('EAB_HMAC_KEY_FILE')}: set one, not both"
+            )
+        if hmac_file:
+            try:
+                hmac_text = Path(hmac_file).read_text().strip() or None
+            except OSError as exc:
+                raise ValueError(
+                    f"{var('EAB_HMAC_KEY_FILE')}: {hmac_file} cannot be read: {exc.strerror}"
+                ) from None
+        hmac_var = var("EAB_HMAC_KEY_FILE" if hmac_file else "EAB_HMAC_KEY")
+        if kid and not hmac_text:
+            raise ValueError(
+                f"{var('EAB_HMAC_KEY')}: missing: {var('EAB_KID')} is set and needs its HMAC key"
+            )
+        if hmac_text and not kid:
+            raise ValueError(
+                f"{var('EAB_KID')}: missing: {hmac_var} is set and needs the key id it belongs to"
+            )
+        if hmac_text and not _is_base64url(hmac_text):
+            # Never the value itself: it is a secret.
+            raise ValueError(f"{hmac_var}: not base64url (RFC 4648 section 5, as the CA gives it)")
+        limits_var = _issuer_env(name, "RATE_LIMITS")
+        enabled, overrides = _parse_rate_limits(limits_var, get("RATE_LIMITS") or "")
+        issuers.append(
+            Issuer(
+                name=name,
+                directory=directory,
+                ca_bundle=ca_bundle,
+                contact_email=get("CONTACT_EMAIL")
+                or (settings.acme_contact_email if legacy else None),
+                profile=get("PROFILE") or (settings.acme_profile if legacy else None),
+                eab_kid=kid,
+                eab_hmac_key=SecretStr(hmac_text) if hmac_text else None,
+                limits_enabled=enabled,
+                limit_overrides=overrides,
+            )
+        )
+    return tuple(issuers)
 
 
 class Settings(BaseSettings):
@@ -54,6 +250,18 @@ class Settings(BaseSettings):
     acme_profile: str | None = Field(None, description="ACME profile for new orders, if offered.")
     key_type: KeyType = KeyType.EC_P256
     max_orders_in_flight: int = Field(100, ge=1)
+    # Several CAs, in order of preference (CERTMAN_ISSUER_<NAME>_* each; see parse_issuers).
+    # Empty: one issuer, "default", made of the CERTMAN_ACME_* settings above.
+    issuers: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Issuer names, most preferred first."
+    )
+    fallback_max_wait: float = Field(
+        300, ge=0, description="A CA's Retry-After worth waiting rather than falling back."
+    )
+    fallback_recheck: float = Field(
+        60, gt=0, description="Seconds new orders skip an issuer that failed on its side."
+    )
+    _issuer_list: tuple[Issuer, ...] = PrivateAttr(default=())
 
     # --- keys -------------------------------------------------------------------------------
     edge_public_key: Path | None = Field(None, description="Public key file the pipeline seals to.")
@@ -246,6 +454,27 @@ class Settings(BaseSettings):
         )
         return self
 
+    @field_validator("issuers", mode="before")
+    @classmethod
+    def _issuer_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part for part in re.split(r"[,\s]+", value.strip().lower()) if part)
+        names = tuple(value)
+        for name in names:
+            if not ISSUER_NAME.match(str(name)):
+                raise ValueError(
+                    f"{name!r} is not an issuer name (lower-case letters, digits and _, "
+                    "starting with a letter)"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError("names an issuer twice")
+        return names
+
+    @model_validator(mode="after")
+    def _issuers(self) -> Settings:
+        self._issuer_list = parse_issuers(self, os.environ)
+        return self
+
     @field_validator("dns_resolver")
     @classmethod
     def _dns_resolver(cls, value: str | None) -> str | None:
@@ -254,6 +483,21 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError("must be host:port, such as 127.0.0.1:53")
         return value or None
+
+    @property
+    def issuer_list(self) -> tuple[Issuer, ...]:
+        """The issuers, most preferred first (never empty)."""
+        return self._issuer_list
+
+    def issuer(self, name: str | None) -> Issuer:
+        """The issuer called ``name``; None (orders and certificates from before issuers were
+        recorded): the first one. KeyError for a name the settings no longer have."""
+        if name is None:
+            return self._issuer_list[0]
+        for issuer in self._issuer_list:
+            if issuer.name == name:
+                return issuer
+        raise KeyError(name)
 
     @property
     def effective_database_url(self) -> str:

@@ -10,11 +10,49 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.dispatch import in_flight
-from pipeline.models import Certificate
+from pipeline.models import Certificate, Order
 from pipeline.models.base import utcnow
+from pipeline.ratelimit import RateLimiter
 from pipeline.settings import get_settings
 from pipeline.sites import counts_by_state
 from pipeline.upkeep import count_stuck
+
+
+def issuer_counts(session: Session) -> list[dict[str, Any]]:
+    """Per configured issuer (most preferred first): current certificates, orders in flight,
+    and orders that fell back to it. Rows with no recorded issuer count as the first one's."""
+    from pipeline.dispatch import UNFINISHED
+
+    issuers = get_settings().issuer_list
+    first = issuers[0].name
+    certs: dict[str, int] = {}
+    for name, n in session.execute(
+        select(Certificate.issuer, func.count())
+        .where(Certificate.current)
+        .group_by(Certificate.issuer)
+    ):
+        certs[name or first] = certs.get(name or first, 0) + int(n)
+    flying: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+    for name, fell_back, n in session.execute(
+        select(Order.issuer, Order.fallback_reason.is_not(None), func.count())
+        .where(Order.step.in_(UNFINISHED))
+        .group_by(Order.issuer, Order.fallback_reason.is_not(None))
+    ):
+        flying[name or first] = flying.get(name or first, 0) + int(n)
+        if fell_back:
+            fallbacks[name or first] = fallbacks.get(name or first, 0) + int(n)
+    return [
+        {
+            "name": issuer.name,
+            "directory": issuer.directory,
+            "eab": issuer.has_eab,
+            "certificates": certs.get(issuer.name, 0),
+            "orders_in_flight": flying.get(issuer.name, 0),
+            "orders_in_flight_by_fallback": fallbacks.get(issuer.name, 0),
+        }
+        for issuer in issuers
+    ]
 
 
 def envelope_counts(session: Session) -> list[dict[str, Any]]:
@@ -108,12 +146,33 @@ def collect() -> dict[str, Any]:
             "orders_stuck": stuck,
             "soonest_expiry": soonest.isoformat() if soonest else None,
             "envelopes": envelope_counts(session),
+            "issuers": issuer_counts(session),
         }
     report["rate_limits"] = _bucket_report()
+    _issuer_health(report["issuers"])
     return report
 
 
 def _bucket_report() -> list[dict[str, Any]]:
-    from pipeline.connections import get_limiter
+    """Every issuer's buckets; each row says its issuer (the first one's are the rows that
+    were always there)."""
+    rows = []
+    for issuer in get_settings().issuer_list:
+        for bucket in _limiter(issuer.name).status():
+            rows.append(bucket.as_dict() | {"issuer": issuer.name})
+    return rows
 
-    return [bucket.as_dict() for bucket in get_limiter().status()]
+
+def _limiter(issuer: str) -> RateLimiter:
+    from pipeline.connections import get_redis
+
+    settings = get_settings()
+    return RateLimiter.for_issuer(get_redis(), settings, settings.issuer(issuer))
+
+
+def _issuer_health(rows: list[dict[str, Any]]) -> None:
+    """Add each issuer's fallback mark: skipped by new orders (why, for how long) or not."""
+    for row in rows:
+        down = _limiter(row["name"]).issuer_down()
+        row["skipped_for"] = round(down[1], 1) if down else None
+        row["skipped_because"] = down[0] if down else None

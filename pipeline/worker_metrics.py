@@ -121,6 +121,31 @@ ACME_SECONDS = Histogram(
     buckets=ACME_BUCKETS,
 )
 
+# Issuer names come from the settings (a bounded set); reasons and causes from fixed lists.
+ISSUED_BY = Counter(
+    "certman_issuance_issuer_total",
+    "Certificates stored, by the issuer that issued them and why it was that one (preferred: "
+    "the first choice; fallback: a later one after the first failed on its side).",
+    ["issuer", "reason"],
+)
+FALLBACKS = Counter(
+    "certman_issuer_fallbacks_total",
+    "Orders moved from an issuer to the next one, by the issuer left and the cause "
+    "(unavailable, rate-limited, account-refused, marked-down).",
+    ["issuer", "cause"],
+)
+FALLBACK_CAUSES = frozenset({"unavailable", "rate-limited", "account-refused", "marked-down"})
+
+
+def issued(issuer: str, *, fallback: bool) -> None:
+    """Count a certificate stored from ``issuer``."""
+    ISSUED_BY.labels(_name(issuer), "fallback" if fallback else "preferred").inc()
+
+
+def fell_back(issuer: str, cause: str) -> None:
+    """Count an order leaving ``issuer`` for the next one."""
+    FALLBACKS.labels(_name(issuer), cause if cause in FALLBACK_CAUSES else "other").inc()
+
 
 def _name(value: str) -> str:
     return value if _NAME.fullmatch(value) else "other"

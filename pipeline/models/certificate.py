@@ -28,6 +28,9 @@ class Certificate(Base):
     key_id: Mapped[str] = mapped_column(String(64))
     serial: Mapped[str] = mapped_column(String(64))
     ari_id: Mapped[str | None] = mapped_column(String(255))
+    # The issuer that issued it: ARI and ``replaces`` go to that issuer only. None: issued
+    # before issuers were recorded, by the first issuer.
+    issuer: Mapped[str | None] = mapped_column(String(64))
     not_before: Mapped[datetime]
     not_after: Mapped[datetime]
     # Fixed at issuance (lifetime rule + per-domain spread); moved by ARI refreshes.

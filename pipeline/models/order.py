@@ -54,6 +54,11 @@ class Order(Base):
     # A renewal inside the CA's ARI window: exempt from the CA's (and our) issuance limits.
     exempt: Mapped[bool] = mapped_column(default=False)
     profile: Mapped[str | None] = mapped_column(String(64))
+    # The issuer (CERTMAN_ISSUERS name) the order is placed with: set when place_order first
+    # runs, changed only by a fallback, which says why (None: the preferred issuer was used).
+    # None on orders from before issuers were recorded: the first issuer.
+    issuer: Mapped[str | None] = mapped_column(String(64))
+    fallback_reason: Mapped[str | None] = mapped_column(Text)
     # The new certificate key, sealed to the edge before it ever leaves the finalise task.
     key_envelope: Mapped[str | None] = mapped_column(Text)
     # Kept so that a re-run of finalise can post the same request: the key itself is sealed to

@@ -36,6 +36,8 @@ class Site(Base):
     state: Mapped[SiteState] = mapped_column(String(16), default=SiteState.PENDING)
     key_type: Mapped[str | None] = mapped_column(String(16))  # None: the installation default
     profile: Mapped[str | None] = mapped_column(String(64))
+    # An issuer this site prefers (a CERTMAN_ISSUERS name) before the installation's order.
+    preferred_issuer: Mapped[str | None] = mapped_column(String(64))
     last_error: Mapped[str | None] = mapped_column(Text)
     consecutive_failures: Mapped[int] = mapped_column(default=0)
     # When the scheduler should next start an order for this site (first issue or retry).

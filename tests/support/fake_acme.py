@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import distribution
 from pipeline.acme_client import NOT_FOUND, classify
-from pipeline.errors import AttemptFailed
+from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.ratelimit import ALLOWED, Decision
 
 BASE = "https://ca.test/acme"
@@ -104,6 +104,9 @@ class FakeCA:
     - ``issue_polls``: polls after finalisation that still see the order processing.
     - ``fails``: name → ACME error type its validation ends with (``unauthorized``, ``caa``).
     - ``refuses``: name → ACME error type a new order for it is refused with.
+    - ``outage``: every request fails on the CA's side: ``"connection"`` (unreachable),
+      ``"5xx"`` (serverInternal) or ``"rateLimited"`` (with ``retry_after`` seconds).
+    - ``issuer``: the issuer name this CA is configured as.
     """
 
     supports_ari = True
@@ -119,7 +122,14 @@ class FakeCA:
         issue_polls: int = 1,
         fails: dict[str, str] | None = None,
         refuses: dict[str, str] | None = None,
+        outage: str | None = None,
+        retry_after: float = 3600,
+        issuer: str = "default",
     ) -> None:
+        self.outage = outage
+        self.retry_after = retry_after
+        self.issuer = issuer
+        self.requests = 0
         self.crashes = crashes or Crashes()
         self.validation_polls = validation_polls
         self.issue_polls = issue_polls
@@ -138,6 +148,17 @@ class FakeCA:
     @contextmanager
     def _request(self, what: str) -> Iterator[None]:
         self.crashes.point(f"before CA {what}")  # the request never reached the CA
+        self.requests += 1
+        if self.outage == "connection":
+            raise RetryLater("ACME server unreachable: connection refused", 10)
+        if self.outage == "5xx":
+            raise _problem("serverInternal", "the CA is having a bad day")
+        if self.outage == "rateLimited":
+            error = messages.Error(
+                typ=messages.ERROR_PREFIX + "rateLimited", detail="too many new orders recently"
+            )
+            error.retry_after = self.retry_after  # type: ignore[attr-defined]
+            raise classify(error)
         yield
         self.crashes.point(f"after CA {what}")  # the CA acted; the answer was lost
 
@@ -334,6 +355,7 @@ class FakeLimiter:
     """Never refuses; remembers the authorization failures it is told of."""
 
     def __init__(self) -> None:
+        self.down: dict[str, float] = {}
         self.authz_failures: list[str] = []
         self.blocked: list[str] = []
 
@@ -345,6 +367,15 @@ class FakeLimiter:
 
     def block_for_problem(self, reason: str, seconds: float, **_: Any) -> None:
         self.blocked.append(reason)
+
+    def mark_issuer_down(self, seconds: float, reason: str) -> None:
+        self.down[reason] = seconds
+
+    def issuer_down(self) -> tuple[str, float] | None:
+        return next(iter(self.down.items()), None)
+
+    def clear_issuer_down(self) -> None:
+        self.down.clear()
 
     def pace(self, endpoint: str, **_: Any) -> Decision:
         return ALLOWED

@@ -94,6 +94,8 @@ class Pebble:
     validity_seconds: int | None = None
     blocklist: list[str] = field(default_factory=list)
     va_sleep: bool = False
+    # External Account Binding required, with these key ids and base64url HMAC keys.
+    eab_keys: dict[str, str] | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pebble-")))
 
     def __post_init__(self) -> None:
@@ -128,7 +130,8 @@ class Pebble:
                 "httpPort": self.http_port,
                 "tlsPort": free_port(),
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": False,
+                "externalAccountBindingRequired": self.eab_keys is not None,
+                **({"externalAccountMACKeys": self.eab_keys} if self.eab_keys else {}),
                 "domainBlocklist": self.blocklist,
                 "retryAfter": {"authz": 1, "order": 1},
                 **(
