@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 from acme import challenges, client, errors, messages
+from cryptography import x509
 from josepy.b64 import b64encode
 from josepy.errors import DeserializationError
 from josepy.json_util import field
@@ -283,6 +284,11 @@ class AcmeClient:
         response = self._call(lambda: self.acme._post_as_get(url))
         return str(response.text)
 
+    def revoke(self, certificate: x509.Certificate, reason: int) -> None:
+        """revokeCert (RFC 8555 section 7.6), signed with the account key; an IssuanceProblem
+        with the CA's error (``alreadyRevoked`` among them) if it refuses."""
+        self._call(lambda: self.acme.revoke(certificate, reason))
+
     def renewal_window(self, cert_pem: bytes) -> tuple[dt.datetime, dt.datetime] | None:
         """The CA's ARI suggested window for a certificate, or None where there is no ARI."""
         if not self.supports_ari:
@@ -376,11 +382,12 @@ def _replaces_refused(problem: IssuanceProblem) -> bool:
     return about_replaces and "serverinternal" in text
 
 
-def get_client() -> AcmeClient:
-    """This process's client: the runtime's (:mod:`pipeline.runtime`), for scripts."""
+def get_client(issuer: str | None = None) -> AcmeClient:
+    """This process's client for ``issuer`` (None: the first): the runtime's
+    (:mod:`pipeline.runtime`), for commands and scripts."""
     from pipeline import runtime
 
-    return runtime.current().acme
+    return runtime.current().acme_for(issuer)
 
 
 def reset() -> None:

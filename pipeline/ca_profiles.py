@@ -8,15 +8,15 @@ from typing import Any
 
 import requests
 
-from pipeline.settings import Settings
+from pipeline.settings import Issuer
 
 
 class UnknownProfile(ValueError):
     """A profile the CA does not offer; the message lists those it does."""
 
 
-def offered_profiles(settings: Settings, *, timeout: float = 15) -> dict[str, str]:
-    """Profile name -> description, from the directory at CERTMAN_ACME_DIRECTORY.
+def offered_profiles(issuer: Issuer, *, timeout: float = 15) -> dict[str, str]:
+    """Profile name -> description, from the issuer's directory.
 
     One unauthenticated GET: no account, no nonce. An unreachable directory is an OSError
     (requests' errors are), which commands show as one line.
@@ -25,9 +25,9 @@ def offered_profiles(settings: Settings, *, timeout: float = 15) -> dict[str, st
     session.trust_env = False  # as the ACME client: no proxy variables or ~/.netrc for the CA
     try:
         response = session.get(
-            settings.acme_directory,
+            issuer.directory,
             timeout=timeout,
-            verify=str(settings.acme_ca_bundle) if settings.acme_ca_bundle else True,
+            verify=str(issuer.ca_bundle) if issuer.ca_bundle else True,
         )
         response.raise_for_status()
         directory: Any = response.json()

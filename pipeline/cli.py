@@ -68,6 +68,7 @@ def domains() -> None:
     type=click.Choice(["ec-p256", "rsa-2048"]),
     help="Certificate key type for this site (default: CERTMAN_KEY_TYPE).",
 )
+@click.option("--issuer", help="The issuer to order from first (default: CERTMAN_ISSUERS' first).")
 def domains_add(
     name: str,
     aliases: Sequence[str],
@@ -75,6 +76,7 @@ def domains_add(
     customer_ref: str | None,
     profile: str | None,
     key_type: str | None,
+    issuer: str | None,
 ) -> None:
     """Add a site and queue its certificate."""
     from pipeline import snapshot
@@ -82,9 +84,11 @@ def domains_add(
     from pipeline.sites import add_site, parse_site
     from pipeline.tasks.maintenance import kick_dispatch
 
-    new = parse_site(name, aliases, upstream, customer_ref, profile=profile, key_type=key_type)
+    new = parse_site(
+        name, aliases, upstream, customer_ref, profile=profile, key_type=key_type, issuer=issuer
+    )
     if profile:
-        _check_profile(profile)
+        _check_profile(profile, issuer)
     with session_scope() as session:
         site, created = add_site(session, new)
         record = snapshot.site_record(session, site)
@@ -98,11 +102,14 @@ def domains_add(
         click.echo(f"{new.domain} already there")
 
 
-def _check_profile(profile: str) -> None:
+def _check_profile(profile: str, issuer: str | None) -> None:
+    """A profile the issuer the site orders from first offers (its directory's meta.profiles)."""
     from pipeline.ca_profiles import check_profile, offered_profiles
 
     settings = get_settings()
-    check_profile(profile, offered_profiles(settings), settings.acme_directory)
+    known = {spec.name for spec in settings.issuer_list}
+    spec = settings.issuer(issuer if issuer in known else None)
+    check_profile(profile, offered_profiles(spec), spec.directory)
 
 
 @domains.command("update")
@@ -112,6 +119,7 @@ def _check_profile(profile: str) -> None:
 @click.option("--upstream", help="Where to proxy the site from now on.")
 @click.option("--profile", help="ACME profile (one the CA's directory offers).")
 @click.option("--key-type", type=click.Choice(["ec-p256", "rsa-2048"]))
+@click.option("--issuer", help="The issuer to order from first, from the next order on.")
 @click.option("--json", "as_json", is_flag=True)
 def domains_update(
     name: str,
@@ -120,6 +128,7 @@ def domains_update(
     upstream: str | None,
     profile: str | None,
     key_type: str | None,
+    issuer: str | None,
     as_json: bool,
 ) -> None:
     """Change a site in place. New names, profile or key type order a new certificate (the old
@@ -129,16 +138,17 @@ def domains_update(
     from pipeline.sites import find_site, update_site
     from pipeline.tasks.maintenance import kick_dispatch
 
-    if not (add or remove or upstream or profile or key_type):
+    if not (add or remove or upstream or profile or key_type or issuer):
         raise click.UsageError(
-            "say what to change: --add-alias, --remove-alias, --upstream, --profile, --key-type"
+            "say what to change: --add-alias, --remove-alias, --upstream, --profile, --key-type, "
+            "--issuer"
         )
-    if profile:
-        _check_profile(profile)
     with session_scope() as session:
+        if profile:
+            _check_profile(profile, issuer or find_site(session, name).preferred_issuer)
         done = update_site(
             session, name, add_aliases=add, remove_aliases=remove, upstream=upstream,
-            profile=profile, key_type=key_type,
+            profile=profile, key_type=key_type, issuer=issuer,
         )  # fmt: skip
         record = snapshot.site_record(session, find_site(session, done.domain))
     if done.changes:
@@ -191,6 +201,7 @@ def _show(report: dict[str, Any]) -> None:
     line("upstream", report["upstream"])
     line("profile", report["profile"] or "(installation default)")
     line("key type", report["key_type"] or "(installation default)")
+    line("issuer", report["preferred_issuer"] or "(the first of CERTMAN_ISSUERS)")
     if report["last_error"]:
         line("last error", f"{report['last_error']} ({report['consecutive_failures']} in a row)")
     cert = report["certificate"]
@@ -199,7 +210,7 @@ def _show(report: dict[str, Any]) -> None:
     else:
         click.echo("certificate:")
         line("  serial", cert["serial"])
-        line("  issuer", cert["issuer"])
+        line("  issuer", f"{cert['issuer']} ({cert['issued_by'] or 'the first issuer'})")
         line("  valid", f"{cert['not_before']} to {cert['not_after']}")
         line("  key", f"{cert['key_type']}, sealed {cert['scheme']} to key {cert['key_id']}")
         line("  profile", cert["profile"])
@@ -212,6 +223,9 @@ def _show(report: dict[str, Any]) -> None:
     else:
         click.echo("order in flight:")
         line("  id", f"{order['order_id']} ({order['kind']}), step {order['step']}")
+        line("  issuer", order["issuer"] or "(not chosen yet)")
+        if order["fallback_reason"]:
+            line("  fallback", order["fallback_reason"])
         line("  touched", f"{order['touched_at']} (step tries {order['step_tries']})")
         line("  task", f"{order['task']} args {order['task_args']} (search Flower for it)")
     nxt = report["next_attempt"]

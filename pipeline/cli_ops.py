@@ -162,7 +162,7 @@ def revoke(name: str, reason: str, as_json: bool) -> None:
     from pipeline.revocation import Reason, revoke_site
     from pipeline.tasks.maintenance import kick_dispatch
 
-    done = revoke_site(session_scope, get_client(), name, reason=Reason[reason], now=utcnow())
+    done = revoke_site(session_scope, get_client, name, reason=Reason[reason], now=utcnow())
     kick_dispatch()
     if as_json:
         _print_json({"domain": done.domain, "serial": done.serial, "reason": done.reason.name,

@@ -1,9 +1,10 @@
 """Revoking a site's certificate (``certman revoke``), then ordering its replacement.
 
-The CA is asked through the process's ACME client (its ``revokeCert``, signed with the
-account key: the certificate's own key is sealed to the edges and the pipeline cannot use
-it). The replacement is an ordinary renewal made due now, so dispatch starts it under the
-in-flight bound and the rate limiter; the revoked certificate is served until it arrives.
+The CA that issued the certificate is asked, through the process's ACME client for that
+issuer (its ``revokeCert``, signed with the account key: the certificate's own key is sealed
+to the edges and the pipeline cannot use it). The replacement is an ordinary renewal made due
+now, so dispatch starts it under the in-flight bound and the rate limiter; the revoked
+certificate is served until it arrives.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Revoked:
 
 def revoke_site(
     session_scope: Callable[[], AbstractContextManager[Session]],
-    client: AcmeClient,
+    client_for: Callable[[str | None], AcmeClient],
     name: str,
     *,
     reason: Reason,
@@ -63,12 +64,12 @@ def revoke_site(
         if cert is None:
             raise SiteError(f"{site.domain} has no certificate to revoke ({site.state})")
         site_id, domain = site.id, site.domain
-        cert_id, serial, chain = cert.id, cert.serial, cert.chain_pem
+        cert_id, serial, chain, issuer = cert.id, cert.serial, cert.chain_pem, cert.issuer
     leaf = x509.load_pem_x509_certificate(chain.encode("ascii"))
     already = False
     try:
-        # The client's one-request call: badNonce retried, every CA problem classified.
-        client._call(lambda: client.acme.revoke(leaf, int(reason)))
+        # Only the CA that issued a certificate can revoke it (None: the first issuer's).
+        client_for(issuer).revoke(leaf, int(reason))
     except IssuanceProblem as exc:
         if "alreadyRevoked" not in exc.reason:
             raise RevocationFailed(

@@ -65,6 +65,7 @@ def site_report(
         "customer_ref": site.customer_ref,
         "profile": site.profile,
         "key_type": site.key_type,
+        "preferred_issuer": site.preferred_issuer,
         "last_error": site.last_error,
         "consecutive_failures": site.consecutive_failures,
         "certificate": _certificate(session, cert) if cert else None,
@@ -95,6 +96,9 @@ def _certificate(session: Session, cert: Certificate) -> dict[str, Any]:
     return {
         "serial": cert.serial,
         "issuer": leaf.issuer.rfc4514_string(),
+        # The configured issuer (CERTMAN_ISSUERS) that issued it; None: the first, before
+        # issuers were recorded.
+        "issued_by": cert.issuer,
         "not_before": _iso(cert.not_before),
         "not_after": _iso(cert.not_after),
         "key_type": key_type_of(leaf),
@@ -155,6 +159,8 @@ def _order(order: Order, domain: str) -> dict[str, Any]:
         "step": str(order.step),
         "names": order.names,
         "profile": order.profile,
+        "issuer": order.issuer,
+        "fallback_reason": order.fallback_reason,
         "created_at": _iso(order.created_at),
         "step_changed_at": _iso(order.step_changed_at),
         "touched_at": _iso(order.touched_at),

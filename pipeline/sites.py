@@ -33,6 +33,7 @@ class NewSite:
     customer_ref: str | None = None
     profile: str | None = None  # None: the installation's CERTMAN_ACME_PROFILE
     key_type: str | None = None  # None: the installation's CERTMAN_KEY_TYPE
+    issuer: str | None = None  # the issuer to order from first; None: CERTMAN_ISSUERS' first
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -63,10 +64,13 @@ def parse_site(
     *,
     profile: str | None = None,
     key_type: str | None = None,
+    issuer: str | None = None,
 ) -> NewSite:
     """Validate and normalise a site request: the one function the CLI and onboarding share."""
     if key_type is not None and key_type not in {k.value for k in KeyType}:
         raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
+    if issuer is not None:
+        check_issuer(issuer)
     primary = normalise(domain)
     extra: list[str] = []
     for raw in aliases:
@@ -80,8 +84,17 @@ def parse_site(
     if len(extra) + 1 > 100:
         raise SiteError(f"{primary}: more than 100 names in one certificate")
     return NewSite(
-        primary, tuple(extra), validate_upstream(upstream), customer_ref, profile or None, key_type
-    )
+        primary, tuple(extra), validate_upstream(upstream), customer_ref, profile or None, key_type,
+        issuer,
+    )  # fmt: skip
+
+
+def check_issuer(name: str) -> None:
+    """:class:`SiteError` unless ``name`` is one of the configured issuers."""
+    known = [issuer.name for issuer in get_settings().issuer_list]
+    if name not in known:
+        raise SiteError(f"issuer {name!r} is not configured (CERTMAN_ISSUERS): one of "
+                        f"{', '.join(known)}")  # fmt: skip
 
 
 def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> tuple[Site, bool]:
@@ -124,6 +137,7 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
         customer_ref=new.customer_ref,
         profile=new.profile,
         key_type=new.key_type,
+        preferred_issuer=new.issuer,
         state=site_states.INITIAL,
         next_attempt_at=now or utcnow(),
         names=[SiteName(name=name) for name in new.names],
@@ -136,9 +150,9 @@ def add_site(session: Session, new: NewSite, *, now: datetime | None = None) -> 
 def _differences(site: Site, new: NewSite) -> list[str]:
     """What a re-add asks for that the stored site does not have (options not given: none)."""
     asked = {"upstream": new.upstream, "profile": new.profile, "key type": new.key_type,
-             "customer ref": new.customer_ref}  # fmt: skip
+             "customer ref": new.customer_ref, "issuer": new.issuer}  # fmt: skip
     stored = {"upstream": site.upstream, "profile": site.profile, "key type": site.key_type,
-              "customer ref": site.customer_ref}  # fmt: skip
+              "customer ref": site.customer_ref, "issuer": site.preferred_issuer}  # fmt: skip
     return [
         f"{what} {stored[what] or '(none)'}, not {value}"
         for what, value in asked.items()
@@ -352,6 +366,7 @@ def update_site(
     upstream: str | None = None,
     profile: str | None = None,
     key_type: str | None = None,
+    issuer: str | None = None,
     now: datetime | None = None,
 ) -> SiteUpdate:
     """Change a site in place; any problem is a :class:`SiteError` and nothing is written.
@@ -400,6 +415,10 @@ def update_site(
         changes.append(f"key type {site.key_type or '(default)'} -> {key_type}")
     if new_upstream != site.upstream:
         changes.append(f"upstream {site.upstream or '(none)'} -> {new_upstream}")
+    if issuer is not None and issuer != site.preferred_issuer:
+        # From the next order on (a renewal at its time): the certificate served stays valid.
+        check_issuer(issuer)
+        changes.append(f"issuer {site.preferred_issuer or '(first)'} -> {issuer}")
     if wants_cert:
         busy = session.scalar(
             select(Order.step).where(Order.site_id == site.id, Order.step.in_(UNFINISHED))
@@ -420,6 +439,7 @@ def update_site(
     site.upstream = new_upstream
     site.profile = profile if profile is not None else site.profile
     site.key_type = key_type if key_type is not None else site.key_type
+    site.preferred_issuer = issuer if issuer is not None else site.preferred_issuer
     site.updated_at = now
     if wants_cert:
         result.note = _order_new_certificate(session, site, now)

@@ -15,6 +15,7 @@ from celery import Task
 from pipeline import alerts, dispatch, renewal, retention, runtime, upkeep
 from pipeline.celery import app
 from pipeline.connections import release
+from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.issuance import OrderSteps
 from pipeline.models.base import utcnow
 from pipeline.tasks.issuance import enqueue_chain
@@ -101,19 +102,18 @@ def sweep_stuck_orders(self: Task) -> dict[str, int]:
 
 @app.task(name="certman.maintenance.refresh_ari", bind=True, acks_late=True)
 def refresh_ari(self: Task) -> dict[str, int]:
-    """Ask the CA for the ARI window of the stalest batch of certificates."""
+    """Ask each issuer for the ARI window of the stalest batch of the certificates it issued
+    (a CA knows only its own)."""
     from pipeline.keys import PublicKey
 
     process = runtime.current()
     settings = process.settings
-    client = process.acme
-    if not client.supports_ari:
-        return {"checked": 0, "moved": 0, "errors": 0}
+    totals = {"checked": 0, "moved": 0, "errors": 0}
     lock = process.redis.lock(
         f"{settings.redis_prefix}:lock:refresh-ari", timeout=600, blocking=False
     )
     if not lock.acquire():
-        return {"checked": 0, "moved": 0, "errors": 0}  # a slow previous run is still at it
+        return totals  # a slow previous run is still at it
     try:
         period = timedelta(hours=settings.ari_refresh_hours)
         with process.session_scope() as session:
@@ -126,19 +126,32 @@ def refresh_ari(self: Task) -> dict[str, int]:
         edge_key_id = (
             PublicKey.load(settings.edge_public_key).key_id if settings.edge_public_key else None
         )
-        result = renewal.refresh_ari(
-            process.session_scope,
-            client.renewal_window,
-            now=utcnow(),
-            period=period,
-            limit=limit,
-            edge_key_id=edge_key_id,
-        )
+        for position, issuer in enumerate(settings.issuer_list):
+            try:
+                client = process.acme_for(issuer.name)
+            except (RetryLater, AttemptFailed) as exc:
+                # That CA is unreachable or refuses us now: the others are still asked.
+                log.warning("ARI refresh skips issuer %s: %s", issuer.name, exc)
+                continue
+            if not client.supports_ari:
+                continue
+            result = renewal.refresh_ari(
+                process.session_scope,
+                client.renewal_window,
+                now=utcnow(),
+                period=period,
+                limit=limit,
+                edge_key_id=edge_key_id,
+                issuer=issuer.name,
+                first_issuer=position == 0,
+            )
+            for key in totals:
+                totals[key] += getattr(result, key)
     finally:
         release(lock)
-    if result.checked:
-        log.info("ARI: %d checked, %d renewal times moved", result.checked, result.moved)
-    return {"checked": result.checked, "moved": result.moved, "errors": result.errors}
+    if totals["checked"]:
+        log.info("ARI: %d checked, %d renewal times moved", totals["checked"], totals["moved"])
+    return totals
 
 
 # Fixes per run: enough for any drift that single lost publishes make, bounded so that one run

@@ -362,3 +362,27 @@ def test_retention_is_scheduled_by_beat() -> None:
     entry = celeryconfig.beat_schedule["prune-attempts"]
     assert entry["task"] == "certman.maintenance.prune_attempts"
     assert isinstance(entry["schedule"], timedelta) and entry["schedule"] <= timedelta(days=1)
+
+
+# --- a site's issuer -----------------------------------------------------------------------------
+def test_a_site_prefers_an_issuer_from_add_or_update(
+    certman_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, kicks: list[int]
+) -> None:
+    from pipeline import runtime
+
+    monkeypatch.setenv("CERTMAN_ISSUERS", "primary,second")
+    monkeypatch.setenv("CERTMAN_ISSUER_PRIMARY_DIRECTORY", "https://ca-one.invalid/dir")
+    monkeypatch.setenv("CERTMAN_ISSUER_SECOND_DIRECTORY", "https://ca-two.invalid/dir")
+    runtime.reset(close=True, settings=True)
+    unknown = "issuer 'third' is not configured (CERTMAN_ISSUERS): one of primary, second"
+    failed(run("domains", "add", "a.example.com", "--issuer", "third"), unknown)
+    assert run("domains", "add", "a.example.com", "--issuer", "second").exit_code == 0
+    assert run("domains", "add", "b.example.com").exit_code == 0
+    done = run("domains", "update", "b.example.com", "--issuer", "second", "--json")
+    assert json.loads(done.output)["changes"] == ["issuer (first) -> second"]
+    failed(run("domains", "update", "b.example.com", "--issuer", "nope"), "issuer 'nope'")
+    shown = json.loads(run("domains", "show", "b.example.com", "--json").output)
+    assert shown["preferred_issuer"] == "second"
+    with session_scope() as s:
+        preferred = dict(s.execute(select(Site.domain, Site.preferred_issuer)).tuples().all())
+    assert preferred == {"a.example.com": "second", "b.example.com": "second"}
