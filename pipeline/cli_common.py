@@ -63,15 +63,19 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
-def _print_json_array(items: Iterable[Any]) -> None:
-    """A JSON array written an element at a time, as ``_print_json`` would write the whole list:
-    a listing of 100,000 sites never sits in memory."""
+def _print_json_array(items: Iterable[Any], *, chunk: int = 500) -> None:
+    """A JSON array written ``chunk`` elements at a time, as ``_print_json`` would write the
+    whole list: a listing of 100,000 sites never sits in memory, nor costs a write each."""
+    parts: list[str] = []
     first = True
     for item in items:
         text = json.dumps(item, indent=2, default=str).replace("\n", "\n  ")
-        click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
+        parts.append(("[\n  " if first else ",\n  ") + text)
         first = False
-    click.echo("[]" if first else "\n]")
+        if len(parts) >= chunk:
+            click.echo("".join(parts), nl=False)
+            parts.clear()
+    click.echo("".join(parts) + ("[]" if first else "\n]"))
 
 
 # --- parameter types -----------------------------------------------------------------------------

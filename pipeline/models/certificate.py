@@ -44,6 +44,8 @@ class Certificate(Base):
     site: Mapped[Site] = relationship(back_populates="certificates")
 
     __table_args__ = (
+        # A site's current certificate, by its site (what every listing joins on).
+        Index("ix_certificates_site_id_current", "site_id", "current"),
         Index("ix_certificates_current_renew_at", "current", "renew_at"),
         Index("ix_certificates_current_not_after", "current", "not_after"),
         Index("ix_certificates_scheme_key_id", "scheme", "key_id"),
