@@ -30,14 +30,8 @@ broker_use_ssl = _broker["broker_use_ssl"]
 # the Redis transport seldom redelivers a task that is merely waiting; when it does, the order
 # lock and the step checks make the copy harmless. With Sentinel: master_name and the
 # Sentinels' own options.
-# A task held by a worker that died (or by a broker that failed over) comes back once it is
-# older than the visibility timeout, found by a scan kombu makes every interval x throttle
-# seconds (10 x 10 by default): one small scan every ~10 s instead, so that the wait is the
-# timeout itself and not up to 100 s more (a short timeout takes half of itself).
 broker_transport_options = {
     "visibility_timeout": _settings.broker_visibility_timeout,
-    "unacked_restore_interval": max(1, min(10, _settings.broker_visibility_timeout // 2)),
-    "unacked_restore_throttle": 1,
     **_broker["transport_options"],
 }
 

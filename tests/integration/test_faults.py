@@ -190,7 +190,11 @@ def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
     env = {"CERTMAN_BROKER_VISIBILITY_TIMEOUT": "5"}
     options = {"va_sleep": True}
     with System(
-        redis_url=own_redis.url, extra_env=env, pebble_options=options, supervise=True
+        redis_url=own_redis.url,
+        extra_env=env,
+        pebble_options=options,
+        supervise=True,
+        restart_delay=6,  # past the 5 s visibility timeout: held tasks come back at start
     ) as system:
         system.start(workers=1)
         for name in names:

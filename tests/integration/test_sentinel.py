@@ -73,6 +73,7 @@ def test_master_killed_during_bulk_issuance(tmp_path: Path) -> None:
             pebble_options={"va_sleep": True},
             # Celery workers exit when the broker connection drops: restarted as systemd would.
             supervise=True,
+            restart_delay=6,  # past the 5 s visibility timeout: held tasks come back at start
         ) as system:
             try:
                 _run(system, cluster, names, tmp_path)

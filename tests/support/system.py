@@ -47,6 +47,10 @@ class System:
     # Restart a worker or beat that exits, as systemd's Restart=always does in production:
     # Celery 5.5/kombu 5.7 workers exit when the broker connection drops.
     supervise: bool = False
+    # Seconds the supervisor waits before starting an exited process again. Longer than the
+    # broker's visibility timeout, a restarted worker takes back at once every task the dead
+    # one held; shorter, a younger task waits for kombu's periodic pass (about 100 s).
+    restart_delay: float = 1.0
     # Redis ACL users of this system's own on ``redis_url``'s server (removed at stop): the
     # edge read-only, the rest as the pipeline. Off for a Redis the caller may not administer.
     acl: bool = True
@@ -181,7 +185,10 @@ class System:
     ) -> subprocess.Popen[bytes]:
         if supervised and self.supervise:
             # As systemd's Restart=always does in production.
-            loop = 'while :; do "$@"; echo "test supervisor: exited $?, restarting"; sleep 1; done'
+            loop = (
+                'while :; do "$@"; echo "test supervisor: exited $?, restarting"; '
+                f"sleep {self.restart_delay}; done"
+            )
             command = ["bash", "-c", loop, "supervisor", *command]
         with (self.workdir / log_name).open("ab") as log:
             # A session of its own, so that stopping kills the pool children (or the loop) too.
