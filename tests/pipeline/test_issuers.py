@@ -18,7 +18,6 @@ from sqlalchemy import select, update
 from pipeline.acme_client import _replaces_refused
 from pipeline.errors import AttemptFailed, RateLimited, RetryLater
 from pipeline.issuance import OrderSteps
-from pipeline.keys import PrivateKey, write_keypair
 from pipeline.models import Attempt, Certificate, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
 from pipeline.runtime import Runtime
@@ -55,13 +54,6 @@ class Fleet(World):
             publisher=self.publisher,  # type: ignore[arg-type]
         )
         self.steps = OrderSteps(self.runtime)
-
-
-@pytest.fixture(scope="module")
-def edge_public_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("edge-key")
-    key_id = write_keypair(directory, PrivateKey.generate())
-    return directory / f"{key_id}.pub"
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from pipeline.dispatch import start_due
 from pipeline.envelope import spki_fingerprint
 from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.issuance import OrderSteps
-from pipeline.keys import PrivateKey, write_keypair
 from pipeline.models import Attempt, Certificate, Order, OrderStep, Site, SiteState
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
@@ -43,13 +42,6 @@ from tests.support.fake_acme import (
 Store = Callable[[], AbstractContextManager[Session]]
 DOMAIN = "dealer.example.com"
 ALIAS = "www.dealer.example.com"
-
-
-@pytest.fixture(scope="module")
-def edge_public_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("edge-key")
-    key_id = write_keypair(directory, PrivateKey.generate())
-    return directory / f"{key_id}.pub"
 
 
 @pytest.fixture
