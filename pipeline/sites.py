@@ -67,8 +67,8 @@ def parse_site(
     issuer: str | None = None,
 ) -> NewSite:
     """Validate and normalise a site request: the one function the CLI and onboarding share."""
-    if key_type is not None and key_type not in {k.value for k in KeyType}:
-        raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
+    if key_type is not None:
+        check_key_type(key_type)
     if issuer is not None:
         check_issuer(issuer)
     primary = normalise(domain)
@@ -87,6 +87,12 @@ def parse_site(
         primary, tuple(extra), validate_upstream(upstream), customer_ref, profile or None, key_type,
         issuer,
     )  # fmt: skip
+
+
+def check_key_type(key_type: str) -> None:
+    """:class:`SiteError` unless ``key_type`` is one certman issues."""
+    if key_type not in {k.value for k in KeyType}:
+        raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
 
 
 def check_issuer(name: str) -> None:
@@ -403,8 +409,8 @@ def update_site(
         changes.append(f"alias {alias} removed")
     if len(names) > 100:
         raise SiteError(f"{site.domain}: more than 100 names in one certificate")
-    if key_type is not None and key_type not in {k.value for k in KeyType}:
-        raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
+    if key_type is not None:
+        check_key_type(key_type)
     new_upstream = validate_upstream(upstream) if upstream is not None else site.upstream
     wants_cert = names != site.all_names
     if profile is not None and profile != site.profile:
