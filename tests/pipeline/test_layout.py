@@ -172,6 +172,7 @@ def test_the_edge_never_imports_the_pipelines_services() -> None:
         "pipeline.distribution",
         "pipeline.envelope",
         "pipeline.keys",
+        "pipeline.logformat",
         "pipeline.outbound",
         "pipeline.redis_connect",
         "pipeline.redis_tls",
