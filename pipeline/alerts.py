@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.connections import get_redis
 from pipeline.models.base import utcnow
+from pipeline.outbound import redact_url, scrub_url
 from pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -109,33 +110,64 @@ class WebhookRefused(Exception):
     """The receiver refused the alert (4xx): retrying will not help."""
 
 
+_URLLIB3_LOG = logging.getLogger("urllib3.connectionpool")
+
+
+class _Scrub(logging.Filter):
+    """Rewrites a record that quotes ``url`` (or its path) into one that does not."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = scrub_url(message, self.url)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, ()
+        return True
+
+
 def post_webhook(url: str, payload: dict[str, Any], *, timeout: float = WEBHOOK_TIMEOUT) -> None:
     """POST one alert to ``url``.
 
     Redirects are not followed: requests would follow a 301, 302 or 303 as a GET (and a 307 or
     308 with the body) to wherever the receiver points, an address nobody configured. A 3xx is
-    a refusal that names its Location, so the operator can set the final address.
+    a refusal that names where it points, so the operator can look for the final address.
+
+    The URL is a secret (receivers put their token in its path or query): log lines and errors
+    show it, and a redirect's Location, as ``scheme://host[:port]/…`` only
+    (:func:`pipeline.outbound.redact_url`), and requests' own messages are scrubbed of it.
     """
+    shown = redact_url(url)
+    # urllib3 logs each request's path and query at DEBUG: scrubbed while this one is made.
+    scrub = _Scrub(url)
+    _URLLIB3_LOG.addFilter(scrub)
     try:
         response = requests.post(url, json=payload, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
-        raise WebhookUnavailable(f"{url}: {exc}") from exc
+        # Not chained: a traceback of requests' exception would print the URL after all.
+        raise WebhookUnavailable(f"{shown}: {scrub_url(str(exc), url)}") from None
+    finally:
+        _URLLIB3_LOG.removeFilter(scrub)
     if 300 <= response.status_code < 400:
         location = response.headers.get("Location")
+        target = redact_url(location) if location else "(no Location)"
         log.warning(
             "alert webhook %s answered HTTP %d, redirecting to %s: not followed",
-            url,
+            shown,
             response.status_code,
-            location or "(no Location)",
+            target,
         )
         raise WebhookRefused(
-            f"{url}: HTTP {response.status_code} redirect to {location!r} not followed; "
+            f"{shown}: HTTP {response.status_code} redirect to {target} not followed; "
             "set CERTMAN_ALERT_WEBHOOK to the final address"
         )
     if response.status_code >= 500 or response.status_code == 429:
-        raise WebhookUnavailable(f"{url}: HTTP {response.status_code}")
+        raise WebhookUnavailable(f"{shown}: HTTP {response.status_code}")
     if response.status_code >= 400:
-        raise WebhookRefused(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+        body = scrub_url(response.text[:200], url)
+        raise WebhookRefused(f"{shown}: HTTP {response.status_code}: {body}")
 
 
 class AlertCountCollector(Collector):

@@ -16,6 +16,7 @@ Light on purpose (standard library only): the edge imports it.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,10 @@ __all__ = [
     "OutboundPolicy",
     "RefusedAddress",
     "RefusedUpstream",
+    "hide_password",
     "parse_networks",
+    "redact_url",
+    "scrub_url",
 ]
 
 Address = IPv4Address | IPv6Address
@@ -83,12 +87,59 @@ class RefusedAddress(ValueError):
 
 
 class RefusedUpstream(ValueError):
-    """An upstream URL that is not acceptable; the message names it and says why."""
+    """An upstream URL that is not acceptable; the message names it (without a password it
+    may carry) and says why."""
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"upstream {url!r}: {reason}")
+        super().__init__(f"upstream {hide_password(url)!r}: {reason}")
         self.url = url
         self.reason = reason
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may appear in a log line or an error: ``scheme://host[:port]/…``.
+
+    Webhook receivers put their secret in the path or the query (Slack's and Teams' hooks are
+    bearer tokens in the path), and any URL may carry ``user:password@``: the user info is
+    dropped and the path and query become ``…``. What cannot be parsed is not echoed at all.
+    """
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (a bad port raises here, not when the netloc is shown)
+    except ValueError:
+        return "(an unparseable URL)"
+    if not parts.scheme or not parts.netloc:
+        return "(not a URL)" if text else ""
+    shown = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+    return shown + ("/…" if parts.path.strip("/") or parts.query or parts.fragment else "")
+
+
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*):[^/?#@]*@")
+
+
+def hide_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` replaced by ``…``, for a message
+    about a URL whose other parts are no secret (an upstream's); parsed or not."""
+    return _PASSWORD.sub(r"\1:…@", url)
+
+
+def scrub_url(text: str, url: str) -> str:
+    """``text`` (an exception's message, say) with ``url``, and its path and query, replaced
+    by :func:`redact_url`'s form: libraries quote the URL they were given in their errors."""
+    redacted = redact_url(url)
+    text = text.replace(url, redacted)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return text
+    secrets = [parts.path + (f"?{parts.query}" if parts.query else ""), parts.query]
+    if parts.username or parts.password:
+        secrets += [parts.netloc.rsplit("@", 1)[0]]
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) > 1:  # a bare "/" gives nothing away and is everywhere
+            text = text.replace(secret, "…")
+    return text
 
 
 def parse_networks(raw: str | Iterable[str]) -> tuple[Network, ...]:
@@ -146,6 +197,34 @@ def _embedded_ipv4(address: IPv6Address) -> Iterator[tuple[str, IPv4Address]]:
         yield "6to4", address.sixtofour
     if address.teredo is not None:
         yield "Teredo", address.teredo[1]
+
+
+_HOST_CHARACTERS = re.compile(r"^[a-z0-9_.-]+$")
+
+
+def _host_as_resolved(raw: str, host: str) -> str:
+    """A URL's host (not an [IPv6] literal) in the one form its address is judged in: the
+    form the resolver is handed, so that no other spelling of a refused address gets through.
+
+    ``169.254.169.254.`` is that address with DNS's root dot; Python's socket module turns
+    ``１６９.２５４.１６９.２５４`` (full-width digits) or ``169。254。169。254`` into the plain
+    address with its IDNA codec before resolving. So: one trailing dot dropped, a non-ASCII
+    host put through the same codec, and then nothing but letters, digits, ``-``, ``_`` and
+    non-empty labels (a ``%``-escape in a host is decoded by some clients and not others).
+    """
+    name = host[:-1] if host.endswith(".") else host
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise RefusedUpstream(raw, f"{host!r} is not a valid host name") from None
+    if not _HOST_CHARACTERS.match(name):
+        raise RefusedUpstream(
+            raw, f"the host {host!r} may hold only letters, digits, '-', '_' and '.'"
+        )
+    if "" in name.split("."):
+        raise RefusedUpstream(raw, f"the host {host!r} has an empty label (two dots in a row)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -255,8 +334,11 @@ class OutboundPolicy:
             raise RefusedUpstream(raw, "the port must be a number from 1 to 65535") from None
         if port is not None and not 1 <= port <= 65535:
             raise RefusedUpstream(raw, "the port must be a number from 1 to 65535")
+        bracketed = "[" in parts.netloc
         host = parts.hostname  # lower case, brackets removed
-        literal = self._ip_literal(raw, host, bracketed="[" in parts.netloc)
+        if not bracketed:
+            host = _host_as_resolved(raw, host)
+        literal = self._ip_literal(raw, host, bracketed=bracketed)
         if literal is not None:
             try:
                 self.check_address(literal)

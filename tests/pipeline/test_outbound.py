@@ -7,7 +7,9 @@ loopback guard checks (it fails any connect beyond 127.0.0.0/8 and ::1).
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,8 +17,15 @@ from ipaddress import ip_network
 
 import pytest
 
-from pipeline.alerts import WebhookRefused, post_webhook
-from pipeline.outbound import OutboundPolicy, RefusedAddress, RefusedUpstream, parse_networks
+from pipeline.alerts import WebhookRefused, WebhookUnavailable, post_webhook
+from pipeline.outbound import (
+    OutboundPolicy,
+    RefusedAddress,
+    RefusedUpstream,
+    parse_networks,
+    redact_url,
+    scrub_url,
+)
 from pipeline.settings import Settings
 from tests.support.loopback_only import loopback_only
 
@@ -121,6 +130,11 @@ def test_not_an_address_is_refused_clearly() -> None:
         ("http://[FD00::0001]:81/a", "http://[fd00::1]:81/a"),
         ("http://localhost", "http://localhost"),
         ("http://127.0.0.1:3000/", "http://127.0.0.1:3000"),
+        # DNS's root dot is dropped, and a host is kept in the form the resolver is handed.
+        ("http://dealer.example.com./shop", "http://dealer.example.com/shop"),
+        ("http://localhost.:8080", "http://localhost:8080"),
+        ("http://Bücher.example/", "http://xn--bcher-kva.example"),
+        ("http://app_1.internal:8000", "http://app_1.internal:8000"),
     ],
 )
 def test_good_upstream_urls_come_back_normalised(raw: str, normalised: str) -> None:
@@ -130,9 +144,7 @@ def test_good_upstream_urls_come_back_normalised(raw: str, normalised: str) -> N
 @pytest.mark.parametrize(
     ("raw", "words"),
     [
-        ("http://user:secret@dealer.example.com/", "user name or password (user:pass@)"),
         ("http://user@dealer.example.com/", "user name or password"),
-        ("http://:pw@10.0.0.1/", "user name or password"),
         ("http://evil.example\\@169.254.169.254/", "backslash"),
         ("ftp://dealer.example.com/", "http:// or https://"),
         ("dealer.example.com", "http:// or https://"),
@@ -155,6 +167,22 @@ def test_good_upstream_urls_come_back_normalised(raw: str, normalised: str) -> N
         ("http://127.1/", "non-standard form"),
         ("http://[not-v6]/", "is not a valid URL"),
         ("http://[::1/", "is not a valid URL"),
+        # Other spellings of a refused address: each is that address to the resolver.
+        ("http://169.254.169.254./", "cloud metadata service"),
+        ("http://169.254.169.254.:80/latest", "cloud metadata service"),
+        ("http://100.100.100.200./", "Alibaba"),
+        ("http://169.254.169.254../", "empty label"),
+        ("http://2852039166./", "(169.254.169.254) in a non-standard form"),
+        ("http://0xa9fea9fe./", "(169.254.169.254) in a non-standard form"),
+        ("http://0251.0376.0251.0376./", "(169.254.169.254) in a non-standard form"),
+        (
+            "http://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/",
+            "cloud metadata service",
+        ),
+        ("http://169\u3002254\u3002169\u3002254/", "cloud metadata service"),
+        ("http://169%2e254%2e169%2e254/", "only letters, digits"),
+        ("http://169.254.169.254%00/", "only letters, digits"),
+        ("http://[::ffff:169.254.169.254]./", "IPv4-mapped 169.254.169.254"),
     ],
 )
 def test_bad_upstream_urls_are_refused_with_the_reason(raw: str, words: str) -> None:
@@ -163,6 +191,42 @@ def test_bad_upstream_urls_are_refused_with_the_reason(raw: str, words: str) -> 
     message = str(caught.value)
     assert message.startswith(f"upstream {raw!r}: ")
     assert words in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://user:secret@dealer.example.com/",
+        "http://:secret@10.0.0.1/",
+        "http://u:secret@[::1/x",
+    ],
+)
+def test_a_refused_upstream_never_repeats_its_password(raw: str) -> None:
+    with pytest.raises(RefusedUpstream) as caught:
+        DEFAULT.check_upstream_url(raw)
+    message = str(caught.value)
+    assert "secret" not in message
+    assert message.startswith(f"upstream {raw.replace('secret', '…')!r}: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.slack.com/services/T0/B0/XXXX", "https://hooks.slack.com/…"),
+        (
+            "https://user:pw@alerts.example.com:8443/hook?token=XXXX",
+            "https://alerts.example.com:8443/…",
+        ),
+        ("https://alerts.example.com?token=XXXX", "https://alerts.example.com/…"),
+        ("https://alerts.example.com/", "https://alerts.example.com"),
+        ("http://[::1/XXXX", "(an unparseable URL)"),
+        ("http://alerts.example.com:99999/XXXX", "(an unparseable URL)"),
+        ("alerts.example.com/XXXX", "(not a URL)"),
+    ],
+)
+def test_a_url_is_shown_without_its_secrets(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "XXXX" not in scrub_url(f"failed: {url}", url)
 
 
 def test_the_allow_list_applies_to_ip_literal_upstreams() -> None:
@@ -259,9 +323,11 @@ def test_the_alert_webhook_follows_no_redirect(
         assert elsewhere.received == []
     assert [(method, path) for method, path, _ in redirector.received] == [("POST", "/hook")]
     message = str(caught.value)
-    assert f"HTTP {status} redirect to '{elsewhere.url}/stolen' not followed" in message
+    # Where it points, without the path: a receiver's new address holds its secret too.
+    assert f"HTTP {status} redirect to {elsewhere.url}/… not followed" in message
     assert "CERTMAN_ALERT_WEBHOOK" in message
-    assert f"{elsewhere.url}/stolen" in caplog.text and "not followed" in caplog.text
+    assert f"{elsewhere.url}/…" in caplog.text and "not followed" in caplog.text
+    assert "stolen" not in message + caplog.text
 
 
 def test_the_alert_webhook_still_delivers_without_a_redirect() -> None:
@@ -270,3 +336,26 @@ def test_the_alert_webhook_still_delivers_without_a_redirect() -> None:
     assert len(receiver.received) == 1
     method, path, body = receiver.received[0]
     assert (method, path, json.loads(body)) == ("POST", "/hook", {"domain": "dealer.example.com"})
+
+
+SECRET_PATH = "/services/T0123/B0456/s3cr3tT0k3n"
+
+
+@pytest.mark.parametrize("status", [0, 302, 404, 429, 500])
+def test_the_alert_webhook_url_never_appears_in_a_log_line_or_an_error(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with _serving(status or 200) as receiver:
+        if status == 302:
+            receiver.location = f"{receiver.url}{SECRET_PATH}/moved"
+        # 0: nothing listens there any more (a connection error quotes the URL it tried).
+        url = f"{receiver.url}{SECRET_PATH}?key=s3cr3tK3y"
+        if not status:
+            receiver.shutdown()
+            receiver.server_close()
+        with pytest.raises((WebhookRefused, WebhookUnavailable)) as caught:
+            post_webhook(url, {"domain": "dealer.example.com"}, timeout=5)
+    shown = "\n".join(traceback.format_exception(caught.value)) + caplog.text
+    assert "s3cr3t" not in shown
+    assert f"{receiver.url}/…" in str(caught.value)
