@@ -128,8 +128,9 @@ def upstream_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch
 @pytest.mark.parametrize(
     ("upstream", "reason"),
     [
-        ("http://user:pass@dealer.example.com/", "must not contain a user name or password"),
+        ("http://user@dealer.example.com/", "must not contain a user name or password"),
         ("http://169.254.169.254/", "cloud metadata service"),
+        ("http://169.254.169.254./", "cloud metadata service"),
         ("http://[::ffff:169.254.169.254]/", "IPv4-mapped 169.254.169.254"),
         ("http://[64:ff9b::a9fe:a9fe]/", "NAT64 169.254.169.254"),
         ("http://[fd00:ec2::254]/", "AWS instance metadata service"),
