@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from pipeline import flower_guard
+from pipeline import flower_guard, worker_logging
 
 CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "celery.conf.py"
 
@@ -51,6 +51,7 @@ def _config() -> SimpleNamespace | ModuleType:
 app = Celery("certman", include=["pipeline.tasks.issuance", "pipeline.tasks.maintenance"])
 app.config_from_object(_config())
 flower_guard.install()
+worker_logging.install(app)
 
 
 @worker_process_init.connect

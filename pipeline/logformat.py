@@ -3,12 +3,15 @@ for a log pipeline (Loki, Elasticsearch, Cloud Logging: they read JSON, not a fo
 
 The JSON lines carry the text format's fields under stable names (``time`` in ISO 8601 UTC,
 ``level``, ``logger``, ``process``, ``message``) and, where the code that logged knew them,
-``domain``, ``order_id``, ``step`` and ``issuer``: passed as ``extra=`` on the call, or bound for
-a stretch of work with :func:`log_context` (a task binds its order once, and every line logged
-inside it, by certman or by a library, carries it). A traceback is one ``exc_info`` field, never
-extra lines that a pipeline would read as separate records. Any other ``extra`` a library
-attaches is left out: the fields are a contract, and a library's extras can carry task
-arguments.
+``domain``, ``order_id``, ``step`` and ``issuer``, and inside a Celery task ``task`` (its name)
+and ``task_id``: passed as ``extra=`` on the call, or bound for a stretch of work with
+:func:`log_context` (a task binds its order once, and every line logged inside it, by certman or
+by a library, carries it). A traceback is one ``exc_info`` field, never extra lines that a
+pipeline would read as separate records. Any other ``extra`` a library attaches is left out:
+the fields are a contract, and a library's extras can carry task arguments.
+
+Every role takes ``--log-format text|json``, and reads ``CERTMAN_LOG_FORMAT`` when not given
+it (:func:`env_format`), so one line in the units' environment file turns JSON on for all.
 
 python-json-logger does the serialising (exceptions, non-JSON values, escaping); it is the
 formatter most Python services use and is maintained. This module imports nothing of certman's,
@@ -18,18 +21,20 @@ so the edge can use it without the pipeline's services.
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import IO, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
 LOG_FORMATS = ("text", "json")
+LOG_FORMAT_VAR = "CERTMAN_LOG_FORMAT"
 TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-CONTEXT_FIELDS = ("domain", "order_id", "step", "issuer")
+CONTEXT_FIELDS = ("domain", "order_id", "step", "issuer", "task", "task_id")
 _JSON_FIELDS = ("time", "level", "logger", "process", "message", *CONTEXT_FIELDS)
 _RENAMED = {"asctime": "time", "levelname": "level", "name": "logger"}
 
@@ -38,18 +43,47 @@ _EMPTY: dict[str, object] = {}
 _context: ContextVar[dict[str, object]] = ContextVar("certman_log_context", default=_EMPTY)
 
 
-@contextmanager
-def log_context(**fields: object) -> Iterator[None]:
-    """Every line logged inside carries these fields (None values are left out)."""
+# The format configure() or use_format() last set up in this process.
+_active = "text"
+
+
+def env_format(environ: Mapping[str, str] = os.environ) -> str:
+    """The format ``CERTMAN_LOG_FORMAT`` names (``text`` when unset); :class:`ValueError`
+    naming the variable for anything else."""
+    value = environ.get(LOG_FORMAT_VAR, "").strip().lower() or "text"
+    if value not in LOG_FORMATS:
+        raise ValueError(
+            f"{LOG_FORMAT_VAR}: must be one of {', '.join(LOG_FORMATS)}, not {value!r}"
+        )
+    return value
+
+
+def active_format() -> str:
+    """``json`` once this process's logging was set up for JSON, else ``text``."""
+    return _active
+
+
+def bind(**fields: object) -> Token[dict[str, object]]:
+    """Bind fields until :func:`unbind` (for a start and an end that are two callbacks, such
+    as Celery's task_prerun and task_postrun); :func:`log_context` where one block will do."""
     unknown = set(fields) - set(CONTEXT_FIELDS)
     if unknown:
         raise ValueError(f"not log context fields: {', '.join(sorted(unknown))}")
-    bound = {**_context.get(), **{k: v for k, v in fields.items() if v is not None}}
-    token = _context.set(bound)
+    return _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+
+
+def unbind(token: Token[dict[str, object]]) -> None:
+    _context.reset(token)
+
+
+@contextmanager
+def log_context(**fields: object) -> Iterator[None]:
+    """Every line logged inside carries these fields (None values are left out)."""
+    token = bind(**fields)
     try:
         yield
     finally:
-        _context.reset(token)
+        unbind(token)
 
 
 class ContextFilter(logging.Filter):
@@ -98,8 +132,10 @@ def formatter(log_format: str) -> logging.Formatter:
 
 def configure(level: str | int, log_format: str = "text", stream: IO[str] | None = None) -> None:
     """The root logger writes to ``stream`` (stderr) in ``log_format``, replacing its handlers."""
+    global _active
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(log_format))
+    _active = log_format
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -110,6 +146,8 @@ def configure(level: str | int, log_format: str = "text", stream: IO[str] | None
 
 def use_format(handler: logging.Handler, log_format: str) -> None:
     """Give a handler someone else set up (Celery's) certman's format and context."""
+    global _active
     handler.setFormatter(formatter(log_format))
+    _active = log_format
     if not any(isinstance(f, ContextFilter) for f in handler.filters):
         handler.addFilter(ContextFilter())

@@ -7,8 +7,9 @@ Columns ``domain[,upstream[,aliases]]`` (aliases separated by spaces); a header 
 cell is ``domain`` is optional; ``-`` reads stdin. Every line is validated like
 ``certman domains add``; rejected lines go to ``<input>.rejected.csv`` with their line number
 and reason (spreadsheet-safe: a cell that would be read as a formula starts with ``'``, as
-OWASP advises; a line with a cell over 32 KiB is one rejected line, not the end of the run). Idempotent and resumable: run it again after a crash and it finishes the job. The
-service itself is :mod:`pipeline.onboarding`.
+OWASP advises; a line with a cell over 32 KiB is one rejected line, not the end of the run).
+Idempotent and resumable: run it again after a crash and it finishes the job. The service
+itself is :mod:`pipeline.onboarding`.
 
 The progress bar is tqdm's: a small, well-kept library that already handles what a bar needs
 (rates, ETA from the bytes read, terminal width, and staying quiet when told), and it is a

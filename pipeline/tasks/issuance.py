@@ -18,6 +18,7 @@ from pipeline.celery import app
 from pipeline.connections import release
 from pipeline.errors import AttemptFailed, PollAgain, RetryLater
 from pipeline.issuance import OrderSteps, Step
+from pipeline.logformat import log_context
 from pipeline.models import OrderStep
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,13 @@ _STEP = {step.name: step for step in issuance.STEPS}
 
 
 def _run(task: Task, step: Step, order_id: int, domain: str) -> None:
+    # Every line the step logs, certman's or a library's, says which order and step it is
+    # about (the JSON log format's fields; pipeline.logformat).
+    with log_context(domain=domain, order_id=order_id, step=step.name):
+        _run_step(task, step, order_id, domain)
+
+
+def _run_step(task: Task, step: Step, order_id: int, domain: str) -> None:
     process = runtime.current()
     steps = OrderSteps(process)
     # Two copies of a step for one order (a sweeper re-enqueue racing a slow original) must not

@@ -1,0 +1,135 @@
+"""``--log-format`` for the Celery roles (worker, beat, Flower), and each task's log context.
+
+Celery sets up its own handlers (the root logger's, and the task logger's that adds the task's
+name and id): rather than replace that set-up, the ``after_setup_logger`` and
+``after_setup_task_logger`` signals hand each handler to :func:`pipeline.logformat.use_format`,
+so in JSON every line, Celery's and kombu's included, is one JSON object. Flower does not use
+Celery's set-up (Tornado's instead), so for Flower the root logger is configured here before
+Tornado looks (Tornado adds no handler of its own to a root logger that has one).
+
+The option is one of Celery's "preload" options: Celery adds it to every ``celery``
+subcommand (``celery -A pipeline worker --log-format json``, ``beat``, ``flower``) and hands
+its value to the ``user_preload_options`` signal before the command runs. Its default is
+``CERTMAN_LOG_FORMAT``, so the units' environment file turns JSON on for every role.
+
+In JSON the worker's and beat's start-up banners (drawings of the configuration, printed on
+stdout) are left out, as ``-q`` does: a log pipeline would read each of their lines as a record
+of its own. The worker still logs "ready" and beat "Starting" as records.
+
+Each task's lines carry ``task`` and ``task_id`` and, for a task whose arguments name them,
+``domain`` and ``order_id``, bound from ``task_prerun`` to ``task_postrun`` so that Celery's own
+"succeeded"/"retry" lines carry them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Any
+
+import click
+from celery import Celery, Task
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_postrun,
+    task_prerun,
+    user_preload_options,
+)
+
+from pipeline import logformat
+
+# Task arguments bound as log context when a task's signature names them.
+_ARGUMENT_FIELDS = ("domain", "order_id")
+
+_chosen: str | None = None  # from the command line; None: CERTMAN_LOG_FORMAT
+_bound: dict[str, Any] = {}  # task id -> the token task_prerun bound
+_argument_names: dict[str, tuple[str, ...]] = {}  # task name -> the fields its signature names
+
+
+def install(app: Celery) -> None:
+    """Add ``--log-format`` to the ``celery`` commands and connect the logging signals."""
+    app.user_options["preload"].add(
+        click.Option(
+            ["--log-format"],
+            type=click.Choice(logformat.LOG_FORMATS, case_sensitive=False),
+            envvar=logformat.LOG_FORMAT_VAR,
+            default="text",
+            show_default=True,
+            help="Log as text, or as one JSON object per line (default: CERTMAN_LOG_FORMAT).",
+        )
+    )
+    user_preload_options.connect(_preload, weak=False)
+    after_setup_logger.connect(_setup_handlers, weak=False)
+    after_setup_task_logger.connect(_setup_handlers, weak=False)
+    task_prerun.connect(_task_started, weak=False)
+    task_postrun.connect(_task_ended, weak=False)
+
+
+def chosen_format() -> str:
+    """The format asked for: ``--log-format``, else ``CERTMAN_LOG_FORMAT``, else text."""
+    return _chosen or logformat.env_format()
+
+
+def _preload(app: Celery | None = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    global _chosen
+    value = (options or {}).get("log_format")
+    if value is None:
+        return
+    _chosen = value
+    if value != "json":
+        return
+    ctx = click.get_current_context(silent=True)
+    command = ctx.info_name if ctx is not None else None
+    if command in ("worker", "beat") and ctx is not None and ctx.obj is not None:
+        ctx.obj.quiet = True  # the banners: see the module's docstring
+    elif command == "flower":
+        logformat.configure(logging.INFO, "json")
+
+
+def _setup_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
+    log_format = chosen_format()
+    if logger is None or log_format == "text":
+        return  # Celery's own text format, as before
+    for handler in logger.handlers:
+        logformat.use_format(handler, log_format)
+
+
+def _task_started(
+    task_id: str | None = None,
+    task: Task | None = None,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    if task is None or task_id is None:
+        return
+    fields: dict[str, object] = {"task": task.name, "task_id": task_id}
+    names = _argument_names.get(task.name)
+    if names is None:
+        names = _argument_names[task.name] = _named_arguments(task)
+    if names:
+        try:
+            given = inspect.signature(task.run).bind_partial(*(args or ()), **(kwargs or {}))
+        except TypeError:
+            given = None  # called with arguments it does not take: Celery will say so
+        if given is not None:
+            fields.update({n: given.arguments[n] for n in names if n in given.arguments})
+    _bound[task_id] = logformat.bind(**fields)
+
+
+def _task_ended(task_id: str | None = None, **_: Any) -> None:
+    token = _bound.pop(task_id or "", None)
+    if token is not None:
+        # ValueError: bound in another context (a pool that switched threads); it ends with it.
+        with contextlib.suppress(ValueError):
+            logformat.unbind(token)
+
+
+def _named_arguments(task: Task) -> tuple[str, ...]:
+    try:
+        parameters = inspect.signature(task.run).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(name for name in _ARGUMENT_FIELDS if name in parameters)
