@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -19,14 +20,28 @@ from pipeline.cli_common import (
     _print_json,
     _print_json_array,
 )
+from pipeline.logformat import LOG_FORMAT_VAR, LOG_FORMATS, configure
 from pipeline.settings import get_settings
 from pipeline.version import certman_version
 
 
 @click.group(cls=_Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(certman_version(), "-V", "--version", prog_name="certman")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    envvar=LOG_FORMAT_VAR,
+    default="text",
+    show_default=True,
+    help="Log lines (and errors) as text, or as one JSON object per line "
+    "(default: CERTMAN_LOG_FORMAT).",
+)
+def main(log_format: str) -> None:
     """certman: HTTPS for thousands of customer-owned domains."""
+    if log_format == "json":
+        # Text stays Python's default (warnings as bare lines, as ever); JSON is for a log
+        # pipeline reading a service's stderr (certman exporter's, a cron job's).
+        configure(logging.WARNING, "json")
 
 
 # --- db ------------------------------------------------------------------------------------------

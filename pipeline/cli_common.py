@@ -4,6 +4,7 @@ line, and JSON output. (pipeline.cli builds the command tree; pipeline.cli_ops a
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ import click
 import redis
 import sqlalchemy.exc
 
+from pipeline import logformat
 from pipeline.errors import IssuanceProblem
 from pipeline.keys import KeyFileError
 from pipeline.settings import SettingsError
@@ -55,7 +57,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"certman: {message}", err=True)
+    if logformat.active_format() == "json":
+        # --log-format json: stderr is read by a log pipeline, one JSON object per line.
+        logging.getLogger("certman").error(message)
+    else:
+        click.echo(f"certman: {message}", err=True)
     sys.exit(1)
 
 

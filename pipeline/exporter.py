@@ -172,7 +172,10 @@ def serve(settings: Settings, *, port: int, address: str = "127.0.0.1") -> Any:
 
 
 def run_forever(settings: Settings, *, port: int, address: str) -> None:
+    # A service: its own lines at INFO, whatever level the certman command logs the rest at.
+    log.setLevel(logging.INFO)
     server = serve(settings, port=port, address=address)
+    log.info("exporter serving http://%s:%d/metrics", address, port)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ usage.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ from typing import IO, Any
 from pipeline import snapshot
 from pipeline.connections import get_redis
 from pipeline.keys import KeyFileError
+from pipeline.logformat import LOG_FORMATS, configure, env_format
 from pipeline.onboarding import (
     Onboarding,
     Options,
@@ -47,6 +49,8 @@ from pipeline.signer import get_signing_key
 from pipeline.version import certman_version
 
 PROG = "certman-onboard"
+
+log = logging.getLogger("certman.onboard")
 
 
 def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
@@ -77,6 +81,13 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
         "--no-queue", action="store_true", help="do not kick the dispatcher after each batch"
     )
     parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        help="progress and errors on stderr as text, or as one JSON object per line "
+        "(default: CERTMAN_LOG_FORMAT, else text)",
+    )
+    parser.add_argument(
         "--progress-interval",
         type=float,
         default=5.0,
@@ -84,6 +95,11 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
         help="seconds between plain progress lines when stderr is not a terminal (0: each batch)",
     )
     args = parser.parse_args(argv)
+    if args.log_format is None:
+        try:
+            args.log_format = env_format()
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.upstream_default is not None:
@@ -107,15 +123,19 @@ def rejected_path(args: argparse.Namespace) -> Path | None:
 
 
 class Progress:
-    """A tqdm bar over the input's bytes on a terminal; plain periodic lines otherwise."""
+    """A tqdm bar over the input's bytes on a terminal; plain periodic lines otherwise (log
+    records with ``--log-format json``)."""
 
-    def __init__(self, stream: IO[str], path: str, interval: float, prog: str = PROG) -> None:
+    def __init__(
+        self, stream: IO[str], path: str, interval: float, prog: str = PROG, *, json: bool = False
+    ) -> None:
         self.stream = stream
         self.prog = prog
         self.interval = interval
         self.last = time.monotonic()
         self.bar: Any = None
-        self.tty = sys.stderr.isatty()
+        self.json = json
+        self.tty = sys.stderr.isatty() and not json
         if self.tty:
             from tqdm import tqdm
 
@@ -140,7 +160,10 @@ class Progress:
         now = time.monotonic()
         if summary.batches == 1 or now - self.last >= self.interval:
             self.last = now
-            print(f"{self.prog}: {summary.progress_line()}", file=sys.stderr, flush=True)
+            if self.json:
+                log.info("%s", summary.progress_line())
+            else:
+                print(f"{self.prog}: {summary.progress_line()}", file=sys.stderr, flush=True)
 
     def _tell(self) -> int | None:
         try:
@@ -158,9 +181,17 @@ class Progress:
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     """Run an onboarding; returns the exit status. ``prog`` prefixes every message."""
     args = parse_args(argv, prog)
+    json_logs = args.log_format == "json"
+    if json_logs:
+        # Libraries at WARNING (alembic says a lot at INFO while loading); our progress at INFO.
+        configure(logging.WARNING, "json")
+        log.setLevel(logging.INFO)
 
     def fail(message: str) -> int:
-        print(f"{prog}: {message}", file=sys.stderr)
+        if json_logs:
+            log.error("%s", message)
+        else:
+            print(f"{prog}: {message}", file=sys.stderr)
         return 1
 
     import redis
@@ -209,7 +240,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
         kick = kick_dispatch
     rejected = RejectedWriter(rejected_path(args))
-    progress = Progress(stream, args.input, args.progress_interval, prog)
+    progress = Progress(stream, args.input, args.progress_interval, prog, json=json_logs)
     job = Onboarding(
         engine,
         Options(

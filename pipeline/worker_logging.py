@@ -82,10 +82,14 @@ def _preload(app: Celery | None = None, options: dict[str, Any] | None = None, *
         return
     ctx = click.get_current_context(silent=True)
     command = ctx.info_name if ctx is not None else None
+    # JSON from here on, not only from Celery's set-up: what is said before it (a warning at
+    # start, the worker_init handlers' lines) would otherwise be plain text. Flower keeps this
+    # handler (Tornado adds none to a root logger that has one, and sets its level to INFO
+    # later); the worker and beat replace it with Celery's set-up, made JSON below.
+    logformat.configure(logging.WARNING, "json")
+    logging.captureWarnings(True)
     if command in ("worker", "beat") and ctx is not None and ctx.obj is not None:
         ctx.obj.quiet = True  # the banners: see the module's docstring
-    elif command == "flower":
-        logformat.configure(logging.INFO, "json")
 
 
 def _setup_handlers(logger: logging.Logger | None = None, **_: Any) -> None:

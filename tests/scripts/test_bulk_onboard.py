@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -170,3 +171,44 @@ def test_failures_are_one_line_with_non_zero_status(
     env["CERTMAN_REDIS_URL"] = "redis://127.0.0.1:1/0"
     down = run(str(source), cwd=REPO, env=env)
     assert down.returncode == 1 and down.stderr.startswith("bulk_onboard: Redis unavailable:")
+
+
+def _json_lines(stderr: str) -> list[dict[str, object]]:
+    """Every stderr line, each of which must be one JSON object."""
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert all(isinstance(record, dict) for record in records)
+    return records
+
+
+def test_json_logs_progress_and_errors_one_object_per_line(
+    certman_env: dict[str, str], database_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    source = tmp_path / "dealers.csv"
+    source.write_text(dealers(4))
+    result = run(
+        str(source), "--no-queue", "--batch-size", "2", "--progress-interval", "0",
+        "--log-format", "json", cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = _json_lines(result.stderr)
+    progress = [r for r in records if r["logger"] == "certman.onboard"]
+    assert [r["level"] for r in progress] == ["INFO", "INFO"]
+    assert str(progress[-1]["message"]).startswith("4 lines read: 4 added, 0 already there")
+    assert "4 added" in result.stdout  # the summary is the command's output, as in text
+
+    # CERTMAN_LOG_FORMAT does the same for a run given no option (the units' env file).
+    env = dict(os.environ) | {
+        "CERTMAN_LOG_FORMAT": "json",
+        "CERTMAN_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    down = run(str(source), cwd=REPO, env=env)
+    assert down.returncode == 1
+    (record,) = _json_lines(down.stderr)
+    assert record["level"] == "ERROR" and str(record["message"]).startswith("Redis unavailable:")
+
+    env["CERTMAN_LOG_FORMAT"] = "xml"
+    bad = run(str(source), cwd=REPO, env=env)
+    assert (
+        bad.returncode == 2
+        and "CERTMAN_LOG_FORMAT: must be one of text, json, not 'xml'" in bad.stderr
+    )
