@@ -20,7 +20,7 @@ from pipeline.cli_common import (
     _print_json,
     _print_json_array,
 )
-from pipeline.logformat import LOG_FORMAT_VAR, LOG_FORMATS, configure
+from pipeline.logformat import LOG_FORMAT_VAR, LogFormatParam, configure
 from pipeline.settings import get_settings
 from pipeline.version import certman_version
 
@@ -29,7 +29,7 @@ from pipeline.version import certman_version
 @click.version_option(certman_version(), "-V", "--version", prog_name="certman")
 @click.option(
     "--log-format",
-    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    type=LogFormatParam(),
     envvar=LOG_FORMAT_VAR,
     default="text",
     show_default=True,

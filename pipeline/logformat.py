@@ -15,7 +15,7 @@ it (:func:`env_format`), so one line in the units' environment file turns JSON o
 
 python-json-logger does the serialising (exceptions, non-JSON values, escaping); it is the
 formatter most Python services use and is maintained. This module imports nothing of certman's,
-so the edge can use it without the pipeline's services.
+so the edge can use it without the pipeline's services (click, for the option, is light).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import IO, Any
 
+import click
 from pythonjsonlogger.json import JsonFormatter
 
 LOG_FORMATS = ("text", "json")
@@ -56,6 +57,36 @@ def env_format(environ: Mapping[str, str] = os.environ) -> str:
             f"{LOG_FORMAT_VAR}: must be one of {', '.join(LOG_FORMATS)}, not {value!r}"
         )
     return value
+
+
+class LogFormatParam(click.ParamType[str]):
+    """``--log-format`` on a click command: ``text`` or ``json``, any case; an error names the
+    variable too, since the value may have come from it (the option's ``envvar``)."""
+
+    name = "text|json"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        if text not in LOG_FORMATS:
+            self.fail(
+                f"{value!r} is not one of {', '.join(LOG_FORMATS)} "
+                f"(from --log-format or {LOG_FORMAT_VAR})",
+                param,
+                ctx,
+            )
+        return text
+
+
+def log_format_option(help_text: str) -> click.Option:
+    """The ``--log-format`` option every certman command and Celery role takes."""
+    return click.Option(
+        ["--log-format"],
+        type=LogFormatParam(),
+        envvar=LOG_FORMAT_VAR,
+        default="text",
+        show_default=True,
+        help=help_text,
+    )
 
 
 def active_format() -> str:

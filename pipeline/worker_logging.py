@@ -51,13 +51,8 @@ _argument_names: dict[str, tuple[str, ...]] = {}  # task name -> the fields its 
 def install(app: Celery) -> None:
     """Add ``--log-format`` to the ``celery`` commands and connect the logging signals."""
     app.user_options["preload"].add(
-        click.Option(
-            ["--log-format"],
-            type=click.Choice(logformat.LOG_FORMATS, case_sensitive=False),
-            envvar=logformat.LOG_FORMAT_VAR,
-            default="text",
-            show_default=True,
-            help="Log as text, or as one JSON object per line (default: CERTMAN_LOG_FORMAT).",
+        logformat.log_format_option(
+            "Log as text, or as one JSON object per line (default: CERTMAN_LOG_FORMAT)."
         )
     )
     user_preload_options.connect(_preload, weak=False)

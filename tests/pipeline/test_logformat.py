@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from pipeline.logformat import ContextFilter, formatter, log_context
+from pipeline.logformat import ContextFilter, bind, env_format, formatter, log_context, unbind
 
 
 def _logger(log_format: str) -> tuple[logging.Logger, io.StringIO]:
@@ -55,3 +55,29 @@ def test_unknown_formats_and_fields_are_refused_by_name() -> None:
         formatter("xml")
     with pytest.raises(ValueError, match="tenant"), log_context(tenant="x"):
         pass
+
+
+def test_a_tasks_name_and_id_are_fields_too_and_bind_ends_with_unbind() -> None:
+    logger, stream = _logger("json")
+    token = bind(task="certman.issue.finalise", task_id="abc", domain="a.test")
+    try:
+        logger.info("inside")
+    finally:
+        unbind(token)
+    logger.info("after")
+    inside, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (inside["task"], inside["task_id"], inside["domain"]) == (
+        "certman.issue.finalise",
+        "abc",
+        "a.test",
+    )
+    assert not {"task", "task_id", "domain"} & set(after)
+
+
+def test_the_environment_names_the_format_and_a_bad_one_names_the_variable() -> None:
+    assert env_format({}) == "text"
+    assert env_format({"CERTMAN_LOG_FORMAT": " JSON "}) == "json"
+    with pytest.raises(
+        ValueError, match="CERTMAN_LOG_FORMAT: must be one of text, json, not 'xml'"
+    ):
+        env_format({"CERTMAN_LOG_FORMAT": "xml"})
