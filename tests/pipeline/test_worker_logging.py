@@ -183,3 +183,18 @@ def test_the_exporter_logs_json(env: dict[str, str], spawn: Any, tmp_path: Path)
     assert [r["level"] for r in lines if "store unavailable" in r["message"]] == ["WARNING"]
     (serving,) = [r for r in lines if r["message"].startswith("exporter serving")]
     assert serving["message"] == f"exporter serving http://127.0.0.1:{port}/metrics"
+
+
+def test_flower_logs_json_from_the_environment_file(env: dict[str, str], spawn: Any) -> None:
+    port = free_port()
+    # As the unit starts it (deploy/systemd/certman-flower.service), credentials from the
+    # environment file as the guide has them.
+    out, err = spawn(
+        "flower",
+        [str(BIN / "celery"), "-A", "pipeline", "flower", "--address=127.0.0.1", f"--port={port}"],
+        env | {"CERTMAN_LOG_FORMAT": "json", "FLOWER_BASIC_AUTH": "ops:test-only"},
+    )
+    wait_until(lambda: logged(err, "Visit me at"), timeout=60, what="Flower to listen")
+    lines = records(err.read_text())
+    assert any(r["logger"] == "flower.command" for r in lines)
+    assert out.read_text() == ""
