@@ -115,7 +115,8 @@ def redact_url(url: str) -> str:
     return shown + ("/…" if parts.path.strip("/") or parts.query or parts.fragment else "")
 
 
-_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*):[^/?#@]*@")
+# Up to the authority's last "@", as urlsplit reads it: a password may hold an unescaped "@".
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*):[^/?#]*@")
 
 
 def hide_password(url: str) -> str:

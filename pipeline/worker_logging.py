@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from contextvars import Token
 from typing import Any
 
 import click
@@ -44,8 +45,9 @@ from pipeline import logformat
 _ARGUMENT_FIELDS = ("domain", "order_id")
 
 _chosen: str | None = None  # from the command line; None: CERTMAN_LOG_FORMAT
-_bound: dict[str, Any] = {}  # task id -> the token task_prerun bound
-_argument_names: dict[str, tuple[str, ...]] = {}  # task name -> the fields its signature names
+_bound: dict[str, Token[dict[str, object]]] = {}  # task id -> the binding task_prerun made
+# Task name -> its signature, when the signature names some of _ARGUMENT_FIELDS, else None.
+_signatures: dict[str, inspect.Signature | None] = {}
 
 
 def install(app: Celery) -> None:
@@ -105,16 +107,15 @@ def _task_started(
     if task is None or task_id is None:
         return
     fields: dict[str, object] = {"task": task.name, "task_id": task_id}
-    names = _argument_names.get(task.name)
-    if names is None:
-        names = _argument_names[task.name] = _named_arguments(task)
-    if names:
+    if task.name not in _signatures:
+        _signatures[task.name] = _naming_signature(task)
+    signature = _signatures[task.name]
+    if signature is not None:
         try:
-            given = inspect.signature(task.run).bind_partial(*(args or ()), **(kwargs or {}))
+            given = signature.bind_partial(*(args or ()), **(kwargs or {})).arguments
         except TypeError:
-            given = None  # called with arguments it does not take: Celery will say so
-        if given is not None:
-            fields.update({n: given.arguments[n] for n in names if n in given.arguments})
+            given = {}  # called with arguments it does not take: Celery will say so
+        fields.update({name: given[name] for name in _ARGUMENT_FIELDS if name in given})
     _bound[task_id] = logformat.bind(**fields)
 
 
@@ -126,9 +127,9 @@ def _task_ended(task_id: str | None = None, **_: Any) -> None:
             logformat.unbind(token)
 
 
-def _named_arguments(task: Task) -> tuple[str, ...]:
+def _naming_signature(task: Task) -> inspect.Signature | None:
     try:
-        parameters = inspect.signature(task.run).parameters
+        signature = inspect.signature(task.run)
     except (TypeError, ValueError):
-        return ()
-    return tuple(name for name in _ARGUMENT_FIELDS if name in parameters)
+        return None
+    return signature if set(_ARGUMENT_FIELDS) & set(signature.parameters) else None
