@@ -52,7 +52,16 @@ END_TO_END = frozenset(
 # Fields whose '_' spelling is refused outright: framing and routing, where a second reading
 # is a request smuggled past the edge.
 _FRAMING = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "expect"}
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "expect",
+    }
 )
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 # A DNS name (letters, digits, '-', '_' as some hosts use), dot-separated labels, one optional

@@ -69,11 +69,10 @@ def test_header_rules() -> None:
     for bad in (["\xb2"], ["٣"], ["-1"], ["+1"], ["1 2"], ["0x10"], [""], ["3", "4"]):
         with pytest.raises(BadHeader):
             check_content_length(bad)
-    check_field_names(["X_Custom_Thing", "Content-Length"])
-    for name in ("Transfer_Encoding", "Content_Length", "HOST_", "_host", "Host"):
-        if "_" in name and name.lower().replace("_", "-") in ("transfer-encoding", "content-length"):
-            with pytest.raises(BadHeader):
-                check_field_names([name])
+    check_field_names(["X_Custom_Thing", "Content-Length", "Host", "Host_"])  # "host-": no field
+    for name in ("Transfer_Encoding", "Content_Length", "CONTENT_LENGTH", "Proxy_Connection"):
+        with pytest.raises(BadHeader):
+            check_field_names([name])
     assert parse_host("A.TEST") == ("a.test", None)
     assert parse_host("a.test.") == ("a.test", None)
     assert parse_host("a.test:8080") == ("a.test", 8080)
@@ -167,7 +166,7 @@ def test_framing_and_host_tricks_refused(plain_edge: RunningEdge) -> None:
         assert status_of(reply) == 400, (host, reply[:200])
     metrics = plain_edge.metrics()
     assert 'certman_edge_requests_rejected_total{reason="bad_header"}' in metrics
-    assert "500" not in {line.split()[-1] for line in metrics.splitlines() if "5xx" in line}
+    assert 'certman_edge_requests_total{scheme="http",status_class="5xx"} 0.0' in metrics
 
 
 def test_host_is_forwarded_normalised(plain_edge: RunningEdge) -> None:
