@@ -77,9 +77,9 @@ def test_header_rules() -> None:
     assert parse_host("a.test.") == ("a.test", None)
     assert parse_host("a.test:8080") == ("a.test", 8080)
     assert parse_host("[::1]:443") == ("[::1]", 443)
-    for bad in ("a.test:evil", "a.test...", "a.test:", "a.test:99999", "a..test", "", "a b"):
+    for bad_host in ("a.test:evil", "a.test...", "a.test:", "a.test:99999", "a..test", "", "a b"):
         with pytest.raises(BadHeader):
-            parse_host(bad)
+            parse_host(bad_host)
 
 
 def test_client_claims_are_one_list_with_common_spellings() -> None:
