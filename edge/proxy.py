@@ -374,7 +374,9 @@ class SiteHandler(tornado.web.RequestHandler):
     def _send_upstream(self) -> None:
         assert self._upstream is not None
         self._upstream_started = time.perf_counter()
-        self._arm("upstream", self._cfg.upstream_response_timeout, self._upstream_stalled)
+        if self._queue is None:
+            # With a body, the wait for the response starts once the body is all sent.
+            self._arm("upstream", self._cfg.upstream_response_timeout, self._upstream_stalled)
         fetch = self._cfg.client.fetch(self._upstream, raise_error=False)
         self._fetch = asyncio.ensure_future(fetch)
         self._fetch.add_done_callback(self._upstream_done)
@@ -512,6 +514,8 @@ class SiteHandler(tornado.web.RequestHandler):
         self._disarm("body")
         if self._queue is not None and not self._fetch.done():
             await self._queue.put(_END)
+            if not self._response_started:
+                self._arm("upstream", self._cfg.upstream_response_timeout, self._upstream_stalled)
         try:
             try:
                 await self._fetch

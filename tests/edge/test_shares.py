@@ -1,0 +1,219 @@
+"""Fair shares: one client holding more connections than the pool, against a hanging upstream
+and with bodies that never finish, while another site keeps answering in under 100 ms."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from edge.shares import Full, ShareLimits, Shares, client_key
+from pipeline.distribution import publish_site
+
+from .conftest import DEADLINE, RunningEdge, Sites, wait_for
+
+# ---- the bookkeeping ------------------------------------------------------------------------
+
+
+def test_client_key_groups_an_ipv6_64() -> None:
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert (
+        client_key("2001:db8:1:2::5") == client_key("2001:db8:1:2:ffff::1") == ("2001:db8:1:2::/64")
+    )
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+
+
+def test_shares_refuse_a_full_site_or_client_at_once_and_queue_for_the_total() -> None:
+    async def scenario() -> None:
+        shares = Shares(ShareLimits(total=4, per_site=2, per_client=3, queue=1, queue_timeout=0.2))
+        a1 = shares.try_acquire("a", "c1")
+        shares.try_acquire("a", "c2")
+        with pytest.raises(Full) as full:
+            await shares.acquire("a", "c3")
+        assert full.value.reason == "site"
+        shares.try_acquire("b", "c1")
+        shares.try_acquire("c", "c1")
+        with pytest.raises(Full) as full:
+            await shares.acquire("d", "c1")
+        assert full.value.reason == "client"
+        assert shares.in_use == 4
+        # The total is full: one may wait (and gets the next slot freed), a second may not.
+        waiter = asyncio.ensure_future(shares.acquire("d", "c4"))
+        await asyncio.sleep(0)
+        assert shares.waiting() == 1
+        with pytest.raises(Full) as full:
+            await shares.acquire("e", "c5")
+        assert full.value.reason == "queue"
+        shares.release(a1)
+        shares.release(a1)  # a second release does nothing
+        ticket = await waiter
+        assert (ticket.site, ticket.client, shares.in_use) == ("d", "c4", 4)
+        # Waiting out the timeout: a 503, and nothing left in the queue.
+        with pytest.raises(Full) as full:
+            await shares.acquire("f", "c6")
+        assert full.value.reason == "total" and shares.waiting() == 0
+        # A waiter whose request goes away takes nothing with it.
+        gone = asyncio.ensure_future(shares.acquire("g", "c7"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        assert shares.waiting() == 0 and shares.in_use == 4
+
+    asyncio.run(scenario())
+
+
+# ---- through a real edge --------------------------------------------------------------------
+
+
+class _Hanging:
+    """An upstream that accepts, reads, and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def open_connections(self) -> int:
+        """Connections the edge still holds open to this upstream."""
+        alive = 0
+        for conn in self.held:
+            try:
+                conn.setblocking(False)
+                while conn.recv(65536):
+                    pass
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+        return alive
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def hanging() -> Iterator[_Hanging]:
+    server = _Hanging()
+    yield server
+    server.close()
+
+
+def _attack_connection(port: int, request: bytes) -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", port), timeout=DEADLINE, source_address=("127.0.0.2", 0)
+    )
+    sock.sendall(request)
+    return sock
+
+
+def _gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+def test_one_client_cannot_starve_another_site(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    upstream: str,
+    hanging: _Hanging,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    slow = f"http://127.0.0.1:{hanging.port}"
+    publish_site(redis_client, prefix, sites.record("slow.test", upstream=slow, cert=False))
+    publish_site(redis_client, prefix, sites.record("body.test", upstream=upstream, cert=False))
+    publish_site(redis_client, prefix, sites.record("fast.test", upstream=upstream, cert=False))
+    edge = start_edge(
+        max_upstream_connections=20,
+        upstream_per_site=10,
+        upstream_per_client=12,
+        upstream_response_timeout=1.5,
+        body_idle_timeout=1.5,
+    )
+    edge.wait_ready()
+    samples: list[tuple[float, int]] = []
+
+    def sample() -> None:
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", edge.http_port, timeout=DEADLINE)
+        try:
+            conn.request("GET", "/fast", headers={"Host": "fast.test"})
+            resp = conn.getresponse()
+            resp.read()
+            samples.append((time.perf_counter() - started, resp.status))
+        finally:
+            conn.close()
+
+    sample()
+    # 40 connections from one client (twice the pool): 20 requests to the hanging site ...
+    attack = [
+        _attack_connection(edge.http_port, b"GET /hang HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        for _ in range(20)
+    ]
+    wait_for(
+        lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 10,
+        what="the slow site's share held",
+    )
+    # ... and 20 POSTs whose bodies never finish, to a site with a healthy upstream.
+    post = b"POST /upload HTTP/1.1\r\nHost: body.test\r\nContent-Length: 100000\r\n\r\npartial"
+    attack += [_attack_connection(edge.http_port, post) for _ in range(20)]
+    wait_for(
+        lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 12,
+        what="the client's share held",
+    )
+    # Everything over the shares was answered at once, 503 with Retry-After.
+    refused = 0
+    for sock in attack:
+        sock.settimeout(0.05)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            reply = sock.recv(65536)
+            if reply.startswith(b"HTTP/1.1 503"):
+                assert b"\r\nRetry-After: 1\r\n" in reply
+                refused += 1
+    assert refused == 40 - 12
+    metrics = edge.metrics()
+    assert 'certman_edge_requests_rejected_total{reason="share_site"} 10.0' in metrics
+    assert 'certman_edge_requests_rejected_total{reason="share_client"} 18.0' in metrics
+    # The other site answers quickly throughout: while the slots are held, and after the
+    # response and body timeouts have taken them back.
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:
+        sample()
+        time.sleep(0.02)
+    slow_samples = [(round(s * 1000, 1), status) for s, status in samples if s >= 0.1]
+    assert all(status == 200 for _, status in samples), samples
+    assert not slow_samples, slow_samples
+    assert len(samples) > 50
+    # No slot is held past the timeouts, and the hanging upstream's connections were closed.
+    wait_for(
+        lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 0,
+        what="every slot back",
+    )
+    wait_for(lambda: hanging.open_connections() == 0, what="upstream connections closed")
+    metrics = edge.metrics()
+    assert 'certman_edge_upstream_cancelled_total{reason="upstream_timeout"} 10.0' in metrics
+    assert 'certman_edge_upstream_cancelled_total{reason="body_timeout"} 2.0' in metrics
+    for sock in attack:
+        sock.close()
