@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -400,7 +401,10 @@ class Edge:
                     tls_context,
                     on_refused=self._proxy_header_refused,
                 )
-                acceptor.start()
+                # Accepted by edge.connections' loop (Tornado's spins at the open-file limit),
+                # handed to the PROXY header reader; no per-address budget: every peer is the
+                # balancer. Stopped after that loop, which must see its sockets still open.
+                self._accept(server, socks, tls_context, None, hand_over=acceptor._accepted)
                 self._acceptors.append(acceptor)
             else:
                 self._accept(server, socks, tls_context, self.connections)
@@ -413,6 +417,7 @@ class Edge:
         socks: list[socket.socket],
         tls: ssl.SSLContext | None,
         budget: ConnectionBudget | None,
+        hand_over: Callable[[socket.socket, Any], None] | None = None,
     ) -> None:
         """Accept on ``socks`` with the edge's own loop (edge.connections), not Tornado's."""
         m = self.metrics
@@ -421,6 +426,7 @@ class Edge:
             socks,
             tls,
             budget,
+            hand_over=hand_over,
             on_refused=lambda reason: m.connections_refused.labels(reason).inc(),
             on_accept_error=lambda reason: m.accept_errors.labels(reason).inc(),
         )

@@ -142,7 +142,8 @@ class _TlsStream(SSLIOStream):
 
 class BudgetedAcceptor:
     """Accepts on ``sockets`` for ``server`` within ``budget`` (None: no budget, no first-byte
-    timeout; the accept back-off still applies)."""
+    timeout; the accept back-off still applies). ``hand_over``, if given, takes each accepted
+    socket instead (the PROXY protocol's header reader, which makes the stream itself)."""
 
     def __init__(
         self,
@@ -153,7 +154,9 @@ class BudgetedAcceptor:
         *,
         on_refused: Callable[[str], None] = lambda reason: None,
         on_accept_error: Callable[[str], None] = lambda reason: None,
+        hand_over: Callable[[socket.socket, Any], None] | None = None,
     ) -> None:
+        self._hand_over = hand_over
         self._server = server
         self._sockets = sockets
         self._tls = tls
@@ -194,7 +197,10 @@ class BudgetedAcceptor:
                 self._pause(sock, exc)
                 return
             self._backoff.pop(sock.fileno(), None)
-            self._admit(conn, address)
+            if self._hand_over is not None:
+                self._hand_over(conn, address)
+            else:
+                self._admit(conn, address)
 
     def _pause(self, sock: socket.socket, exc: OSError) -> None:
         """Stop accepting on ``sock`` for a while: the error repeats until resources free up."""
