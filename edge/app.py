@@ -374,7 +374,8 @@ class Edge:
             body_idle_timeout=self.config.body_idle_timeout,
             upstream_response_timeout=self.config.upstream_response_timeout,
         )
-        self.reach.listening = SelfReach.of_sockets(False, [*http, *https]).listening
+        # Every port of this edge, /metrics and /healthz included, is refused as an upstream.
+        self.reach.listening = SelfReach.of_sockets(False, [*http, *https, *metrics]).listening
         options: dict[str, Any] = {
             "idle_connection_timeout": self.config.idle_timeout,
             "body_timeout": self.config.idle_timeout,

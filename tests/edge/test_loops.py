@@ -78,20 +78,26 @@ def test_the_edge_is_never_its_own_upstream(
     sites: Sites,
     start_edge: Callable[..., RunningEdge],
 ) -> None:
-    """Even with loopback allowed: its own :80 (by literal or name) is refused, one request
+    """Even with loopback allowed: its own ports (by literal or name) are refused, one request
     stays one request."""
     edge = start_edge()
     edge.wait_ready()
-    for name, host in (("self.test", "127.0.0.1"), ("selfname.test", "localhost")):
-        upstream = f"http://{host}:{edge.http_port}"
+    own = (
+        ("self.test", "127.0.0.1", edge.http_port),
+        ("selfname.test", "localhost", edge.http_port),
+        ("selftls.test", "127.0.0.1", edge.https_port),
+        ("selfmetrics.test", "127.0.0.1", edge.metrics_port),
+    )
+    for name, host, port in own:
+        upstream = f"http://{host}:{port}"
         publish_site(redis_client, prefix, sites.record(name, upstream=upstream, cert=False))
-    for name in ("self.test", "selfname.test"):
+    for name, _, _ in own:
         status, _, body = _wait_known(edge, name)
         assert status == 502, (name, body)
     metrics = edge.metrics()
-    assert 'certman_edge_upstream_errors_total{kind="refused"} 2.0' in metrics
-    # Only the two answered requests the test made: none came back in through the edge.
-    assert 'certman_edge_requests_total{scheme="http",status_class="5xx"} 2.0' in metrics
+    assert 'certman_edge_upstream_errors_total{kind="refused"} 4.0' in metrics
+    # Only the four answered requests the test made: none came back in through the edge.
+    assert 'certman_edge_requests_total{scheme="http",status_class="5xx"} 4.0' in metrics
     assert 'certman_edge_requests_rejected_total{reason="loop"}' not in metrics
 
 
