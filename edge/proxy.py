@@ -409,7 +409,8 @@ class SiteHandler(tornado.web.RequestHandler):
             timer.cancel()
 
     def _body_stalled(self) -> None:
-        """The client stopped sending its body: give up its slot and its connection."""
+        """The body made no progress (from the client, or into the upstream) for the body idle
+        timeout: give up its slot and its connection."""
         self._timers.pop("body", None)
         self._cfg.metrics.requests_rejected.labels("body_timeout").inc()
         self._cancel("body_timeout")
@@ -447,6 +448,9 @@ class SiteHandler(tornado.web.RequestHandler):
         assert self._queue is not None
         while chunk := await self._queue.get():  # _END and _ABORT are both falsy
             await write(chunk)
+            if "body" in self._timers:
+                # Progress on the upstream's side too: a slow upstream, not a stalled client.
+                self._arm("body", self._cfg.body_idle_timeout, self._body_stalled)
 
     def _upstream_done(self, fetch: asyncio.Future[HTTPResponse]) -> None:
         if fetch is self._fetch:
