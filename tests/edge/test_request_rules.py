@@ -4,12 +4,15 @@ Connection, Content-Length, underscore spellings, Host, client-IP claims, 1xx re
 from __future__ import annotations
 
 import json
+import posixpath
 import socket
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.forwarding import CLIENT_CLAIMS, is_client_claim
 from edge.headerrules import (
@@ -56,6 +59,28 @@ def test_paths_normalised(raw: str, expected: str) -> None:
 def test_encoded_climbs_refused(raw: str) -> None:
     with pytest.raises(BadPath):
         normalize_path(raw)
+
+
+_SEGMENTS = st.sampled_from(
+    ["a", "b", ".", "..", "%2e", "%2E%2e", "%2e.", "%2f", "..%2f", "%5c", "..;", ";x", "", "%7E"]
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.lists(_SEGMENTS, max_size=3).map("".join), max_size=8))
+def test_no_normalised_path_leaves_the_prefix(segments: list[str]) -> None:
+    raw = "/" + "/".join(segments)
+    try:
+        path = normalize_path(raw)
+    except BadPath:
+        return
+    assert path.startswith("/")
+    assert normalize_path(path) == path  # normalised once and for all
+    # As an upstream that decodes everything and resolves dot-segments reads it, under a prefix.
+    decoded = path.replace("%2F", "/").replace("%5C", "/").replace("%2E", ".")
+    decoded = "/".join(s.split(";", 1)[0] for s in decoded.split("/"))
+    resolved = posixpath.normpath("/dealers/a" + decoded)
+    assert resolved == "/dealers/a" or resolved.startswith("/dealers/a/"), (raw, path)
 
 
 def test_header_rules() -> None:
