@@ -252,6 +252,7 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    budgets = _budget_config(args)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         redis_target=target,
         tls_profile=args.tls_profile,
         signers=signers,
-        **_budget_config(args),
+        **budgets,
     )
     worker = 0
     if processes > 1:

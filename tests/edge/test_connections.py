@@ -212,3 +212,28 @@ def test_open_file_limit_backs_off_quietly_and_recovers(
     text = edge.metrics()
     assert 'certman_edge_accept_errors_total{reason="EMFILE"}' in text
     assert 'certman_edge_connections_refused_total{reason="first_byte_timeout"}' in text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--upstream-per-site", "0"], {}, "--upstream-per-site must be at least 1"),
+        (["--first-byte-timeout", "-1"], {}, "--first-byte-timeout must be at least 0"),
+        (["--via-pseudonym", "a,b"], {}, "--via-pseudonym must be a token"),
+        ([], {"CERTMAN_EDGE_UPSTREAM_PER_CLIENT": "many"}, "--upstream-per-client: invalid int"),
+        ([], {"CERTMAN_EDGE_ALLOW_LOOPBACK_UPSTREAM": "maybe"}, "'maybe' is not on or off"),
+    ],
+)
+def test_bad_budget_settings_get_one_line(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = subprocess.run(
+        edge_command(*args),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("certman-edge: ")
