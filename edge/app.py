@@ -428,6 +428,7 @@ class Edge:
             tls,
             budget,
             hand_over=hand_over,
+            balancer=TrustedProxies(self.config.trusted_proxies).trusts,
             on_refused=lambda reason: m.connections_refused.labels(reason).inc(),
             on_accept_error=lambda reason: m.accept_errors.labels(reason).inc(),
         )

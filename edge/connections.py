@@ -77,12 +77,13 @@ class ConnectionBudget:
         self.open = 0
         self._by_client: dict[str, int] = {}
 
-    def admit(self, client: str) -> str | None:
-        """Count a new connection from ``client``, or say why not ("total" or "per_address")."""
+    def admit(self, client: str, *, per_address: bool = True) -> str | None:
+        """Count a new connection from ``client``, or say why not ("total" or "per_address").
+        ``per_address`` False: a trusted load balancer's, which carries many clients."""
         if self.open >= self.total:
             return "total"
         held = self._by_client.get(client, 0)
-        if held >= self.per_address:
+        if per_address and held >= self.per_address:
             return "per_address"
         self.open += 1
         self._by_client[client] = held + 1
@@ -143,7 +144,9 @@ class _TlsStream(SSLIOStream):
 class BudgetedAcceptor:
     """Accepts on ``sockets`` for ``server`` within ``budget`` (None: no budget, no first-byte
     timeout; the accept back-off still applies). ``hand_over``, if given, takes each accepted
-    socket instead (the PROXY protocol's header reader, which makes the stream itself)."""
+    socket instead (the PROXY protocol's header reader, which makes the stream itself).
+    ``balancer`` says which peers are trusted HTTP load balancers, exempt from the per-address
+    cap (each of their connections carries other clients)."""
 
     def __init__(
         self,
@@ -155,8 +158,10 @@ class BudgetedAcceptor:
         on_refused: Callable[[str], None] = lambda reason: None,
         on_accept_error: Callable[[str], None] = lambda reason: None,
         hand_over: Callable[[socket.socket, Any], None] | None = None,
+        balancer: Callable[[str], bool] = lambda address: False,
     ) -> None:
         self._hand_over = hand_over
+        self._balancer = balancer
         self._server = server
         self._sockets = sockets
         self._tls = tls
@@ -230,8 +235,9 @@ class BudgetedAcceptor:
         release: Callable[[], None] | None = None
         budget = self._budget
         if budget is not None:
-            client = client_key(address[0] if isinstance(address, tuple) else "")
-            refusal = budget.admit(client)
+            peer = address[0] if isinstance(address, tuple) else ""
+            client = client_key(peer)
+            refusal = budget.admit(client, per_address=not self._balancer(peer))
             if refusal is not None:
                 self._on_refused(refusal)
                 # A reset, not a FIN: the refused connection leaves no TIME_WAIT here.

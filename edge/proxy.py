@@ -306,8 +306,9 @@ class SiteHandler(tornado.web.RequestHandler):
         shares = self._cfg.shares
         if shares is None:
             return True
+        client = client_key(self._client_address())
         try:
-            self._ticket = await shares.acquire(site, client_key(self.request.remote_ip or ""))
+            self._ticket = await shares.acquire(site, client)
         except Full as exc:
             self._reject(
                 503, f"share_{exc.reason}", "too many requests in flight; try again", retry_after=1
@@ -317,6 +318,18 @@ class SiteHandler(tornado.web.RequestHandler):
             self._release_slot()  # the client left while it waited
             return False
         return True
+
+    def _client_address(self) -> str:
+        """Who the request is from, for its share: the peer, or behind a trusted HTTP load
+        balancer the address it appended to X-Forwarded-For (the last entry, its own view)."""
+        peer = self.request.remote_ip or ""
+        if not self._cfg.trusted_proxies.trusts(peer):
+            return peer
+        entries = ",".join(self.request.headers.get_list("X-Forwarded-For")).split(",")
+        try:
+            return str(ipaddress.ip_address(entries[-1].strip()))
+        except ValueError:
+            return peer
 
     def _release_slot(self) -> None:
         if self._ticket is not None and self._cfg.shares is not None:

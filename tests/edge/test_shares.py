@@ -217,3 +217,44 @@ def test_one_client_cannot_starve_another_site(
     assert 'certman_edge_upstream_cancelled_total{reason="body_timeout"} 2.0' in metrics
     for sock in attack:
         sock.close()
+
+
+def test_behind_a_trusted_balancer_shares_count_the_clients_it_names(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    hanging: _Hanging,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    """Every connection from an HTTP load balancer carries other clients: the per-address
+    connection cap does not apply to it, and a request's share is that of the address the
+    balancer appended to X-Forwarded-For."""
+    slow = f"http://127.0.0.1:{hanging.port}"
+    publish_site(redis_client, prefix, sites.record("slow.test", upstream=slow, cert=False))
+    edge = start_edge(
+        trusted_proxies=("127.0.0.2",),
+        max_connections_per_address=3,
+        upstream_per_client=2,
+        upstream_response_timeout=30,
+    )
+    edge.wait_ready()
+
+    def via_balancer(client: str) -> socket.socket:
+        request = (
+            f"GET /hang HTTP/1.1\r\nHost: slow.test\r\nX-Forwarded-For: 10.1.1.1, {client}\r\n\r\n"
+        )
+        return _attack_connection(edge.http_port, request.encode())
+
+    held = [via_balancer("198.51.100.1"), via_balancer("198.51.100.1")]
+    wait_for(lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 2)
+    third = via_balancer("198.51.100.1")
+    held.append(third)
+    assert third.recv(65536).startswith(b"HTTP/1.1 503")
+    # Another client behind the same balancer, on its fourth and fifth connection: served.
+    held += [via_balancer("198.51.100.2"), via_balancer("198.51.100.3")]
+    wait_for(lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 4)
+    metrics = edge.metrics()
+    assert 'certman_edge_requests_rejected_total{reason="share_client"} 1.0' in metrics
+    assert 'certman_edge_connections_refused_total{reason="per_address"}' not in metrics
+    for sock in held:
+        sock.close()
