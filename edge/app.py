@@ -25,7 +25,12 @@ from tornado.log import access_log
 
 from edge import handshakes
 from edge.challenges import ChallengeHandler, ChallengeStore
-from edge.connections import BudgetedAcceptor, ConnectionBudget, ConnectionLimits
+from edge.connections import (
+    BudgetedAcceptor,
+    ConnectionBudget,
+    ConnectionLimits,
+    accept_error_log,
+)
 from edge.forwarding import TrustedProxies
 from edge.loops import default_pseudonym
 from edge.metrics import EdgeMetrics
@@ -338,6 +343,7 @@ class Edge:
             )
         )
         m.connections_open.set_function(lambda: self.connections.open)
+        self._accept_errors = accept_error_log()  # one for every port of this process
         self._pool = UpstreamPool(config.upstream_keepalive, config.upstream_idle_timeout)
         self._client = KeepAliveHTTPClient(
             force_instance=True,
@@ -429,6 +435,7 @@ class Edge:
             budget,
             hand_over=hand_over,
             balancer=TrustedProxies(self.config.trusted_proxies).trusts,
+            error_log=self._accept_errors,
             on_refused=lambda reason: m.connections_refused.labels(reason).inc(),
             on_accept_error=lambda reason: m.accept_errors.labels(reason).inc(),
         )

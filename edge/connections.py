@@ -40,7 +40,13 @@ from tornado.netutil import ssl_wrap_socket
 from edge.ratelog import RateLimitedLog
 from edge.shares import client_key
 
-__all__ = ["ConnectionBudget", "ConnectionLimits", "BudgetedAcceptor", "default_total"]
+__all__ = [
+    "BudgetedAcceptor",
+    "ConnectionBudget",
+    "ConnectionLimits",
+    "accept_error_log",
+    "default_total",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,11 @@ _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
 # Accepts per readable event, so that a flood does not starve the requests already in.
 _BATCH = 64
+
+
+def accept_error_log() -> RateLimitedLog:
+    """Where accept failures are logged: one line a minute, however many there are."""
+    return RateLimitedLog(log, logging.WARNING, 60.0)
 
 
 def default_total() -> int:
@@ -159,6 +170,7 @@ class BudgetedAcceptor:
         on_accept_error: Callable[[str], None] = lambda reason: None,
         hand_over: Callable[[socket.socket, Any], None] | None = None,
         balancer: Callable[[str], bool] = lambda address: False,
+        error_log: RateLimitedLog | None = None,
     ) -> None:
         self._hand_over = hand_over
         self._balancer = balancer
@@ -171,7 +183,8 @@ class BudgetedAcceptor:
         self._loop = IOLoop.current()
         self._backoff: dict[int, float] = {}
         self._paused: set[int] = set()
-        self._log = RateLimitedLog(log, logging.WARNING, 60.0)
+        # Shared by a process's acceptors (one line a minute for all its ports), if given.
+        self._log = error_log or accept_error_log()
         self._running = False
 
     def start(self) -> None:
