@@ -80,6 +80,8 @@ class EdgeConfig:
     # wait for the upstream's response header block.
     body_idle_timeout: float = 10.0
     upstream_response_timeout: float = 60.0
+    # ... and the client's: the longest wait for it to take one chunk of the response.
+    send_timeout: float = 60.0
     # Client connections of one process (edge.connections): total (0: half the open-file
     # limit), per client address, and the time to a connection's first request byte.
     max_connections: int = 0
@@ -379,6 +381,7 @@ class Edge:
             shares=self.shares,
             body_idle_timeout=self.config.body_idle_timeout,
             upstream_response_timeout=self.config.upstream_response_timeout,
+            send_timeout=self.config.send_timeout,
         )
         # Every port of this edge, /metrics and /healthz included, is refused as an upstream.
         self.reach.listening = SelfReach.of_sockets(False, [*http, *https, *metrics]).listening

@@ -199,6 +199,12 @@ def _add_budget_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for an upstream's response headers before a 504",
     )
     add(
+        "--send-timeout",
+        type=float,
+        default=_env("SEND_TIMEOUT", "60"),
+        help="seconds a client may take to accept one chunk of a response before it is cut",
+    )
+    add(
         "--allow-loopback-upstream",
         type=_switch,
         nargs="?",
@@ -228,6 +234,7 @@ def _budget_config(args: argparse.Namespace) -> dict[str, Any]:
         "upstream_queue_timeout",
         "body_idle_timeout",
         "upstream_response_timeout",
+        "send_timeout",
     )
     for name in (*counts, *times):
         # 0 means "derived" (max_connections), "no waiting" (the queue), "off" (timeouts).

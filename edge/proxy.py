@@ -166,6 +166,9 @@ class ProxySettings:
     # upstream's response header block: bounds on how long one request may hold a slot.
     body_idle_timeout: float = 10.0
     upstream_response_timeout: float = 60.0
+    # Longest wait for the client to take one chunk of the response (a client that stops
+    # reading would otherwise hold the upstream request until the request timeout).
+    send_timeout: float = 60.0
 
 
 def _hop_by_hop(headers: httputil.HTTPHeaders) -> frozenset[str]:
@@ -434,6 +437,15 @@ class SiteHandler(tornado.web.RequestHandler):
         if stream is not None:
             stream.close()
 
+    def _send_stalled(self) -> None:
+        """The client has not taken a chunk of the response for the send timeout: cut it."""
+        self._timers.pop("send", None)
+        self._cancel("send_timeout")
+        self._release_slot()
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None:
+            stream.close()
+
     def _upstream_stalled(self) -> None:
         """The upstream has not begun its response in time: 504, and its slot back."""
         self._timers.pop("upstream", None)
@@ -523,7 +535,12 @@ class SiteHandler(tornado.web.RequestHandler):
         if self.request.connection is None or self._finished or self._cancelled:
             return None
         self.write(chunk)
-        return self.flush()
+        flushed = self.flush()
+        if not flushed.done() and self._cfg.send_timeout > 0:
+            # A client that stops reading holds the upstream request (and its slot) still.
+            self._arm("send", self._cfg.send_timeout, self._send_stalled)
+            flushed.add_done_callback(lambda _: self._disarm("send"))
+        return flushed
 
     async def _finish_proxy(self) -> None:
         if self._finished or self._fetch is None:

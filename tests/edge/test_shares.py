@@ -258,3 +258,63 @@ def test_behind_a_trusted_balancer_shares_count_the_clients_it_names(
     assert 'certman_edge_connections_refused_total{reason="per_address"}' not in metrics
     for sock in held:
         sock.close()
+
+
+class _Endless:
+    """An upstream streaming a chunked response for as long as anyone takes it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.ended = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+            try:
+                while True:
+                    conn.sendall(chunk)
+            except OSError:
+                self.ended.set()  # the edge let go of it
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_client_that_stops_reading_lets_go_of_its_slot(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    endless = _Endless()
+    upstream = f"http://127.0.0.1:{endless.port}"
+    publish_site(redis_client, prefix, sites.record("stream.test", upstream=upstream, cert=False))
+    edge = start_edge(send_timeout=1.0)
+    edge.wait_ready()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", edge.http_port))
+    try:
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: stream.test\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 1)
+        # It reads no further: the edge cuts it, and the upstream request with it.
+        wait_for(
+            lambda: _gauge(edge.metrics(), "certman_edge_upstream_slots_in_use") == 0,
+            what="the slot back",
+        )
+        assert endless.ended.wait(DEADLINE)
+        assert 'certman_edge_upstream_cancelled_total{reason="send_timeout"} 1.0' in (
+            edge.metrics()
+        )
+    finally:
+        sock.close()
+        endless.close()
