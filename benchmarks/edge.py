@@ -161,6 +161,11 @@ class EdgeProcess:
             **os.environ,
             "CERTMAN_REDIS_PREFIX": PREFIX,
             "CERTMAN_EDGE_TRUSTED_SIGNERS": str(SIGNERS_DIR),
+            # The load comes from one address, and the upstreams listen on loopback.
+            "CERTMAN_EDGE_ALLOW_LOOPBACK_UPSTREAM": "on",
+            "CERTMAN_EDGE_MAX_CONNECTIONS_PER_ADDRESS": "1000000",
+            "CERTMAN_EDGE_UPSTREAM_PER_CLIENT": "1000000",
+            "CERTMAN_EDGE_UPSTREAM_PER_SITE": "1000000",
         }
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(

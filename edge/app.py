@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +25,21 @@ from tornado.log import access_log
 
 from edge import handshakes
 from edge.challenges import ChallengeHandler, ChallengeStore
+from edge.connections import (
+    BudgetedAcceptor,
+    ConnectionBudget,
+    ConnectionLimits,
+    accept_error_log,
+)
 from edge.forwarding import TrustedProxies
+from edge.loops import default_pseudonym
 from edge.metrics import EdgeMetrics
 from edge.mirror import Mirror
 from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
 from edge.proxy_protocol import ProxyProtocolAcceptor
 from edge.ratelog import RateLimitedLog
+from edge.reach import SelfReach
+from edge.shares import ShareLimits, Shares
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex, StatementUnavailable
 from edge.sync import Syncer, aclose
@@ -60,6 +70,27 @@ class EdgeConfig:
     idle_timeout: float = 60.0
     shutdown_grace: float = 30.0
     max_upstream_connections: int = 1000
+    # Fair shares of max_upstream_connections (edge.shares): per site, per client address, and
+    # a bounded queue (with its longest wait) for when only the total is full.
+    upstream_per_site: int = 100
+    upstream_per_client: int = 32
+    upstream_queue: int = 256
+    upstream_queue_timeout: float = 2.0
+    # How long one request may hold a slot without progress: silence within its body, and the
+    # wait for the upstream's response header block.
+    body_idle_timeout: float = 10.0
+    upstream_response_timeout: float = 60.0
+    # ... and the client's: the longest wait for it to take one chunk of the response.
+    send_timeout: float = 60.0
+    # Client connections of one process (edge.connections): total (0: half the open-file
+    # limit), per client address, and the time to a connection's first request byte.
+    max_connections: int = 0
+    max_connections_per_address: int = 128
+    first_byte_timeout: float = 10.0
+    # Loopback upstreams (refused unless allowed: a loop back into the edge, edge.reach), and
+    # this edge's name in Via (edge.loops; None: derived from the host name).
+    allow_loopback_upstream: bool = False
+    via_pseudonym: str | None = None
     # Idle keep-alive connections kept per upstream (0: a new connection per request), and how
     # long one may stay idle: under every common server's keep-alive timeout (Node's is 5 s).
     upstream_keepalive: int = 32
@@ -213,8 +244,28 @@ def make_metrics_app(metrics: EdgeMetrics, health: Health) -> tornado.web.Applic
         [
             (r"/metrics", MetricsHandler, {"metrics": metrics}),
             (r"/healthz", HealthHandler, {"health": health}),
-        ]
+        ],
+        log_function=log_probe,
     )
+
+
+def log_probe(handler: tornado.web.RequestHandler) -> None:
+    """The metrics port's access log: scrapes and probes at DEBUG, and a /healthz 503 at INFO.
+    A 503 there is the answer a load balancer asked for (this process is not ready), not an
+    error of the edge: it must not fill an ERROR log every few seconds while Redis is away."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 500 else logging.INFO
+    if access_log.isEnabledFor(level):
+        req = handler.request
+        access_log.log(
+            level,
+            "%d %s %s (%s) %.2fms",
+            status,
+            req.method,
+            req.uri,
+            req.remote_ip,
+            1000.0 * req.request_time(),
+        )
 
 
 class Edge:
@@ -273,7 +324,28 @@ class Edge:
         m.mirror_sites.set_function(self.mirror.sites)
         m.mirror_bytes.set_function(self.mirror.bytes_on_disk)
         self.lifecycle = Lifecycle()
-        self._resolver = LiteralFirstResolver(policy=config.outbound)
+        self.reach = SelfReach(config.allow_loopback_upstream)
+        self._resolver = LiteralFirstResolver(policy=config.outbound, reach=self.reach)
+        self.shares = Shares(
+            ShareLimits(
+                total=config.max_upstream_connections,
+                per_site=config.upstream_per_site,
+                per_client=config.upstream_per_client,
+                queue=config.upstream_queue,
+                queue_timeout=config.upstream_queue_timeout,
+            )
+        )
+        m.upstream_slots_in_use.set_function(lambda: self.shares.in_use)
+        m.upstream_slots_waiting.set_function(self.shares.waiting)
+        self.connections = ConnectionBudget(
+            ConnectionLimits(
+                config.max_connections,
+                config.max_connections_per_address,
+                config.first_byte_timeout,
+            )
+        )
+        m.connections_open.set_function(lambda: self.connections.open)
+        self._accept_errors = accept_error_log()  # one for every port of this process
         self._pool = UpstreamPool(config.upstream_keepalive, config.upstream_idle_timeout)
         self._client = KeepAliveHTTPClient(
             force_instance=True,
@@ -283,7 +355,7 @@ class Edge:
             max_body_size=1 << 40,  # bodies are streamed, never held whole
         )
         self._servers: list[HTTPServer] = []
-        self._acceptors: list[ProxyProtocolAcceptor] = []
+        self._acceptors: list[ProxyProtocolAcceptor | BudgetedAcceptor] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -305,7 +377,14 @@ class Edge:
             trusted_proxies=TrustedProxies(self.config.trusted_proxies),
             max_header_size=self.config.max_header_size,
             max_body_size=self.config.max_body_size,
+            pseudonym=self.config.via_pseudonym or default_pseudonym(),
+            shares=self.shares,
+            body_idle_timeout=self.config.body_idle_timeout,
+            upstream_response_timeout=self.config.upstream_response_timeout,
+            send_timeout=self.config.send_timeout,
         )
+        # Every port of this edge, /metrics and /healthz included, is refused as an upstream.
+        self.reach.listening = SelfReach.of_sockets(False, [*http, *https, *metrics]).listening
         options: dict[str, Any] = {
             "idle_connection_timeout": self.config.idle_timeout,
             "body_timeout": self.config.idle_timeout,
@@ -322,7 +401,7 @@ class Edge:
         self._tasks.append(sync_task)
         health = Health(self.syncer, self.config.sync_down_limit, sync_task)
         stats = HTTPServer(make_metrics_app(self.metrics, health))
-        stats.add_sockets(metrics)
+        self._accept(stats, metrics, None, None)
         self._servers += [plain, tls, stats]
         for server, socks, tls_context in ((plain, http, None), (tls, https, self.listening)):
             if self.config.proxy_protocol:
@@ -332,12 +411,39 @@ class Edge:
                     tls_context,
                     on_refused=self._proxy_header_refused,
                 )
-                acceptor.start()
+                # Accepted by edge.connections' loop (Tornado's spins at the open-file limit),
+                # handed to the PROXY header reader; no per-address budget: every peer is the
+                # balancer. Stopped after that loop, which must see its sockets still open.
+                self._accept(server, socks, tls_context, None, hand_over=acceptor._accepted)
                 self._acceptors.append(acceptor)
             else:
-                server.add_sockets(socks)
+                self._accept(server, socks, tls_context, self.connections)
         if self.config.warm:
             self._tasks.append(asyncio.create_task(self._warm(), name="certman-warm"))
+
+    def _accept(
+        self,
+        server: HTTPServer,
+        socks: list[socket.socket],
+        tls: ssl.SSLContext | None,
+        budget: ConnectionBudget | None,
+        hand_over: Callable[[socket.socket, Any], None] | None = None,
+    ) -> None:
+        """Accept on ``socks`` with the edge's own loop (edge.connections), not Tornado's."""
+        m = self.metrics
+        acceptor = BudgetedAcceptor(
+            server,
+            socks,
+            tls,
+            budget,
+            hand_over=hand_over,
+            balancer=TrustedProxies(self.config.trusted_proxies).trusts,
+            error_log=self._accept_errors,
+            on_refused=lambda reason: m.connections_refused.labels(reason).inc(),
+            on_accept_error=lambda reason: m.accept_errors.labels(reason).inc(),
+        )
+        acceptor.start()
+        self._acceptors.append(acceptor)
 
     def _blob(self, domain: str) -> bytes | None:
         """A site's blob for a handshake: the mirror's; Redis's only during the first fill."""

@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tornado.netutil import bind_sockets
 
 from edge.app import Edge, EdgeConfig
+from edge.loops import valid_pseudonym
 from edge.tls import PROFILES, listening_context
 from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
@@ -115,7 +116,140 @@ def _parser() -> argparse.ArgumentParser:
         help="event loop (auto: uvloop when installed)",
     )
     p.add_argument("--log-level", default="INFO")
+    _add_budget_arguments(p)
     return p
+
+
+# ---- budgets and loops (edge.connections, edge.shares, edge.reach, edge.loops) ------------
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CERTMAN_EDGE_{name}", default)
+
+
+def _switch(value: str) -> bool:
+    if value.strip().lower() in ("1", "on", "true", "yes"):
+        return True
+    if value.strip().lower() in ("", "0", "off", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not on or off")
+
+
+def _add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """Each defaults to its CERTMAN_EDGE_* variable (argparse converts a string default)."""
+    add = p.add_argument
+    add(
+        "--max-connections",
+        type=int,
+        default=_env("MAX_CONNECTIONS", "0"),
+        help="open client connections per process (default 0: half the open-file limit)",
+    )
+    add(
+        "--max-connections-per-address",
+        type=int,
+        default=_env("MAX_CONNECTIONS_PER_ADDRESS", "128"),
+        help="open connections per client address (IPv6: per /64) per process",
+    )
+    add(
+        "--first-byte-timeout",
+        type=float,
+        default=_env("FIRST_BYTE_TIMEOUT", "10"),
+        help="seconds from accept to a connection's first request byte (TLS included)",
+    )
+    add(
+        "--max-upstream-connections",
+        type=int,
+        default=_env("MAX_UPSTREAM_CONNECTIONS", "1000"),
+        help="upstream requests in flight per process, all sites together",
+    )
+    add(
+        "--upstream-per-site",
+        type=int,
+        default=_env("UPSTREAM_PER_SITE", "100"),
+        help="upstream requests in flight per site; more get 503 at once",
+    )
+    add(
+        "--upstream-per-client",
+        type=int,
+        default=_env("UPSTREAM_PER_CLIENT", "32"),
+        help="upstream requests in flight per client address; more get 503 at once",
+    )
+    add(
+        "--upstream-queue",
+        type=int,
+        default=_env("UPSTREAM_QUEUE", "256"),
+        help="requests that may wait for a slot while the total is full",
+    )
+    add(
+        "--upstream-queue-timeout",
+        type=float,
+        default=_env("UPSTREAM_QUEUE_TIMEOUT", "2"),
+        help="seconds a request may wait for a slot before a 503",
+    )
+    add(
+        "--body-idle-timeout",
+        type=float,
+        default=_env("BODY_IDLE_TIMEOUT", "10"),
+        help="seconds of silence within a request body before it is given up (408)",
+    )
+    add(
+        "--upstream-response-timeout",
+        type=float,
+        default=_env("UPSTREAM_RESPONSE_TIMEOUT", "60"),
+        help="seconds to wait for an upstream's response headers before a 504",
+    )
+    add(
+        "--send-timeout",
+        type=float,
+        default=_env("SEND_TIMEOUT", "60"),
+        help="seconds a client may take to accept one chunk of a response before it is cut",
+    )
+    add(
+        "--allow-loopback-upstream",
+        type=_switch,
+        nargs="?",
+        const=True,
+        default=_env("ALLOW_LOOPBACK_UPSTREAM", "off"),
+        help="allow upstreams on loopback (tests, a demo on one machine); never the edge itself",
+    )
+    add(
+        "--via-pseudonym",
+        default=_env("VIA_PSEUDONYM", ""),
+        help="this edge's name in Via, for loop detection (default: a hash of the host name)",
+    )
+
+
+def _budget_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The EdgeConfig fields of _add_budget_arguments, or _fail naming the bad one."""
+    counts = (
+        "max_connections",
+        "max_connections_per_address",
+        "max_upstream_connections",
+        "upstream_per_site",
+        "upstream_per_client",
+        "upstream_queue",
+    )
+    times = (
+        "first_byte_timeout",
+        "upstream_queue_timeout",
+        "body_idle_timeout",
+        "upstream_response_timeout",
+        "send_timeout",
+    )
+    for name in (*counts, *times):
+        # 0 means "derived" (max_connections), "no waiting" (the queue), "off" (timeouts).
+        least = 0 if name in ("max_connections", "upstream_queue", *times) else 1
+        if getattr(args, name) < least:
+            _fail(f"--{name.replace('_', '-')} must be at least {least}")
+    if args.via_pseudonym and not valid_pseudonym(args.via_pseudonym):
+        _fail("--via-pseudonym must be a token of letters, digits, '.', '_' and '-'")
+    config: dict[str, Any] = {name: getattr(args, name) for name in (*counts, *times)}
+    config["allow_loopback_upstream"] = bool(args.allow_loopback_upstream)
+    config["via_pseudonym"] = args.via_pseudonym or None
+    return config
+
+
+# ---- end of budgets and loops ---------------------------------------------------------------
 
 
 def _fail(message: str) -> NoReturn:
@@ -125,6 +259,7 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    budgets = _budget_config(args)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
@@ -193,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         redis_target=target,
         tls_profile=args.tls_profile,
         signers=signers,
+        **budgets,
     )
     worker = 0
     if processes > 1:

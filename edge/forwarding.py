@@ -1,12 +1,13 @@
 """The forwarding headers an upstream receives: who the client is, over what, for which host.
 
 The edge is normally the first hop, so whatever a client says about its own address is a lie
-to be dropped: ``Forwarded``, the ``X-Forwarded-*`` family, ``X-Real-IP``, ``True-Client-IP``,
-``X-Client-IP`` and the like (also spelt with underscores, which some frameworks read as
-dashes). Only a peer listed as a trusted proxy (an HTTP load balancer in front of the edge)
-keeps its forwarding headers, and the edge appends its own hop to them. An L4 load balancer
-hands over the client's address with the PROXY protocol instead (:mod:`edge.proxy_protocol`):
-the address that header carries is the peer here.
+to be dropped: ``Forwarded``, the ``X-Forwarded-*`` family, ``X-Real-IP``, ``Client-IP``,
+``X-Originating-IP``, ``X-Original-URL`` and the like, from the one list :data:`CLIENT_CLAIMS`
+(also spelt with underscores, which some frameworks read as dashes). Only a peer listed as a
+trusted proxy (an HTTP load balancer in front of the edge) keeps its forwarding headers, and
+the edge appends its own hop to them. An L4 load balancer hands over the client's address with
+the PROXY protocol instead (:mod:`edge.proxy_protocol`): the address that header carries is the
+peer here.
 """
 
 from __future__ import annotations
@@ -20,24 +21,54 @@ __all__ = ["CLIENT_CLAIMS", "TrustedProxies", "forwarding_headers", "is_client_c
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Lower case, dashes: compare with is_client_claim(), which folds underscores too.
+# The one list of client-IP (and client-routing) claims: lower case, dashes; compare with
+# is_client_claim(), which folds underscores too (``X_Forwarded_For``, ``Client_IP``). Frameworks
+# and WAFs read each of these as the client's address, scheme, host or path.
 CLIENT_CLAIMS = frozenset(
     {
         "forwarded",
+        "forwarded-for",
+        "forwarded-host",
+        "forwarded-proto",
+        "x-forwarded",
         "x-forwarded-for",
+        "x-forwarded-for-original",
         "x-forwarded-proto",
+        "x-forwarded-protocol",
         "x-forwarded-host",
         "x-forwarded-port",
+        "x-forwarded-prefix",
         "x-forwarded-server",
         "x-forwarded-scheme",
         "x-forwarded-ssl",
+        "x-forwarded-by",
+        "x-original-forwarded-for",
+        "x-original-host",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
         "x-real-ip",
-        "true-client-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-originating-ip",
         "x-client-ip",
         "x-cluster-client-ip",
+        "x-proxyuser-ip",
+        "x-host",
+        "x-http-host-override",
+        "x-url-scheme",
+        "x-scheme",
+        "front-end-https",
+        "client-ip",
+        "true-client-ip",
         "cf-connecting-ip",
+        "cf-connecting-ipv6",
         "fastly-client-ip",
-        "x-original-forwarded-for",
+        "akamai-client-ip",
+        "x-azure-clientip",
+        "x-appengine-user-ip",
+        "wl-proxy-client-ip",
+        "proxy-client-ip",
     }
 )
 

@@ -109,7 +109,7 @@ class EdgeMetrics:
         )
         self.requests_rejected = Counter(
             "certman_edge_requests_rejected_total",
-            "Requests answered by the edge itself with a 4xx before reaching an upstream.",
+            "Requests answered by the edge itself (4xx, or 503/508) before reaching an upstream.",
             ["reason"],
             registry=r,
         )
@@ -185,6 +185,36 @@ class EdgeMetrics:
             "handshake's end as the event loop sees it; a context built on a cache miss and "
             "one round trip to the client included.",
             buckets=HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        # ---- budgets (edge.connections, edge.shares) ----
+        self.connections_refused = Counter(
+            "certman_edge_connections_refused_total",
+            "Client connections closed by the connection budget: total or per_address cap at "
+            "accept, or first_byte_timeout (no request byte in time).",
+            ["reason"],
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "certman_edge_accept_errors_total",
+            "accept() failures that paused accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM, other).",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "certman_edge_connections_open",
+            "Client connections open on the site ports.",
+            registry=r,
+        )
+        self.upstream_slots_in_use = Gauge(
+            "certman_edge_upstream_slots_in_use",
+            "Upstream request slots held (the total share; per site and client shares are "
+            'refusals in certman_edge_requests_rejected_total{reason=~"share_.*"}).',
+            registry=r,
+        )
+        self.upstream_slots_waiting = Gauge(
+            "certman_edge_upstream_slots_waiting",
+            "Requests waiting in the bounded queue for an upstream slot.",
             registry=r,
         )
         Info("certman_build", "The running certman's version.", registry=r).info(

@@ -14,6 +14,7 @@ import re
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+from edge.paths import BadPath, normalize_path
 from edge.state import normalize_host
 
 __all__ = ["BadTarget", "Target", "parse_target", "upstream_url"]
@@ -45,9 +46,10 @@ ASTERISK = Target("*", "")
 def parse_target(method: str, raw: str, host: str) -> Target:
     """The origin-form parts of ``raw``; ``host`` is the request's own site name (normalised).
 
-    Origin-form (``/path?query``) is taken as it is; absolute-form (``http://name/path``) only
-    when its authority is the request's own site name, and then reduced to origin-form; ``*``
-    only with OPTIONS. Anything else (authority-form, ``@host/…``, ``:port/…``) is refused.
+    Origin-form (``/path?query``) is taken with its path normalised (:mod:`edge.paths`);
+    absolute-form (``http://name/path``) only when its authority is the request's own site
+    name, and then reduced to origin-form; ``*`` only with OPTIONS. Anything else
+    (authority-form, ``@host/…``, ``:port/…``) is refused.
     """
     if raw == "*":
         if method != "OPTIONS":
@@ -58,6 +60,11 @@ def parse_target(method: str, raw: str, host: str) -> Target:
     if _ORIGIN_FORM.fullmatch(raw) is None:
         raise BadTarget("the target has characters a request target cannot have")
     path, _, query = raw.partition("?")
+    try:
+        # As the upstream will read it: a '..' must not climb out of the upstream's prefix.
+        path = normalize_path(path)
+    except BadPath as exc:
+        raise BadTarget(str(exc)) from None
     return Target(path, query)
 
 

@@ -284,8 +284,13 @@ def start_edge(
     running: list[RunningEdge] = []
 
     def start(**overrides: Any) -> RunningEdge:
+        # Every upstream of these tests listens on loopback, as a demo on one machine's does.
         config = EdgeConfig(
-            redis_url=redis_url, prefix=prefix, reconcile_interval=0.5, signers=keys.signers
+            redis_url=redis_url,
+            prefix=prefix,
+            reconcile_interval=0.5,
+            signers=keys.signers,
+            allow_loopback_upstream=True,
         )
         edge = RunningEdge(replace(config, **overrides), keys.keyring, pki).start()
         running.append(edge)
@@ -406,7 +411,8 @@ def start_prefork_edge(
             "--http-port", str(http_port), "--https-port", str(https_port),
             "--metrics-port", str(metrics_port), "--processes", "2",
             "--key-dir", str(key_dir), "--address", "127.0.0.1",
-            "--state-dir", tempfile.mkdtemp(prefix="certman-edge-state-"), *extra,
+            "--state-dir", tempfile.mkdtemp(prefix="certman-edge-state-"),
+            "--allow-loopback-upstream", *extra,
         ),
         env=env,
         stderr=subprocess.PIPE,

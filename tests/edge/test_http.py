@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from edge.proxy import LiteralFirstResolver
+from edge.reach import SelfReach
 from pipeline.distribution import publish_site, remove_challenge, set_challenge
 from pipeline.signing import SignedChallenge
 
@@ -150,7 +151,7 @@ def test_https_421_and_upstream_failures(
 
 def test_upstream_resolver_answers_ip_literals_itself() -> None:
     async def resolve_all() -> list[list[tuple[int, Any]]]:
-        resolver = LiteralFirstResolver()
+        resolver = LiteralFirstResolver(reach=SelfReach(allow_loopback=True))
         try:
             return [
                 await resolver.resolve("127.0.0.1", 8080),

@@ -282,7 +282,7 @@ class System:
                 "--http-port", str(http_port),
                 "--https-port", str(https_port),
                 "--metrics-port", str(metrics_port),
-                "--address", "127.0.0.1",
+                "--address", "127.0.0.1", "--allow-loopback-upstream",
                 *(["--redis-url", self.edge_redis_url] if self.edge_redis_url else []),
             ],
             env=env,
