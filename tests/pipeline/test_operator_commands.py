@@ -165,6 +165,7 @@ def test_domains_update_in_place(
         "changes": ["alias www.dealer.example.com added"],
         "new_certificate": True,
         "note": f"a new certificate is ordered; certificate {serial} is served until it arrives",
+        "published": True,
     }
     assert kicks == [1]
     entry = _edge_record(redis_client, "dealer.example.com")
