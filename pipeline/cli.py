@@ -254,6 +254,9 @@ def _show(report: dict[str, Any]) -> None:
         renewal = report["renewal"]
         line("  renews", f"{renewal['renew_at']}{' (due)' if renewal['due'] else ''}")
         line("  why", renewal["why"])
+        ari = renewal["ari"]
+        exempt = "; a renewal now carries replaces inside it: no issuance tokens spent"
+        line("  ARI", ari["why"] + (exempt if ari["exempt_now"] else ""))
     order = report["order"]
     if order is None:
         line("order", "none in flight")
@@ -264,6 +267,11 @@ def _show(report: dict[str, Any]) -> None:
         if order["fallback_reason"]:
             line("  fallback", order["fallback_reason"])
         line("  touched", f"{order['touched_at']} (step tries {order['step_tries']})")
+        waiting = order["rate_limit"]
+        if waiting is not None:
+            wait = f"{waiting['wait_seconds']:g} s from now"
+            line("  waiting", f"rate limit bucket {waiting['bucket']} until {waiting['until']} "
+                              f"({wait}): {waiting['reason']}")  # fmt: skip
         line("  task", f"{order['task']} args {order['task_args']} (search Flower for it)")
     nxt = report["next_attempt"]
     line("next attempt", nxt["note"] or f"{nxt['kind']} at {nxt['at']}")
