@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, selectinload
 from pipeline import distribution
 from pipeline.models import Certificate, Site, SiteName
 from pipeline.signing import BadSignature, SignedSite, SigningKey, TrustedSigners
-from pipeline.sites import NewSite, current_certificates
+from pipeline.sites import NewSite, SiteError, current_certificates
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def publish_and_commit(session: Session, site: Site, *, unless_current: bool = F
     record = site_record(session, site)
     published = not (unless_current and publisher.is_published(record))
     if published:
-        publisher.publish(record)
+        with _refused_in_one_line():
+            publisher.publish(record)
     _commit_or_put_back(session, site.domain, published)
     return published
 
@@ -166,8 +167,19 @@ def publish_and_commit(session: Session, site: Site, *, unless_current: bool = F
 def unpublish_and_commit(session: Session, domain: str) -> None:
     """As :func:`publish_and_commit`, for a site this transaction removes: its signed tombstone
     first, then the commit (a removal that cannot reach the edges is not made)."""
-    _publisher().unpublish(domain)
+    with _refused_in_one_line():
+        _publisher().unpublish(domain)
     _commit_or_put_back(session, domain, True)
+
+
+@contextmanager
+def _refused_in_one_line() -> Iterator[None]:
+    # The publishing script refused every version we signed (another publisher of the same
+    # domain kept getting in first): the command's error, in one line, and nothing committed.
+    try:
+        yield
+    except RuntimeError as exc:
+        raise SiteError(f"{exc}; nothing was changed, try again") from None
 
 
 def _commit_or_put_back(session: Session, domain: str, published: bool) -> None:

@@ -205,3 +205,22 @@ def test_a_site_stored_but_never_published_is_published_by_the_re_add(
     nothing = certman(env, "domains", "update", DOMAIN, "--upstream", "http://10.0.0.5:8080")
     assert nothing.stdout.strip() == f"{DOMAIN}: nothing to change"
     assert redis_client.get("certman:version") == version
+
+
+def test_a_broker_that_cannot_take_the_dispatch_kick_leaves_the_site_done(
+    env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    # The site is stored and published before the kick: a broker that refuses it costs only
+    # the wait for beat's next dispatch, and says so.
+    config = tmp_path / "celery_broker_down.py"
+    config.write_text(
+        f"from pipeline.celeryconfig import *  # noqa: F403\nbroker_url = {REDIS_DOWN!r}\n"
+    )
+    result = certman(env | {"CERTMAN_CELERY_CONFIG": str(config)}, "domains", "add", DOMAIN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"added {DOMAIN}; issuance queued"
+    note = result.stderr.strip().splitlines()
+    assert len(note) == 1 and "dispatch not asked for now" in note[0], result.stderr
+    assert "beat's dispatcher starts it at its next tick" in note[0]
+    assert stored() == {DOMAIN: None}
+    served_by_our_key(on_edges(redis_client, DOMAIN), tmp_path)
