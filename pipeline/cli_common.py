@@ -31,6 +31,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     # The store refusing a change (a constraint or trigger, a failed commit): nothing written.
     sqlalchemy.exc.DBAPIError,
     redis.exceptions.ConnectionError,
+    redis.exceptions.RedisError,  # refused: an ACL without the right, a read-only replica
     IssuanceProblem,  # the CA unreachable or refusing (certman revoke)
 )
 
@@ -50,6 +51,8 @@ def _one_line(exc: BaseException) -> str:
         return f"the database refused the change: {str(exc.orig).strip().splitlines()[0]}"
     if isinstance(exc, redis.exceptions.ConnectionError):
         return f"Redis unavailable: {exc}"
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis refused: {str(exc).strip().splitlines()[0]}"
     if isinstance(exc, KeyFileError):
         return str(exc)
     if isinstance(exc, IssuanceProblem):

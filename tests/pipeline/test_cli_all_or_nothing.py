@@ -224,3 +224,21 @@ def test_a_broker_that_cannot_take_the_dispatch_kick_leaves_the_site_done(
     assert "beat's dispatcher starts it at its next tick" in note[0]
     assert stored() == {DOMAIN: None}
     served_by_our_key(on_edges(redis_client, DOMAIN), tmp_path)
+
+
+def test_a_redis_user_that_may_not_publish_leaves_no_site(
+    env: dict[str, str], redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The env file naming the edges' read-only Redis user, say: refused, in one line.
+    user, password = f"certman-readonly-{tmp_path.name[-8:]}", "test-password"
+    redis_client.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
+                             commands=["+@read", "+@connection"])  # fmt: skip
+    try:
+        host = redis_url.split("://", 1)[1]
+        readonly = env | {"CERTMAN_REDIS_URL": f"redis://{user}:{password}@{host}"}
+        failed_in_one_line(certman(readonly, "domains", "add", DOMAIN), "Redis refused")
+        assert stored() == {} and on_edges(redis_client, DOMAIN) is None
+    finally:
+        redis_client.acl_deluser(user)
+    assert certman(env, "domains", "add", DOMAIN).returncode == 0
+    served_by_our_key(on_edges(redis_client, DOMAIN), tmp_path)
