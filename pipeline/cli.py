@@ -266,6 +266,13 @@ def _show(report: dict[str, Any]) -> None:
         line("  issuer", order["issuer"] or "(not chosen yet)")
         if order["fallback_reason"]:
             line("  fallback", order["fallback_reason"])
+        if order["replaces"]:
+            counted = (
+                "inside the CA's ARI window: spends no issuance tokens"
+                if order["exempt"]
+                else "outside the CA's ARI window: counted like any order"
+            )
+            line("  replaces", f"{order['replaces']} ({counted})")
         line("  touched", f"{order['touched_at']} (step tries {order['step_tries']})")
         waiting = order["rate_limit"]
         if waiting is not None:

@@ -207,6 +207,10 @@ def _order(order: Order, domain: str, *, now: datetime) -> dict[str, Any]:
         "profile": order.profile,
         "issuer": order.issuer,
         "fallback_reason": order.fallback_reason,
+        # ARI: the certificate it replaces, and whether it was started inside the CA's window
+        # (then it spends no issuance tokens here, as the CA counts none).
+        "replaces": order.replaces,
+        "exempt": order.exempt,
         "created_at": _iso(order.created_at),
         "step_changed_at": _iso(order.step_changed_at),
         "touched_at": _iso(order.touched_at),

@@ -99,7 +99,8 @@ def test_domains_show_tells_a_sites_story(certman_env: dict[str, str]) -> None:
         site.consecutive_failures = 1
         site.last_error = "urn:ietf:params:acme:error:connection: timeout"
         order = Order(site_id=site.id, kind="renew", step=OrderStep.CHALLENGED,
-                      names=site.all_names, profile="classic")  # fmt: skip
+                      names=site.all_names, profile="classic", replaces=cert.ari_id,
+                      exempt=True)  # fmt: skip
         s.add(order)
         s.flush()
         old = utcnow() - timedelta(hours=2)
@@ -122,6 +123,8 @@ def test_domains_show_tells_a_sites_story(certman_env: dict[str, str]) -> None:
     assert report["order"]["order_id"] == order_id and report["order"]["step"] == "challenged"
     assert report["order"]["task"] == "certman.issue.poll_validation"
     assert report["order"]["task_args"] == [order_id, "dealer.example.com"]
+    assert (report["order"]["replaces"], report["order"]["exempt"]) == (cert.ari_id, True)
+    assert report["order"]["rate_limit"] is None
     assert [(a["step"], a["outcome"], a["error_type"]) for a in report["attempts"]] == [
         ("place_order", "retry", None),
         ("poll_validation", "failed", "connection"),
@@ -131,6 +134,7 @@ def test_domains_show_tells_a_sites_story(certman_env: dict[str, str]) -> None:
     text = run("domains", "show", "dealer.example.com").output
     assert "serial:" in text and serial in text and "CN=Test Issuer R1" in text
     assert "certman.issue.poll_validation" in text and "retry after 1 failed" in text
+    assert f"replaces:     {cert.ari_id} (inside the CA's ARI window: spends no" in text
     assert "AT" in text and "OUTCOME" in text and "badNonce" in text
     failed(run("domains", "show", "nobody.example.com"), "not a known site")
 
