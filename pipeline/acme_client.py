@@ -79,7 +79,7 @@ class _Network(client.ClientNetwork):
             decision = self.limiter.pace(self.endpoints.get(url, "acme"))
             if not decision.allowed:
                 if decision.retry_after > MAX_INLINE_PACING_WAIT:
-                    raise RateLimited(f"pacing {url}", decision.retry_after)
+                    raise RateLimited(f"pacing {url}", decision.retry_after, bucket=decision.bucket)
                 time.sleep(decision.retry_after)
         started = time.perf_counter()
         try:

@@ -97,24 +97,56 @@ def domains_add(
     from pipeline import snapshot
     from pipeline.db import session_scope
     from pipeline.sites import add_site, parse_site
-    from pipeline.tasks.maintenance import kick_dispatch
 
     new = parse_site(
         name, aliases, upstream, customer_ref, profile=profile, key_type=key_type, issuer=issuer
     )
     if profile:
         _check_profile(profile, issuer)
+    _check_edge_key("nothing was added")
     with session_scope() as session:
         site, created = add_site(session, new)
-        record = snapshot.site_record(session, site)
-    # The edge can proxy plain HTTP for the site before it has a certificate.
-    snapshot.publish(record)
+        # Published before the commit (the edge can proxy plain HTTP for the site before it has
+        # a certificate): a failure on the way leaves no site behind. A re-add of a site that
+        # is there publishes it only if the edges lack it (an interrupted earlier add).
+        published = snapshot.publish_and_commit(session, site, unless_current=not created)
     if created:
-        # Only after the commit: a worker must find the row the message talks about.
-        kick_dispatch()
+        _kick_dispatch(new.domain)
         click.echo(f"added {new.domain}; issuance queued")
+    elif published:
+        _kick_dispatch(new.domain)
+        click.echo(f"{new.domain} already there; published to the edges again")
     else:
         click.echo(f"{new.domain} already there")
+
+
+def _check_edge_key(outcome: str) -> None:
+    """The edge public key every certificate is sealed to, readable, when this installation
+    names one: a site whose certificate could never be sealed is refused before anything is
+    written, rather than failing at its first order."""
+    from pipeline.keys import KeyFileError, PublicKey
+    from pipeline.sites import SiteError
+
+    path = get_settings().edge_public_key
+    if path is None:
+        return
+    try:
+        PublicKey.load(path)
+    except KeyFileError as exc:
+        raise SiteError(f"CERTMAN_EDGE_PUBLIC_KEY {exc}; {outcome}") from None
+
+
+def _kick_dispatch(domain: str) -> None:
+    """Ask for a dispatch now, after the commit (a worker must find the row the message talks
+    about). The site is stored and published either way: if the broker cannot take the
+    message, beat's dispatcher starts the site at its next tick, so this only says so."""
+    from pipeline.tasks.maintenance import kick_dispatch
+
+    try:
+        kick_dispatch()
+    except Exception as exc:  # kombu's OperationalError, a Redis error: the message only
+        click.echo(f"certman: {domain}: dispatch not asked for now ({exc}); beat's dispatcher "
+                   "starts it at its next tick", err=True)  # fmt: skip
 
 
 def _check_profile(profile: str, issuer: str | None) -> None:
@@ -151,7 +183,6 @@ def domains_update(
     from pipeline import snapshot
     from pipeline.db import session_scope
     from pipeline.sites import find_site, update_site
-    from pipeline.tasks.maintenance import kick_dispatch
 
     if not (add or remove or upstream or profile or key_type or issuer):
         raise click.UsageError(
@@ -165,18 +196,24 @@ def domains_update(
             session, name, add_aliases=add, remove_aliases=remove, upstream=upstream,
             profile=profile, key_type=key_type, issuer=issuer,
         )  # fmt: skip
-        record = snapshot.site_record(session, find_site(session, done.domain))
-    if done.changes:
-        # After the commit: names and upstream reach the edges now; the certificate follows.
-        snapshot.publish(record)
+        if done.new_certificate:
+            _check_edge_key("nothing was changed")
+        # Names and upstream reach the edges with the commit, or neither does (the certificate
+        # follows); published only where the edges' record differs, so a re-run after an
+        # interrupted update publishes what that one could not.
+        published = snapshot.publish_and_commit(
+            session, find_site(session, done.domain), unless_current=True
+        )
     if done.new_certificate:
-        kick_dispatch()
+        _kick_dispatch(done.domain)
     if as_json:
         _print_json({"domain": done.domain, "changes": done.changes,
-                     "new_certificate": done.new_certificate, "note": done.note})  # fmt: skip
+                     "new_certificate": done.new_certificate, "note": done.note,
+                     "published": published})  # fmt: skip
         return
     if not done.changes:
-        click.echo(f"{done.domain}: nothing to change")
+        again = "; published to the edges again" if published else ""
+        click.echo(f"{done.domain}: nothing to change{again}")
         return
     for change in done.changes:
         click.echo(f"{done.domain}: {change}")
@@ -232,6 +269,9 @@ def _show(report: dict[str, Any]) -> None:
         renewal = report["renewal"]
         line("  renews", f"{renewal['renew_at']}{' (due)' if renewal['due'] else ''}")
         line("  why", renewal["why"])
+        ari = renewal["ari"]
+        exempt = "; a renewal now carries replaces inside it: no issuance tokens spent"
+        line("  ARI", ari["why"] + (exempt if ari["exempt_now"] else ""))
     order = report["order"]
     if order is None:
         line("order", "none in flight")
@@ -241,7 +281,19 @@ def _show(report: dict[str, Any]) -> None:
         line("  issuer", order["issuer"] or "(not chosen yet)")
         if order["fallback_reason"]:
             line("  fallback", order["fallback_reason"])
+        if order["replaces"]:
+            counted = (
+                "inside the CA's ARI window: spends no issuance tokens"
+                if order["exempt"]
+                else "outside the CA's ARI window: counted like any order"
+            )
+            line("  replaces", f"{order['replaces']} ({counted})")
         line("  touched", f"{order['touched_at']} (step tries {order['step_tries']})")
+        waiting = order["rate_limit"]
+        if waiting is not None:
+            wait = f"{waiting['wait_seconds']:g} s from now"
+            line("  waiting", f"rate limit bucket {waiting['bucket']} until {waiting['until']} "
+                              f"({wait}): {waiting['reason']}")  # fmt: skip
         line("  task", f"{order['task']} args {order['task_args']} (search Flower for it)")
     nxt = report["next_attempt"]
     line("next attempt", nxt["note"] or f"{nxt['kind']} at {nxt['at']}")
@@ -264,9 +316,9 @@ def domains_remove(name: str) -> None:
     from pipeline.sites import remove_site
 
     with session_scope() as session:
-        site = remove_site(session, name)
-        domain = site.domain
-    snapshot.unpublish(domain)
+        domain = remove_site(session, name).domain
+        # Off the edges before the commit: a removal the edges cannot hear of is not made.
+        snapshot.unpublish_and_commit(session, domain)
     click.echo(f"removed {domain}")
 
 

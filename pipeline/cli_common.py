@@ -30,7 +30,10 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # InvalidName, SiteError, a bad rate string
     OSError,
     sqlalchemy.exc.OperationalError,
+    # The store refusing a change (a constraint or trigger, a failed commit): nothing written.
+    sqlalchemy.exc.DBAPIError,
     redis.exceptions.ConnectionError,
+    redis.exceptions.RedisError,  # refused: an ACL without the right, a read-only replica
     IssuanceProblem,  # the CA unreachable or refusing (certman revoke)
 )
 
@@ -46,8 +49,12 @@ class _Group(click.Group):
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, sqlalchemy.exc.OperationalError):
         return f"database unavailable: {str(exc.orig).strip().splitlines()[0]}"
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return f"the database refused the change: {str(exc.orig).strip().splitlines()[0]}"
     if isinstance(exc, redis.exceptions.ConnectionError):
         return f"Redis unavailable: {exc}"
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis refused: {str(exc).strip().splitlines()[0]}"
     if isinstance(exc, KeyFileError):
         return str(exc)
     if isinstance(exc, IssuanceProblem):

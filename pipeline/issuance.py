@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -92,6 +93,12 @@ def _advance(order: Order, step: OrderStep) -> None:
     order.step_changed_at = order.touched_at = utcnow()
     order.step_tries = 0
     order.polls = 0
+    _stop_waiting(order)
+
+
+def _stop_waiting(order: Order) -> None:
+    """The step no longer waits on the rate limiter (it proceeded, or waits on something else)."""
+    order.waiting_bucket = order.waiting_until = order.waiting_reason = None
 
 
 def _poll_delay(polls: int, retry_after: float | None) -> float:
@@ -183,7 +190,14 @@ class OrderSteps:
                         if recorded is None
                         else Order.order_url == recorded,
                     )
-                    .values(order_url=order_url, finalize_url=body.finalize)
+                    # The limiter let the order through: it no longer waits on a bucket.
+                    .values(
+                        order_url=order_url,
+                        finalize_url=body.finalize,
+                        waiting_bucket=None,
+                        waiting_until=None,
+                        waiting_reason=None,
+                    )
                 )
                 if claimed.rowcount != 1:  # type: ignore[attr-defined]
                     # Left pending at the CA, which expires it; named here for whoever counts.
@@ -698,6 +712,7 @@ class OrderSteps:
             site = order.site
             order.step = OrderStep.FAILED
             order.error = problem.reason
+            _stop_waiting(order)
             order.finished_at = order.step_changed_at = now
             tokens = [a["token"] for a in (order.authorizations or {}).values()]
             site.last_error = problem.reason
@@ -740,12 +755,25 @@ class OrderSteps:
             self.publisher.remove_challenge(token)
 
     def note_retry(self, order_id: int, step: str, problem: RetryLater) -> None:
-        """Keep a trace of transient trouble without ending the attempt."""
+        """Keep a trace of transient trouble without ending the attempt.
+
+        A wait on the rate limiter (ours, or a bucket the CA's ``rateLimited`` blocked) is
+        recorded on the order, bucket and end, for ``certman domains show``; any other trouble
+        clears it.
+        """
         with self.sessions() as session:
             order = session.get(Order, order_id)
             if order is None:
                 return
-            order.touched_at = utcnow()
+            now = order.touched_at = utcnow()
+            if isinstance(problem, RateLimited):
+                order.waiting_bucket = (problem.bucket or "(the CA's, unnamed)")[:300]
+                order.waiting_until = now + timedelta(seconds=max(problem.countdown, 0.0))
+                order.waiting_reason = (
+                    f"the CA refused: {problem.reason}" if problem.by_ca else problem.reason
+                )
+            else:
+                _stop_waiting(order)
             # Our own limiter's waits are routine pacing: only the CA's refusals are recorded.
             if not isinstance(problem, RateLimited) or problem.by_ca:
                 session.add(

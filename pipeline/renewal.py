@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -157,6 +158,32 @@ def ari_due(
     ]
 
 
+class AriStatus(StrEnum):
+    """What a refresh made of the CA's ARI answer for a certificate (``certman domains show``)."""
+
+    WINDOW = "window"  # a usable window: the renewal is scheduled in it
+    PAST = "window_past"  # the window is over (a revocation, an incident): renew now
+    AFTER_EXPIRY = "ends_after_expiry"  # nonsense (Pebble's short certificates): lifetime rule
+    BEFORE_ISSUANCE = "ends_before_issuance"  # nonsense too: lifetime rule
+    INVALID = "invalid_window"  # ends before it starts: lifetime rule
+    ERROR = "error"  # the CA could not answer for this certificate: left as it was
+    NO_ARI = "no_ari"  # the issuer offers no ARI: lifetime rule
+
+
+def ari_status(candidate: AriCandidate, window: Window | None, *, now: datetime) -> AriStatus:
+    """Why the CA's window is used, or why not (the same tests as :func:`ari_decision`)."""
+    if window is None:
+        return AriStatus.NO_ARI
+    start, end = window
+    if end <= start:
+        return AriStatus.INVALID
+    if end <= candidate.not_before:
+        return AriStatus.BEFORE_ISSUANCE
+    if end > candidate.not_after:
+        return AriStatus.AFTER_EXPIRY
+    return AriStatus.PAST if end <= now else AriStatus.WINDOW
+
+
 def ari_decision(
     candidate: AriCandidate, window: Window | None, *, now: datetime, edge_key_id: str | None
 ) -> tuple[Window | None, datetime]:
@@ -204,7 +231,9 @@ def refresh_ari(
     issuer: str | None = None,
     first_issuer: bool = True,
 ) -> AriRefresh:
-    """Ask the CA for the window of the ``limit`` stalest certificates and store what it says.
+    """Ask the CA for the window of the ``limit`` stalest certificates and store what it says,
+    and what was made of it (:class:`AriStatus`). ``window_for`` answers None where the CA
+    offers no ARI: those certificates are recorded as such, once per ``period`` like the rest.
 
     The CA is asked outside any transaction; the results are written in one bulk UPDATE.
     """
@@ -214,6 +243,7 @@ def refresh_ari(
             session, now=now, period=period, limit=limit, issuer=issuer, first_issuer=first_issuer
         )
     updates: list[dict[str, Any]] = []
+    detail: str | None
     for candidate in candidates:
         try:
             window = window_for(candidate.chain_pem.encode("ascii"))
@@ -225,7 +255,13 @@ def refresh_ari(
             # This certificate only (unknown to the CA, say): checked, and left as it is.
             log.warning("ARI refresh for %s failed: %s", candidate.domain, exc.reason)
             result.errors += 1
-            window = None
+            window, status, detail = None, AriStatus.ERROR, exc.reason[:1000]
+        else:
+            status = ari_status(candidate, window, now=now)
+            # The CA's own words where they are not used, so that the operator sees them.
+            detail = None
+            if window is not None and status not in (AriStatus.WINDOW, AriStatus.PAST):
+                detail = f"{window[0].isoformat()} - {window[1].isoformat()}"
         kept, renew_at = ari_decision(candidate, window, now=now, edge_key_id=edge_key_id)
         result.checked += 1
         result.moved += renew_at != candidate.renew_at
@@ -235,6 +271,8 @@ def refresh_ari(
                 "ari_checked_at": now,
                 "ari_window_start": kept[0] if kept else None,
                 "ari_window_end": kept[1] if kept else None,
+                "ari_status": str(status),
+                "ari_detail": detail,
                 "renew_at": renew_at,
             }
         )

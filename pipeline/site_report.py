@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from pipeline.dispatch import UNFINISHED
 from pipeline.issuance import STEPS
 from pipeline.models import Attempt, Certificate, Order, Site, SiteState
+from pipeline.renewal import AriStatus
 from pipeline.settings import Settings
 from pipeline.sites import find_site
 
@@ -70,7 +71,7 @@ def site_report(
         "consecutive_failures": site.consecutive_failures,
         "certificate": _certificate(session, cert) if cert else None,
         "renewal": _renewal(site, cert, now=now, settings=settings) if cert else None,
-        "order": _order(order, site.domain) if order else None,
+        "order": _order(order, site.domain, now=now) if order else None,
         "attempts": [
             {
                 "at": _iso(a.created_at),
@@ -148,10 +149,55 @@ def _renewal(site: Site, cert: Certificate, *, now: datetime, settings: Settings
         "fraction_of_lifetime": round(fraction, 4),
         "ari_window": window,
         "ari_checked_at": _iso(cert.ari_checked_at),
+        "ari": _ari(cert, now=now, settings=settings),
     }
 
 
-def _order(order: Order, domain: str) -> dict[str, Any]:
+# What each AriStatus means for the renewal, said once.
+_ARI_MEANS = {
+    AriStatus.WINDOW: "the renewal is scheduled inside it",
+    AriStatus.PAST: "it is over: renew now",
+    AriStatus.AFTER_EXPIRY: "it ends after the certificate expires: ignored, lifetime rule",
+    AriStatus.BEFORE_ISSUANCE: "it closed before the certificate was issued: ignored, "
+    "lifetime rule",
+    AriStatus.INVALID: "it ends before it starts: ignored, lifetime rule",
+}
+
+
+def _ari(cert: Certificate, *, now: datetime, settings: Settings) -> dict[str, Any]:
+    """The CA's ARI window for the certificate, or why none is used, and whether a renewal
+    placed now would carry ``replaces`` inside it (exempt from the issuance limits)."""
+    start, end = cert.ari_window_start, cert.ari_window_end
+    issuer = cert.issuer or settings.issuer_list[0].name
+    status = AriStatus(cert.ari_status) if cert.ari_status else None
+    if cert.ari_id is None:
+        why = "the certificate has no ARI identifier (no Authority Key Identifier): lifetime rule"
+    elif status is None:
+        why = (
+            f"not asked yet (beat asks {issuer} about every certificate within "
+            f"CERTMAN_ARI_REFRESH_HOURS={settings.ari_refresh_hours:g})"
+        )
+    elif status is AriStatus.NO_ARI:
+        why = f"issuer {issuer} offers no ARI: lifetime rule"
+    elif status is AriStatus.ERROR:
+        why = f"{issuer} could not answer for it: {cert.ari_detail}"
+    elif start is not None and end is not None:
+        why = f"{issuer}'s window {_iso(start)} - {_iso(end)}: {_ARI_MEANS[status]}"
+    else:
+        why = f"{issuer}'s window {cert.ari_detail}: {_ARI_MEANS[status]}"
+    exempt = bool(cert.ari_id and start and end and start <= now <= end)
+    return {
+        "status": str(status) if status else None,
+        "window": {"start": _iso(start), "end": _iso(end)} if start and end else None,
+        "offered": cert.ari_detail if status not in (None, AriStatus.ERROR) else None,
+        "error": cert.ari_detail if status is AriStatus.ERROR else None,
+        "checked_at": _iso(cert.ari_checked_at),
+        "why": why,
+        "exempt_now": exempt,
+    }
+
+
+def _order(order: Order, domain: str, *, now: datetime) -> dict[str, Any]:
     task = _TASK_AT.get(order.step)
     return {
         "order_id": order.id,
@@ -161,6 +207,10 @@ def _order(order: Order, domain: str) -> dict[str, Any]:
         "profile": order.profile,
         "issuer": order.issuer,
         "fallback_reason": order.fallback_reason,
+        # ARI: the certificate it replaces, and whether it was started inside the CA's window
+        # (then it spends no issuance tokens here, as the CA counts none).
+        "replaces": order.replaces,
+        "exempt": order.exempt,
         "created_at": _iso(order.created_at),
         "step_changed_at": _iso(order.step_changed_at),
         "touched_at": _iso(order.touched_at),
@@ -171,6 +221,20 @@ def _order(order: Order, domain: str) -> dict[str, Any]:
         # arguments (docs/operations.md, section 6).
         "task": task,
         "task_args": [order.id, domain],
+        "rate_limit": _waiting(order, now=now),
+    }
+
+
+def _waiting(order: Order, *, now: datetime) -> dict[str, Any] | None:
+    """The limiter bucket the order's step waits on, and for how long (None: not waiting)."""
+    if order.waiting_bucket is None:
+        return None
+    until = order.waiting_until
+    return {
+        "bucket": order.waiting_bucket,
+        "until": _iso(until),
+        "wait_seconds": round(max((until - now).total_seconds(), 0.0), 1) if until else None,
+        "reason": order.waiting_reason,
     }
 
 

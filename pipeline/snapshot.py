@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, selectinload
 from pipeline import distribution
 from pipeline.models import Certificate, Site, SiteName
 from pipeline.signing import BadSignature, SignedSite, SigningKey, TrustedSigners
-from pipeline.sites import NewSite, current_certificates
+from pipeline.sites import NewSite, SiteError, current_certificates
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,24 @@ class Publisher:
         """Whether Redis holds a snapshot at all (its version counter is set by every write)."""
         return bool(self.redis.exists(f"{self.prefix}:version"))
 
+    def is_published(self, record: distribution.SiteRecord) -> bool:
+        """Whether the edges already have exactly ``record``: its index entry, and a statement
+        saying the same, signed by the pipeline's current key (what an edge would serve)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(f"{self.prefix}:index", record.domain)
+        pipe.hget(f"{self.prefix}:signed", record.domain)
+        entry, raw = pipe.execute()
+        if entry is None or raw is None or entry.decode() != distribution.index_entry(record):
+            return False
+        try:
+            statement = SignedSite.from_json(raw)
+        except BadSignature:
+            return False
+        if not record.matches(statement):
+            return False
+        key = self.signing_key
+        return _verified.check(key, _signed_by_us(key), raw, statement)
+
     def resync(self, session: Session) -> int:
         """Rebuild the whole snapshot from the store (after a Redis loss); returns the count."""
         return _resync(self, session)
@@ -122,6 +140,77 @@ def unpublish(domain: str) -> None:
 
 def set_challenge(token: str, key_authorization: str, ttl: int) -> None:
     _publisher().set_challenge(token, key_authorization, ttl)
+
+
+# --- a command's change and its publication, together ---------------------------------------------
+def publish_and_commit(session: Session, site: Site, *, unless_current: bool = False) -> bool:
+    """Publish ``site`` as this session's transaction has it, then commit: a command's change
+    reaches the store and the edges together, or neither.
+
+    Called last in a command's session scope. Whatever fails first (the signing key
+    unreadable, Redis down, the publishing script refusing) raises before the commit, and the
+    scope rolls the change back: nothing is stored, and running the command again does the
+    whole job. Should the commit itself fail after the publication, the snapshot is put back
+    to what the store says. ``unless_current``: publish only if the edges do not already have
+    exactly this record (a re-run changes nothing that is done). Returns whether it published.
+    """
+    publisher = _publisher()
+    record = site_record(session, site)
+    published = not (unless_current and publisher.is_published(record))
+    if published:
+        with _refused_in_one_line():
+            publisher.publish(record)
+    _commit_or_put_back(session, site.domain, published)
+    return published
+
+
+def unpublish_and_commit(session: Session, domain: str) -> None:
+    """As :func:`publish_and_commit`, for a site this transaction removes: its signed tombstone
+    first, then the commit (a removal that cannot reach the edges is not made)."""
+    with _refused_in_one_line():
+        _publisher().unpublish(domain)
+    _commit_or_put_back(session, domain, True)
+
+
+@contextmanager
+def _refused_in_one_line() -> Iterator[None]:
+    # The publishing script refused every version we signed (another publisher of the same
+    # domain kept getting in first): the command's error, in one line, and nothing committed.
+    try:
+        yield
+    except RuntimeError as exc:
+        raise SiteError(f"{exc}; nothing was changed, try again") from None
+
+
+def _commit_or_put_back(session: Session, domain: str, published: bool) -> None:
+    try:
+        session.commit()
+    except BaseException:
+        if published:
+            _put_back(domain)
+        raise
+
+
+def _put_back(domain: str) -> None:
+    """Publish what the store holds for ``domain`` after a commit failed (its tombstone if it
+    holds nothing). Best effort: the store may be what failed, and beat's reconcile is the
+    backstop that finds the difference within its interval."""
+    from pipeline import runtime
+
+    process = runtime.current()
+    try:
+        with process.session_scope() as session:
+            site = session.scalar(
+                select(Site).where(Site.domain == domain).options(selectinload(Site.names))
+            )
+            record = site_record(session, site) if site is not None else None
+        if record is not None:
+            process.publisher.publish(record)
+        else:
+            process.publisher.unpublish(domain)
+    except Exception as exc:  # the commit's own error is the one to raise
+        log.warning("edge snapshot: %s not put back after a failed commit (%s); the snapshot "
+                    "reconcile will", domain, exc)  # fmt: skip
 
 
 def remove_challenge(token: str) -> None:

@@ -65,6 +65,12 @@ class Order(Base):
     # the edge by then, and the pipeline can never open it again.
     csr_pem: Mapped[str | None] = mapped_column(Text)
     chain_pem: Mapped[str | None] = mapped_column(Text)
+    # The rate limiter bucket the current step waits on, when it lets the step through, and
+    # why (our limiter's pacing, or the CA's rateLimited): set when the limiter defers the
+    # step, cleared when the step proceeds (certman domains show).
+    waiting_bucket: Mapped[str | None] = mapped_column(String(300))
+    waiting_until: Mapped[datetime | None]
+    waiting_reason: Mapped[str | None] = mapped_column(Text)
     step_tries: Mapped[int] = mapped_column(default=0)  # re-enqueues by the sweeper at this step
     polls: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)

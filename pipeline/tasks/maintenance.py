@@ -133,8 +133,8 @@ def refresh_ari(self: Task) -> dict[str, int]:
                 # That CA is unreachable or refuses us now: the others are still asked.
                 log.warning("ARI refresh skips issuer %s: %s", issuer.name, exc)
                 continue
-            if not client.supports_ari:
-                continue
+            # An issuer without ARI is asked nothing (its window is None at once): its
+            # certificates are recorded as such, for certman domains show.
             result = renewal.refresh_ari(
                 process.session_scope,
                 client.renewal_window,

@@ -127,3 +127,34 @@ def test_update_renew_and_revoke_through_the_edge(
     report = show()
     assert any(a["step"] == "revoke" and third in a["detail"] for a in report["attempts"])
     assert report["state"] in ("active", "renewing") and report["renewal"]["reason"]
+
+
+def test_domains_show_names_the_bucket_a_real_worker_waits_on(
+    redis_url: str, redis_client: object
+) -> None:
+    """One new order an hour: the second site's place_order waits on the limiter in the worker,
+    and ``domains show`` says which bucket and for how long, where the INFO log did before."""
+    extra = {"CERTMAN_RATE_LIMITS": "on", "CERTMAN_LIMIT_NEW_ORDERS": "1/1h"}
+    with System(redis_url=redis_url, extra_env=extra) as system:
+        system.start(workers=1)
+        system.certman("domains", "add", "first.example.com")
+        system.wait_active(["first.example.com"])
+        system.certman("domains", "add", "second.example.com")
+
+        def waiting() -> dict[str, Any] | None:
+            report = json.loads(
+                system.certman("domains", "show", "second.example.com", "--json").stdout
+            )
+            order = report["order"]
+            return order["rate_limit"] if order is not None else None
+
+        try:
+            wait_until(waiting, timeout=60, what="the worker to record the limiter's wait")
+        except TimeoutError:
+            print(system.logs())
+            raise
+        limit = waiting()
+        assert limit is not None and limit["bucket"].startswith("new-orders:https://")
+        assert 3000 < limit["wait_seconds"] <= 3600
+        text = system.certman("domains", "show", "second.example.com").stdout
+        assert "step queued" in text and "rate limit bucket new-orders:" in text

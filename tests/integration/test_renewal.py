@@ -12,7 +12,7 @@ import signal
 import ssl
 import urllib.request
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -218,3 +218,106 @@ def test_stuck_order_found_and_completed_by_the_sweeper(
     serial = system.domains()[name]["serial"]
     wait_until(lambda: served_serial(system, name) == serial, timeout=30,
                what="the edge to serve the certificate")  # fmt: skip
+
+
+# --- ARI renewals and the rate limiter ------------------------------------------------------------
+def spent_buckets(client: redis.Redis, prefix: str = "certman") -> dict[str, dict[bytes, bytes]]:
+    """Every issuance bucket of the limiter in Redis with its state (request pacing left out:
+    every request paces, exempt or not)."""
+    return {
+        key.decode().split(":rl:b:", 1)[1]: client.hgetall(key)
+        for key in client.scan_iter(f"{prefix}:rl:b:*")
+        if ":rl:b:pace:" not in key.decode()
+    }
+
+
+def renew_as_dispatched_at(system: System, domain: str, at: datetime) -> Order:
+    """Start the site's renewal as beat's dispatcher would at ``at`` (a moment this test cannot
+    wait for: the middle of a 90-day certificate's life) and have the chain sent by the
+    sweeper, as for an order nobody touched; the steps run now, against Pebble."""
+    from pipeline.dispatch import start_due
+
+    with session_scope(system.database_url) as s:
+        [started] = start_due(s, limit=10, now=at)
+        assert started.domain == domain and started.kind == OrderKind.RENEW
+        s.execute(update(Order).where(Order.id == started.order_id)
+                  .values(touched_at=utcnow() - timedelta(hours=1)))  # fmt: skip
+    system.call_task("certman.maintenance.sweep_stuck_orders")
+
+    def renewed() -> bool:
+        with session_scope(system.database_url) as s:
+            return s.scalar(select(Order.step).where(Order.id == started.order_id)) == "done"
+
+    wait_until(renewed, timeout=120, what="the renewal to be issued")
+    with session_scope(system.database_url) as s:
+        order = s.get(Order, started.order_id)
+        assert order is not None
+        s.expunge(order)
+        return order
+
+
+def test_a_renewal_inside_the_ari_window_with_replaces_spends_no_tokens(
+    make_system: Any, redis_client: redis.Redis
+) -> None:
+    """90-day certificates (Pebble's windows are sensible for them): the CA's window is stored,
+    and a renewal inside it carries ``replaces`` and leaves every issuance bucket as it was."""
+    system = make_system(pebble_options={"validity_seconds": 90 * 86400},
+                         extra_env={"CERTMAN_RATE_LIMITS": "on"})  # fmt: skip
+    system.start(workers=1)
+    name = "exempt.example.com"
+    system.certman("domains", "add", name)
+    try:
+        system.wait_active([name], timeout=90)
+        spent = spent_buckets(redis_client)
+        # The first certificate was counted, as every new order is.
+        assert {b.split(":")[0] for b in spent} >= {"new-orders", "certs-per-domain",
+                                                     "duplicate-certs"}  # fmt: skip
+        system.call_task("certman.maintenance.refresh_ari")
+        wait_until(lambda: current_cert(system, name).ari_checked_at is not None, timeout=60,
+                   what="refresh_ari to check the certificate")  # fmt: skip
+        old = current_cert(system, name)
+        assert old.ari_status == "window" and old.ari_window_start and old.ari_window_end
+        assert old.ari_window_start <= old.renew_at < old.ari_window_end
+        show = json.loads(system.certman("domains", "show", name, "--json").stdout)
+        assert show["renewal"]["ari"]["status"] == "window"
+        order = renew_as_dispatched_at(system, name, old.renew_at + timedelta(seconds=1))
+    except (TimeoutError, AssertionError):
+        print(system.logs())
+        raise
+    assert order.exempt and order.replaces == old.ari_id is not None
+    assert current_cert(system, name).serial != old.serial
+    assert spent_buckets(redis_client) == spent  # not one token, in any issuance bucket
+
+
+def test_short_certificates_get_a_window_past_expiry_so_their_renewals_are_counted(
+    make_system: Any, redis_client: redis.Redis
+) -> None:
+    """Why a renewal of a 240 s Pebble certificate carries ``replaces`` yet spends tokens, with
+    no window stored: Pebble's window is 2/3 of the lifetime +/- 24 hours, so for a short
+    certificate it ends a day after expiry, which certman ignores (lifetime rule, no
+    exemption). The certificates' length, not a bug: 90-day ones are exempt (above)."""
+    system = make_system(pebble_options={"validity_seconds": 240},
+                         extra_env={"CERTMAN_RATE_LIMITS": "on"})  # fmt: skip
+    system.start(workers=1)
+    name = "short-ari.example.com"
+    system.certman("domains", "add", name)
+    try:
+        system.wait_active([name], timeout=90)
+        system.call_task("certman.maintenance.refresh_ari")
+        wait_until(lambda: current_cert(system, name).ari_checked_at is not None, timeout=60,
+                   what="refresh_ari to check the certificate")  # fmt: skip
+        old = current_cert(system, name)
+        spent = spent_buckets(redis_client)
+        order = renew_as_dispatched_at(system, name, old.renew_at)
+    except (TimeoutError, AssertionError):
+        print(system.logs())
+        raise
+    assert (old.ari_status, old.ari_window_start, old.ari_window_end) == (
+        "ends_after_expiry", None, None)  # fmt: skip
+    assert old.ari_detail is not None
+    start, end = (datetime.fromisoformat(t) for t in old.ari_detail.split(" - "))
+    assert end - old.not_after > timedelta(hours=23) and start < old.not_before
+    assert not order.exempt and order.replaces == old.ari_id is not None
+    after = spent_buckets(redis_client)
+    changed = sorted(b.split(":")[0] for b in after if after[b] != spent.get(b))
+    assert changed == ["certs-per-domain", "duplicate-certs", "new-orders"]

@@ -190,10 +190,27 @@ def test_replaces_goes_to_the_issuer_of_the_replaced_certificate(
 ) -> None:
     fleet = Fleet(store, fleet_settings)
     fleet.run(fleet.start(DOMAIN))
+    [first] = fleet.certificates()
+    assert first.issuer == "primary" and first.ari_id is not None
     with store() as session:
         session.execute(update(Certificate).values(renew_at=utcnow() - timedelta(seconds=1)))
+    renewal = fleet.dispatch()
+    fleet.run(renewal)
+    order = fleet.order()
+    assert (order.id, order.step, order.issuer) == (renewal, OrderStep.DONE, "primary")
+    # The primary issued the certificate, so the primary is asked, naming it.
+    assert order.replaces == first.ari_id
+    assert [o.replaces for o in fleet.ca.orders.values()] == [None, first.ari_id]
+    assert fleet.backup.requests == 0
+    # A renewal the site now orders from the backup does not send the primary's ARI id there.
+    second = next(c for c in fleet.certificates() if c.current)
+    with store() as session:
+        session.execute(update(Site).values(preferred_issuer="backup"))
+        session.execute(update(Certificate).values(renew_at=utcnow() - timedelta(seconds=1)))
     fleet.run(fleet.dispatch())
-    assert [o.replaces for o in fleet.ca.orders.values()][1] is not None
+    assert fleet.order().issuer == "backup" and fleet.order().replaces == second.ari_id
+    assert [o.replaces for o in fleet.backup.orders.values()] == [None]
+    assert len(fleet.ca.orders) == 2
 
 
 def test_an_issuer_marked_down_is_skipped_without_a_request(

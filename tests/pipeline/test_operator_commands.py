@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import distribution, sites
@@ -98,7 +99,8 @@ def test_domains_show_tells_a_sites_story(certman_env: dict[str, str]) -> None:
         site.consecutive_failures = 1
         site.last_error = "urn:ietf:params:acme:error:connection: timeout"
         order = Order(site_id=site.id, kind="renew", step=OrderStep.CHALLENGED,
-                      names=site.all_names, profile="classic")  # fmt: skip
+                      names=site.all_names, profile="classic", replaces=cert.ari_id,
+                      exempt=True)  # fmt: skip
         s.add(order)
         s.flush()
         old = utcnow() - timedelta(hours=2)
@@ -121,6 +123,8 @@ def test_domains_show_tells_a_sites_story(certman_env: dict[str, str]) -> None:
     assert report["order"]["order_id"] == order_id and report["order"]["step"] == "challenged"
     assert report["order"]["task"] == "certman.issue.poll_validation"
     assert report["order"]["task_args"] == [order_id, "dealer.example.com"]
+    assert (report["order"]["replaces"], report["order"]["exempt"]) == (cert.ari_id, True)
+    assert report["order"]["rate_limit"] is None
     assert [(a["step"], a["outcome"], a["error_type"]) for a in report["attempts"]] == [
         ("place_order", "retry", None),
         ("poll_validation", "failed", "connection"),
@@ -130,6 +134,7 @@ def test_domains_show_tells_a_sites_story(certman_env: dict[str, str]) -> None:
     text = run("domains", "show", "dealer.example.com").output
     assert "serial:" in text and serial in text and "CN=Test Issuer R1" in text
     assert "certman.issue.poll_validation" in text and "retry after 1 failed" in text
+    assert f"replaces:     {cert.ari_id} (inside the CA's ARI window: spends no" in text
     assert "AT" in text and "OUTCOME" in text and "badNonce" in text
     failed(run("domains", "show", "nobody.example.com"), "not a known site")
 
@@ -165,6 +170,7 @@ def test_domains_update_in_place(
         "changes": ["alias www.dealer.example.com added"],
         "new_certificate": True,
         "note": f"a new certificate is ordered; certificate {serial} is served until it arrives",
+        "published": True,
     }
     assert kicks == [1]
     entry = _edge_record(redis_client, "dealer.example.com")
@@ -386,3 +392,113 @@ def test_a_site_prefers_an_issuer_from_add_or_update(
     with session_scope() as s:
         preferred = dict(s.execute(select(Site.domain, Site.preferred_issuer)).tuples().all())
     assert preferred == {"a.example.com": "second", "b.example.com": "second"}
+
+
+# --- why a step waits, and what ARI said ---------------------------------------------------------
+def test_domains_show_names_the_limiter_bucket_a_step_waits_on(
+    certman_env: dict[str, str], redis_client: redis.Redis, edge_public_key: Path
+) -> None:
+    from pipeline.dispatch import start_due
+    from pipeline.errors import RateLimited
+    from pipeline.issuance import OrderSteps
+    from pipeline.runtime import Runtime
+    from pipeline.settings import Settings
+    from tests.support.fake_acme import FakeCA, RecordingPublisher
+
+    # One new order an hour: the second site's place_order waits on the real limiter in Redis.
+    config = Settings(edge_public_key=edge_public_key, self_check=False, limit_new_orders="1/1h")
+    ca = FakeCA()
+    steps = OrderSteps(Runtime(config, acme=ca, publisher=RecordingPublisher()))  # type: ignore[arg-type]
+    with session_scope() as s:
+        sites.add_site(s, sites.parse_site("first.example.com"))
+        sites.add_site(s, sites.parse_site("second.example.com"))
+        first, second = sorted(started.order_id for started in start_due(s, limit=10))
+    steps.place_order(first)
+    with pytest.raises(RateLimited) as waits:
+        steps.place_order(second)
+    steps.note_retry(second, "place_order", waits.value)  # what the task does, then retries
+    bucket = f"new-orders:{ca.account_uri}"
+    assert waits.value.bucket == bucket
+
+    order = json.loads(run("domains", "show", "second.example.com", "--json").output)["order"]
+    assert order["step"] == "queued" and order["rate_limit"]["bucket"] == bucket
+    assert 3000 < order["rate_limit"]["wait_seconds"] <= 3600
+    assert order["rate_limit"]["reason"] == f"waiting for rate limit {bucket}"
+    text = run("domains", "show", "second.example.com").output
+    assert f"  waiting:      rate limit bucket {bucket} until" in text
+    assert (
+        json.loads(run("domains", "show", "first.example.com", "--json").output)["order"][
+            "rate_limit"
+        ]
+        is None
+    )
+
+    # The bucket refills (here: emptied by hand): the step proceeds and the wait is cleared.
+    redis_client.delete(*redis_client.keys("certman:rl:*"))
+    steps.place_order(second)
+    order = json.loads(run("domains", "show", "second.example.com", "--json").output)["order"]
+    assert order["step"] == "placed" and order["rate_limit"] is None
+    assert "rate limit bucket" not in run("domains", "show", "second.example.com").output
+
+
+def test_domains_show_says_what_ari_said_and_why_it_is_not_used(
+    certman_env: dict[str, str],
+) -> None:
+    from pipeline import renewal
+    from pipeline.errors import AttemptFailed
+
+    now = utcnow()
+    with session_scope() as s:
+        for name in ("window", "late", "past", "none", "error", "unasked"):
+            active_site(s, f"{name}.example.com", days_left=60)
+    nb = now - timedelta(days=30)
+    answers = {
+        "window.example.com": (now - timedelta(hours=1), now + timedelta(days=1)),
+        "late.example.com": (nb + timedelta(days=89), nb + timedelta(days=91)),
+        "past.example.com": (now - timedelta(hours=2), now - timedelta(hours=1)),
+        "none.example.com": None,
+    }
+
+    def window_for(chain: bytes) -> tuple[datetime, datetime] | None:
+        leaf = x509.load_pem_x509_certificate(chain)
+        domain = str(leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        if domain == "unasked.example.com":
+            raise AssertionError("limited to the batch")
+        if domain == "error.example.com":
+            raise AttemptFailed("the CA does not know this certificate")
+        return answers[domain]
+
+    with session_scope() as s:
+        s.execute(update(Certificate).where(Certificate.serial != "").values(ari_checked_at=None))
+        unasked = s.scalar(select(Certificate.id).join(Site).where(
+            Site.domain == "unasked.example.com"))  # fmt: skip
+        s.execute(update(Certificate).where(Certificate.id == unasked).values(ari_checked_at=now))
+    renewal.refresh_ari(session_scope, window_for, now=now, period=timedelta(hours=12), limit=10)
+    with session_scope() as s:  # as if never asked
+        s.execute(update(Certificate).where(Certificate.id == unasked).values(ari_checked_at=None))
+
+    def ari(name: str) -> dict[str, Any]:
+        report = json.loads(run("domains", "show", name, "--json").output)
+        return report["renewal"]["ari"]  # type: ignore[no-any-return]
+
+    window = ari("window.example.com")
+    assert window["status"] == "window" and window["exempt_now"]
+    assert "the renewal is scheduled inside it" in window["why"]
+    late = ari("late.example.com")
+    assert (late["status"], late["window"], late["exempt_now"]) == (
+        "ends_after_expiry", None, False)  # fmt: skip
+    assert late["offered"].startswith((nb + timedelta(days=89)).isoformat()[:16])
+    assert "ends after the certificate expires: ignored, lifetime rule" in late["why"]
+    past = ari("past.example.com")
+    assert past["status"] == "window_past" and "renew now" in past["why"]
+    assert not past["exempt_now"]
+    assert ari("none.example.com")["status"] == "no_ari"
+    assert "offers no ARI" in ari("none.example.com")["why"]
+    error = ari("error.example.com")
+    assert error["status"] == "error" and error["error"] == "the CA does not know this certificate"
+    assert ari("unasked.example.com")["status"] is None
+    assert "not asked yet" in ari("unasked.example.com")["why"]
+
+    text = run("domains", "show", "late.example.com").output
+    assert "ARI:" in text and "ignored, lifetime rule" in text
+    assert "no issuance tokens spent" in run("domains", "show", "window.example.com").output
