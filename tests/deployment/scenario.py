@@ -64,7 +64,9 @@ def run(cmd: list[str] | str, **kwargs: Any) -> subprocess.CompletedProcess[str]
         cmd, capture_output=True, text=True, timeout=kwargs.pop("timeout", 300), **kwargs
     )
     if result.returncode != 0:
-        raise AssertionError(f"{cmd!r} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{cmd!r} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -88,19 +90,13 @@ class Scenario:
         }
         self.others: list[subprocess.Popen[bytes]] = []
         self.pebble: Pebble | None = None
+        self.redis_proc: subprocess.Popen[bytes] | None = None
 
     # --- helpers -------------------------------------------------------------------------
     def step(self, what: str) -> None:
         elapsed = round(time.monotonic() - self.started, 1)
         self.result["steps"].append([elapsed, what])
         print(f"[{elapsed:6.1f} s] {what}", flush=True)
-
-    def as_user(self, user: str, code: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--reset-env",
-             sys.executable, "-I", "-c", code],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
 
     def certman_run(self, *args: str) -> str:
         return run(["/usr/local/sbin/certman-run", *args], cwd="/").stdout
@@ -126,8 +122,9 @@ class Scenario:
     def postgres(self) -> None:
         data = Path("/var/lib/pgtest")
         run(["install", "-d", "-o", "postgres", "-g", "postgres", "-m", "0700", str(data)])
-        run(["runuser", "-u", "postgres", "--", "initdb", "-D", str(data), "-U", "postgres",
-             "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"], timeout=120)  # fmt: skip
+        initdb = ["initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust",
+                  "--auth-host=scram-sha-256", "--no-sync"]  # fmt: skip
+        run(["runuser", "-u", "postgres", "--", *initdb], timeout=120)
         log = (self.logs / "postgres.log").open("ab")
         self.others.append(
             subprocess.Popen(
@@ -207,7 +204,7 @@ class Scenario:
         self.redis_proc = subprocess.Popen(self.redis_command, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: port_open(6379), timeout=20, what="Redis")
 
-    def redis_admin(self) -> redis.Redis:
+    def redis_admin(self) -> redis.Redis[Any]:
         return redis.Redis(
             host="redis.internal", port=6379, ssl=True, ssl_ca_certs=str(self.redis_ca),
             username="default", password=self.passwords["redis-admin"], socket_timeout=5,
@@ -269,9 +266,13 @@ class Scenario:
         shutil.copyfile(self.pebble.ca_bundle, "/etc/certman/acme-ca.pem")
         os.chmod("/etc/certman/acme-ca.pem", 0o644)
         text = pipeline_env.read_text()
-        text = text.replace("certman:CHANGE-ME@db.internal", f"certman:{self.passwords['db']}@db.internal")
-        text = text.replace("certman-pipeline:CHANGE-ME@", f"certman-pipeline:{self.passwords['pipeline']}@")
-        text = text.replace("# FLOWER_BASIC_AUTH=ops:CHANGE-ME", f"FLOWER_BASIC_AUTH=ops:{self.passwords['flower']}")
+        pw = self.passwords
+        for example, value in (
+            ("certman:CHANGE-ME@db.internal", f"certman:{pw['db']}@db.internal"),
+            ("certman-pipeline:CHANGE-ME@", f"certman-pipeline:{pw['pipeline']}@"),
+            ("# FLOWER_BASIC_AUTH=ops:CHANGE-ME", f"FLOWER_BASIC_AUTH=ops:{pw['flower']}"),
+        ):
+            text = text.replace(example, value)
         lines = [
             line for line in text.splitlines() if not line.startswith("CERTMAN_ACME_DIRECTORY=")
         ]
@@ -282,8 +283,9 @@ class Scenario:
         ]
         pipeline_env.write_text("\n".join(lines) + "\n")
         edge_env = Path("/etc/certman/edge.env")
+        edge_text = edge_env.read_text()
         edge_env.write_text(
-            edge_env.read_text().replace("certman-edge:CHANGE-ME@", f"certman-edge:{self.passwords['edge']}@")
+            edge_text.replace("certman-edge:CHANGE-ME@", f"certman-edge:{pw['edge']}@")
         )
         assert "CHANGE-ME" not in pipeline_env.read_text() + edge_env.read_text()
         self.step("environment files edited (passwords; the staging section's test CA)")
@@ -342,13 +344,13 @@ class Scenario:
                     os.killpg(process.pid, signal.SIGKILL)
         if self.pebble is not None:
             self.pebble.stop()
-        for process in [getattr(self, "redis_proc", None), *self.others]:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown; Redis stops
+        for other in [self.redis_proc, *self.others]:
+            if other is not None and other.poll() is None:
+                other.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown; Redis stops
                 try:
-                    process.wait(timeout=30)
+                    other.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    process.kill()
+                    other.kill()
 
     # --- checks ------------------------------------------------------------------------------
     def domains(self) -> dict[str, dict[str, Any]]:
@@ -390,7 +392,7 @@ class Scenario:
         checks = {
             "edge /healthz": ("http://127.0.0.1:9443/healthz", None, ""),
             "edge /metrics": ("http://127.0.0.1:9443/metrics", None, "certman_edge_"),
-            "worker /metrics": ("http://127.0.0.1:9109/metrics", None, "certman_issuance_steps_total"),
+            "worker /metrics": ("http://127.0.0.1:9109/metrics", None, "certman_issuance_steps"),
             "exporter /metrics": ("http://127.0.0.1:9108/metrics", None, "certman_"),
             "flower": ("http://127.0.0.1:5555/api/workers", flower_auth, ""),
         }  # fmt: skip
@@ -461,6 +463,7 @@ class Scenario:
         assert admin.hexists("certman:signed", SITE)
         admin.close()
         before = dict(self.result["restarts"])
+        assert self.redis_proc is not None
         self.redis_proc.send_signal(signal.SIGTERM)
         self.redis_proc.wait(timeout=20)
         self.step("Redis stopped (no persistence: it comes back empty)")
@@ -474,7 +477,7 @@ class Scenario:
                    timeout=60, what="every role running")  # fmt: skip
         try:
             wait_until(lambda: admin.hexists("certman:signed", SITE), timeout=150,
-                       what="the snapshot republished after the Redis restart", every=1)  # fmt: skip
+                       what="the snapshot republished after Redis restarted", every=1)  # fmt: skip
         finally:
             self.result["restarts_during_redis_restart"] = {
                 name: self.result["restarts"][name] - before.get(name, 0)

@@ -9,6 +9,7 @@ own (private /etc, /opt/certman, /var/lib, /run: the machine's are untouched). N
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -85,10 +86,8 @@ def test_the_guide_deploys_issues_and_rides_out_a_redis_restart(tmp_path: Path) 
             ["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30
         ).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         subprocess.run(["ip", "netns", "del", netns], timeout=30)
     output = scenario.stdout[-20000:] + scenario.stderr[-5000:]
     assert result_path.exists(), output
