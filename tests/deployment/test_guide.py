@@ -83,10 +83,14 @@ def test_a_unit_becomes_the_command_systemd_would_run(tmp_path: Path) -> None:
         "# comment\nCERTMAN_REDIS_URL='rediss://u:p$w;x@redis.internal/0'\n"
     )
     argv = command(read_unit(UNITS / "certman-edge.service"), root=tmp_path)
-    assert argv[:3] == ["setpriv", "--reuid=certman-edge", "--regid=certman-edge"]
+    assert argv[:2] == ["prlimit", "--core=0"] and argv[2].startswith("--nofile=")
+    assert argv[4:7] == ["setpriv", "--reuid=certman-edge", "--regid=certman-edge"]
     assert "--ambient-caps=+net_bind_service" in argv and "--no-new-privs" in argv
     assert "CERTMAN_REDIS_URL=rediss://u:p$w;x@redis.internal/0" in argv
-    assert argv[argv.index("env") + 2] == "/opt/certman/bin/certman-edge"
+    assert argv[argv.index("env") + 2 : argv.index("env") + 5] == [
+        "sh", "-c", 'umask 0077 && exec "$@"'
+    ]  # fmt: skip
+    assert "/opt/certman/bin/certman-edge" in argv
     (tmp_path / "etc" / "certman" / "certman.env").write_text("CERTMAN_DATA_DIR=/var/lib/certman\n")
     worker = command(read_unit(UNITS / "certman-worker.service"), root=tmp_path)
     assert "PROMETHEUS_MULTIPROC_DIR=/run/certman-worker" in worker

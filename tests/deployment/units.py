@@ -3,12 +3,16 @@
 systemd is not PID 1 where the tests run, so :func:`command` turns a unit into the command that
 does what systemd would: its ``ExecStart`` as written (``%H`` expanded), as its ``User=`` and
 ``Group=`` (``setpriv``), with its ``EnvironmentFile=`` and ``Environment=`` and nothing else,
-the ``AmbientCapabilities=`` it grants and no privilege gain (``NoNewPrivileges=``).
+the ``AmbientCapabilities=`` it grants and no privilege gain (``NoNewPrivileges=``), its
+``UMask=``, ``LimitCORE=`` and ``LimitNOFILE=``. Not emulated: the file-system and kernel
+sandboxing (``ProtectSystem=``, ``PrivateTmp=``...), which ``systemd-analyze verify`` and
+tests/packaging/test_systemd.py check instead.
 """
 
 from __future__ import annotations
 
 import re
+import resource
 import shlex
 import socket
 from dataclasses import dataclass, field
@@ -87,14 +91,29 @@ def command(unit: Unit, *, root: Path = Path("/")) -> list[str]:
     caps = [
         cap.lower().removeprefix("cap_") for cap in unit.one("AmbientCapabilities").split() if cap
     ]
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--reset-env"]
+    limits = []
+    for key, flag, resource_id in (
+        ("LimitCORE", "core", resource.RLIMIT_CORE),
+        ("LimitNOFILE", "nofile", resource.RLIMIT_NOFILE),
+    ):
+        if unit.one(key):
+            # At most the hard limit this machine grants (systemd, as PID 1, could raise it).
+            hard = resource.getrlimit(resource_id)[1]
+            value = int(unit.one(key))
+            limits.append(
+                f"--{flag}={value if hard == resource.RLIM_INFINITY else min(value, hard)}"
+            )
+    prefix = ["prlimit", *limits, "--"] if limits else []
+    prefix += ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--reset-env"]
     if caps:
         granted = ",".join(f"+{cap}" for cap in caps)
         prefix += [f"--inh-caps={granted}", f"--ambient-caps={granted}"]
     prefix += [f"--bounding-set=-all{''.join(f',+{cap}' for cap in caps)}"]
     if unit.one("NoNewPrivileges") == "yes":
         prefix.append("--no-new-privs")
-    return [*prefix, "env", *(f"{k}={v}" for k, v in env.items()), *unit.exec_start]
+    umask = unit.one("UMask")
+    start = ["sh", "-c", f'umask {umask} && exec "$@"', "sh"] if umask else []
+    return [*prefix, "env", *(f"{k}={v}" for k, v in env.items()), *start, *unit.exec_start]
 
 
 def units() -> dict[str, Unit]:
