@@ -344,6 +344,7 @@ class Scenario:
                     os.killpg(process.pid, signal.SIGKILL)
         if self.pebble is not None:
             self.pebble.stop()
+            shutil.rmtree(self.pebble.workdir, ignore_errors=True)
         for other in [self.redis_proc, *self.others]:
             if other is not None and other.poll() is None:
                 other.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown; Redis stops

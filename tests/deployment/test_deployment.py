@@ -37,6 +37,9 @@ def _missing() -> str | None:
     for tool in ("ip", "unshare", "setpriv", "runuser", "initdb", "postgres", "redis-server"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
+    probe = subprocess.run(["unshare", "--net", "--mount", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return "cannot make network and mount namespaces here (unshare --net --mount)"
     return None
 
 
