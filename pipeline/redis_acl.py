@@ -10,7 +10,8 @@ writers at all, and keeps both users inside certman's keys on a Redis shared wit
 - the **pipeline** user (workers, beat, Flower, the ``certman`` commands) reads and writes
   certman's keys and the Celery broker's (kombu's Redis transport: the queues, their priority
   lists, ``_kombu.*``, ``unacked*``, the remote-control (pidbox) queues) and publishes on
-  certman's channel and Celery's event and remote-control fan-out channels. It gets no admin
+  certman's channel and Celery's event and remote-control fan-out channels (including the
+  workers' gossip, so the units need no ``--without-gossip``). It gets no admin
   or dangerous commands (``FLUSHALL``, ``CONFIG``, ``KEYS``, ``DEBUG``...).
 
 :func:`setuser_commands` renders them as ``ACL SETUSER`` lines (docs/production.md shows them
@@ -60,11 +61,13 @@ def pipeline_rules(
     ]
     channels = [
         f"&{prefix}:events",
-        # kombu's fan-out exchanges are channels /<db>.<exchange>[/<routing key>]: task events
-        # (Flower) and remote control. kombu PSUBSCRIBEs to exactly these patterns, and Redis
-        # lets a user PSUBSCRIBE only to a pattern written in its ACL, character for character.
-        f"&/{db}.celeryev/*",
-        f"&/{db}.celery.pidbox",
+        # kombu's fan-out exchanges are channels /<db>.<exchange>[/<routing key>], a routing
+        # key's # written * (kombu.transport.redis). kombu PSUBSCRIBEs to these patterns, and
+        # Redis lets a user PSUBSCRIBE only to a pattern written in its ACL character for
+        # character, so each subscriber's pattern is listed; PUBLISH to any matching channel.
+        f"&/{db}.celeryev/*",  # every event: Flower, `celery events` (routing key #)
+        f"&/{db}.celeryev/worker.*",  # the workers' gossip (routing key worker.#)
+        f"&/{db}.celery.pidbox",  # remote control broadcast (celery inspect/control, mingle)
     ]
     return [
         "resetkeys", "resetchannels", f"~{prefix}:*", *broker_keys, *channels,

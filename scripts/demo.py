@@ -5,20 +5,23 @@ Pebble (Let's Encrypt's test CA) with a DNS server that points every name at thi
 edge, a Celery worker, beat and Flower, all through ``tests.support.system.System`` (the same
 harness the integration tests use, so the demo runs the real commands), on the embedded
 defaults: SQLite under ``.demo/`` and the local Redis in a database of its own (8 by default,
-flushed at start) under the key prefix ``certman-demo``. A tiny upstream server plays every
-dealer's website. ``scripts/sample-dealers.csv`` goes in through the real
-``scripts/bulk_onboard.py``; when every valid site is active, the demo shows each certificate
-as fetched over TLS with SNI from the edge, and each dealer's page fetched through the edge
-over HTTPS. Then it stays up until Ctrl-C (or ``--stop`` from another shell).
+cleared at start, which it says first) under the key prefix ``certman-demo``; a database
+holding keys the demo does not write (a shared Redis's) is refused unless ``--force``. A tiny
+upstream server plays every dealer's website. ``scripts/sample-dealers.csv`` goes in through
+the real ``scripts/bulk_onboard.py``; when every valid site is active, the demo shows each
+certificate as fetched over TLS with SNI from the edge, and each dealer's page fetched through
+the edge over HTTPS. Then it stays up until Ctrl-C (or ``--stop`` from another shell).
 
     scripts/demo              start, show, stay up
     scripts/demo --no-wait    start, show, stop (a smoke test for CI: non-zero if anything failed)
     scripts/demo --stop       stop a demo started earlier (pid file in .demo/)
+    scripts/demo --redis-db 9 another Redis database (cleared at start)
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import html
 import http.client
 import json
@@ -225,12 +228,55 @@ def stop_earlier() -> int:
     return 0
 
 
+# --- the Redis database it clears ---------------------------------------------------------------
+def demo_key_patterns(db: int) -> list[str]:
+    """The keys a demo writes: its prefix's and the Celery broker's (the pipeline ACL user's)."""
+    from pipeline.redis_acl import pipeline_rules
+
+    return [rule[1:] for rule in pipeline_rules(PREFIX, db) if rule.startswith("~")]
+
+
+def foreign_keys(client: Any, db: int, limit: int = 1000) -> list[str]:
+    """Up to ``limit`` keys of the database that no demo wrote."""
+    patterns = demo_key_patterns(db)
+    found: list[str] = []
+    for raw in client.scan_iter(count=500):
+        key = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        if not any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns):
+            found.append(key)
+            if len(found) >= limit:
+                break
+    return found
+
+
+def claim_database(client: Any, db: int, *, force: bool) -> str | None:
+    """Clear the demo's database; None, or why not (it holds someone else's keys)."""
+    foreign = foreign_keys(client, db)
+    if foreign and not force:
+        shown = ", ".join(repr(key) for key in foreign[:3])
+        more = "+" if len(foreign) >= 1000 else ""
+        return (
+            f"Redis database {db} holds {len(foreign)}{more} keys the demo did not write "
+            f"({shown}): not clearing it; choose an empty one with --redis-db N, or --force"
+        )
+    client.flushdb()
+    return None
+
+
 # --- the run -----------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
     parser.add_argument("--stop", action="store_true", help="stop a demo started earlier")
     parser.add_argument("--no-wait", action="store_true", help="exit after showing the table")
-    parser.add_argument("--redis-db", type=int, default=8, help="Redis database (flushed)")
+    parser.add_argument(
+        "--redis-db", type=int, default=8, help="Redis database (cleared at start; default 8)"
+    )
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379", help="the Redis server (without a database)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="clear the database even if it holds others' keys"
+    )
     parser.add_argument("--csv", type=Path, default=SAMPLE, help="the dealers to onboard")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for issuance")
     parser.add_argument("--concurrency", type=int, default=8, help="the worker's processes")
@@ -245,6 +291,10 @@ def main() -> int:
     args = parse_args()
     if args.stop:
         return stop_earlier()
+    import redis
+
+    redis_url = f"{args.redis.rstrip('/')}/{args.redis_db}"
+    say(f"demo: uses Redis database {args.redis_db} at {args.redis} and clears it at start")
     DEMO.mkdir(exist_ok=True)
     if PIDFILE.exists():
         pid = int(json.loads(PIDFILE.read_text())["pid"])
@@ -252,18 +302,21 @@ def main() -> int:
             say(f"demo: already running (pid {pid}); stop it with scripts/demo --stop")
             return 1
         stop_earlier()  # a stale pid file: clean what that run left behind
-
-    import redis
+    # Refused before anything is started or cleared: a shared Redis's keys stay.
+    try:
+        client = redis.Redis.from_url(redis_url)
+        refused = claim_database(client, args.redis_db, force=args.force)
+        client.close()
+    except redis.exceptions.RedisError as exc:
+        say(f"demo: Redis unavailable at {redis_url}: {exc}")
+        return 1
+    if refused:
+        say(f"demo: {refused}")
+        return 1
 
     from tests.support.ports import free_port
     from tests.support.system import System
 
-    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
-    try:
-        redis.Redis.from_url(redis_url).flushdb()  # the demo's own database: stale tasks out
-    except redis.exceptions.RedisError as exc:
-        say(f"demo: Redis unavailable at {redis_url}: {exc}")
-        return 1
     for directory in ("run", "pebble"):
         shutil.rmtree(DEMO / directory, ignore_errors=True)
         (DEMO / directory).mkdir()

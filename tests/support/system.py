@@ -217,7 +217,8 @@ class System:
             [
                 str(BIN / "celery"), "-A", "pipeline", "worker", "-l", "info",
                 "-c", str(concurrency), "-n", name or f"w{index}-{os.getpid()}@%h",
-                "--without-gossip", "--without-mingle", "-E",
+                # As the unit starts it: gossip and mingle on (the ACL must allow them).
+                "-E",
             ],
             env=env,
             supervised=True,
