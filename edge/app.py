@@ -238,7 +238,7 @@ class Edge:
         )
         # The SNI callback runs inside OpenSSL's handshake, which cannot await: it reads blobs
         # from the local mirror, and from Redis only before the mirror was ever filled.
-        self.mirror = Mirror(config.mirror_path, source=config.prefix)
+        self.mirror = Mirror(config.mirror_path, source=config.prefix, signers=config.signers)
         self._first_fill_redis: redis.Redis[Any] = sync_client(
             target,
             socket_connect_timeout=min(0.2, config.handshake_redis_timeout),

@@ -40,7 +40,7 @@ from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex, Snapshot, StatementUnavailable
 from edge.verifier import BATCH, Verifier, raw_digest
-from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
+from pipeline.distribution import SiteRecord, channel
 from pipeline.redis_connect import RedisTarget, async_client, sync_client
 from pipeline.signing import SignedChallenge, SignedSite
 
@@ -108,12 +108,14 @@ class Syncer:
         """Serve what the local mirror holds, before Redis has said anything; True if it held
         a synced snapshot (the edge is then ready)."""
         contents = self.mirror.load()
+        self._index.trust_remembered(contents.trusted)
+        # What this edge accepted before, whatever Redis says when it answers.
+        prepared = SiteIndex.prepare(contents.index, {})
+        self._index.remember(contents.floors, self.mirror.statement, prepared.names)
         if not contents.usable:
             return False
-        self._index.trust_remembered(contents.trusted)
         # Statements are read from the mirror on first use; what it did not remember as
         # verified is verified then, or ahead once Redis answers and a snapshot is read.
-        prepared = SiteIndex.prepare(contents.index, {})
         self._index.install(prepared._replace(lookup=self.mirror.statement))
         self.version = contents.version
         self.synced_at = contents.synced_at
@@ -199,13 +201,15 @@ class Syncer:
             version_raw, raw_index, raw_signed, prepared, pending = await asyncio.to_thread(
                 self._read_snapshot, reader
             )
-        # Otherwise the blobs that changed first, so the index never names content the
-        # mirror lacks.
+        # Otherwise into the mirror first (what of it this edge accepts, blobs included), so
+        # the index never names content the mirror lacks.
         key = f"{self._prefix}:sites"
-        fetched = await self.mirror.fetch_missing(
-            raw_index, lambda domains: reader.hmget(key, domains), self._metrics.mirror_fetched.inc
+        fetched = await self.mirror.store_snapshot(
+            raw_signed,
+            lambda domains: reader.hmget(key, domains),
+            self._metrics.mirror_fetched.inc,
+            self._index.known_digest,
         )
-        await self.mirror.replace_index(raw_index, raw_signed)
         if not first_fill:
             self._load(prepared, pending, version_raw, cause)
         self.mirror_complete = True
@@ -376,13 +380,7 @@ class Syncer:
                 self._index.refuse_unsigned(record.domain)
             elif self._index.accept(record.signed, record) is not None:
                 raw = record.signed.to_json().encode()
-                self.mirror.put_site(
-                    record.domain,
-                    index_entry(record).encode(),
-                    raw,
-                    record.to_json().encode(),
-                    content_hash(record),
-                )
+                self.mirror.put_site(record.signed, raw, record.to_json().encode())
                 # Verified just now: a restart, or the next snapshot, need not verify it again.
                 verified = (record.domain, raw_digest(raw), record.signed.signer)
                 self._index.trust([verified[:2]])
@@ -398,8 +396,8 @@ class Syncer:
                 self._resnapshot = True
             else:
                 self._index.accept(statement)
-                if self._index.get(domain) is None:
-                    self.mirror.remove_site(domain, statement.to_json().encode())
+                if self._index.removed_version(domain) == statement.version:
+                    self.mirror.remove_site(statement, statement.to_json().encode())
         self.version = version
         self._mark_synced()
 
