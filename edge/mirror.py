@@ -1,10 +1,16 @@
 """The edge's local sealed mirror: the snapshot on the edge host's disk, so that serving never
 waits for Redis.
 
-It holds exactly what Redis holds for the edges, per site: the index entry, the signed
-statement, and the blob (the chain and the *sealed* envelope). Nothing in it opens without
-the edge's private key, which is not in it, so the key invariant holds: no clear private key
-on disk. The TLS path reads a site's blob from here (a primary-key lookup in a local file),
+It holds what this edge accepted of what Redis holds, per site: the signed statement with its
+version (or the signed tombstone that removed the site, with its version), the index entry
+built from that statement, and the blob (the chain and the *sealed* envelope) the statement
+signed, row and blob written in one transaction. A statement is taken in only if a trusted key
+signed it, it is filed under its own domain and it is newer than the one held; a site missing
+from a snapshot is kept. So what a Redis writer without the signing key can do (put back an
+older genuine statement, file one site's statement under another, delete a site, replay a
+removed site's last record) never reaches this file, and an edge restarted from it, with Redis
+down or forged, serves what it served before. Nothing in it opens without the edge's private
+key, which is not in it, so the key invariant holds: no clear private key on disk. The TLS path reads a site's blob from here (a primary-key lookup in a local file),
 never from the network; an edge restarted while Redis is down loads its index from here and
 serves at once; a reconnect fetches only the blobs whose content hash changed.
 
