@@ -10,8 +10,10 @@ from a snapshot is kept. So what a Redis writer without the signing key can do (
 older genuine statement, file one site's statement under another, delete a site, replay a
 removed site's last record) never reaches this file, and an edge restarted from it, with Redis
 down or forged, serves what it served before. Nothing in it opens without the edge's private
-key, which is not in it, so the key invariant holds: no clear private key on disk. The TLS path reads a site's blob from here (a primary-key lookup in a local file),
-never from the network; an edge restarted while Redis is down loads its index from here and
+key, which is not in it, so the key invariant holds: no clear private key on disk.
+
+The TLS path reads a site's blob from here (a primary-key lookup in a local file), never from
+the network; an edge restarted while Redis is down loads its index from here and
 serves at once; a reconnect fetches only the blobs whose content hash changed.
 
 It also remembers which statements this edge has verified (their digest and signer), so a
