@@ -27,6 +27,7 @@ from typing import NoReturn
 from tornado.netutil import bind_sockets
 
 from edge.app import Edge, EdgeConfig
+from edge.startup_checks import StartupProblem, check_paths
 from edge.tls import PROFILES, listening_context
 from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
@@ -136,18 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     key_dir = args.key_dir or settings.edge_key_dir
     if key_dir is None:
         _fail("no key directory: pass --key-dir or set CERTMAN_EDGE_KEY_DIR")
-    try:
-        keyring = Keyring.load_dir(key_dir)
-    except KeyFileError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{key_dir}: {exc.strerror or exc}")
     signers_path = args.trusted_signers or settings.edge_trusted_signers
     if signers_path is None:
         _fail(
             "no trusted signers: pass --trusted-signers or set CERTMAN_EDGE_TRUSTED_SIGNERS to "
             "the pipeline's signing .pub file (certman keys generate --purpose signing)"
         )
+    state_dir = args.state_dir or settings.data_dir / "edge"
+    try:
+        check_paths(key_dir, signers_path, state_dir)
+    except StartupProblem as exc:
+        _fail(str(exc))
+    try:
+        keyring = Keyring.load_dir(key_dir)
+    except KeyFileError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{key_dir}: {exc.strerror or exc}")
     try:
         signers = TrustedSigners.load(signers_path)
     except KeyFileError as exc:
@@ -204,7 +210,6 @@ def main(argv: list[str] | None = None) -> None:
         metrics = bind_sockets(args.metrics_port + worker, args.metrics_address or None)
     except OSError as exc:
         _fail(f"cannot listen for metrics: {exc.strerror or exc}")
-    state_dir = args.state_dir or settings.data_dir / "edge"
     config = dataclasses.replace(config, mirror_path=state_dir / f"mirror-{worker}.sqlite3")
     loop_factory = _loop_factory(args.loop)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
