@@ -370,7 +370,8 @@ class Edge:
             return
         if self._refusals_logged.get(domain) != (version, kind):
             self._refusals_logged[domain] = (version, kind)
-            log.error("refusing the record of %s (version %d): %s", domain, version, detail)
+            log.error("refusing the record of %s (version %d): %s", domain, version, detail,
+                      extra={"domain": domain})  # fmt: skip
 
     def _proxy_header_refused(self, reason: str) -> None:
         self.metrics.requests_rejected.labels(f"proxy_protocol_{reason}").inc()

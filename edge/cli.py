@@ -29,6 +29,7 @@ from tornado.netutil import bind_sockets
 from edge.app import Edge, EdgeConfig
 from edge.startup_checks import StartupProblem, check_paths
 from edge.tls import PROFILES, listening_context
+from pipeline import logformat
 from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_connect import RedisTarget
@@ -116,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         help="event loop (auto: uvloop when installed)",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("CERTMAN_LOG_FORMAT") or "text",
+        help="text, or json: one JSON object per line (default: CERTMAN_LOG_FORMAT, else text)",
+    )
     return p
 
 
@@ -126,10 +132,10 @@ def _fail(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        logformat.configure(args.log_level, args.log_format)
+    except ValueError as exc:  # an unknown level or format
+        _fail(f"--log-level / --log-format: {exc}")
     try:
         settings = get_settings()
     except SettingsError as exc:

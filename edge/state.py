@@ -116,7 +116,8 @@ RefusalListener = Callable[[str, str, str, int], None]
 
 
 def _log_refusal(domain: str, kind: str, detail: str, version: int) -> None:
-    log.error("refusing the record of %s (version %d): %s", domain, version, detail)
+    log.error("refusing the record of %s (version %d): %s", domain, version, detail,
+              extra={"domain": domain})  # fmt: skip
 
 
 class SiteIndex:
@@ -366,7 +367,8 @@ class SiteIndex:
             parse_index_entry(entry)
         except (ValueError, UnicodeDecodeError):
             self.malformed += 1
-            log.error("index entry for %s is malformed; its names are refused", domain)
+            log.error("index entry for %s is malformed; its names are refused", domain,
+                      extra={"domain": domain})  # fmt: skip
             return self._fall_back(domain)
         if raw_signed is None:
             detail = "unsigned (run `certman snapshot resync` on the pipeline)"

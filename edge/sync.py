@@ -99,6 +99,7 @@ class Syncer:
         self._resnapshot = False
         self._malformed_log = RateLimitedLog(log, logging.WARNING, 60.0)
         self._failure_log = RateLimitedLog(log, logging.ERROR, 60.0)
+        self._unreachable_log = RateLimitedLog(log, logging.WARNING, 60.0)
         metrics.sync_connected.set_function(lambda: 1.0 if self.connected else 0.0)
         metrics.sync_lag.set_function(self.lag)
         metrics.sync_version.set_function(lambda: float(self.version))
@@ -153,11 +154,20 @@ class Syncer:
                 backoff = 0.05
                 await self._follow(client, reader, pubsub)
             except _CONNECTION_ERRORS as exc:
+                where = self._target.describe()
                 if self.connected:
-                    log.warning("lost Redis (%s); serving what we have, reconnecting", exc)
+                    log.warning("lost Redis at %s (%s); serving what we have, reconnecting",
+                                where, exc)  # fmt: skip
                 else:
-                    log.debug("Redis unreachable: %s", exc)
+                    # Said at once (an edge that cannot reach Redis at start must not be silent
+                    # at the unit's log level), then once a minute while it lasts.
+                    self._unreachable_log.log(
+                        "cannot reach Redis at %s (%s); serving what the mirror has, retrying",
+                        where,
+                        exc,
+                    )
                 self._metrics.sync_connection_errors.inc()
+                self._metrics.sync_failures.inc()
             except Exception:
                 # A bug or a reply nobody foresaw: keep serving, say so, and start over.
                 self._metrics.sync_failures.inc()
