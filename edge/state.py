@@ -155,10 +155,12 @@ class SiteIndex:
         # domain -> version of the signed tombstone that removed it: nothing at or below it is
         # accepted again (a replay of the last genuine record must not bring the site back).
         self._removed: dict[str, int] = {}
-        # What this edge accepted before it restarted (see remember): domain -> version, for
-        # the domains whose statement has not been read back yet, and where it is read.
-        self._floors: dict[str, int] = {}
+        # What this edge accepted before it restarted (see remember): the domains whose
+        # statement has not been read back yet, where it is read, and the version of those
+        # read back whose signer is no longer trusted (nothing older is accepted either).
+        self._unread: set[str] = set()
         self._remembered: Callable[[str], bytes | None] | None = None
+        self._floors: dict[str, int] = {}
         self._remembered_names: dict[str, str] = {}
         self._listeners: list[ChangeListener] = []
         self.malformed = 0
@@ -214,20 +216,19 @@ class SiteIndex:
 
     def remember(
         self,
-        floors: Mapping[str, tuple[int, bool]],
+        held: Iterable[str],
+        tombstones: Mapping[str, int],
         statement: Callable[[str], bytes | None],
         names: Mapping[str, str],
     ) -> None:
-        """What this edge accepted before a restart, from its local mirror: per domain the
-        version of the statement accepted last and whether it was a removal, where that
+        """What this edge accepted before a restart, from its local mirror: the domains it
+        holds a statement of, the versions of the signed tombstones of removed ones, where a
         statement is read (on the event loop, when first needed), and the names its entries
         route. Nothing older is accepted again, and a site whose snapshot entry is missing,
         replayed or misfiled is served from what was accepted, as before the restart."""
-        for domain, (version, removed) in floors.items():
-            if removed:
-                self._removed[domain] = max(version, self._removed.get(domain, 0))
-            elif domain not in self._accepted:
-                self._floors[domain] = version
+        for domain, version in tombstones.items():
+            self._removed[domain] = max(version, self._removed.get(domain, 0))
+        self._unread = {domain for domain in held if domain not in self._accepted}
         self._remembered = statement
         self._remembered_names = dict(names)
 
@@ -273,6 +274,7 @@ class SiteIndex:
         if signed.removed:
             self._accepted.pop(signed.domain, None)
             self._accepted_raw.pop(signed.domain, None)
+            self._unread.discard(signed.domain)
             self._floors.pop(signed.domain, None)
             self._removed[signed.domain] = signed.version
             self._drop(signed.domain)
@@ -325,7 +327,7 @@ class SiteIndex:
         for name, domain in self._remembered_names.items():
             # A name the snapshot's (unsigned) map lost still leads where it led before.
             self.names.setdefault(name, domain)
-        for domain in [*self._accepted, *self._floors]:
+        for domain in [*self._accepted, *self._unread]:
             if domain not in unparsed and not self._removed_by_tombstone(domain):
                 # Gone from Redis with no signed removal: only a writer without our key does
                 # that. Keep serving what we had, from the mirror, which kept it too.
@@ -407,20 +409,20 @@ class SiteIndex:
         """The newest statement accepted for ``domain``: in memory, or read back from the
         mirror when it was accepted before a restart (and still verifies)."""
         meta = self._accepted.get(domain)
-        if meta is not None or domain not in self._floors or self._remembered is None:
+        if meta is not None or domain not in self._unread or self._remembered is None:
             return meta
         raw = self._remembered(domain)
+        self._unread.discard(domain)
         if raw is None:
             return None
         try:
             statement = SignedSite.from_json(raw)
         except BadSignature:
             return None
-        if statement.domain != domain or statement.version < self._floors[domain]:
+        if statement.domain != domain:
             return None
         if statement.removed:
-            # Removed since the restart, the mirror written after the floor was read.
-            del self._floors[domain]
+            # Removed since the restart (the mirror written after it was loaded).
             self._removed[domain] = max(statement.version, self._removed.get(domain, 0))
             return None
         digest = raw_digest(raw)
@@ -429,8 +431,10 @@ class SiteIndex:
             try:
                 self._signers.verify_site(statement)
             except BadSignature:
-                return None  # its signer retired since: the floor still holds
-        del self._floors[domain]
+                # Its signer retired since: not served, but it was accepted, so nothing
+                # older is either.
+                self._floors[domain] = statement.version
+                return None
         meta = SiteMeta.from_signed(statement)
         self._accepted[domain] = meta
         self._accepted_raw[domain] = digest
@@ -490,6 +494,7 @@ class SiteIndex:
                     del self.names[name]
         self.sites[meta.domain] = meta
         self._accepted[meta.domain] = meta
+        self._unread.discard(meta.domain)
         self._floors.pop(meta.domain, None)
         self._removed.pop(meta.domain, None)
         self._accepted_raw.pop(meta.domain, None)  # set again by _parse when it read the raw

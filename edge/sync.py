@@ -112,7 +112,9 @@ class Syncer:
         self._index.trust_remembered(contents.trusted)
         # What this edge accepted before, whatever Redis says when it answers.
         prepared = SiteIndex.prepare(contents.index, {})
-        self._index.remember(contents.floors, self.mirror.statement, prepared.names)
+        self._index.remember(
+            prepared.unparsed, contents.tombstones, self.mirror.statement, prepared.names
+        )
         if not contents.usable:
             return False
         # Statements are read from the mirror on first use; what it did not remember as
@@ -207,6 +209,10 @@ class Syncer:
             )
             self._index.add_statements(statements)
             self._verify_ahead(pending)
+            if self._verifying is not None:
+                # Into the mirror once verified: the mirror takes in only what verifies, and
+                # would otherwise verify the same statements a second time.
+                await self._verifying
         else:
             version_raw, raw_index, raw_signed, prepared, pending = await asyncio.to_thread(
                 self._read_snapshot, reader
@@ -219,6 +225,7 @@ class Syncer:
             lambda domains: reader.hmget(key, domains),
             self._metrics.mirror_fetched.inc,
             self._index.known_digest,
+            self._verified_by_mirror,
         )
         if not first_fill:
             self._load(prepared, pending, version_raw, cause)
@@ -227,6 +234,12 @@ class Syncer:
         self._mark_synced()
         log.info("snapshot: %d sites at version %d (%s), %d blobs fetched into the mirror",
                  len(raw_index), self.version, cause, fetched)  # fmt: skip
+
+    def _verified_by_mirror(self, rows: list[tuple[str, bytes]]) -> None:
+        """Statements the mirror's writer verified (on its thread): known good here too."""
+        self._index.trust(rows)
+        if self._verifier is not None:
+            self._verifier.verified.inc(len(rows))
 
     def _read_index(
         self, reader: redis.Redis[Any]

@@ -227,7 +227,8 @@ def test_a_mirror_written_before_versions_were_kept_keeps_only_what_verifies(
         kept = {"good.test"} | ({"other.test"} if not removed else set())
         assert {d.decode() for d in contents.index} == kept
         assert contents.index[b"good.test"] == index_entry(good).encode()
-        assert contents.floors["good.test"] == (good.signed.version, False)
+        assert mirror.statement("good.test") == good.signed.to_json().encode()
+        assert contents.tombstones == {}
     finally:
         mirror.close()
     # Opened again: already migrated, nothing changes.

@@ -94,6 +94,9 @@ def test_a_change_is_served_before_its_write_is_committed(tmp_path: Path) -> Non
                 b"gone.test": gone[1],  # its blob gone from Redis: not written without it
                 b"x.test": stranger.to_json().encode(),  # not a trusted signer
                 b"y.test": c[1],  # filed under another domain
+                b"t.test": SIGNER.sign_site(SignedSite("t.test", 4, removed=True))
+                .to_json()
+                .encode(),
             }
             counts: list[int] = []
             assert await mirror.store_snapshot(signed, fetch, counts.append) == 1
@@ -106,7 +109,7 @@ def test_a_change_is_served_before_its_write_is_committed(tmp_path: Path) -> Non
             await mirror.flush()
             contents = mirror.load()
             assert set(contents.index) == {b"a.test", b"c.test"}
-            assert contents.floors == {"a.test": (3, False), "c.test": (5, False)}
+            assert contents.tombstones == {"t.test": 4}
             assert contents.version == 7 and contents.index[b"c.test"].endswith(b"\tc.test")
         finally:
             mirror.close()
