@@ -6,6 +6,7 @@ a site."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,8 +24,9 @@ from pipeline.distribution import publish_site
 from pipeline.signing import SigningKey
 from tests.support.pki import Pki
 from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
 
-from .conftest import Keys, RunningEdge, Sites, edge_command, get_status, wait_for
+from .conftest import Keys, RunningEdge, Sites, edge_command, get_status, serial_of, wait_for
 
 
 @dataclass
@@ -186,3 +188,41 @@ def test_an_unknown_log_format_is_one_line(
     assert edge.reader is not None
     edge.reader.join(5)
     assert len(edge.lines) == 1 and "log format must be one of text, json" in edge.lines[0][1]
+
+
+def test_an_edge_that_loses_redis_says_so_at_once_naming_it(
+    tmp_path: Path,
+    pki: Pki,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = RedisServer()
+    client = server.start()
+    try:
+        record = sites.record("kept.test")
+        publish_site(client, "ops", record)
+        client.close()
+        edge = start_edge(redis_url=server.url, prefix="ops", mirror_path=tmp_path / "m.sqlite3")
+        edge.wait_ready()
+        caplog.set_level(logging.WARNING, logger="edge.sync")
+        server.stop()
+        lost = time.monotonic()
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "Redis at" in r.getMessage()]
+
+        wait_for(said, what="a warning")
+        assert time.monotonic() - lost < 5.0
+        assert said()[0].startswith(f"lost Redis at redis://127.0.0.1:{server.port}")
+        before = float(
+            next(
+                line.split()[1]
+                for line in edge.metrics().splitlines()
+                if line.startswith("certman_edge_sync_failures_total ")
+            )
+        )
+        assert before >= 1
+        assert serial_of(edge.peer_cert("kept.test")) == record.serial
+    finally:
+        server.stop()
