@@ -125,17 +125,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Set once logging writes JSON lines: a log pipeline must not meet a line of plain text then.
+_json_errors = False
+
+
 def _fail(message: str) -> NoReturn:
-    print(f"certman-edge: {message}", file=sys.stderr)
+    if _json_errors:
+        log.critical("certman-edge: %s", message)
+    else:
+        print(f"certman-edge: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    global _json_errors
     try:
         logformat.configure(args.log_level, args.log_format)
     except ValueError as exc:  # an unknown level or format
         _fail(f"--log-level / --log-format: {exc}")
+    _json_errors = args.log_format == "json"
     try:
         settings = get_settings()
     except SettingsError as exc:

@@ -226,3 +226,19 @@ def test_an_edge_that_loses_redis_says_so_at_once_naming_it(
         assert serial_of(edge.peer_cert("kept.test")) == record.serial
     finally:
         server.stop()
+
+
+def test_a_refusal_to_start_is_a_json_line_too(
+    tmp_path: Path, redis_url: str, run_edge: Callable[..., EdgeProcess]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(state, 0o777)
+    edge = run_edge(state, redis_url, "--log-format", "json")
+    assert edge.proc.wait(30) == 2
+    assert edge.reader is not None
+    edge.reader.join(5)
+    assert len(edge.lines) == 1, edge.lines
+    record = json.loads(edge.lines[0][1])
+    assert record["level"] == "CRITICAL" and str(state) in record["message"]
+    assert "group- or world-writable" in record["message"]
