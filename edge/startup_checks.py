@@ -66,9 +66,11 @@ def _stat(path: Path, what: str) -> os.stat_result:
 
 
 def _unenterable_parent(path: Path) -> Path | None:
+    """The first directory above ``path`` this user cannot enter (None: it can enter every
+    one that exists)."""
     for parent in reversed(path.absolute().parents):
         if not os.access(parent, os.X_OK):
-            return parent
+            return parent if os.path.lexists(parent) else None
     return None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -194,3 +195,13 @@ def test_a_state_directory_the_user_cannot_write_is_one_line(
     os.chown(layout.root, 0, 0)  # nor create it
     rc, stderr = _run(_as_user(*layout.args()))
     _one_line_refusal(rc, stderr, str(layout.state), "cannot create it", f"user {USER}")
+
+
+def test_a_state_directory_under_directories_not_there_yet_is_created(layout: Layout) -> None:
+    """Its parents too (CERTMAN_DATA_DIR/edge on a fresh host), and the edge goes on."""
+    state = layout.root / "data" / "edge"
+    layout.state = state
+    rc, stderr = _run(edge_command(*layout.args(), "--max-header-size", "10"))
+    # Past every check of its files: what stops it is the next thing it checks.
+    _one_line_refusal(rc, stderr, "--max-header-size must be at least 1024")
+    assert state.is_dir() and stat.S_IMODE(state.stat().st_mode) == 0o700
