@@ -289,7 +289,7 @@ class Edge:
         )
         # The SNI callback runs inside OpenSSL's handshake, which cannot await: it reads blobs
         # from the local mirror, and from Redis only before the mirror was ever filled.
-        self.mirror = Mirror(config.mirror_path, source=config.prefix)
+        self.mirror = Mirror(config.mirror_path, source=config.prefix, signers=config.signers)
         self._first_fill_redis: redis.Redis[Any] = sync_client(
             target,
             socket_connect_timeout=min(0.2, config.handshake_redis_timeout),
@@ -476,7 +476,8 @@ class Edge:
             return
         if self._refusals_logged.get(domain) != (version, kind):
             self._refusals_logged[domain] = (version, kind)
-            log.error("refusing the record of %s (version %d): %s", domain, version, detail)
+            log.error("refusing the record of %s (version %d): %s", domain, version, detail,
+                      extra={"domain": domain})  # fmt: skip
 
     def _proxy_header_refused(self, reason: str) -> None:
         self.metrics.requests_rejected.labels(f"proxy_protocol_{reason}").inc()

@@ -28,7 +28,9 @@ from tornado.netutil import bind_sockets
 
 from edge.app import Edge, EdgeConfig
 from edge.loops import valid_pseudonym
+from edge.startup_checks import StartupProblem, check_paths
 from edge.tls import PROFILES, listening_context
+from pipeline import logformat
 from pipeline.keys import KeyFileError, Keyring
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_connect import RedisTarget
@@ -116,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
         help="event loop (auto: uvloop when installed)",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("CERTMAN_LOG_FORMAT") or "text",
+        help="text, or json: one JSON object per line (default: CERTMAN_LOG_FORMAT, else text)",
+    )
     _add_budget_arguments(p)
     return p
 
@@ -252,18 +259,27 @@ def _budget_config(args: argparse.Namespace) -> dict[str, Any]:
 # ---- end of budgets and loops ---------------------------------------------------------------
 
 
+# Set once logging writes JSON lines: a log pipeline must not meet a line of plain text then.
+_json_errors = False
+
+
 def _fail(message: str) -> NoReturn:
-    print(f"certman-edge: {message}", file=sys.stderr)
+    if _json_errors:
+        log.critical("certman-edge: %s", message)
+    else:
+        print(f"certman-edge: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    global _json_errors
+    try:
+        logformat.configure(args.log_level, args.log_format)
+    except ValueError as exc:  # an unknown level or format
+        _fail(f"--log-level / --log-format: {exc}")
+    _json_errors = args.log_format == "json"
     budgets = _budget_config(args)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
     try:
         settings = get_settings()
     except SettingsError as exc:
@@ -271,18 +287,23 @@ def main(argv: list[str] | None = None) -> None:
     key_dir = args.key_dir or settings.edge_key_dir
     if key_dir is None:
         _fail("no key directory: pass --key-dir or set CERTMAN_EDGE_KEY_DIR")
-    try:
-        keyring = Keyring.load_dir(key_dir)
-    except KeyFileError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{key_dir}: {exc.strerror or exc}")
     signers_path = args.trusted_signers or settings.edge_trusted_signers
     if signers_path is None:
         _fail(
             "no trusted signers: pass --trusted-signers or set CERTMAN_EDGE_TRUSTED_SIGNERS to "
             "the pipeline's signing .pub file (certman keys generate --purpose signing)"
         )
+    state_dir = args.state_dir or settings.data_dir / "edge"
+    try:
+        check_paths(key_dir, signers_path, state_dir)
+    except StartupProblem as exc:
+        _fail(str(exc))
+    try:
+        keyring = Keyring.load_dir(key_dir)
+    except KeyFileError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{key_dir}: {exc.strerror or exc}")
     try:
         signers = TrustedSigners.load(signers_path)
     except KeyFileError as exc:
@@ -340,7 +361,6 @@ def main(argv: list[str] | None = None) -> None:
         metrics = bind_sockets(args.metrics_port + worker, args.metrics_address or None)
     except OSError as exc:
         _fail(f"cannot listen for metrics: {exc.strerror or exc}")
-    state_dir = args.state_dir or settings.data_dir / "edge"
     config = dataclasses.replace(config, mirror_path=state_dir / f"mirror-{worker}.sqlite3")
     loop_factory = _loop_factory(args.loop)
     with asyncio.Runner(loop_factory=loop_factory) as runner:

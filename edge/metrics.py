@@ -104,7 +104,8 @@ class EdgeMetrics:
         )
         self.sync_failures = Counter(
             "certman_edge_sync_failures_total",
-            "Unexpected errors that stopped the sync loop before it restarted with backoff.",
+            "Failed attempts of the sync loop (Redis unreachable or lost, or an unexpected "
+            "error), each retried with backoff.",
             registry=r,
         )
         self.requests_rejected = Counter(

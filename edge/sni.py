@@ -171,6 +171,7 @@ class SiteContexts:
                     "refusing that name",
                     meta.domain,
                     name,
+                    extra={"domain": meta.domain},
                 )
             raise NameNotCovered(name)
         return site.ctx
@@ -201,6 +202,7 @@ class SiteContexts:
                     domain,
                     record.domain,
                     domain,
+                    extra={"domain": domain},
                 )
             return None
         if content_digest(record.chain_pem, record.envelope) != meta.digest:
@@ -211,7 +213,9 @@ class SiteContexts:
                 self._misfiled[domain] = version
                 self._metrics.signature_failures.labels("blob", "mismatch").inc()
                 log.error(
-                    "the blob of %s is not the one its signed record names; refusing it", domain
+                    "the blob of %s is not the one its signed record names; refusing it",
+                    domain,
+                    extra={"domain": domain},
                 )
             return None
         if not (record.chain_pem and record.envelope):
@@ -258,7 +262,8 @@ class SiteContexts:
             kind, reason = "BadCertificate", str(exc)
         self._metrics.envelope_failures.labels(kind).inc()
         self._failed[record.domain] = content_hash(record)
-        log.error("cannot serve %s: %s (%s); refusing its handshakes", record.domain, reason, kind)
+        log.error("cannot serve %s: %s (%s); refusing its handshakes", record.domain, reason, kind,
+                  extra={"domain": record.domain})  # fmt: skip
 
 
 class SniSelector:

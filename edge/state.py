@@ -116,7 +116,8 @@ RefusalListener = Callable[[str, str, str, int], None]
 
 
 def _log_refusal(domain: str, kind: str, detail: str, version: int) -> None:
-    log.error("refusing the record of %s (version %d): %s", domain, version, detail)
+    log.error("refusing the record of %s (version %d): %s", domain, version, detail,
+              extra={"domain": domain})  # fmt: skip
 
 
 class SiteIndex:
@@ -151,6 +152,16 @@ class SiteIndex:
         # domain -> digest of a raw statement whose signature is known good (verified ahead
         # by edge.verifier, or by this edge before a restart), not yet necessarily accepted.
         self._trusted: dict[str, bytes] = {}
+        # domain -> version of the signed tombstone that removed it: nothing at or below it is
+        # accepted again (a replay of the last genuine record must not bring the site back).
+        self._removed: dict[str, int] = {}
+        # What this edge accepted before it restarted (see remember): the domains whose
+        # statement has not been read back yet, where it is read, and the version of those
+        # read back whose signer is no longer trusted (nothing older is accepted either).
+        self._unread: set[str] = set()
+        self._remembered: Callable[[str], bytes | None] | None = None
+        self._floors: dict[str, int] = {}
+        self._remembered_names: dict[str, str] = {}
         self._listeners: list[ChangeListener] = []
         self.malformed = 0
 
@@ -203,6 +214,28 @@ class SiteIndex:
             (domain, digest) for domain, (digest, signer) in remembered.items() if signer in current
         )
 
+    def remember(
+        self,
+        held: Iterable[str],
+        tombstones: Mapping[str, int],
+        statement: Callable[[str], bytes | None],
+        names: Mapping[str, str],
+    ) -> None:
+        """What this edge accepted before a restart, from its local mirror: the domains it
+        holds a statement of, the versions of the signed tombstones of removed ones, where a
+        statement is read (on the event loop, when first needed), and the names its entries
+        route. Nothing older is accepted again, and a site whose snapshot entry is missing,
+        replayed or misfiled is served from what was accepted, as before the restart."""
+        for domain, version in tombstones.items():
+            self._removed[domain] = max(version, self._removed.get(domain, 0))
+        self._unread = {domain for domain in held if domain not in self._accepted}
+        self._remembered = statement
+        self._remembered_names = dict(names)
+
+    def removed_version(self, domain: str) -> int | None:
+        """The version of the signed tombstone ``domain`` was removed by, if it is removed."""
+        return self._removed.get(domain)
+
     def certificates_known(self) -> int:
         """Sites with a certificate, parsed ones by their statement, the rest by the index's
         word: a metric must not force 100,000 verifications."""
@@ -241,6 +274,9 @@ class SiteIndex:
         if signed.removed:
             self._accepted.pop(signed.domain, None)
             self._accepted_raw.pop(signed.domain, None)
+            self._unread.discard(signed.domain)
+            self._floors.pop(signed.domain, None)
+            self._removed[signed.domain] = signed.version
             self._drop(signed.domain)
             return None
         meta = SiteMeta.from_signed(signed)
@@ -288,11 +324,16 @@ class SiteIndex:
         self._unparsed, self._signed = unparsed, snapshot.signed
         self._lookup = snapshot.lookup
         self.malformed = snapshot.malformed
-        for domain, last in list(self._accepted.items()):
+        for name, domain in self._remembered_names.items():
+            # A name the snapshot's (unsigned) map lost still leads where it led before.
+            self.names.setdefault(name, domain)
+        for domain in [*self._accepted, *self._unread]:
             if domain not in unparsed and not self._removed_by_tombstone(domain):
                 # Gone from Redis with no signed removal: only a writer without our key does
-                # that. Keep serving what we had (its blob may be gone too: then it fails).
-                self._restore(last)
+                # that. Keep serving what we had, from the mirror, which kept it too.
+                last = self._last(domain)
+                if last is not None:
+                    self._restore(last)
         # Only parsed sites can have a TLS context in use: an entry never looked up has none.
         # One whose index entry names other content is verified now, not evicted on the
         # index's unsigned word: a replayed or forged entry must not cost it its context.
@@ -328,7 +369,8 @@ class SiteIndex:
             parse_index_entry(entry)
         except (ValueError, UnicodeDecodeError):
             self.malformed += 1
-            log.error("index entry for %s is malformed; its names are refused", domain)
+            log.error("index entry for %s is malformed; its names are refused", domain,
+                      extra={"domain": domain})  # fmt: skip
             return self._fall_back(domain)
         if raw_signed is None:
             detail = "unsigned (run `certman snapshot resync` on the pipeline)"
@@ -363,9 +405,58 @@ class SiteIndex:
         self._signed.pop(domain, None)
         return raw
 
+    def _last(self, domain: str) -> SiteMeta | None:
+        """The newest statement accepted for ``domain``: in memory, or read back from the
+        mirror when it was accepted before a restart (and still verifies)."""
+        meta = self._accepted.get(domain)
+        if meta is not None or domain not in self._unread or self._remembered is None:
+            return meta
+        raw = self._remembered(domain)
+        self._unread.discard(domain)
+        if raw is None:
+            return None
+        try:
+            statement = SignedSite.from_json(raw)
+        except BadSignature:
+            return None
+        if statement.domain != domain:
+            return None
+        if statement.removed:
+            # Removed since the restart (the mirror written after it was loaded).
+            self._removed[domain] = max(statement.version, self._removed.get(domain, 0))
+            return None
+        digest = raw_digest(raw)
+        if self._trusted.get(domain) != digest:
+            self._on_verified()
+            try:
+                self._signers.verify_site(statement)
+            except BadSignature:
+                # Its signer retired since: not served, but it was accepted, so nothing
+                # older is either.
+                self._floors[domain] = statement.version
+                return None
+        meta = SiteMeta.from_signed(statement)
+        self._accepted[domain] = meta
+        self._accepted_raw[domain] = digest
+        return meta
+
     def _newer(self, signed: SignedSite) -> bool:
-        last = self._accepted.get(signed.domain)
-        if last is None or signed.version > last.version:
+        last = self._last(signed.domain)
+        removed_at = self._removed.get(signed.domain)
+        if removed_at is not None and (last is None or removed_at > last.version):
+            if signed.version > removed_at or (signed.version == removed_at and signed.removed):
+                return True
+            detail = f"not newer than its removal at version {removed_at}"
+            self._refuse(signed.domain, "rollback", detail, signed.version)
+            return False
+        if last is None:
+            floor = self._floors.get(signed.domain)
+            if floor is None or signed.version > floor:
+                return True
+            detail = f"not newer than version {floor}, accepted before a restart"
+            self._refuse(signed.domain, "rollback", detail, signed.version)
+            return False
+        if signed.version > last.version:
             return True
         if signed.version == last.version and not signed.removed:
             same = SiteMeta.from_signed(signed) == last
@@ -379,7 +470,7 @@ class SiteIndex:
 
     def _fall_back(self, domain: str) -> SiteMeta | None:
         """The last good statement of ``domain``, if any, back in use; else its names go."""
-        last = self._accepted.get(domain)
+        last = self._last(domain)
         if last is not None:
             self._restore(last)
             return last
@@ -403,6 +494,9 @@ class SiteIndex:
                     del self.names[name]
         self.sites[meta.domain] = meta
         self._accepted[meta.domain] = meta
+        self._unread.discard(meta.domain)
+        self._floors.pop(meta.domain, None)
+        self._removed.pop(meta.domain, None)
         self._accepted_raw.pop(meta.domain, None)  # set again by _parse when it read the raw
         for name in meta.names:
             self.names[name] = meta.domain

@@ -40,7 +40,7 @@ from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex, Snapshot, StatementUnavailable
 from edge.verifier import BATCH, Verifier, raw_digest
-from pipeline.distribution import SiteRecord, channel, content_hash, index_entry
+from pipeline.distribution import SiteRecord, channel
 from pipeline.redis_connect import RedisTarget, async_client, sync_client
 from pipeline.signing import SignedChallenge, SignedSite
 
@@ -99,6 +99,7 @@ class Syncer:
         self._resnapshot = False
         self._malformed_log = RateLimitedLog(log, logging.WARNING, 60.0)
         self._failure_log = RateLimitedLog(log, logging.ERROR, 60.0)
+        self._unreachable_log = RateLimitedLog(log, logging.WARNING, 60.0)
         metrics.sync_connected.set_function(lambda: 1.0 if self.connected else 0.0)
         metrics.sync_lag.set_function(self.lag)
         metrics.sync_version.set_function(lambda: float(self.version))
@@ -108,12 +109,16 @@ class Syncer:
         """Serve what the local mirror holds, before Redis has said anything; True if it held
         a synced snapshot (the edge is then ready)."""
         contents = self.mirror.load()
+        self._index.trust_remembered(contents.trusted)
+        # What this edge accepted before, whatever Redis says when it answers.
+        prepared = SiteIndex.prepare(contents.index, {})
+        self._index.remember(
+            prepared.unparsed, contents.tombstones, self.mirror.statement, prepared.names
+        )
         if not contents.usable:
             return False
-        self._index.trust_remembered(contents.trusted)
         # Statements are read from the mirror on first use; what it did not remember as
         # verified is verified then, or ahead once Redis answers and a snapshot is read.
-        prepared = SiteIndex.prepare(contents.index, {})
         self._index.install(prepared._replace(lookup=self.mirror.statement))
         self.version = contents.version
         self.synced_at = contents.synced_at
@@ -151,11 +156,20 @@ class Syncer:
                 backoff = 0.05
                 await self._follow(client, reader, pubsub)
             except _CONNECTION_ERRORS as exc:
+                where = self._target.describe()
                 if self.connected:
-                    log.warning("lost Redis (%s); serving what we have, reconnecting", exc)
+                    log.warning("lost Redis at %s (%s); serving what we have, reconnecting",
+                                where, exc)  # fmt: skip
                 else:
-                    log.debug("Redis unreachable: %s", exc)
+                    # Said at once (an edge that cannot reach Redis at start must not be silent
+                    # at the unit's log level), then once a minute while it lasts.
+                    self._unreachable_log.log(
+                        "cannot reach Redis at %s (%s); serving what the mirror has, retrying",
+                        where,
+                        exc,
+                    )
                 self._metrics.sync_connection_errors.inc()
+                self._metrics.sync_failures.inc()
             except Exception:
                 # A bug or a reply nobody foresaw: keep serving, say so, and start over.
                 self._metrics.sync_failures.inc()
@@ -195,17 +209,24 @@ class Syncer:
             )
             self._index.add_statements(statements)
             self._verify_ahead(pending)
+            if self._verifying is not None:
+                # Into the mirror once verified: the mirror takes in only what verifies, and
+                # would otherwise verify the same statements a second time.
+                await self._verifying
         else:
             version_raw, raw_index, raw_signed, prepared, pending = await asyncio.to_thread(
                 self._read_snapshot, reader
             )
-        # Otherwise the blobs that changed first, so the index never names content the
-        # mirror lacks.
+        # Otherwise into the mirror first (what of it this edge accepts, blobs included), so
+        # the index never names content the mirror lacks.
         key = f"{self._prefix}:sites"
-        fetched = await self.mirror.fetch_missing(
-            raw_index, lambda domains: reader.hmget(key, domains), self._metrics.mirror_fetched.inc
+        fetched = await self.mirror.store_snapshot(
+            raw_signed,
+            lambda domains: reader.hmget(key, domains),
+            self._metrics.mirror_fetched.inc,
+            self._index.known_digest,
+            self._verified_by_mirror,
         )
-        await self.mirror.replace_index(raw_index, raw_signed)
         if not first_fill:
             self._load(prepared, pending, version_raw, cause)
         self.mirror_complete = True
@@ -213,6 +234,12 @@ class Syncer:
         self._mark_synced()
         log.info("snapshot: %d sites at version %d (%s), %d blobs fetched into the mirror",
                  len(raw_index), self.version, cause, fetched)  # fmt: skip
+
+    def _verified_by_mirror(self, rows: list[tuple[str, bytes]]) -> None:
+        """Statements the mirror's writer verified (on its thread): known good here too."""
+        self._index.trust(rows)
+        if self._verifier is not None:
+            self._verifier.verified.inc(len(rows))
 
     def _read_index(
         self, reader: redis.Redis[Any]
@@ -376,13 +403,7 @@ class Syncer:
                 self._index.refuse_unsigned(record.domain)
             elif self._index.accept(record.signed, record) is not None:
                 raw = record.signed.to_json().encode()
-                self.mirror.put_site(
-                    record.domain,
-                    index_entry(record).encode(),
-                    raw,
-                    record.to_json().encode(),
-                    content_hash(record),
-                )
+                self.mirror.put_site(record.signed, raw, record.to_json().encode())
                 # Verified just now: a restart, or the next snapshot, need not verify it again.
                 verified = (record.domain, raw_digest(raw), record.signed.signer)
                 self._index.trust([verified[:2]])
@@ -398,8 +419,8 @@ class Syncer:
                 self._resnapshot = True
             else:
                 self._index.accept(statement)
-                if self._index.get(domain) is None:
-                    self.mirror.remove_site(domain, statement.to_json().encode())
+                if self._index.removed_version(domain) == statement.version:
+                    self.mirror.remove_site(statement, statement.to_json().encode())
         self.version = version
         self._mark_synced()
 

@@ -49,7 +49,8 @@ class Verifier:
         )
         self.verified = Counter(
             "certman_edge_signatures_verified_ahead_total",
-            "Statements verified on the verifier thread, ahead of their first use.",
+            "Statements verified ahead of their first use: on the verifier thread, or on the "
+            "mirror's writer thread for a snapshot's changes.",
             registry=registry,
         )
         self.verified_on_loop = Counter(

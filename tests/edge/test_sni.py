@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import ssl
 from collections.abc import Callable
 from dataclasses import replace
@@ -11,7 +12,7 @@ import pytest
 import redis
 from cryptography import x509
 
-from pipeline.distribution import publish_site, remove_site, replace_all
+from pipeline.distribution import content_hash, publish_site, remove_site, replace_all
 
 from .conftest import Keys, RunningEdge, Sites, serial_of, wait_for
 
@@ -134,7 +135,11 @@ def test_tampered_envelope_refused_for_that_name_only(
 
 
 def test_lru_bound_and_resync(
-    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+    keys: Keys,
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
 ) -> None:
     records = [sites.record(f"s{i}.test") for i in range(4)]
     replace_all(redis_client, prefix, records)
@@ -145,12 +150,22 @@ def test_lru_bound_and_resync(
     metrics = edge.metrics()
     assert "certman_edge_context_cache_size 2.0" in metrics
     assert 'certman_edge_context_cache_evictions_total{reason="lru"} 2.0' in metrics
-    # An operator's resync with s0 gone and s1 replaced.
+    # An operator's resync with s0 gone and s1 replaced. s0 left without a signed tombstone,
+    # which only a Redis writer without the signing key does: kept, its blob in the mirror.
     new_s1 = sites.record("s1.test")
     replace_all(redis_client, prefix, [new_s1, records[2], records[3]])
     wait_for(lambda: serial_of(edge.peer_cert("s1.test")) == new_s1.serial, what="resynced s1")
-    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
-        edge.peer_cert("s0.test")
+    assert serial_of(edge.peer_cert("s0.test")) == records[0].serial
+    remove_site(redis_client, prefix, "s0.test", signer=keys.signer)
+
+    def s0_gone() -> bool:
+        try:
+            edge.peer_cert("s0.test")
+        except ssl.SSLError as exc:
+            return "UNRECOGNIZED_NAME" in str(exc)
+        return False
+
+    wait_for(s0_gone, what="s0 removed by its signed tombstone")
 
 
 def test_warm_start_builds_contexts_in_background(
@@ -195,6 +210,17 @@ def test_a_record_filed_under_another_domain_is_refused(
     edge.wait_ready()
     unchecked = edge.pki.client_context()
     unchecked.check_hostname = False  # what a client that did not check would be served
+    # Not the blob a.test's statement signed: never taken into the mirror.
+    assert edge.edge is not None and edge.edge.mirror.blob("a.test") is None
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        edge.tls("a.test", ctx=unchecked).close()
+    # Were it in the mirror anyway (one written before the mirror checked blobs), the
+    # handshake still refuses it.
+    with sqlite3.connect(edge.edge.mirror.path) as db:
+        db.execute(
+            "INSERT OR REPLACE INTO blobs (domain, blob, hash) VALUES (?, ?, ?)",
+            ("a.test", b.to_json().encode(), content_hash(b)),
+        )
     for _ in range(3):
         with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
             edge.tls("a.test", ctx=unchecked).close()
@@ -204,6 +230,7 @@ def test_a_record_filed_under_another_domain_is_refused(
     metrics = edge.metrics()
     assert 'certman_edge_envelope_open_failures_total{reason="RecordMisfiled"} 1.0' in metrics
     assert 'certman_edge_sni_total{outcome="envelope_failed"} 3.0' in metrics
+    assert 'certman_edge_sni_total{outcome="unavailable"} 1.0' in metrics
     # Its own record back under its name (published again, so signed again): served at once.
     publish_site(redis_client, prefix, sites.signed(a))
     wait_for(lambda: serial_of(edge.peer_cert("a.test")) == a.serial, what="a.test's own cert")

@@ -257,3 +257,49 @@ def test_an_index_installed_before_its_statements_serves_through_the_lookup(
     assert "second.test" in index.domains()  # still waiting, not refused
     index.add_statements({"first.test": _raw(first), "second.test": _raw(second)})
     assert index.lookup("second.test") is not None
+
+
+def test_a_tombstone_keeps_its_version(index: SiteIndex, refusals: list[tuple[str, str]]) -> None:
+    site = record("a.test", version=1)
+    assert site.signed is not None
+    assert index.accept(site.signed, site) is not None
+    tombstone = SIGNER.sign_site(SignedSite("a.test", 2, removed=True))
+    assert index.accept(tombstone) is None and index.removed_version("a.test") == 2
+    # The last genuine record replayed, as an event and in a snapshot: refused both ways.
+    assert index.accept(site.signed, site) is None
+    raw_index, raw_signed = snapshot(site)
+    index.load_snapshot(raw_index, raw_signed)
+    assert index.lookup("a.test") is None
+    assert refusals == [("a.test", "rollback"), ("a.test", "rollback")]
+    # The same tombstone met again (a re-read snapshot) is no refusal; a newer site is taken.
+    assert index.accept(tombstone) is None and len(refusals) == 2
+    newer = record("a.test", version=3)
+    assert newer.signed is not None and index.accept(newer.signed, newer) is not None
+    assert index.removed_version("a.test") is None
+
+
+def test_what_was_accepted_before_a_restart_holds_against_the_snapshot(
+    refusals: list[tuple[str, str]],
+) -> None:
+    """A restarted edge's index, told what its mirror holds: an older statement, another
+    site's statement filed under the domain and a snapshot without it all leave the site as
+    it was accepted; a removed site's older records stay refused."""
+    signers = TrustedSigners.of([SIGNER.public_key()])
+    index = SiteIndex(signers, on_refused=lambda d, kind, detail, v: refusals.append((d, kind)))
+    old, held, other = record("a.test", version=1), record("a.test", version=5), record("b.test")
+    gone = record("gone.test", version=1)
+    mirror = {"a.test": _raw(held)}
+    index.remember(["a.test"], {"gone.test": 7}, mirror.get, {"a.test": "a.test"})
+    index.load_snapshot(*snapshot(old, gone))
+    meta = index.lookup("a.test")
+    assert meta is not None and meta.version == 5
+    assert index.lookup("gone.test") is None
+    assert sorted(refusals) == [("a.test", "rollback"), ("gone.test", "rollback")]
+    raw_index, raw_signed = snapshot(other)
+    raw_index[b"a.test"], raw_signed[b"a.test"] = raw_index[b"b.test"], raw_signed[b"b.test"]
+    index.load_snapshot(raw_index, raw_signed)
+    meta = index.lookup("a.test")
+    assert meta is not None and meta.version == 5
+    index.load_snapshot({}, {})
+    meta = index.lookup("a.test")
+    assert meta is not None and meta.version == 5

@@ -49,44 +49,68 @@ def test_only_good_statements_filed_under_their_own_domain_are_vouched_for() -> 
     ]
 
 
+def _record(domain: str, version: int, chain: str = "chain") -> tuple[SignedSite, bytes, bytes]:
+    """(statement, raw statement, blob) of a site as the pipeline publishes it."""
+    bare = SiteRecord(domain, (domain,), None, chain, "envelope",
+                      datetime(2027, 1, 1, tzinfo=UTC), "1f")  # fmt: skip
+    statement = SIGNER.sign_site(bare.statement(version))
+    return statement, statement.to_json().encode(), bare.to_json().encode()
+
+
 def test_a_change_is_served_before_its_write_is_committed(tmp_path: Path) -> None:
+    signers = TrustedSigners.of([SIGNER.public_key()])
+
     async def scenario() -> None:
-        mirror = Mirror(tmp_path / "mirror.sqlite3")
+        mirror = Mirror(tmp_path / "mirror.sqlite3", signers=signers)
         try:
-            mirror.put_site("a.test", b"entry", b"signed", b"blob-1", "h1")
-            assert mirror.blob("a.test") == b"blob-1"  # at once, written or not
-            mirror.remove_site("a.test", None)
+            a1, a2 = _record("a.test", 1, "one"), _record("a.test", 3, "two")
+            mirror.put_site(*a1)
+            assert mirror.blob("a.test") == a1[2]  # at once, written or not
+            tombstone = SIGNER.sign_site(SignedSite("a.test", 2, removed=True))
+            mirror.remove_site(tombstone, tombstone.to_json().encode())
             assert mirror.blob("a.test") is None
-            mirror.put_site("a.test", b"entry", b"signed", b"blob-2", "h2")
+            mirror.put_site(*a2)
             mirror.trust([("a.test", b"d" * 16, SIGNER.key_id)])
             await mirror.flush()
             assert mirror._pending == {}  # every write committed: read from the file
-            assert mirror.blob("a.test") == b"blob-2"
-            # Only blobs whose content hash the mirror lacks are fetched.
+            assert mirror.blob("a.test") == a2[2]
+            # An older one, from an event behind a snapshot, is not written.
+            mirror.put_site(*a1)
+            await mirror.flush()
+            assert mirror.blob("a.test") == a2[2] and mirror.statement("a.test") == a2[1]
+            # A snapshot: only statements the edge accepts, and only blobs the mirror lacks.
+            c, gone = _record("c.test", 5), _record("gone.test", 5)
+            stranger = SigningKey.generate().sign_site(SignedSite("x.test", 9, ("x.test",)))
             asked: list[list[str]] = []
+            blobs = {"c.test": c[2], "x.test": b"{}"}
 
             def fetch(domains: list[str]) -> list[bytes | None]:
                 asked.append(domains)
-                return [b"blob-" + d.encode() if d != "gone.test" else None for d in domains]
+                return [blobs.get(d) for d in domains]
 
-            index = {
-                b"a.test": b"h2\t1\t\t\ta.test",
-                b"c.test": b"hc\t1\t\t\tc.test",
-                b"gone.test": b"hg\t1\t\t\tgone.test",
-                b"nocert.test": b"hn\t0\t\t\t",
+            signed = {
+                b"a.test": a2[1],  # held: nothing to do
+                b"c.test": c[1],
+                b"gone.test": gone[1],  # its blob gone from Redis: not written without it
+                b"x.test": stranger.to_json().encode(),  # not a trusted signer
+                b"y.test": c[1],  # filed under another domain
+                b"t.test": SIGNER.sign_site(SignedSite("t.test", 4, removed=True))
+                .to_json()
+                .encode(),
             }
             counts: list[int] = []
-            assert await mirror.fetch_missing(index, fetch, counts.append) == 1
+            assert await mirror.store_snapshot(signed, fetch, counts.append) == 1
             assert asked == [["c.test", "gone.test"]] and counts == [1]
-            assert mirror.blob("c.test") == b"blob-c.test"
-            # A snapshot without the site drops it, its blob and what was trusted of it.
-            await mirror.replace_index({b"b.test": b"entry-b"}, {b"b.test": b"signed-b"})
+            assert mirror.blob("c.test") == c[2] and mirror.statement("gone.test") is None
+            assert mirror.statement("x.test") is None and mirror.statement("y.test") is None
+            # A snapshot without the sites (an unsigned removal) drops nothing.
+            await mirror.store_snapshot({}, fetch, counts.append)
             mirror.synced(7)
             await mirror.flush()
             contents = mirror.load()
-            assert (contents.index, contents.trusted) == ({b"b.test": b"entry-b"}, {})
-            assert mirror.statement("b.test") == b"signed-b"
-            assert contents.version == 7 and mirror.blob("a.test") is None
+            assert set(contents.index) == {b"a.test", b"c.test"}
+            assert contents.tombstones == {"t.test": 4}
+            assert contents.version == 7 and contents.index[b"c.test"].endswith(b"\tc.test")
         finally:
             mirror.close()
 
