@@ -68,7 +68,8 @@ enable_utc = True
 # takes over at most beat_lock_timeout (+ one loop interval) after the holder died. Each entry's
 # last run is kept in Redis and recorded before its task is sent, so the beat that takes over
 # carries on the same schedule: an interval may be missed when a beat dies, never doubled.
-beat_scheduler = "redbeat.RedBeatScheduler"
+# pipeline.beat's Scheduler is redbeat's, riding out a Redis restart or failover (see there).
+beat_scheduler = "pipeline.beat:Scheduler"
 _redbeat = _redis.redbeat()
 redbeat_redis_url = _redbeat["redbeat_redis_url"]
 redbeat_redis_use_ssl = _redbeat["redbeat_redis_use_ssl"]
