@@ -23,9 +23,10 @@ Standard library and redis only (no Celery, no SQLAlchemy): the edge imports it.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio
@@ -207,7 +208,7 @@ class RedisTarget:
         merged into ``broker_transport_options``)."""
         if self.sentinel is None:
             return {
-                "broker_url": self.url,
+                "broker_url": _with_ssl_query(self.url, self.tls.celery_ssl(self.url)),
                 "broker_use_ssl": self.tls.celery_ssl(self.url),
                 "transport_options": {},
             }
@@ -249,6 +250,35 @@ class RedisTarget:
             "redbeat_redis_use_ssl": None,
             "redbeat_redis_options": options,
         }
+
+
+def _with_ssl_query(url: str, ssl_options: dict[str, Any] | None) -> str:
+    """``url`` carrying the TLS options in its query, in kombu's own URL form.
+
+    Celery makes a kombu Connection from the bare ``broker_url``, without ``broker_use_ssl``,
+    wherever it masks the URL for display (``celery.app.utils.filter_hidden_settings``: the
+    worker's answer to ``inspect conf``, which Flower asks on every refresh); kombu then logs
+    "defaulting to insecure SSL" for a rediss:// URL, although that Connection never connects.
+    With the same options in the query every Connection made from the URL, masking or real,
+    has them: the real one verifies as before (URL options take precedence over
+    ``broker_use_ssl`` in kombu, and they are the same), and the masked one has nothing to
+    warn about. The URL shown is masked without its query (``Connection.as_uri``).
+    """
+    if ssl_options is None:
+        return url
+    query = {}
+    for key, value in ssl_options.items():
+        if value is None:
+            continue
+        if key == "ssl_cert_reqs":
+            value = {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL: "optional"}.get(
+                value, "none"
+            )
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        query[key] = value
+    separator = "&" if urlsplit(url).query else "?"
+    return f"{url}{separator}{urlencode(query, quote_via=quote)}"
 
 
 if TYPE_CHECKING:
