@@ -55,6 +55,13 @@ task_queues = (Queue("issuance"), Queue("renewals"), Queue("maintenance"))
 task_default_queue = "issuance"
 task_routes = {"certman.maintenance.*": {"queue": "maintenance"}}
 
+# Riding out a Redis restart or failover: the broker connection is retried for ever (the
+# default, said here because the fleet depends on it), and pipeline.consumer keeps a kombu
+# error on closing the lost connection from ending the worker.
+broker_connection_retry = True
+broker_connection_max_retries = None
+worker_consumer = "pipeline.consumer:Consumer"
+
 # Flower needs events; `celery -A pipeline worker -E` or this turns them on.
 worker_send_task_events = True
 task_send_sent_event = True

@@ -51,9 +51,12 @@ def certificates_per_site(system: System) -> dict[str, int]:
         engine.dispose()
 
 
-def test_master_killed_during_bulk_issuance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_master_killed_during_bulk_issuance(tmp_path: Path, tls: bool) -> None:
+    """With ``tls``: the master, the replica and the Sentinels speak TLS only
+    (CERTMAN_REDIS_SENTINEL_TLS), and every role verifies them against the test CA."""
     names = [f"ha{i}.example.com" for i in range(SITES)]
-    with SentinelCluster() as cluster:
+    with SentinelCluster(tls=tls) as cluster:
         env = {
             **cluster.env,
             # Tasks a dead worker had reserved come back within seconds (2 h in production,
