@@ -26,9 +26,11 @@ import time
 from typing import Any
 
 import redis
+from celery.signals import beat_init
 from redbeat.schedulers import (
     LUA_EXTEND_TO_SCRIPT,
     RedBeatScheduler,
+    acquire_distributed_beat_lock,
     get_redis,
 )
 
@@ -71,6 +73,14 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # redbeat ships no typ
             )
             self._outage_since = None
         return interval
+
+    def setup_schedule(self) -> None:
+        # At start: a beat started while Redis is away waits for it (the schedule is written
+        # on the first tick that finds Redis without it) instead of exiting with a traceback.
+        try:
+            super().setup_schedule()
+        except REDIS_ERRORS as exc:
+            self._redis_away(exc)
 
     # --- the lock ----------------------------------------------------------------------------
     def _hold_lock(self) -> bool:
@@ -148,3 +158,24 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # redbeat ships no typ
             super().close()
         except REDIS_ERRORS + (redis.exceptions.LockError,):
             self.lock = None
+
+
+# redbeat takes the lock at start in a beat_init handler, whose failure Celery logs as an ERROR
+# with a traceback: with Redis away at start, this one logs one line instead, and a tick takes
+# the lock once Redis answers. (Connected when the scheduler's module is loaded, which beat
+# does when it prints its banner, before it sends beat_init.)
+beat_init.disconnect(acquire_distributed_beat_lock)
+
+
+def _take_lock_at_start(sender: Any = None, **kwargs: Any) -> None:
+    try:
+        acquire_distributed_beat_lock(sender=sender, **kwargs)
+    except REDIS_ERRORS as exc:
+        scheduler = sender.scheduler
+        if isinstance(scheduler, Scheduler):
+            scheduler._redis_away(exc)
+        else:
+            raise
+
+
+beat_init.connect(_take_lock_at_start)

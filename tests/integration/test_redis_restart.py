@@ -123,6 +123,12 @@ def _run(system: System, server: RedisServer, keeps_data: bool, names: list[str]
     issued_before = [domain for domain, step in orders(system) if step == "done"]
 
     server.stop()
+    # Down long enough for beat to find it gone (it looks once a second), as a real restart is.
+    wait_until(
+        lambda: "beat: Redis unreachable" in _log(system, "beat"),
+        timeout=20,
+        what="beat to find Redis gone",
+    )
     server.start().close()
     # ACL users live in memory only (production loads them from an ACL file at start).
     system.apply_acl()
@@ -152,10 +158,13 @@ def _run(system: System, server: RedisServer, keeps_data: bool, names: list[str]
     # Every role rode it out: still the first process, never restarted by the supervisor.
     for role, process in (("worker", worker), ("beat", beat)):
         assert process.poll() is None, f"{role}'s supervisor exited"
-        log = (system.workdir / f"{role}.log").read_text(errors="replace")
-        assert SUPERVISOR_LINE not in log, f"{role} exited during the Redis restart"
-    beat_log = (system.workdir / "beat.log").read_text(errors="replace")
+        assert SUPERVISOR_LINE not in _log(system, role), f"{role} exited during the restart"
+    beat_log = _log(system, "beat")
     assert "CRITICAL" not in beat_log and "Traceback" not in beat_log
-    assert "beat: Redis unreachable" in beat_log
+    assert "beat: Redis reachable again" in beat_log
     if not keeps_data:
         assert "beat: Redis has lost beat's schedule" in beat_log
+
+
+def _log(system: System, role: str) -> str:
+    return (system.workdir / f"{role}.log").read_text(errors="replace")
