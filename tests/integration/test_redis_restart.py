@@ -159,6 +159,9 @@ def _run(system: System, server: RedisServer, keeps_data: bool, names: list[str]
     for role, process in (("worker", worker), ("beat", beat)):
         assert process.poll() is None, f"{role}'s supervisor exited"
         assert SUPERVISOR_LINE not in _log(system, role), f"{role} exited during the restart"
+    # Celery's consumer steps stopped and started again without errors (gossip's stop used to
+    # log an AttributeError with a traceback on every reconnection).
+    assert "Error on " not in _log(system, "worker")
     beat_log = _log(system, "beat")
     assert "CRITICAL" not in beat_log and "Traceback" not in beat_log
     assert "beat: Redis reachable again" in beat_log
