@@ -55,6 +55,13 @@ task_queues = (Queue("issuance"), Queue("renewals"), Queue("maintenance"))
 task_default_queue = "issuance"
 task_routes = {"certman.maintenance.*": {"queue": "maintenance"}}
 
+# Riding out a Redis restart or failover: the broker connection is retried for ever (the
+# default, said here because the fleet depends on it), and pipeline.consumer keeps a kombu
+# error on closing the lost connection from ending the worker.
+broker_connection_retry = True
+broker_connection_max_retries = None
+worker_consumer = "pipeline.consumer:Consumer"
+
 # Flower needs events; `celery -A pipeline worker -E` or this turns them on.
 worker_send_task_events = True
 task_send_sent_event = True
@@ -68,7 +75,8 @@ enable_utc = True
 # takes over at most beat_lock_timeout (+ one loop interval) after the holder died. Each entry's
 # last run is kept in Redis and recorded before its task is sent, so the beat that takes over
 # carries on the same schedule: an interval may be missed when a beat dies, never doubled.
-beat_scheduler = "redbeat.RedBeatScheduler"
+# pipeline.beat's Scheduler is redbeat's, riding out a Redis restart or failover (see there).
+beat_scheduler = "pipeline.beat:Scheduler"
 _redbeat = _redis.redbeat()
 redbeat_redis_url = _redbeat["redbeat_redis_url"]
 redbeat_redis_use_ssl = _redbeat["redbeat_redis_use_ssl"]

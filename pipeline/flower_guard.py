@@ -2,12 +2,14 @@
 
 Left to itself Flower listens on every interface and serves its UI (every task's arguments,
 that is every dealer's domain, and the buttons that restart or shut down workers) to anyone who
-connects: only its API asks for credentials. certman changes two defaults, before Flower reads
+connects: only its API asks for credentials. certman changes three defaults, before Flower reads
 its options (tornado.options: ``FLOWER_*`` environment variables, then its ``--conf`` file,
 then the command line, each able to override the one before):
 
 - the address is 127.0.0.1 unless ``FLOWER_ADDRESS``, ``address`` in the conf file or
   ``--address`` says otherwise (behind a reverse proxy, or ``--address=0.0.0.0`` on purpose);
+- the task list shows each task's arguments (``tasks_columns``; ``FLOWER_TASKS_COLUMNS`` or
+  ``--tasks_columns`` override it), so that an issuance task shows its domain;
 - Flower refuses to start, with one line saying how to fix it, unless it has credentials:
   ``FLOWER_BASIC_AUTH=user:password`` (or ``--basic-auth``), or OAuth (``--auth`` and
   ``--auth_provider``). ``FLOWER_UNAUTHENTICATED_API=true`` (Flower's own switch for an open
@@ -39,6 +41,9 @@ def install() -> None:
     from tornado.options import options
 
     options.address = "127.0.0.1"
+    # The arguments column: an issuance task's arguments are its order and domain, what an
+    # operator looks for in the list during a stuck order (Flower's default shows no args).
+    options.tasks_columns = TASKS_COLUMNS
     # Flower parses the command line (running parse callbacks), then, if the conf file exists,
     # reads it and parses the command line again (running them again): decide only once
     # everything has been read.
@@ -64,3 +69,4 @@ def _open_on_purpose() -> bool:
 
 
 TRUE = {"1", "true", "t", "yes", "y", "on"}
+TASKS_COLUMNS = "name,uuid,state,args,kwargs,received,runtime,worker"

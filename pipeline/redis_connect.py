@@ -23,9 +23,10 @@ Standard library and redis only (no Celery, no SQLAlchemy): the edge imports it.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio
@@ -110,8 +111,15 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     return SentinelUrl(tuple(sentinels), db, username, password)
 
 
-def check_sentinel_settings(url: str, master: str | None, sentinel_password: str | None) -> None:
+def check_sentinel_settings(
+    url: str, master: str | None, sentinel_password: str | None, tls: bool = False
+) -> None:
     """The settings' check: one line naming the variable that is wrong."""
+    if tls and not is_sentinel(url):
+        raise ValueError(
+            "CERTMAN_REDIS_SENTINEL_TLS is on, but CERTMAN_REDIS_URL is not a sentinel:// URL "
+            "(for one Redis over TLS, use a rediss:// URL)"
+        )
     if is_sentinel(url):
         try:
             parse_sentinel_url(url)
@@ -147,9 +155,14 @@ class RedisTarget:
     tls: RedisTls = field(default_factory=RedisTls)
     sentinel_master: str | None = None
     sentinel_password: str | None = None
+    # With sentinel:// URLs: the Sentinels and the servers they name speak TLS, verified as
+    # ``tls`` says (CA file, client certificate).
+    sentinel_tls: bool = False
 
     def __post_init__(self) -> None:
-        check_sentinel_settings(self.url, self.sentinel_master, self.sentinel_password)
+        check_sentinel_settings(
+            self.url, self.sentinel_master, self.sentinel_password, self.sentinel_tls
+        )
         if not is_sentinel(self.url):
             self.tls.redis_kwargs(self.url)  # refuses TLS options in the URL
 
@@ -162,6 +175,7 @@ class RedisTarget:
             RedisTls.from_settings(settings),
             settings.redis_sentinel_master,
             settings.redis_sentinel_password,
+            settings.redis_sentinel_tls,
         )
 
     @property
@@ -177,7 +191,8 @@ class RedisTarget:
             port = f":{split.port}" if split.port else ""
             return f"{split.scheme}://{host}{port}{split.path if split.hostname else ''}"
         hosts = ", ".join(f"{host}:{port}" for host, port in parsed.sentinels)
-        return f"master {self.sentinel_master!r} (db {parsed.db}) via Sentinels {hosts}"
+        tls = " over TLS" if self.sentinel_tls else ""
+        return f"master {self.sentinel_master!r} (db {parsed.db}) via Sentinels {hosts}{tls}"
 
     def _sentinel_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         # For the connections to the Sentinels themselves: never longer than the caller's own
@@ -190,10 +205,15 @@ class RedisTarget:
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         if self.sentinel_password:
             options["password"] = self.sentinel_password
+        if self.sentinel_tls:
+            options.update(self.tls.redis_py_ssl())
         return options
 
     def _master_kwargs(self, parsed: SentinelUrl, kwargs: dict[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {"db": parsed.db}
+        if self.sentinel_tls:
+            # redis-py's Sentinel pool then makes TLS connections to whichever server is master.
+            options.update(self.tls.redis_py_ssl())
         if parsed.username:
             options["username"] = parsed.username
         if parsed.password is not None:
@@ -207,13 +227,15 @@ class RedisTarget:
         merged into ``broker_transport_options``)."""
         if self.sentinel is None:
             return {
-                "broker_url": self.url,
+                "broker_url": _with_ssl_query(self.url, self.tls.celery_ssl(self.url)),
                 "broker_use_ssl": self.tls.celery_ssl(self.url),
                 "transport_options": {},
             }
         return {
             "broker_url": self.url,
-            "broker_use_ssl": None,
+            # kombu's Sentinel transport connects to the master with these (and its
+            # SentinelManagedSSLConnection); the Sentinels get theirs in sentinel_kwargs.
+            "broker_use_ssl": self.tls.celery_options() if self.sentinel_tls else None,
             "transport_options": {
                 "master_name": self.sentinel_master,
                 "sentinel_kwargs": self._sentinel_kwargs({}),
@@ -246,9 +268,39 @@ class RedisTarget:
         # this URL is not read (the Sentinels come from the options).
         return {
             "redbeat_redis_url": "redis-sentinel://",
-            "redbeat_redis_use_ssl": None,
+            # redbeat turns ssl on for the master's connections when given a dict.
+            "redbeat_redis_use_ssl": self.tls.celery_options() if self.sentinel_tls else None,
             "redbeat_redis_options": options,
         }
+
+
+def _with_ssl_query(url: str, ssl_options: dict[str, Any] | None) -> str:
+    """``url`` carrying the TLS options in its query, in kombu's own URL form.
+
+    Celery makes a kombu Connection from the bare ``broker_url``, without ``broker_use_ssl``,
+    wherever it masks the URL for display (``celery.app.utils.filter_hidden_settings``: the
+    worker's answer to ``inspect conf``, which Flower asks on every refresh); kombu then logs
+    "defaulting to insecure SSL" for a rediss:// URL, although that Connection never connects.
+    With the same options in the query every Connection made from the URL, masking or real,
+    has them: the real one verifies as before (URL options take precedence over
+    ``broker_use_ssl`` in kombu, and they are the same), and the masked one has nothing to
+    warn about. The URL shown is masked without its query (``Connection.as_uri``).
+    """
+    if ssl_options is None:
+        return url
+    query = {}
+    for key, value in ssl_options.items():
+        if value is None:
+            continue
+        if key == "ssl_cert_reqs":
+            value = {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL: "optional"}.get(
+                value, "none"
+            )
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        query[key] = value
+    separator = "&" if urlsplit(url).query else "?"
+    return f"{url}{separator}{urlencode(query, quote_via=quote)}"
 
 
 if TYPE_CHECKING:

@@ -62,6 +62,9 @@ class RedisTls:
         if not uses_tls(url):
             return {}
         _refuse_tls_options_in(url)
+        return self._redis_py_options()
+
+    def _redis_py_options(self) -> dict[str, Any]:
         return {
             "ssl_cert_reqs": "required",
             "ssl_check_hostname": True,
@@ -70,12 +73,21 @@ class RedisTls:
             "ssl_keyfile": _str(self.key_file),
         }
 
+    def redis_py_ssl(self) -> dict[str, Any]:
+        """redis-py's options for a TLS connection, verified, whatever the URL: for Redis
+        reached through Sentinels (and the Sentinels themselves), which no URL describes."""
+        return {"ssl": True, **self._redis_py_options()}
+
     def celery_ssl(self, url: str) -> dict[str, Any] | None:
         """Celery's ``broker_use_ssl`` (and ``redis_backend_use_ssl``) for ``url``; None when
         it is not a rediss:// URL."""
         if not uses_tls(url):
             return None
         _refuse_tls_options_in(url)
+        return self.celery_options()
+
+    def celery_options(self) -> dict[str, Any]:
+        """``broker_use_ssl`` whatever the URL (with Sentinel: the master's connections)."""
         return {
             "ssl_cert_reqs": ssl.CERT_REQUIRED,
             # kombu hands these to redis-py's SSLConnection, whose default this repeats, so

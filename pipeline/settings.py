@@ -340,6 +340,12 @@ class Settings(BaseSettings):
     redis_sentinel_password: str | None = Field(
         None, description="The Sentinels' own password (their requirepass), if any."
     )
+    # Redis over TLS through Sentinel: the Sentinels and the servers they name all speak TLS
+    # (a sentinel:// URL has no TLS form of its own), verified with CERTMAN_REDIS_CA_FILE and
+    # presenting CERTMAN_REDIS_CERT_FILE/_KEY_FILE where given.
+    redis_sentinel_tls: bool = Field(
+        False, description="With sentinel:// URLs: the Sentinels and Redis speak TLS only."
+    )
     # A beat holds a lock in Redis while it schedules; another beat waiting for it takes over
     # this many seconds after the holder stopped renewing it (it renews on every tick).
     beat_lock_timeout: int = Field(30, ge=2, description="Seconds beat's lock outlives its holder.")
@@ -434,11 +440,13 @@ class Settings(BaseSettings):
             for name in ("redis_ca_file", "redis_cert_file", "redis_key_file")
             if getattr(self, name) is not None
         ]
-        if given and not self.redis_url.startswith("rediss://"):
+        tls_by_sentinel = self.redis_sentinel_tls and self.redis_url.startswith("sentinel://")
+        if given and not self.redis_url.startswith("rediss://") and not tls_by_sentinel:
             # Most likely a URL left at redis://: the operator expects TLS and would not get it.
             raise ValueError(
-                f"{' and '.join(given)} set, but CERTMAN_REDIS_URL is not a rediss:// URL, "
-                "so Redis would be used without TLS"
+                f"{' and '.join(given)} set, but CERTMAN_REDIS_URL is not a rediss:// URL "
+                "(nor a sentinel:// one with CERTMAN_REDIS_SENTINEL_TLS on), so Redis would be "
+                "used without TLS"
             )
         return self
 
@@ -450,7 +458,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _redis_sentinel(self) -> Settings:
         check_sentinel_settings(
-            self.redis_url, self.redis_sentinel_master, self.redis_sentinel_password
+            self.redis_url,
+            self.redis_sentinel_master,
+            self.redis_sentinel_password,
+            self.redis_sentinel_tls,
         )
         return self
 

@@ -141,8 +141,12 @@ def sweep_stuck(
     stuck_after: float,
     max_tries: int,
     limit: int = 500,
+    count_tries: bool = True,
 ) -> Sweep:
     """Claim stuck orders: each is re-enqueued at its step, or given up after ``max_tries``.
+
+    ``count_tries`` False: the orders are not at fault (their messages were lost with Redis's
+    data), so the re-send neither counts as a try nor gives any order up.
 
     The claim is a conditional UPDATE (still at that step, still untouched), so two sweepers
     never both take an order, and the bumped ``touched_at`` gives the re-sent chain a full
@@ -152,13 +156,15 @@ def sweep_stuck(
     cutoff = now - timedelta(seconds=stuck_after)
     sweep = Sweep()
     for item in find_stuck(session, now=now, stuck_after=stuck_after, limit=limit):
-        exhausted = item.step_tries >= max_tries
+        exhausted = count_tries and item.step_tries >= max_tries
         claimed = session.execute(
             update(Order)
             .where(Order.id == item.order_id, Order.step == item.step, Order.touched_at < cutoff)
             .values(
                 touched_at=now,
-                step_tries=Order.step_tries if exhausted else Order.step_tries + 1,
+                step_tries=Order.step_tries + 1
+                if count_tries and not exhausted
+                else Order.step_tries,
             )
             .execution_options(synchronize_session=False)
         )

@@ -23,7 +23,8 @@ from pipeline.tasks.issuance import enqueue_chain
 log = logging.getLogger(__name__)
 
 
-@app.task(name="certman.maintenance.dispatch", bind=True, acks_late=True)
+# No task events (pipeline.celery.QUIET_TASKS): every 15 s in Flower it buries the rest.
+@app.task(name="certman.maintenance.dispatch", bind=True, acks_late=True, send_events=False)
 def dispatch_due(self: Task) -> int:
     """Start orders for due sites and renewals, as many as the in-flight bound allows."""
     process = runtime.current()
@@ -78,21 +79,27 @@ def _beat_interval(entry: str, default: float) -> float:
 
 
 @app.task(name="certman.maintenance.sweep_stuck_orders", bind=True, acks_late=True)
-def sweep_stuck_orders(self: Task) -> dict[str, int]:
-    """Re-send the chain of orders nothing has touched for a while; give up after N tries."""
+def sweep_stuck_orders(self: Task, lost: bool = False) -> dict[str, int]:
+    """Re-send the chain of orders nothing has touched for a while; give up after N tries.
+
+    ``lost``: Redis came back without its data (beat found its schedule gone), so every order
+    in flight lost its message: each is sent again now, whatever its age, without counting a
+    try (a copy of a chain still running is harmless: the order lock and the step checks)."""
     process = runtime.current()
     settings = process.settings
     with process.session_scope() as session:
         sweep = upkeep.sweep_stuck(
             session,
             now=utcnow(),
-            stuck_after=settings.stuck_after,
+            stuck_after=0 if lost else settings.stuck_after,
             max_tries=settings.stuck_max_tries,
+            count_tries=not lost,
         )
     # After the commit: a worker must find the claimed row the message talks about.
+    why = "whose message Redis lost" if lost else "stuck"
     for item in sweep.requeue:
-        log.warning("order %s for %s stuck at %s: sent again", item.order_id, item.domain,
-                    item.step)  # fmt: skip
+        log.warning("order %s for %s %s at %s: sent again", item.order_id, item.domain,
+                    why, item.step)  # fmt: skip
         enqueue_chain(item.order_id, item.domain, item.step, item.queue)
     upkeep.fail_exhausted(
         sweep, max_tries=settings.stuck_max_tries, fail_order=OrderSteps(process).fail_order

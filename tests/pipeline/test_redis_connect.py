@@ -4,10 +4,13 @@ one after a failover; Celery's and redbeat's settings say the same as the client
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
+from kombu import Connection
 
 from pipeline.redis_connect import (
     RedisTarget,
@@ -18,6 +21,7 @@ from pipeline.redis_connect import (
 )
 from pipeline.redis_tls import RedisTls
 from tests.support.ports import wait_until
+from tests.support.redis_tls_server import make_ca
 from tests.support.sentinel import MASTER_NAME, SentinelCluster
 
 
@@ -99,3 +103,64 @@ def _failover(cluster: SentinelCluster, target: RedisTarget, client: redis.Redis
     )
     assert cluster.client(cluster.replica_port).get("k") == b"after"
     assert asyncio.run(read_async()) == b"after"
+
+
+# --- Redis over TLS through Sentinel (CERTMAN_REDIS_SENTINEL_TLS) ------------------------------
+def test_sentinel_tls_settings_for_every_client(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "ca").file
+    target = RedisTarget(
+        "sentinel://h1:1;sentinel://h2:2", RedisTls(ca), sentinel_master="m", sentinel_tls=True
+    )
+    broker = target.celery_broker()
+    assert broker["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    assert broker["broker_use_ssl"]["ssl_ca_certs"] == str(ca)
+    sentinels = broker["transport_options"]["sentinel_kwargs"]
+    assert sentinels["ssl"] is True and sentinels["ssl_ca_certs"] == str(ca)
+    beat = target.redbeat()
+    assert beat["redbeat_redis_use_ssl"]["ssl_ca_certs"] == str(ca)
+    assert beat["redbeat_redis_options"]["sentinel_kwargs"]["ssl_cert_reqs"] == "required"
+    assert "over TLS" in target.describe()
+    with pytest.raises(ValueError, match="CERTMAN_REDIS_SENTINEL_TLS is on, but"):
+        RedisTarget("rediss://redis.internal:6380/0", RedisTls(ca), sentinel_tls=True)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[SentinelCluster]:
+    with SentinelCluster(tls=True) as cluster:
+        yield cluster
+
+
+def test_over_tls_clients_find_the_master_and_then_the_promoted_replica(
+    tls_cluster: SentinelCluster,
+) -> None:
+    target = RedisTarget(
+        tls_cluster.url, RedisTls(tls_cluster.ca.file), MASTER_NAME, sentinel_tls=True
+    )
+    client = sync_client(target, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        # The broker (kombu's Sentinel transport) as Celery makes it from the settings.
+        broker = target.celery_broker()
+        with Connection(
+            broker["broker_url"],
+            ssl=broker["broker_use_ssl"],
+            transport_options=broker["transport_options"],
+        ) as connection:
+            connection.ensure_connection(max_retries=1)
+            queue = connection.SimpleQueue("certman-sentinel-tls")
+            queue.put({"over": "tls"})
+            assert queue.get(timeout=5).payload == {"over": "tls"}
+            queue.close()
+        _failover(tls_cluster, target, client)
+    finally:
+        client.close()
+
+
+def test_over_tls_an_unknown_ca_fails_closed(tls_cluster: SentinelCluster, tmp_path: Path) -> None:
+    other = make_ca(tmp_path, "not the cluster's CA").file
+    target = RedisTarget(tls_cluster.url, RedisTls(other), MASTER_NAME, sentinel_tls=True)
+    client = sync_client(target, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            client.set("k", "unverified")
+    finally:
+        client.close()

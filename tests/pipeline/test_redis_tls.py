@@ -329,3 +329,43 @@ def test_the_celery_app_verifies_the_broker(
     wrong = _probe_app(tls_redis.url, wrong_ca.file, tmp_path)
     assert not wrong["connected"] and "CERTIFICATE_VERIFY_FAILED" in wrong["error"]
     assert server_data.dbsize() == 0
+
+
+# What a worker answers to `celery inspect conf`, which Flower asks on every refresh: Celery masks
+# the broker URL by making a kombu Connection of it, without broker_use_ssl.
+_CONF_PROBE = """
+import json, logging
+from types import SimpleNamespace
+warnings = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger().addHandler(Keep())
+logging.getLogger().setLevel(logging.WARNING)
+from celery.worker import control
+from pipeline.celery import app
+answer = control.conf(SimpleNamespace(app=app), with_defaults=False)
+print(json.dumps({"warnings": warnings, "broker_url": answer["broker_url"]}))
+"""
+
+
+def test_the_masked_broker_url_logs_no_insecure_ssl_warning(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "some CA").file
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTMAN_")}
+    env.update(
+        CERTMAN_DATA_DIR=str(tmp_path),
+        CERTMAN_REDIS_URL="rediss://:s3cret@redis.internal:6380/0",
+        CERTMAN_REDIS_CA_FILE=str(ca),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _CONF_PROBE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not [w for w in result["warnings"] if "insecure" in w.lower()], result["warnings"]
+    assert result["broker_url"] == "rediss://:********@redis.internal:6380/0"

@@ -177,6 +177,16 @@ def test_trusted_signers_may_be_a_file_or_a_directory(
 SENTINELS = "sentinel://:secret@10.0.0.1:26379/2;sentinel://10.0.0.2:26379;sentinel://10.0.0.3"
 
 
+def test_sentinel_over_tls_is_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTMAN_REDIS_URL", SENTINELS)
+    monkeypatch.setenv("CERTMAN_REDIS_SENTINEL_MASTER", "certman")
+    monkeypatch.setenv("CERTMAN_REDIS_SENTINEL_TLS", "true")
+    monkeypatch.setenv("CERTMAN_REDIS_CA_FILE", __file__)
+    settings = load_settings()
+    assert settings.redis_sentinel_tls is True
+    assert str(settings.redis_ca_file) == __file__
+
+
 def test_sentinel_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CERTMAN_REDIS_URL", SENTINELS)
     monkeypatch.setenv("CERTMAN_REDIS_SENTINEL_MASTER", "certman")
@@ -212,6 +222,17 @@ def test_sentinel_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
             r"^CERTMAN_REDIS_URL: each ';'-separated address must be a sentinel:// URL \(#2",
         ),
         ({"CERTMAN_BEAT_LOCK_TIMEOUT": "1"}, "^CERTMAN_BEAT_LOCK_TIMEOUT"),
+        (
+            {"CERTMAN_REDIS_SENTINEL_TLS": "true"},
+            "^CERTMAN_REDIS_SENTINEL_TLS is on, but CERTMAN_REDIS_URL is not a sentinel://",
+        ),
+        (
+            # TLS files with Sentinels, but TLS not turned on: Redis would be used in clear.
+            {"CERTMAN_REDIS_URL": SENTINELS, "CERTMAN_REDIS_SENTINEL_MASTER": "certman",
+             "CERTMAN_REDIS_CA_FILE": __file__},
+            r"^CERTMAN_REDIS_CA_FILE set, but .* \(nor a sentinel:// one with "
+            "CERTMAN_REDIS_SENTINEL_TLS on\\)",
+        ),
     ],
 )  # fmt: skip
 def test_bad_sentinel_settings_are_named(

@@ -16,6 +16,7 @@ from types import TracebackType
 import redis
 
 from tests.support.ports import free_port, wait_until
+from tests.support.redis_tls_server import issue, make_ca
 
 MASTER_NAME = "certman"
 # A master that does not answer for this long is subjectively down; two Sentinels agreeing
@@ -25,12 +26,31 @@ FAILOVER_TIMEOUT_MS = 5000
 
 
 class SentinelCluster:
-    def __init__(self, *, sentinels: int = 3) -> None:
+    """With ``tls``: every server and Sentinel listens with TLS only (a certificate of a test
+    CA, ``self.ca``), replicates and monitors over TLS, and asks no client certificate."""
+
+    def __init__(self, *, sentinels: int = 3, tls: bool = False) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="certman-sentinel-"))
         self.master_port = free_port()
         self.replica_port = free_port()
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.tls = tls
+        if tls:
+            self.ca = make_ca(self.directory / "pki", "sentinel test CA")
+            self.server_pair = issue(self.ca, self.directory / "pki", "redis", server=True)
+
+    def _tls_options(self) -> list[str]:
+        """redis-server's options (also Sentinel's, as configuration lines) for TLS only."""
+        if not self.tls:
+            return []
+        return [
+            "tls-cert-file", str(self.server_pair.cert_file),
+            "tls-key-file", str(self.server_pair.key_file),
+            "tls-ca-cert-file", str(self.ca.file),
+            "tls-auth-clients", "no",
+            "tls-replication", "yes",
+        ]  # fmt: skip
 
     # --- addresses -------------------------------------------------------------------------
     @property
@@ -43,19 +63,31 @@ class SentinelCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"CERTMAN_REDIS_URL": self.url, "CERTMAN_REDIS_SENTINEL_MASTER": MASTER_NAME}
+        env = {"CERTMAN_REDIS_URL": self.url, "CERTMAN_REDIS_SENTINEL_MASTER": MASTER_NAME}
+        if self.tls:
+            env["CERTMAN_REDIS_SENTINEL_TLS"] = "true"
+            env["CERTMAN_REDIS_CA_FILE"] = str(self.ca.file)
+        return env
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=1)
+        tls: dict[str, object] = {}
+        if self.tls:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.ca.file), "ssl_cert_reqs": "required"}
+        return redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=1, **tls
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
     def _redis(self, port: int, *extra: str) -> None:
         work = self.directory / str(port)
         work.mkdir()
+        ports = ["--port", "0", "--tls-port", str(port)] if self.tls else ["--port", str(port)]
+        tls = [f"--{option}" if i % 2 == 0 else option
+               for i, option in enumerate(self._tls_options())]  # fmt: skip
         with (work / "redis.log").open("ab") as log:
             self.procs[port] = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(work), *extra],
+                ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(work), *tls, *extra],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -64,8 +96,12 @@ class SentinelCluster:
         work.mkdir()
         config = work / "sentinel.conf"
         # Sentinel rewrites its configuration file as it learns the others: one each, writable.
+        options = self._tls_options()
+        pairs = zip(options[::2], options[1::2], strict=True)
+        tls = "".join(f"{key} {value}\n" for key, value in pairs)
+        listen = f"port 0\ntls-port {port}\n{tls}" if self.tls else f"port {port}\n"
         config.write_text(
-            f"port {port}\n"
+            f"{listen}"
             "bind 127.0.0.1\n"
             f"dir {work}\n"
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 2\n"
