@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Any
 
+import kombu.exceptions
 import redis
 from celery.signals import beat_init
 from redbeat.schedulers import (
@@ -39,6 +40,7 @@ __all__ = ["Scheduler"]
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (
+    kombu.exceptions.OperationalError,  # kombu's name for a broker it cannot reach
     redis.ConnectionError,
     redis.TimeoutError,  # (Sentinel's MasterNotFoundError is a ConnectionError)
     # A demoted master answers writes with READONLY until the client finds the new one.
@@ -119,11 +121,19 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # redbeat ships no typ
             "beat: Redis has lost beat's schedule (restarted without its data?): writing it "
             "again, republishing the edges' snapshot and sending again the orders in flight"
         )
-        self.setup_schedule()
+        # The broker's bindings (kombu's exchange -> queue table) went with the data, and a
+        # message published before a worker declares its queues again would be routed nowhere:
+        # declare them first (whatever kombu's per-connection cache of declarations says).
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            for queue in self.app.amqp.queues.values():
+                queue.bind(channel).declare()
         # Their messages were in the Redis that was lost: what they would have done is done
         # now. Names, not imports: beat never loads the task modules' dependencies.
         self.app.send_task("certman.maintenance.reconcile_snapshot")
         self.app.send_task("certman.maintenance.sweep_stuck_orders", kwargs={"lost": True})
+        # Last: until it is written, the next tick finds it missing and does all this again.
+        self.setup_schedule()
 
     def _send_due(self, min: Any) -> float:
         # redbeat's tick without its lock extension (done above, with errors handled).

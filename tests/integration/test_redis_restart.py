@@ -9,10 +9,7 @@ over: with its data (an append-only file) and without (as a Redis without persis
 
 from __future__ import annotations
 
-import shlex
 import shutil
-import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +22,11 @@ from tests.integration.test_faults import orders_placed
 from tests.integration.test_sentinel import certificates_per_site, orders
 from tests.support.ports import wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.system import BIN, System
+from tests.support.system import System
+from tests.support.units import SUPERVISOR_LINE, role_log, start_role
 
 pytestmark = pytest.mark.integration
 
-UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
-SUPERVISOR_LINE = "test supervisor: exited"
 SITES = 6
 
 
@@ -49,27 +45,6 @@ def failed_validations(system: System) -> int:
             )
     finally:
         engine.dispose()
-
-
-def unit_command(role: str, workdir: Path) -> list[str]:
-    """The unit's ExecStart, with this virtualenv for /opt/certman and the host's name for
-    systemd's %H; beat's schedule file goes to ``workdir``."""
-    (line,) = [
-        line.removeprefix("ExecStart=")
-        for line in (UNITS / f"certman-{role}.service").read_text().splitlines()
-        if line.startswith("ExecStart=")
-    ]
-    line = line.replace("/opt/certman/bin/", f"{BIN}/").replace("%H", socket.gethostname())
-    line = line.replace("/var/lib/certman/", f"{workdir}/")
-    return shlex.split(line)
-
-
-def start_role(system: System, role: str) -> subprocess.Popen[bytes]:
-    process = system._spawn(
-        f"{role}.log", unit_command(role, system.workdir), env=system.env, supervised=True
-    )
-    system.workers.append(process)
-    return process
 
 
 @pytest.fixture(params=["with its data", "empty"])
@@ -125,7 +100,7 @@ def _run(system: System, server: RedisServer, keeps_data: bool, names: list[str]
     server.stop()
     # Down long enough for beat to find it gone (it looks once a second), as a real restart is.
     wait_until(
-        lambda: "beat: Redis unreachable" in _log(system, "beat"),
+        lambda: "beat: Redis unreachable" in role_log(system, "beat"),
         timeout=20,
         what="beat to find Redis gone",
     )
@@ -158,16 +133,12 @@ def _run(system: System, server: RedisServer, keeps_data: bool, names: list[str]
     # Every role rode it out: still the first process, never restarted by the supervisor.
     for role, process in (("worker", worker), ("beat", beat)):
         assert process.poll() is None, f"{role}'s supervisor exited"
-        assert SUPERVISOR_LINE not in _log(system, role), f"{role} exited during the restart"
+        assert SUPERVISOR_LINE not in role_log(system, role), f"{role} exited during the restart"
     # Celery's consumer steps stopped and started again without errors (gossip's stop used to
     # log an AttributeError with a traceback on every reconnection).
-    assert "Error on " not in _log(system, "worker")
-    beat_log = _log(system, "beat")
+    assert "Error on " not in role_log(system, "worker")
+    beat_log = role_log(system, "beat")
     assert "CRITICAL" not in beat_log and "Traceback" not in beat_log
     assert "beat: Redis reachable again" in beat_log
     if not keeps_data:
         assert "beat: Redis has lost beat's schedule" in beat_log
-
-
-def _log(system: System, role: str) -> str:
-    return (system.workdir / f"{role}.log").read_text(errors="replace")

@@ -14,6 +14,7 @@ from tests.integration.test_issuance import fetch_certificate
 from tests.support.ports import wait_until
 from tests.support.sentinel import SentinelCluster
 from tests.support.system import BIN, System
+from tests.support.units import SUPERVISOR_LINE, role_log, start_role
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +75,7 @@ def test_master_killed_during_bulk_issuance(tmp_path: Path, tls: bool) -> None:
             # Validations take a random moment, as a real CA's do, so the issuance is
             # spread out long enough to kill the master in the middle of it.
             pebble_options={"va_sleep": True},
-            # Celery workers exit when the broker connection drops: restarted as systemd would.
+            # As systemd's Restart=always would (and the test checks it never had to).
             supervise=True,
             restart_delay=6,  # past the 5 s visibility timeout: held tasks come back at start
         ) as system:
@@ -87,8 +88,9 @@ def test_master_killed_during_bulk_issuance(tmp_path: Path, tls: bool) -> None:
 
 
 def _run(system: System, cluster: SentinelCluster, names: list[str], tmp_path: Path) -> None:
-    system.start(workers=1)
-    system.start_beat()
+    system.start(workers=0)
+    # As the units start them (gossip, mingle and events on): they must ride out the failover.
+    roles = {role: start_role(system, role) for role in ("worker", "beat")}
     sites = tmp_path / "sites.csv"
     sites.write_text("".join(f"{name}\n" for name in names))
     # Bulk onboarding through the Sentinels too (it kicks the dispatcher over the broker).
@@ -151,6 +153,12 @@ def _run(system: System, cluster: SentinelCluster, names: list[str], tmp_path: P
     assert certificates_per_site(system) == dict.fromkeys(names, 1)
     placed = system.pebble.log_text().count('Added order "')
     assert placed == len(names), f"{placed} orders at the CA for {len(names)} sites"
+
+    # Neither the worker nor beat exited: the supervisor never had to start one again.
+    for role, process in roles.items():
+        assert process.poll() is None, f"{role}'s supervisor exited"
+        assert SUPERVISOR_LINE not in role_log(system, role), f"{role} exited in the failover"
+    assert "CRITICAL" not in role_log(system, "beat")
 
     # The edge caught up: every site served with the certificate the store holds.
     listed = system.domains()

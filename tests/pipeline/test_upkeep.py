@@ -432,3 +432,27 @@ def test_cli_orders_stuck_and_renew(certman_env: dict[str, str]) -> None:
         assert s.scalar(select(Certificate.renew_at)) <= utcnow()  # type: ignore[operator]
     result = runner.invoke(main, ["renew", "--scheme", "rot13", "--within", "7d"])
     assert result.exit_code == 1 and "unknown scheme" in result.output
+
+
+def test_after_redis_lost_its_data_every_order_in_flight_is_sent_again_without_a_try(
+    certman_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sweep_stuck_orders(lost=True), which beat sends when Redis came back empty: whatever
+    their age, and even at max_tries, orders in flight are re-sent, none counted or failed."""
+    from pipeline.tasks import maintenance
+
+    with session_scope() as s:
+        young = make_order(s, make_site(s, "young.example"), step=OrderStep.PLACED,
+                           touched=timedelta(seconds=1))  # fmt: skip
+        tried = make_order(s, make_site(s, "tried.example"), step=OrderStep.READY,
+                           touched=timedelta(hours=1), step_tries=3)  # fmt: skip
+        make_order(s, make_site(s, "done.example"), step=OrderStep.DONE, touched=timedelta(0))
+        ids = {young.id: 0, tried.id: 3}
+    sent: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(maintenance, "enqueue_chain", lambda *args: sent.append(args))
+    assert maintenance.sweep_stuck_orders(lost=True) == {"requeued": 2, "failed": 0}
+    assert sorted(args[1] for args in sent) == ["tried.example", "young.example"]
+    with session_scope() as s:
+        for order_id, tries in ids.items():
+            row = s.get(Order, order_id)
+            assert row is not None and row.step_tries == tries and row.step != OrderStep.FAILED
