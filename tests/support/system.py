@@ -44,8 +44,8 @@ class System:
     pebble_options: dict[str, Any] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     redis_prefix: str = "certman"
-    # Restart a worker or beat that exits, as systemd's Restart=always does in production:
-    # Celery 5.5/kombu 5.7 workers exit when the broker connection drops.
+    # Restart a worker or beat that exits, as systemd's Restart=always does in production (they
+    # ride out a broker restart now; the tests of that assert the supervisor restarted nothing).
     supervise: bool = False
     # Seconds the supervisor waits before starting an exited process again. Longer than the
     # broker's visibility timeout, a restarted worker takes back at once every task the dead
