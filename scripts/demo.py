@@ -6,7 +6,8 @@ edge, a Celery worker, beat and Flower, all through ``tests.support.system.Syste
 harness the integration tests use, so the demo runs the real commands), on the embedded
 defaults: SQLite under ``.demo/`` and the local Redis in a database of its own (8 by default,
 cleared at start, which it says first) under the key prefix ``certman-demo``; a database
-holding keys the demo does not write (a shared Redis's) is refused unless ``--force``. A tiny
+holding keys no demo marked as its own (``certman-demo:owner``: a shared Redis's) is refused
+unless ``--force``. A tiny
 upstream server plays every dealer's website. ``scripts/sample-dealers.csv`` goes in through
 the real ``scripts/bulk_onboard.py``; when every valid site is active, the demo shows each
 certificate as fetched over TLS with SNI from the edge, and each dealer's page fetched through
@@ -21,7 +22,6 @@ the edge over HTTPS. Then it stays up until Ctrl-C (or ``--stop`` from another s
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import html
 import http.client
 import json
@@ -229,37 +229,25 @@ def stop_earlier() -> int:
 
 
 # --- the Redis database it clears ---------------------------------------------------------------
-def demo_key_patterns(db: int) -> list[str]:
-    """The keys a demo writes: its prefix's and the Celery broker's (the pipeline ACL user's)."""
-    from pipeline.redis_acl import pipeline_rules
-
-    return [rule[1:] for rule in pipeline_rules(PREFIX, db) if rule.startswith("~")]
-
-
-def foreign_keys(client: Any, db: int, limit: int = 1000) -> list[str]:
-    """Up to ``limit`` keys of the database that no demo wrote."""
-    patterns = demo_key_patterns(db)
-    found: list[str] = []
-    for raw in client.scan_iter(count=500):
-        key = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        if not any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns):
-            found.append(key)
-            if len(found) >= limit:
-                break
-    return found
+# Written when the demo takes a database: another app's keys may look like the demo's (Celery's
+# own keys are the same for every Celery app), so only this marker says the database is a demo's.
+OWNER_KEY = f"{PREFIX}:owner"
 
 
 def claim_database(client: Any, db: int, *, force: bool) -> str | None:
-    """Clear the demo's database; None, or why not (it holds someone else's keys)."""
-    foreign = foreign_keys(client, db)
-    if foreign and not force:
-        shown = ", ".join(repr(key) for key in foreign[:3])
-        more = "+" if len(foreign) >= 1000 else ""
+    """Clear the demo's database and mark it as the demo's; None, or why not (it holds keys and
+    no demo marked it)."""
+    size = client.dbsize()
+    if size and not client.exists(OWNER_KEY) and not force:
+        shown = ", ".join(
+            repr(raw.decode(errors="replace")) for raw in client.scan(count=100)[1][:3]
+        )
         return (
-            f"Redis database {db} holds {len(foreign)}{more} keys the demo did not write "
-            f"({shown}): not clearing it; choose an empty one with --redis-db N, or --force"
+            f"Redis database {db} holds {size} keys that no demo marked as its own ({shown}): "
+            f"not clearing it; choose an empty one with --redis-db N, or --force"
         )
     client.flushdb()
+    client.set(OWNER_KEY, "scripts/demo")
     return None
 
 

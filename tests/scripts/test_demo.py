@@ -32,7 +32,6 @@ def test_the_demo_names_its_database_and_refuses_one_holding_others_keys(
 ) -> None:
     base, db = _split(redis_url)
     redis_client.set("someone-else:session", "theirs")
-    redis_client.set("certman-demo:version", "1")
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--redis", base,
          "--redis-db", str(db)],
@@ -41,26 +40,27 @@ def test_the_demo_names_its_database_and_refuses_one_holding_others_keys(
     lines = result.stdout.splitlines()
     assert lines[0] == f"demo: uses Redis database {db} at {base} and clears it at start"
     assert result.returncode == 1
-    assert "1 keys the demo did not write ('someone-else:session')" in result.stdout
+    assert "1 keys that no demo marked as its own ('someone-else:session')" in result.stdout
     assert "--force" in lines[-1] and "Traceback" not in result.stdout + result.stderr
     assert redis_client.get("someone-else:session") == b"theirs"  # nothing cleared
-    assert redis_client.get("certman-demo:version") == b"1"
 
 
-def test_the_demo_clears_its_own_keys_and_with_force_anything(
+def test_the_demo_clears_only_a_database_it_marked_and_with_force_anything(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     demo = _demo()
     _, db = _split(redis_url)
-    for key in ("certman-demo:index", "issuance", "unacked", "_kombu.binding.celery",
-                "w0@host.celery.pidbox", "certman-demo:redbeat::lock"):  # fmt: skip
-        redis_client.set(key, "demo's")
-    assert demo.claim_database(redis_client, db, force=False) is None
-    assert redis_client.dbsize() == 0
-
-    redis_client.set("someone-else:session", "theirs")
+    # Another Celery app's keys look like a demo's broker keys: without the marker, refused.
+    for key in ("issuance", "unacked", "_kombu.binding.celery", "w0@host.celery.pidbox"):
+        redis_client.set(key, "another app's")
     refused = demo.claim_database(redis_client, db, force=False)
     assert refused is not None and "--redis-db" in refused
-    assert redis_client.dbsize() == 1
+    assert redis_client.dbsize() == 4
+
     assert demo.claim_database(redis_client, db, force=True) is None
-    assert redis_client.dbsize() == 0
+    assert redis_client.keys() == [demo.OWNER_KEY.encode()]
+    # A database a demo marked is the demo's, whatever else it holds now.
+    redis_client.set("certman-demo:index", "demo's")
+    redis_client.set("issuance", "demo's")
+    assert demo.claim_database(redis_client, db, force=False) is None
+    assert redis_client.keys() == [demo.OWNER_KEY.encode()]
