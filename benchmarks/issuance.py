@@ -189,6 +189,9 @@ def run(
         f"certificates/s; {sum(used.values()) * count / 1000 / (cores * elapsed):.0%} of the "
         "machine busy with these parts during the run"
     )
+    # The machine may be shared: CPU per certificate grows with what else runs on it.
+    one, five, _ = os.getloadavg()
+    where["load average"] = f"{one:.2f} (1 min), {five:.2f} (5 min) at the end, this run included"
     return elapsed, where
 
 
@@ -289,6 +292,8 @@ def main() -> None:
     print(f"steps alone ({args.steps_alone} sites, in one process, no Celery): "
           f"{sum(alone.values()):.1f} ms CPU per certificate")  # fmt: skip
     print("  " + ", ".join(f"{step} {ms:.1f}" for step, ms in alone.items()))
+    one, five, _ = os.getloadavg()
+    print(f"  load average {one:.2f} (1 min), {five:.2f} (5 min) at the end")
     single, _ = run(1, args.workers, args.concurrency, "baseline", args.postgresql)
     print(f"baseline: one site alone, queued to stored: {single:.2f} s")
     print(f"workers: {args.workers} x concurrency {args.concurrency}; one ACME account; "
