@@ -214,7 +214,9 @@ def steps_alone(count: int, admin_url: str | None) -> dict[str, float]:
 
 
 def _forget_settings() -> None:
-    from pipeline import acme_client, connections, db, signer
+    from pipeline import connections, db
+    from pipeline.acme import client as acme_client
+    from pipeline.crypto import signing_key_file as signer
     from pipeline.settings import get_settings
 
     get_settings.cache_clear()
@@ -228,10 +230,10 @@ def _steps_inline(count: int) -> dict[str, float]:
     import heapq
 
     from pipeline import issuance
-    from pipeline.acme_client import get_client
+    from pipeline.acme.client import get_client
+    from pipeline.acme.errors import RetryLater
     from pipeline.db import session_scope
-    from pipeline.dispatch import start_due
-    from pipeline.errors import RetryLater
+    from pipeline.fleet.dispatch import start_due
 
     _forget_settings()
     get_client()  # the account's registration is not a step's cost

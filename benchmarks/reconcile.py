@@ -36,7 +36,9 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.onboard import postgres_database
-from pipeline import connections, db, signer, snapshot
+from pipeline import connections, db
+from pipeline.crypto import signing_key_file as signer
+from pipeline.distribution import publishing as snapshot
 from pipeline.models import Certificate, Site, SiteName
 from pipeline.settings import get_settings
 from tests.support.redis_server import RedisServer

@@ -22,8 +22,8 @@ import redis
 import redis.asyncio
 import tornado.web
 
-from pipeline.distribution import EDGE_HEADER, challenge_key, signed_challenge_key
-from pipeline.signing import BadSignature, SignedChallenge, TrustedSigners
+from pipeline.crypto.signing import BadSignature, SignedChallenge, TrustedSigners
+from pipeline.distribution.layout import EDGE_HEADER, challenge_key, signed_challenge_key
 
 __all__ = ["MISS_LIMIT", "MISS_TTL", "ChallengeHandler", "ChallengeStore", "valid_token"]
 

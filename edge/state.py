@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from edge.verifier import raw_digest
-from pipeline.distribution import SiteRecord, parse_index_entry
-from pipeline.signing import BadSignature, SignedSite, TrustedSigners
+from pipeline.crypto.signing import BadSignature, SignedSite, TrustedSigners
+from pipeline.distribution.layout import SiteRecord, parse_index_entry
 
 __all__ = [
     "RefusalListener",

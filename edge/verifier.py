@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pipeline.signing import SignedSite, TrustedSigners
+from pipeline.crypto.signing import SignedSite, TrustedSigners
 
 __all__ = ["Verifier", "raw_digest"]
 

@@ -13,7 +13,7 @@ import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from pipeline.ratelimit import RateLimiter
+from pipeline.acme.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

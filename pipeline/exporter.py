@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import renewal, upkeep
 from pipeline.db import session_scope
-from pipeline.dispatch import UNFINISHED
+from pipeline.fleet import renewal, upkeep
+from pipeline.fleet.dispatch import UNFINISHED
 from pipeline.models import Attempt, Certificate, Order, Site, SiteState
 from pipeline.models.base import utcnow
 from pipeline.settings import Settings
@@ -152,9 +152,9 @@ class InventoryCollector(Collector):
 
 
 def build_registry(settings: Settings) -> CollectorRegistry:
-    from pipeline.alerts import AlertCountCollector
+    from pipeline.acme.ratelimit import RateLimitCollector
     from pipeline.connections import get_limiter, get_redis
-    from pipeline.ratelimit import RateLimitCollector
+    from pipeline.fleet.alerts import AlertCountCollector
     from pipeline.worker_metrics import register_build_and_process
 
     registry = CollectorRegistry(auto_describe=False)

@@ -25,10 +25,10 @@ from acme import messages
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipeline import envelope, renewal, selfcheck, site_states, worker_metrics
-from pipeline.acme_client import NOT_FOUND, AcmeClient
-from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
-from pipeline.errors import (
+from pipeline import worker_metrics
+from pipeline.acme import selfcheck
+from pipeline.acme.client import NOT_FOUND, AcmeClient
+from pipeline.acme.errors import (
     AttemptFailed,
     FallbackCause,
     IssuanceProblem,
@@ -39,12 +39,15 @@ from pipeline.errors import (
     fallback_cause,
     validation_problem,
 )
-from pipeline.keys import KeyFileError, PublicKey
+from pipeline.acme.ratelimit import RateLimiter
+from pipeline.crypto import envelope
+from pipeline.crypto.certificates import ChainMismatch, inspect_chain, new_sealed_request
+from pipeline.crypto.keys import KeyFileError, PublicKey
+from pipeline.distribution.publishing import Publisher, site_record
+from pipeline.fleet import renewal, site_states
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, SiteState
 from pipeline.models.base import utcnow
-from pipeline.ratelimit import RateLimiter
 from pipeline.settings import KeyType, Settings
-from pipeline.snapshot import Publisher, site_record
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -550,7 +553,7 @@ class OrderSteps:
                 if challenge.error is not None:
                     code = challenge.error.code or "validation failed"
                     detail = f"{info['name']}: {code}: {challenge.error.detail}"
-                    # What a validation error means is the table's (pipeline.errors): the
+                    # What a validation error means is the table's (pipeline.acme.errors): the
                     # CA's "unauthorized" here is a token it fetched and found wrong, which
                     # the customer can fix, so the site backs off rather than blocks.
                     return validation_problem(detail, code)

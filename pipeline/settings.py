@@ -108,7 +108,7 @@ def _is_base64url(value: str) -> bool:
 
 def _parse_rate_limits(var: str, value: str) -> tuple[bool, tuple[tuple[str, str], ...]]:
     """``off``, ``on``/empty (the catalogue), or ``new_orders=100/1h,pace_acme=20/1s``."""
-    from pipeline.ratelimit import parse_rate
+    from pipeline.acme.ratelimit import parse_rate
 
     text = value.strip()
     if text.lower() in ("", "on", "letsencrypt"):
@@ -271,8 +271,8 @@ class Settings(BaseSettings):
     pipeline_key: Path | None = Field(
         None, description="Pipeline's own key; default data_dir/pipeline.key."
     )
-    # Signed distribution (pipeline.signing): the pipeline signs what it publishes, edges trust
-    # only the public halves they are given.
+    # Signed distribution (pipeline.crypto.signing): the pipeline signs what it publishes, edges
+    # trust only the public halves they are given.
     signing_key: Path | None = Field(
         None, description="Pipeline's Ed25519 signing key; default data_dir/signing.key."
     )

@@ -150,7 +150,7 @@ def fetch_page(port: int, name: str, context: ssl.SSLContext) -> str:
 # --- the store ---------------------------------------------------------------------------------
 def sites(database_url: str) -> list[dict[str, Any]]:
     from pipeline.db import session_scope
-    from pipeline.sites import list_sites
+    from pipeline.fleet.sites import list_sites
 
     with session_scope(database_url) as session:
         return list_sites(session)
@@ -231,7 +231,7 @@ def stop_earlier() -> int:
 # --- the Redis database it clears ---------------------------------------------------------------
 def demo_key_patterns(db: int) -> list[str]:
     """The keys a demo writes: its prefix's and the Celery broker's (the pipeline ACL user's)."""
-    from pipeline.redis_acl import pipeline_rules
+    from pipeline.distribution.acl import pipeline_rules
 
     return [rule[1:] for rule in pipeline_rules(PREFIX, db) if rule.startswith("~")]
 

@@ -14,9 +14,9 @@ import redis
 from celery import Task, chain
 
 from pipeline import issuance, runtime, worker_metrics
+from pipeline.acme.errors import AttemptFailed, PollAgain, RetryLater
 from pipeline.celery import app
 from pipeline.connections import release
-from pipeline.errors import AttemptFailed, PollAgain, RetryLater
 from pipeline.issuance import OrderSteps, Step
 from pipeline.logformat import log_context
 from pipeline.models import OrderStep

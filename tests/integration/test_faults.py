@@ -224,8 +224,8 @@ def in_process(system: System, monkeypatch: pytest.MonkeyPatch) -> Iterator[Syst
 
 def _start_order(name: str) -> int:
     from pipeline.db import session_scope
-    from pipeline.dispatch import start_due
-    from pipeline.sites import add_site, parse_site
+    from pipeline.fleet.dispatch import start_due
+    from pipeline.fleet.sites import add_site, parse_site
 
     with session_scope() as session:
         add_site(session, parse_site(name))
@@ -247,8 +247,9 @@ def _order(order_id: int) -> tuple[str, str | None]:
 def test_place_order_rerun_after_a_failed_authorization_fetch_resumes_the_ca_order(
     in_process: System, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import acme_client, issuance
-    from pipeline.errors import RetryLater
+    from pipeline import issuance
+    from pipeline.acme import client as acme_client
+    from pipeline.acme.errors import RetryLater
 
     order_id = _start_order("resume.example.com")
     client = acme_client.get_client()
@@ -270,8 +271,9 @@ def test_place_order_rerun_after_a_failed_authorization_fetch_resumes_the_ca_ord
 def test_place_order_rerun_replaces_a_ca_order_that_went_invalid(
     in_process: System, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import acme_client, issuance
-    from pipeline.errors import RetryLater
+    from pipeline import issuance
+    from pipeline.acme import client as acme_client
+    from pipeline.acme.errors import RetryLater
 
     order_id = _start_order("expired.example.com")
     client = acme_client.get_client()
@@ -318,7 +320,7 @@ def test_place_order_rerun_replaces_a_ca_order_the_ca_no_longer_knows(
 
 def _step_until(step: Callable[[int], None], order_id: int, reached: str) -> None:
     """Run a step as its task would, again after each wait, until the order reaches ``reached``."""
-    from pipeline.errors import RetryLater
+    from pipeline.acme.errors import RetryLater
 
     def done() -> bool:
         try:
@@ -334,7 +336,7 @@ def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
     in_process: System, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline import issuance, runtime
-    from pipeline.errors import RetryLater
+    from pipeline.acme.errors import RetryLater
 
     order_id = _start_order("unpublished.example.com")
     _step_until(issuance.place_order, order_id, "placed")
@@ -363,7 +365,7 @@ def test_an_edge_that_lacks_the_probe_is_our_outage_not_the_dealers_dns(
     # DNS reaches the edge, but the edge cannot see the probe (as when it lost Redis): wait
     # for that to end, without counting a failure against the site or placing an order.
     from pipeline import issuance, runtime
-    from pipeline.errors import RetryLater
+    from pipeline.acme.errors import RetryLater
 
     order_id = _start_order("our-outage.example.com")
     monkeypatch.setattr(runtime.current().publisher, "set_challenge", lambda *args: None)
@@ -398,7 +400,7 @@ def test_an_aaaa_record_pointing_elsewhere_is_found_before_ordering(
     # anything else fails the validation. So must the self-check, or a stray AAAA record
     # would cost a failed validation instead of no order at all.
     from pipeline import issuance
-    from pipeline.errors import AttemptFailed
+    from pipeline.acme.errors import AttemptFailed
 
     elsewhere = _OverIPv6(("::1", in_process.http_port), handler)
     threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
@@ -426,7 +428,9 @@ def test_finalise_keeps_the_key_of_the_csr_another_copy_posted_first(
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from pipeline import acme_client, certificates, issuance
+    from pipeline import issuance
+    from pipeline.acme import client as acme_client
+    from pipeline.crypto import certificates
     from pipeline.db import session_scope
     from pipeline.models import Order
 
@@ -460,7 +464,8 @@ def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) 
     """The window the SIGKILL test may or may not hit: the challenge answered, the worker gone
     before the step was recorded. The re-run must not fail the order on the CA's refusal of a
     second answer."""
-    from pipeline import acme_client, issuance
+    from pipeline import issuance
+    from pipeline.acme import client as acme_client
     from pipeline.db import session_scope
     from pipeline.models import Order, OrderStep
 

@@ -18,7 +18,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.edge.conftest import RunningEdge, Sites
 from tests.pipeline.test_worker_metrics import run_host, stop_host
 from tests.support.factories import make_cert, make_site

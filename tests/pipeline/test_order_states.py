@@ -22,14 +22,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline import issuance
-from pipeline.dispatch import start_due
-from pipeline.envelope import spki_fingerprint
-from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.acme.errors import AttemptFailed, RetryLater
+from pipeline.crypto.envelope import spki_fingerprint
+from pipeline.fleet.dispatch import start_due
+from pipeline.fleet.sites import add_site, parse_site
 from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Certificate, Order, OrderStep, Site, SiteState
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
-from pipeline.sites import add_site, parse_site
 from tests.support.fake_acme import (
     Crash,
     Crashes,
@@ -244,7 +244,7 @@ def test_a_failed_validation_survives_a_crash_at_every_point(
                 session.query(table).delete()
 
 
-# --- what each failure means (pipeline.errors.ACME_ERRORS) ----------------------------------------
+# --- what each failure means (pipeline.acme.errors.ACME_ERRORS) -----------------------------------
 @pytest.mark.parametrize(
     ("code", "state", "outcome"),
     [

@@ -24,7 +24,10 @@ import redis
 import redis.asyncio
 from kombu import Connection
 
-from pipeline import connections, distribution, signer, snapshot
+from pipeline import connections
+from pipeline.crypto import signing_key_file as signer
+from pipeline.distribution import layout as distribution
+from pipeline.distribution import publishing as snapshot
 from pipeline.redis_tls import RedisTls
 from pipeline.settings import get_settings
 from tests.support.redis_tls_server import Ca, TlsRedisServer, make_ca

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import acme_client, connections, db, runtime, signer, snapshot
+from pipeline import connections, db, runtime
+from pipeline.acme import client as acme_client
+from pipeline.crypto import signing_key_file as signer
+from pipeline.distribution import publishing as snapshot
 from pipeline.settings import Settings
 
 

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import delete, select
 
-from pipeline import snapshot
-from pipeline.cli import main
+from pipeline.cli.commands import main
+from pipeline.crypto.signing import SignedChallenge, SignedSite, SigningKey, TrustedSigners
+from pipeline.crypto.signing_key_file import get_signing_key
 from pipeline.db import session_scope
-from pipeline.distribution import SiteRecord, parse_index_entry, replace_all
+from pipeline.distribution import publishing as snapshot
+from pipeline.distribution.layout import SiteRecord, parse_index_entry, replace_all
 from pipeline.models import Certificate, Site
-from pipeline.signer import get_signing_key
-from pipeline.signing import SignedChallenge, SignedSite, SigningKey, TrustedSigners
 from tests.support.factories import NOW, make_cert, make_site
 
 
@@ -118,7 +118,7 @@ def test_resync_and_listing_in_batches_miss_no_site(
 ) -> None:
     # At 100,000 sites both go in batches (PostgreSQL refuses an IN list of more than 65,535
     # ids); batches of two over five sites check the joins between batches.
-    from pipeline import sites
+    from pipeline.fleet import sites
 
     monkeypatch.setattr(snapshot, "RESYNC_BATCH", 2)
     monkeypatch.setattr(sites, "IN_BATCH", 2)

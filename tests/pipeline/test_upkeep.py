@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline import issuance, renewal, upkeep
+from pipeline import issuance
+from pipeline.acme.errors import AttemptFailed, RetryLater
 from pipeline.db import session_scope
-from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.fleet import renewal, upkeep
 from pipeline.models import (
     Attempt,
     Certificate,
@@ -313,8 +314,9 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
     webhook: tuple[str, list[dict[str, Any]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from pipeline import alerts, runtime
+    from pipeline import runtime
     from pipeline.connections import get_redis
+    from pipeline.fleet import alerts
     from pipeline.settings import get_settings
     from pipeline.tasks.maintenance import send_alert_webhook
 
@@ -331,7 +333,7 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
                   lifetime=timedelta(days=6))  # fmt: skip
         make_cert(s, make_site(s, "healthy.example"), not_before=now - timedelta(days=1))
     queued: list[dict[str, Any]] = []
-    with caplog.at_level(logging.ERROR, logger="pipeline.alerts"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.fleet.alerts"):
         for _ in range(3):  # beat runs the check every half hour: one alert a day
             with session_scope() as s:
                 found = upkeep.expiring_alerts(s, now=now, fraction=1 / 6)
@@ -356,7 +358,7 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
 
 
 def test_failing_sites_alert_and_unreachable_webhook_retries(certman_env: dict[str, str]) -> None:
-    from pipeline import alerts
+    from pipeline.fleet import alerts
 
     with session_scope() as s:
         make_site(s, "flaky.example", state=SiteState.RETRYING, failures=5)
@@ -406,7 +408,7 @@ def test_exporter_reports_the_inventory(certman_env: dict[str, str], redis_clien
 
 
 def test_cli_orders_stuck_and_renew(certman_env: dict[str, str]) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     with session_scope() as s:
         site = make_site(s, "stuck.example", state=SiteState.ISSUING)

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from pipeline import site_states
+from pipeline.fleet import site_states
 from pipeline.models import Certificate, Order, OrderKind, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
 

@@ -1,4 +1,4 @@
-"""What the edges see: the pipeline's side of the Redis snapshot (pipeline.distribution).
+"""What the edges see: the pipeline's side of the Redis snapshot (pipeline.distribution.layout).
 
 The one home for publishing to the edges: every site record, removal, resync, reconcile,
 challenge answer and bulk onboarding batch goes through here (:class:`Publisher`, or the batch
@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, selectinload
 
-from pipeline import distribution
+from pipeline.crypto.signing import BadSignature, SignedSite, SigningKey, TrustedSigners
+from pipeline.distribution import layout as distribution
+from pipeline.fleet.sites import NewSite, SiteError, current_certificates
 from pipeline.models import Certificate, Site, SiteName
-from pipeline.signing import BadSignature, SignedSite, SigningKey, TrustedSigners
-from pipeline.sites import NewSite, SiteError, current_certificates
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ cell is ``domain`` is optional; ``-`` reads stdin. Every line is validated like
 and reason (spreadsheet-safe: a cell that would be read as a formula starts with ``'``, as
 OWASP advises; a line with a cell over 32 KiB is one rejected line, not the end of the run).
 Idempotent and resumable: run it again after a crash and it finishes the job. The service
-itself is :mod:`pipeline.onboarding`.
+itself is :mod:`pipeline.fleet.onboarding`.
 
 The progress bar is tqdm's: a small, well-kept library that already handles what a bar needs
 (rates, ETA from the bytes read, terminal width, and staying quiet when told), and it is a
@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline import snapshot
 from pipeline.connections import get_redis
-from pipeline.keys import KeyFileError
-from pipeline.logformat import LOG_FORMATS, configure, env_format
-from pipeline.onboarding import (
+from pipeline.crypto.keys import KeyFileError
+from pipeline.crypto.signing_key_file import get_signing_key
+from pipeline.distribution import publishing as snapshot
+from pipeline.fleet.onboarding import (
     Onboarding,
     Options,
     RejectedWriter,
@@ -45,7 +45,7 @@ from pipeline.onboarding import (
     open_input,
     read_lines,
 )
-from pipeline.signer import get_signing_key
+from pipeline.logformat import LOG_FORMATS, configure, env_format
 from pipeline.version import certman_version
 
 PROG = "certman-onboard"
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.upstream_default is not None:
-        from pipeline.sites import SiteError, validate_upstream
+        from pipeline.fleet.sites import SiteError, validate_upstream
 
         try:
             args.upstream_default = validate_upstream(args.upstream_default)
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     import redis
     import sqlalchemy.exc
 
+    from pipeline.acme.ratelimit import Limits
     from pipeline.db import get_engine
-    from pipeline.ratelimit import Limits
     from pipeline.settings import SettingsError, get_settings
 
     try:

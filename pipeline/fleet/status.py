@@ -9,19 +9,19 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipeline.dispatch import in_flight
+from pipeline.acme.ratelimit import RateLimiter
+from pipeline.fleet.dispatch import in_flight
+from pipeline.fleet.sites import counts_by_state
+from pipeline.fleet.upkeep import count_stuck
 from pipeline.models import Certificate, Order
 from pipeline.models.base import utcnow
-from pipeline.ratelimit import RateLimiter
 from pipeline.settings import get_settings
-from pipeline.sites import counts_by_state
-from pipeline.upkeep import count_stuck
 
 
 def issuer_counts(session: Session) -> list[dict[str, Any]]:
     """Per configured issuer (most preferred first): current certificates, orders in flight,
     and orders that fell back to it. Rows with no recorded issuer count as the first one's."""
-    from pipeline.dispatch import UNFINISHED
+    from pipeline.fleet.dispatch import UNFINISHED
 
     issuers = get_settings().issuer_list
     first = issuers[0].name
@@ -102,9 +102,9 @@ class SigningReport:
 def signing_report() -> SigningReport:
     """Count the statements in ``P:signed`` per signing key; never creates a key."""
     from pipeline.connections import get_redis
-    from pipeline.keys import KeyFileError
-    from pipeline.signer import peek_signing_key
-    from pipeline.signing import BadSignature, SignedSite
+    from pipeline.crypto.keys import KeyFileError
+    from pipeline.crypto.signing import BadSignature, SignedSite
+    from pipeline.crypto.signing_key_file import peek_signing_key
 
     settings = get_settings()
     path = settings.effective_signing_key

@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from pipeline.keys import KeyFileError, create_key_file, key_id_of, read_key_file
+from pipeline.crypto.keys import KeyFileError, create_key_file, key_id_of, read_key_file
 
 __all__ = [
     "BadSignature",

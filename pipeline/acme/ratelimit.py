@@ -35,7 +35,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.names import comparison_form, registered_domain
+from pipeline.fleet.names import comparison_form, registered_domain
 
 if TYPE_CHECKING:
     import redis

@@ -1,4 +1,4 @@
-"""Operations commands of ``certman``: added to the main group by pipeline.cli."""
+"""Operations commands of ``certman``: added to the main group by pipeline.cli.commands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import click
 
-from pipeline.cli_common import Duration, SiteName, _Group, _print_json
+from pipeline.cli.common import Duration, SiteName, _Group, _print_json
 from pipeline.settings import get_settings
 
 
@@ -27,8 +27,8 @@ def orders() -> None:
 def orders_stuck(as_json: bool, older_than: timedelta | None) -> None:
     """Unfinished orders that no task has touched for a while, oldest first."""
     from pipeline.db import session_scope
+    from pipeline.fleet.upkeep import find_stuck
     from pipeline.models.base import utcnow
-    from pipeline.upkeep import find_stuck
 
     stuck_after = older_than.total_seconds() if older_than else get_settings().stuck_after
     now = utcnow()
@@ -82,7 +82,7 @@ def renew(
             raise click.UsageError("name the sites and say --now (or use --all --within)")
         if all_ or scheme or key_id or within:
             raise click.UsageError("NAME... --now goes with no other option")
-        from pipeline.reschedule import renew_now
+        from pipeline.fleet.renewal_requests import renew_now
 
         with session_scope() as session:
             scheduled = renew_now(session, names, now=now)
@@ -99,7 +99,7 @@ def renew(
     if within is None:
         raise click.UsageError("--within says over how long to spread the renewals (7d, 12h)")
     if all_:
-        from pipeline.reschedule import renew_all
+        from pipeline.fleet.renewal_requests import renew_all
 
         with session_scope() as session:
             n = renew_all(session, within=within, now=now)
@@ -117,10 +117,10 @@ def _reseal(
 ) -> tuple[int, str]:
     from sqlalchemy import select
 
+    from pipeline.crypto.envelope import Scheme
     from pipeline.db import session_scope
-    from pipeline.envelope import Scheme
+    from pipeline.fleet.renewal import schedule_reseal
     from pipeline.models import Certificate
-    from pipeline.renewal import schedule_reseal
 
     if scheme is not None and scheme not in {s.value for s in Scheme}:
         raise ValueError(f"unknown scheme {scheme!r}: one of {', '.join(s.value for s in Scheme)}")
@@ -156,10 +156,10 @@ _REASONS = ["unspecified", "keyCompromise", "affiliationChanged", "superseded",
 def revoke(name: str, reason: str, as_json: bool) -> None:
     """Revoke a site's certificate at the CA, then order a new one at once (the revoked one is
     served until it arrives)."""
-    from pipeline.acme_client import get_client
+    from pipeline.acme.client import get_client
     from pipeline.db import session_scope
+    from pipeline.fleet.revocation import Reason, revoke_site
     from pipeline.models.base import utcnow
-    from pipeline.revocation import Reason, revoke_site
     from pipeline.tasks.maintenance import kick_dispatch
 
     done = revoke_site(session_scope, get_client, name, reason=Reason[reason], now=utcnow())

@@ -1,5 +1,6 @@
 """What every ``certman`` command shares: the group class that turns users' errors into one
-line, and JSON output. (pipeline.cli builds the command tree; pipeline.cli_ops adds to it.)"""
+line, and JSON output. (pipeline.cli.commands builds the command tree; pipeline.cli.operations
+adds to it.)"""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import redis
 import sqlalchemy.exc
 
 from pipeline import logformat
-from pipeline.errors import IssuanceProblem
-from pipeline.keys import KeyFileError
+from pipeline.acme.errors import IssuanceProblem
+from pipeline.crypto.keys import KeyFileError
 from pipeline.settings import SettingsError
 
 # -h as well as --help, on every group and command (child contexts inherit it).

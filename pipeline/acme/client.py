@@ -24,7 +24,7 @@ from josepy.jwa import ES256, RS256
 from josepy.jwk import JWK, JWKEC
 
 from pipeline import worker_metrics
-from pipeline.errors import (
+from pipeline.acme.errors import (
     AccountRefused,
     AttemptFailed,
     IssuanceProblem,
@@ -34,7 +34,7 @@ from pipeline.errors import (
     RetryLater,
     meaning,
 )
-from pipeline.ratelimit import RateLimiter
+from pipeline.acme.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -335,7 +335,7 @@ class AcmeClient:
 
 def classify(exc: messages.Error) -> Exception:
     """Map a CA problem document to what the pipeline should do about it (the table:
-    :data:`pipeline.errors.ACME_ERRORS`)."""
+    :data:`pipeline.acme.errors.ACME_ERRORS`)."""
     # The library knows only the codes of its day (not RFC 9773's alreadyReplaced, say) and
     # gives None for the rest: read any ACME error type's code from the type itself.
     typ = exc.typ or ""

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from pipeline import envelope
-from pipeline.keys import PublicKey
+from pipeline.crypto import envelope
+from pipeline.crypto.keys import PublicKey
 from pipeline.settings import KeyType
 
 

@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwk import JWKEC
 from sqlalchemy import select
 
-from pipeline import envelope
-from pipeline.acme_client import AcmeClient
+from pipeline.acme.client import AcmeClient
+from pipeline.acme.errors import RateLimited
+from pipeline.acme.ratelimit import RateLimiter
+from pipeline.crypto import envelope
+from pipeline.crypto.keys import Keyring, PrivateKey, load_or_create_pipeline_key
 from pipeline.db import SessionScope
-from pipeline.errors import RateLimited
-from pipeline.keys import Keyring, PrivateKey, load_or_create_pipeline_key
 from pipeline.models import Account
-from pipeline.ratelimit import RateLimiter
 from pipeline.settings import Issuer, Settings
 
 ACCOUNT_DOMAIN = "acme-account"

@@ -39,7 +39,7 @@ from typing import NoReturn
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem, rsa, x25519
 
-from pipeline.envelope import Scheme
+from pipeline.crypto.envelope import Scheme
 
 __all__ = [
     "KeyFileError",
@@ -224,7 +224,8 @@ class Keyring:
             raise KeyFileError(
                 directory,
                 "no *.key files",
-                "generate a key pair (pipeline.keys.generate_keypair) or copy the edge's keys here",
+                "generate a key pair (pipeline.crypto.keys.generate_keypair) or copy the edge's "
+                "keys here",
             )
         return cls.of(PrivateKey.load(path) for path in paths)
 

@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.dispatch import UNFINISHED
+from pipeline.fleet.dispatch import UNFINISHED
+from pipeline.fleet.renewal import AriStatus
+from pipeline.fleet.sites import find_site
 from pipeline.issuance import STEPS
 from pipeline.models import Attempt, Certificate, Order, Site, SiteState
-from pipeline.renewal import AriStatus
 from pipeline.settings import Settings
-from pipeline.sites import find_site
 
 _TASK_AT = {step.at: f"certman.issue.{step.name}" for step in STEPS}
 

@@ -19,10 +19,10 @@ from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.acme_client import AcmeClient
-from pipeline.errors import IssuanceProblem
+from pipeline.acme.client import AcmeClient
+from pipeline.acme.errors import IssuanceProblem
+from pipeline.fleet.sites import SiteError, find_site, make_due
 from pipeline.models import Attempt, Certificate
-from pipeline.sites import SiteError, find_site, make_due
 
 
 class Reason(IntEnum):

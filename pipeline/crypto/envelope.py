@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 if TYPE_CHECKING:
-    from pipeline.keys import Keyring, PrivateKey, PublicKey
+    from pipeline.crypto.keys import Keyring, PrivateKey, PublicKey
 
 __all__ = [
     "FORMAT_VERSION",

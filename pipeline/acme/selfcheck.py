@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import dns.exception
 import dns.resolver
 
-from pipeline.distribution import EDGE_HEADER
+from pipeline.distribution.layout import EDGE_HEADER
 from pipeline.outbound import OutboundPolicy, RefusedAddress
 
 # What the self-check refuses to fetch from: the metadata services, link-local, "this host",

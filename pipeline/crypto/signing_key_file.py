@@ -1,4 +1,5 @@
-"""The pipeline's distribution signing key (:mod:`pipeline.signing`): found, or made on first use.
+"""The pipeline's distribution signing key (:mod:`pipeline.crypto.signing`): found, or made
+on first use.
 
 ``CERTMAN_SIGNING_KEY`` (default ``<data dir>/signing.key``) names the private key, 0600; its
 public half sits beside it with the suffix ``.pub``, which is the file edges are given
@@ -15,9 +16,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from pipeline.keys import KeyFileError, create_key_file, read_key_file
+from pipeline.crypto.keys import KeyFileError, create_key_file, read_key_file
+from pipeline.crypto.signing import SigningKey
 from pipeline.settings import get_settings
-from pipeline.signing import SigningKey
 
 __all__ = [
     "get_signing_key",
@@ -83,7 +84,7 @@ def _ensure_public(path: Path, key: SigningKey) -> None:
 def load_or_create_signing_key(path: Path) -> SigningKey:
     """The signing key at ``path``, created (0600, with its .pub) when there is none.
 
-    As :func:`pipeline.keys.load_or_create_pipeline_key`: of several processes creating it at
+    As :func:`pipeline.crypto.keys.load_or_create_pipeline_key`: of several processes creating it at
     once one wins and the others load the winner's key.
     """
     if not os.path.lexists(path):

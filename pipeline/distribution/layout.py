@@ -10,14 +10,14 @@ Keys (``P`` is the configured prefix, ``certman`` by default):
                    whenever the chain or envelope does, so a reconcile knows which cached TLS
                    contexts are stale without reading any blob
 ``P:names``        hash  name -> domain, for every name a certificate covers (primary included)
-``P:signed``       hash  domain -> :class:`~pipeline.signing.SignedSite` JSON: what the pipeline
-                   signed for the domain (names, upstream, SHA-256 of chain and envelope,
+``P:signed``       hash  domain -> :class:`~pipeline.crypto.signing.SignedSite` JSON: what the
+                   pipeline signed for the domain (names, upstream, SHA-256 of chain and envelope,
                    not_after, serial, version), or a signed tombstone once it was removed
                    (kept 30 days through resyncs). The index and blobs are what an edge reads
                    fast; this is what it believes. Old edges never read it.
 ``P:version``      integer, incremented by every change to the hashes above
 ``P:challenge:T``  string key authorization of HTTP-01 token T, with a TTL
-``P:challenge-signed:T``  :class:`~pipeline.signing.SignedChallenge` JSON for it, same TTL
+``P:challenge-signed:T``  :class:`~pipeline.crypto.signing.SignedChallenge` JSON for it, same TTL
 ``P:events``       pub/sub channel, one JSON object per message:
 
     {"type": "site", "version": N, "record": {SiteRecord fields, "signed": {SignedSite}}}
@@ -26,7 +26,7 @@ Keys (``P`` is the configured prefix, ``certman`` by default):
     {"type": "challenge", "token": T, "key_authorization": K, "ttl": S, "signed": {...}}
     {"type": "challenge_removed", "token": T}
 
-Signatures (:mod:`pipeline.signing`) are made by the pipeline's signing key when one is given
+Signatures (:mod:`pipeline.crypto.signing`) are made by the pipeline's signing key when one is given
 to these functions; the edges trust only what verifies. Each site's signed version only grows:
 the publishing script refuses to replace a signed statement with one of a lower version.
 
@@ -51,7 +51,7 @@ from typing import Any
 
 import redis
 
-from pipeline.signing import (
+from pipeline.crypto.signing import (
     BadSignature,
     SignedChallenge,
     SignedSite,

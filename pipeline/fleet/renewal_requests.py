@@ -2,7 +2,7 @@
 
 Nothing here talks to the CA or sends a task: a certificate's renewal time is brought forward
 in the store, and dispatch starts the renewal like any other, under the in-flight bound and
-the rate limiter (pipeline.dispatch). The old certificate is served until the new one is
+the rate limiter (pipeline.fleet.dispatch). The old certificate is served until the new one is
 stored. Renewal times are only ever moved earlier.
 """
 
@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from pipeline.fleet.sites import SiteError, find_site, make_due
 from pipeline.models import Certificate, Site, SiteState
-from pipeline.sites import SiteError, find_site, make_due
 
 # Certificates per UPDATE of ``renew --all``.
 BATCH = 1000

@@ -1,5 +1,5 @@
 """Fleet upkeep: what beat runs so that the fleet needs nobody — stuck orders, expiry and
-failure alerts. (When a certificate is renewed, ARI included, is :mod:`pipeline.renewal`'s.)
+failure alerts. (When a certificate is renewed, ARI included, is :mod:`pipeline.fleet.renewal`'s.)
 
 Plain functions over a session; the tasks in pipeline.tasks.maintenance only call them and send
 messages after the commit. Every function is a handful of indexed queries whatever the size of
@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from pipeline.alerts import Alert
-from pipeline.dispatch import UNFINISHED, Started
-from pipeline.errors import AttemptFailed
+from pipeline.acme.errors import AttemptFailed
+from pipeline.fleet.alerts import Alert
+from pipeline.fleet.dispatch import UNFINISHED, Started
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site
 
 log = logging.getLogger(__name__)

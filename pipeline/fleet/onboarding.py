@@ -7,8 +7,8 @@ The input is ``domain[,upstream[,aliases]]`` (aliases separated by spaces), a he
 It is read one line at a time: only the current batch, plus the names seen so far (to tell a
 duplicate in the file from a new site), is held in memory, so 100,000 lines cost ~20 MB.
 
-Every line goes through :func:`pipeline.sites.parse_site`, the function ``certman domains add``
-uses, so the two can never disagree about what a valid site is. A batch is then checked
+Every line goes through :func:`pipeline.fleet.sites.parse_site`, the function ``certman domains
+add`` uses, so the two can never disagree about what a valid site is. A batch is then checked
 against the store and written with one ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` per
 table, sites and their names in one transaction. That is what makes a run idempotent and
 resumable: a batch is in the store entirely or not at all, and a second run over the same file
@@ -38,17 +38,17 @@ from typing import IO, Any, Literal
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from pipeline import site_states
-from pipeline.models import Site, SiteName, SiteState
-from pipeline.models.base import utcnow
-from pipeline.names import registered_domain
-from pipeline.ratelimit import Limits, Rate
-from pipeline.sites import NewSite, parse_site
+from pipeline.acme.ratelimit import Limits, Rate
 
 # Publishing the batches to the edges is the snapshot's (the one home for publishing); named
 # here too for the callers that found them here (scripts, benchmarks/onboard.py).
-from pipeline.snapshot import heal_snapshot as heal_snapshot
-from pipeline.snapshot import publish_records as publish_records
+from pipeline.distribution.publishing import heal_snapshot as heal_snapshot
+from pipeline.distribution.publishing import publish_records as publish_records
+from pipeline.fleet import site_states
+from pipeline.fleet.names import registered_domain
+from pipeline.fleet.sites import NewSite, parse_site
+from pipeline.models import Site, SiteName, SiteState
+from pipeline.models.base import utcnow
 
 SITES = Site.__table__
 SITE_NAMES = SiteName.__table__

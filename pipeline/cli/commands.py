@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from pipeline import cli_ops
-from pipeline.cli_common import (
+from pipeline.cli import operations as cli_ops
+from pipeline.cli.common import (
     CONTEXT_SETTINGS,
     Duration,
     SiteName,
@@ -94,9 +94,9 @@ def domains_add(
     issuer: str | None,
 ) -> None:
     """Add a site and queue its certificate."""
-    from pipeline import snapshot
     from pipeline.db import session_scope
-    from pipeline.sites import add_site, parse_site
+    from pipeline.distribution import publishing as snapshot
+    from pipeline.fleet.sites import add_site, parse_site
 
     new = parse_site(
         name, aliases, upstream, customer_ref, profile=profile, key_type=key_type, issuer=issuer
@@ -124,8 +124,8 @@ def _check_edge_key(outcome: str) -> None:
     """The edge public key every certificate is sealed to, readable, when this installation
     names one: a site whose certificate could never be sealed is refused before anything is
     written, rather than failing at its first order."""
-    from pipeline.keys import KeyFileError, PublicKey
-    from pipeline.sites import SiteError
+    from pipeline.crypto.keys import KeyFileError, PublicKey
+    from pipeline.fleet.sites import SiteError
 
     path = get_settings().edge_public_key
     if path is None:
@@ -151,7 +151,7 @@ def _kick_dispatch(domain: str) -> None:
 
 def _check_profile(profile: str, issuer: str | None) -> None:
     """A profile the issuer the site orders from first offers (its directory's meta.profiles)."""
-    from pipeline.ca_profiles import check_profile, offered_profiles
+    from pipeline.acme.profiles import check_profile, offered_profiles
 
     settings = get_settings()
     known = {spec.name for spec in settings.issuer_list}
@@ -180,9 +180,9 @@ def domains_update(
 ) -> None:
     """Change a site in place. New names, profile or key type order a new certificate (the old
     one is served until it arrives); a new upstream reaches the edges at once."""
-    from pipeline import snapshot
     from pipeline.db import session_scope
-    from pipeline.sites import find_site, update_site
+    from pipeline.distribution import publishing as snapshot
+    from pipeline.fleet.sites import find_site, update_site
 
     if not (add or remove or upstream or profile or key_type or issuer):
         raise click.UsageError(
@@ -230,8 +230,8 @@ def domains_show(name: str, attempts: int, as_json: bool) -> None:
     """One site: names, upstream, state, its certificate, when and why it renews, the order in
     flight, the last attempts and the next one."""
     from pipeline.db import session_scope
+    from pipeline.fleet.site_report import site_report
     from pipeline.models.base import utcnow
-    from pipeline.site_report import site_report
 
     with session_scope() as session:
         report = site_report(
@@ -311,9 +311,9 @@ def _show(report: dict[str, Any]) -> None:
 @click.argument("name", type=SiteName())
 def domains_remove(name: str) -> None:
     """Remove a site: stop its orders, and take its certificate off every edge."""
-    from pipeline import snapshot
     from pipeline.db import session_scope
-    from pipeline.sites import remove_site
+    from pipeline.distribution import publishing as snapshot
+    from pipeline.fleet.sites import remove_site
 
     with session_scope() as session:
         domain = remove_site(session, name).domain
@@ -332,7 +332,7 @@ def domains_remove(name: str) -> None:
 def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json: bool) -> None:
     """Try sites that wait on a failure again now (after DNS or CAA was put right)."""
     from pipeline.db import session_scope
-    from pipeline.sites import retry_sites
+    from pipeline.fleet.sites import retry_sites
     from pipeline.tasks.maintenance import kick_dispatch
 
     if not names and not blocked and not retrying:
@@ -365,8 +365,8 @@ def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json
 def domains_list(as_json: bool, state: str | None, expiring_within: timedelta | None) -> None:
     """Every site with its state, expiry and last error, by domain (streamed: any fleet size)."""
     from pipeline.db import session_scope
+    from pipeline.fleet.sites import iter_sites
     from pipeline.models.base import utcnow
-    from pipeline.sites import iter_sites
 
     before = utcnow() + expiring_within if expiring_within else None
     with session_scope() as session:
@@ -420,12 +420,12 @@ def keys_generate(directory: Path, purpose: str, scheme: str | None) -> None:
     if purpose == "signing":
         if scheme is not None:
             raise click.UsageError("--scheme applies to envelope keys only")
-        from pipeline.signing import SigningKey
+        from pipeline.crypto.signing import SigningKey
 
         click.echo(SigningKey.generate().write(directory))
         return
-    from pipeline.envelope import Scheme
-    from pipeline.keys import generate_keypair
+    from pipeline.crypto.envelope import Scheme
+    from pipeline.crypto.keys import generate_keypair
 
     click.echo(generate_keypair(directory, Scheme(scheme or "hpke-x25519")))
 
@@ -436,7 +436,7 @@ def keys_status(as_json: bool) -> None:
     """Envelopes per scheme and key id, and records per signing key: retire a key when none
     is left on it."""
     from pipeline.db import session_scope
-    from pipeline.status import envelope_counts, signing_report
+    from pipeline.fleet.status import envelope_counts, signing_report
 
     with session_scope() as session:
         rows = envelope_counts(session)
@@ -472,8 +472,8 @@ def snapshot() -> None:
 @snapshot.command("resync")
 def snapshot_resync() -> None:
     """Rebuild the edges' snapshot in Redis from the store (after Redis lost its data)."""
-    from pipeline import snapshot as snapshots
     from pipeline.db import session_scope
+    from pipeline.distribution import publishing as snapshots
 
     with session_scope() as session:
         count = snapshots.resync(session)
@@ -485,8 +485,8 @@ def snapshot_resync() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def snapshot_reconcile(dry_run: bool, as_json: bool) -> None:
     """Publish sites the snapshot lacks or has wrong; remove sites the store no longer has."""
-    from pipeline import snapshot as snapshots
     from pipeline.db import session_scope
+    from pipeline.distribution import publishing as snapshots
 
     if dry_run:
         with session_scope() as session:
@@ -518,7 +518,7 @@ def _some(domains: list[str], shown: int = 20) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Sites by state, orders in flight, stuck orders, soonest expiry, rate-limit buckets."""
-    from pipeline.status import collect
+    from pipeline.fleet.status import collect
 
     report = collect()
     if as_json:
