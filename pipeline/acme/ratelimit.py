@@ -29,22 +29,22 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.fleet.names import comparison_form, registered_domain
+from pipeline.names import comparison_form, registered_domain
+from pipeline.setting_values import MICROS, Rate, parse_rate
 
 if TYPE_CHECKING:
     import redis
 
-    from pipeline.settings import Issuer
+    from pipeline.settings import Issuer, Settings
 
 log = logging.getLogger(__name__)
 
-MICROS = 1_000_000
 
 BLOCKS = Counter(
     "certman_ratelimit_blocks",
@@ -58,85 +58,6 @@ CA_REFUSALS = Counter(
 )
 
 # --- rates ----------------------------------------------------------------------------------
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([smhd])\s*$")
-
-
-@dataclass(frozen=True)
-class Rate:
-    """``count`` requests per ``period`` seconds: a burst of ``count``, refilled evenly."""
-
-    count: int
-    period: float
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not self.period >= 1e-6:
-            raise ValueError(f"a rate needs a count >= 1 and a period > 0, not {self}")
-
-    @property
-    def period_us(self) -> int:
-        """The period in whole µs, the unit the Lua scripts count in."""
-        return round(self.period * MICROS)
-
-    @property
-    def interval(self) -> float:
-        """Seconds to refill one token."""
-        return self.period / self.count
-
-    def __str__(self) -> str:
-        for unit in ("d", "h", "m"):
-            size = _UNITS[unit]
-            if self.period % size == 0:
-                return f"{self.count}/{self.period // size:g}{unit}"
-        return f"{self.count}/{self.period:g}s"
-
-
-def parse_rate(text: str) -> Rate:
-    """Parse ``"300/3h"``, ``"50/7d"``, ``"250/s"``… (units s, m, h, d) into a :class:`Rate`."""
-    match = _RATE_RE.match(text)
-    if match is None:
-        raise ValueError(
-            f"invalid rate {text!r}: expected COUNT/PERIOD such as '300/3h', '50/7d' or "
-            "'250/s' (units s, m, h, d)"
-        )
-    count, amount, unit = match.groups()
-    period = float(amount or 1) * _UNITS[unit]
-    if int(count) < 1 or period <= 0:
-        raise ValueError(f"invalid rate {text!r}: the count and the period must be positive")
-    return Rate(int(count), period)
-
-
-class LimitSettings(Protocol):
-    """The part of :class:`pipeline.settings.Settings` the limiter reads."""
-
-    @property
-    def rate_limits(self) -> bool: ...
-    @property
-    def limit_new_orders(self) -> str: ...
-    @property
-    def limit_certs_per_domain(self) -> str: ...
-    @property
-    def limit_duplicate_certs(self) -> str: ...
-    @property
-    def limit_authz_failures(self) -> str: ...
-    @property
-    def limit_new_accounts(self) -> str: ...
-    @property
-    def limit_pace_new_nonce(self) -> str: ...
-    @property
-    def limit_pace_new_account(self) -> str: ...
-    @property
-    def limit_pace_new_order(self) -> str: ...
-    @property
-    def limit_pace_acme(self) -> str: ...
-
-
-class LimiterSettings(LimitSettings, Protocol):
-    """The settings :meth:`RateLimiter.from_settings` reads."""
-
-    @property
-    def redis_prefix(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -170,7 +91,7 @@ class Limits:
         )
 
     @classmethod
-    def from_settings(cls, settings: LimitSettings) -> Limits:
+    def from_settings(cls, settings: Settings) -> Limits:
         """Build from settings; a bad rate raises ValueError naming its environment variable."""
         rates: dict[str, Rate] = {}
         for field in fields(cls):
@@ -417,14 +338,12 @@ class RateLimiter:
         self._block = redis.register_script(BLOCK_LUA)
 
     @classmethod
-    def from_settings(cls, redis: redis.Redis[Any], settings: LimiterSettings) -> RateLimiter:
+    def from_settings(cls, redis: redis.Redis[Any], settings: Settings) -> RateLimiter:
         """The limiter the settings describe: their limits, under their Redis key prefix."""
         return cls(redis, Limits.from_settings(settings), prefix=settings.redis_prefix)
 
     @classmethod
-    def for_issuer(
-        cls, redis: redis.Redis[Any], settings: LimiterSettings, issuer: Issuer
-    ) -> RateLimiter:
+    def for_issuer(cls, redis: redis.Redis[Any], settings: Settings, issuer: Issuer) -> RateLimiter:
         """An issuer's limiter: the catalogue with its overrides, in buckets of its own."""
         limits = Limits.from_settings(settings).for_issuer(issuer)
         return cls(redis, limits, prefix=settings.redis_prefix, issuer=issuer.name)

@@ -21,7 +21,7 @@ from pipeline.cli.common import (
     _print_json_array,
 )
 from pipeline.logformat import LOG_FORMAT_VAR, LogFormatParam, configure
-from pipeline.settings import get_settings
+from pipeline.settings import KeyType, get_settings
 from pipeline.version import certman_version
 
 
@@ -80,7 +80,7 @@ def domains() -> None:
 @click.option("--profile", help="ACME profile for this site (default: CERTMAN_ACME_PROFILE).")
 @click.option(
     "--key-type",
-    type=click.Choice(["ec-p256", "rsa-2048"]),
+    type=click.Choice([k.value for k in KeyType]),
     help="Certificate key type for this site (default: CERTMAN_KEY_TYPE).",
 )
 @click.option("--issuer", help="The issuer to order from first (default: CERTMAN_ISSUERS' first).")
@@ -165,7 +165,7 @@ def _check_profile(profile: str, issuer: str | None) -> None:
 @click.option("--remove-alias", "remove", multiple=True, type=SiteName(), help="A name to drop.")
 @click.option("--upstream", help="Where to proxy the site from now on.")
 @click.option("--profile", help="ACME profile (one the CA's directory offers).")
-@click.option("--key-type", type=click.Choice(["ec-p256", "rsa-2048"]))
+@click.option("--key-type", type=click.Choice([k.value for k in KeyType]))
 @click.option("--issuer", help="The issuer to order from first, from the next order on.")
 @click.option("--json", "as_json", is_flag=True)
 def domains_update(
@@ -424,8 +424,8 @@ def keys_generate(directory: Path, purpose: str, scheme: str | None) -> None:
 
         click.echo(SigningKey.generate().write(directory))
         return
-    from pipeline.crypto.envelope import Scheme
     from pipeline.crypto.keys import generate_keypair
+    from pipeline.crypto.schemes import Scheme
 
     click.echo(generate_keypair(directory, Scheme(scheme or "hpke-x25519")))
 

@@ -117,7 +117,7 @@ def _reseal(
 ) -> tuple[int, str]:
     from sqlalchemy import select
 
-    from pipeline.crypto.envelope import Scheme
+    from pipeline.crypto.schemes import Scheme
     from pipeline.db import session_scope
     from pipeline.fleet.renewal import schedule_reseal
     from pipeline.models import Certificate

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import hashlib
 import os
 import re
@@ -44,6 +43,9 @@ from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# Re-exported: the envelope's scheme is part of its format (``envelope.Scheme``).
+from pipeline.crypto.schemes import Scheme
 
 if TYPE_CHECKING:
     from pipeline.crypto.keys import Keyring, PrivateKey, PublicKey
@@ -64,14 +66,6 @@ __all__ = [
     "spki_fingerprint",
     "to_text",
 ]
-
-
-class Scheme(enum.StrEnum):
-    """How an envelope's body is encrypted; also the kind of a key file."""
-
-    HPKE_X25519 = "hpke-x25519"
-    HPKE_XWING = "hpke-xwing"
-    LEGACY_RSA = "legacy-rsa"
 
 
 class EnvelopeError(Exception):

@@ -39,7 +39,7 @@ from typing import NoReturn
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem, rsa, x25519
 
-from pipeline.crypto.envelope import Scheme
+from pipeline.crypto.schemes import Scheme
 
 __all__ = [
     "KeyFileError",

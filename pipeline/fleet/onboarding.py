@@ -38,17 +38,18 @@ from typing import IO, Any, Literal
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from pipeline.acme.ratelimit import Limits, Rate
+from pipeline.acme.ratelimit import Limits
 
 # Publishing the batches to the edges is the snapshot's (the one home for publishing); named
 # here too for the callers that found them here (scripts, benchmarks/onboard.py).
 from pipeline.distribution.publishing import heal_snapshot as heal_snapshot
 from pipeline.distribution.publishing import publish_records as publish_records
 from pipeline.fleet import site_states
-from pipeline.fleet.names import registered_domain
 from pipeline.fleet.sites import NewSite, parse_site
 from pipeline.models import Site, SiteName, SiteState
 from pipeline.models.base import utcnow
+from pipeline.names import registered_domain
+from pipeline.setting_values import Rate
 
 SITES = Site.__table__
 SITE_NAMES = SiteName.__table__

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.acme.errors import AttemptFailed, RetryLater
-from pipeline.crypto.envelope import Scheme
+from pipeline.crypto.schemes import Scheme
 from pipeline.models import Certificate, Site
 
 log = logging.getLogger(__name__)

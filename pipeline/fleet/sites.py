@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from pipeline.fleet import site_states
 from pipeline.fleet.dispatch import UNFINISHED
-from pipeline.fleet.names import InvalidName, normalise
 from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
+from pipeline.names import InvalidName, normalise
 from pipeline.outbound import OutboundPolicy, RefusedUpstream
 from pipeline.settings import KeyType, get_settings
 

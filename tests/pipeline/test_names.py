@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.fleet.names import InvalidName, normalise, registered_domain
+from pipeline.names import InvalidName, normalise, registered_domain
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, func, select
 
-from pipeline.acme.ratelimit import Limits, parse_rate
+from pipeline.acme.ratelimit import Limits
 from pipeline.crypto.signing import SigningKey
 from pipeline.db import get_engine, session_scope
 from pipeline.distribution.layout import SiteRecord
@@ -31,6 +31,7 @@ from pipeline.fleet.onboarding import (
 )
 from pipeline.fleet.sites import add_site, parse_site
 from pipeline.models import Site, SiteName, SiteState
+from pipeline.setting_values import parse_rate
 
 PREFIX = "certman"
 SIGNER = SigningKey.generate()

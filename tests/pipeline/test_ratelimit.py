@@ -22,7 +22,7 @@ from pipeline.acme.ratelimit import (
     names_key,
     parse_rate,
 )
-from pipeline.fleet.names import registered_domain
+from pipeline.names import registered_domain
 from pipeline.settings import Settings
 
 T0 = 1_800_000_000.0  # an explicit clock of today's magnitude, so µs precision is exercised

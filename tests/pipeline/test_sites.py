@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline.db import session_scope
-from pipeline.fleet.names import InvalidName
 from pipeline.fleet.sites import SiteError, add_site, list_sites, parse_site, remove_site
 from pipeline.models import Order, OrderStep, Site, SiteName, SiteState
+from pipeline.names import InvalidName
 
 
 def count(url: str, model: type) -> int:
