@@ -10,10 +10,10 @@ connection, TLS session or key crosses into the child.
 Tests build a :class:`Runtime` directly, giving it the parts they want to replace (a fake ACME
 client, sessions bound to a transaction that is rolled back, a publisher that records).
 
-It is the top of the import graph: only the tasks (the top of a worker) import it at import
-time. The process-wide accessors kept for commands and scripts (``connections.get_redis``,
-``acme_client.get_client``, ``snapshot.publish``, ``issuance.place_order`` ...) reach it
-lazily, from inside a function (``tests/pipeline/test_layout.py`` holds both rules).
+It is the top of the import graph below the entry points: the worker's tasks, each ``certman``
+command (through click's context object, :func:`pipeline.cli.common.command_runtime`), the
+exporter and the scripts build or receive one; no service imports it (the import-linter
+contracts in ``pyproject.toml`` hold that).
 """
 
 from __future__ import annotations
@@ -170,13 +170,9 @@ def reset(*, close: bool = False, settings: bool = False) -> None:
     ``settings=True`` also forgets the settings read from the environment.
     """
     global _current
-    from pipeline.crypto import signing_key_file as signer
-
     if close and _current is not None:
         _current.close()
     _current = None
     db.dispose_engines(close=close)
-    # Commands and reports read the signing key through signing_key_file's own cache.
-    signer.reset()
     if settings:
         get_settings.cache_clear()

@@ -57,7 +57,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from pipeline.acme.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
+from pipeline.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
 from pipeline.version import certman_version
 
 __all__ = [

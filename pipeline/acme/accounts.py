@@ -15,11 +15,11 @@ from josepy.jwk import JWKEC
 from sqlalchemy import select
 
 from pipeline.acme.client import AcmeClient
-from pipeline.acme.errors import RateLimited
 from pipeline.acme.ratelimit import RateLimiter
 from pipeline.crypto import envelope
 from pipeline.crypto.keys import Keyring, PrivateKey, load_or_create_pipeline_key
 from pipeline.db import SessionScope
+from pipeline.errors import RateLimited
 from pipeline.models import Account
 from pipeline.settings import Issuer, Settings
 

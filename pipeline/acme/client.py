@@ -24,7 +24,8 @@ from josepy.jwa import ES256, RS256
 from josepy.jwk import JWK, JWKEC
 
 from pipeline import worker_metrics
-from pipeline.acme.errors import (
+from pipeline.acme.ratelimit import RateLimiter
+from pipeline.errors import (
     AccountRefused,
     AttemptFailed,
     IssuanceProblem,
@@ -34,7 +35,6 @@ from pipeline.acme.errors import (
     RetryLater,
     meaning,
 )
-from pipeline.acme.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -335,7 +335,7 @@ class AcmeClient:
 
 def classify(exc: messages.Error) -> Exception:
     """Map a CA problem document to what the pipeline should do about it (the table:
-    :data:`pipeline.acme.errors.ACME_ERRORS`)."""
+    :data:`pipeline.errors.ACME_ERRORS`)."""
     # The library knows only the codes of its day (not RFC 9773's alreadyReplaced, say) and
     # gives None for the rest: read any ACME error type's code from the type itself.
     typ = exc.typ or ""
@@ -380,19 +380,3 @@ def _replaces_refused(problem: IssuanceProblem) -> bool:
     if isinstance(problem, AttemptFailed):
         return about_replaces and problem.error_type in ("malformed", "conflict", "serverInternal")
     return about_replaces and "serverinternal" in text
-
-
-def get_client(issuer: str | None = None) -> AcmeClient:
-    """This process's client for ``issuer`` (None: the first): the runtime's
-    (:mod:`pipeline.runtime`), for commands and scripts."""
-    from pipeline import runtime
-
-    return runtime.current().acme_for(issuer)
-
-
-def reset() -> None:
-    """Forget the process's runtime, clients included: their TLS connections must not cross a
-    fork (:func:`pipeline.runtime.reset`)."""
-    from pipeline import runtime
-
-    runtime.reset()

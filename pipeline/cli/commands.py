@@ -19,6 +19,7 @@ from pipeline.cli.common import (
     _Group,
     _print_json,
     _print_json_array,
+    command_runtime,
 )
 from pipeline.logformat import LOG_FORMAT_VAR, LogFormatParam, configure
 from pipeline.settings import KeyType, get_settings
@@ -94,8 +95,7 @@ def domains_add(
     issuer: str | None,
 ) -> None:
     """Add a site and queue its certificate."""
-    from pipeline.db import session_scope
-    from pipeline.distribution import publishing as snapshot
+    from pipeline.fleet.changes import publish_and_commit
     from pipeline.fleet.sites import add_site, parse_site
 
     new = parse_site(
@@ -104,12 +104,15 @@ def domains_add(
     if profile:
         _check_profile(profile, issuer)
     _check_edge_key("nothing was added")
-    with session_scope() as session:
+    process = command_runtime()
+    with process.session_scope() as session:
         site, created = add_site(session, new)
         # Published before the commit (the edge can proxy plain HTTP for the site before it has
         # a certificate): a failure on the way leaves no site behind. A re-add of a site that
         # is there publishes it only if the edges lack it (an interrupted earlier add).
-        published = snapshot.publish_and_commit(session, site, unless_current=not created)
+        published = publish_and_commit(
+            process.publisher, process.session_scope, session, site, unless_current=not created
+        )
     if created:
         _kick_dispatch(new.domain)
         click.echo(f"added {new.domain}; issuance queued")
@@ -180,8 +183,7 @@ def domains_update(
 ) -> None:
     """Change a site in place. New names, profile or key type order a new certificate (the old
     one is served until it arrives); a new upstream reaches the edges at once."""
-    from pipeline.db import session_scope
-    from pipeline.distribution import publishing as snapshot
+    from pipeline.fleet.changes import publish_and_commit
     from pipeline.fleet.sites import find_site, update_site
 
     if not (add or remove or upstream or profile or key_type or issuer):
@@ -189,7 +191,8 @@ def domains_update(
             "say what to change: --add-alias, --remove-alias, --upstream, --profile, --key-type, "
             "--issuer"
         )
-    with session_scope() as session:
+    process = command_runtime()
+    with process.session_scope() as session:
         if profile:
             _check_profile(profile, issuer or find_site(session, name).preferred_issuer)
         done = update_site(
@@ -201,8 +204,12 @@ def domains_update(
         # Names and upstream reach the edges with the commit, or neither does (the certificate
         # follows); published only where the edges' record differs, so a re-run after an
         # interrupted update publishes what that one could not.
-        published = snapshot.publish_and_commit(
-            session, find_site(session, done.domain), unless_current=True
+        published = publish_and_commit(
+            process.publisher,
+            process.session_scope,
+            session,
+            find_site(session, done.domain),
+            unless_current=True,
         )
     if done.new_certificate:
         _kick_dispatch(done.domain)
@@ -311,14 +318,14 @@ def _show(report: dict[str, Any]) -> None:
 @click.argument("name", type=SiteName())
 def domains_remove(name: str) -> None:
     """Remove a site: stop its orders, and take its certificate off every edge."""
-    from pipeline.db import session_scope
-    from pipeline.distribution import publishing as snapshot
+    from pipeline.fleet.changes import unpublish_and_commit
     from pipeline.fleet.sites import remove_site
 
-    with session_scope() as session:
+    process = command_runtime()
+    with process.session_scope() as session:
         domain = remove_site(session, name).domain
         # Off the edges before the commit: a removal the edges cannot hear of is not made.
-        snapshot.unpublish_and_commit(session, domain)
+        unpublish_and_commit(process.publisher, process.session_scope, session, domain)
     click.echo(f"removed {domain}")
 
 
@@ -435,12 +442,12 @@ def keys_generate(directory: Path, purpose: str, scheme: str | None) -> None:
 def keys_status(as_json: bool) -> None:
     """Envelopes per scheme and key id, and records per signing key: retire a key when none
     is left on it."""
-    from pipeline.db import session_scope
     from pipeline.fleet.status import envelope_counts, signing_report
 
-    with session_scope() as session:
+    process = command_runtime()
+    with process.session_scope() as session:
         rows = envelope_counts(session)
-    signing = signing_report()
+    signing = signing_report(process.redis)
     if as_json:
         _print_json(
             [{"purpose": "envelope", **row} for row in rows]
@@ -472,11 +479,9 @@ def snapshot() -> None:
 @snapshot.command("resync")
 def snapshot_resync() -> None:
     """Rebuild the edges' snapshot in Redis from the store (after Redis lost its data)."""
-    from pipeline.db import session_scope
-    from pipeline.distribution import publishing as snapshots
-
-    with session_scope() as session:
-        count = snapshots.resync(session)
+    process = command_runtime()
+    with process.session_scope() as session:
+        count = process.publisher.resync(session)
     click.echo(f"snapshot rebuilt: {count} sites")
 
 
@@ -485,14 +490,12 @@ def snapshot_resync() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def snapshot_reconcile(dry_run: bool, as_json: bool) -> None:
     """Publish sites the snapshot lacks or has wrong; remove sites the store no longer has."""
-    from pipeline.db import session_scope
-    from pipeline.distribution import publishing as snapshots
-
+    process = command_runtime()
     if dry_run:
-        with session_scope() as session:
-            drift = snapshots.find_drift(session)
+        with process.session_scope() as session:
+            drift = process.publisher.find_drift(session)
     else:
-        drift = snapshots.reconcile(session_scope, limit=None)
+        drift = process.publisher.reconcile(process.session_scope, limit=None)
     if as_json:
         _print_json(
             {"stale": drift.stale, "extra": drift.extra, "fixed": not dry_run,
@@ -520,7 +523,8 @@ def status(as_json: bool) -> None:
     """Sites by state, orders in flight, stuck orders, soonest expiry, rate-limit buckets."""
     from pipeline.fleet.status import collect
 
-    report = collect()
+    process = command_runtime()
+    report = collect(process.session_scope, process.limiter_for)
     if as_json:
         _print_json(report)
         return

@@ -10,16 +10,19 @@ import re
 import sys
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import redis
 import sqlalchemy.exc
 
 from pipeline import logformat
-from pipeline.acme.errors import IssuanceProblem
 from pipeline.crypto.keys import KeyFileError
-from pipeline.settings import SettingsError
+from pipeline.errors import IssuanceProblem
+from pipeline.settings import SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
 
 # -h as well as --help, on every group and command (child contexts inherit it).
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
@@ -132,3 +135,17 @@ class SiteName(click.ParamType[str]):
             # A ValueError, not click's usage error: one line, exit status 1, like any bad name.
             raise ValueError(f"{value!r} looks like an option, not a domain name: give {what}")
         return value
+
+
+def command_runtime() -> Runtime:
+    """The command's runtime, on click's context object: the one a test gave
+    (``main(obj=runtime)``, ``CliRunner().invoke(main, obj=runtime)``), or one made from the
+    settings on first use and closed when the command ends."""
+    root = click.get_current_context().find_root()
+    if root.obj is None:
+        from pipeline.runtime import Runtime
+
+        root.obj = Runtime(get_settings())
+        root.call_on_close(root.obj.close)
+    runtime: Runtime = root.obj
+    return runtime

@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.connections import get_redis
 from pipeline.crypto.keys import KeyFileError
-from pipeline.crypto.signing_key_file import get_signing_key
 from pipeline.distribution import publishing as snapshot
 from pipeline.fleet.onboarding import (
     Onboarding,
@@ -199,11 +197,14 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
     from pipeline.acme.ratelimit import Limits
     from pipeline.db import get_engine
+    from pipeline.runtime import Runtime
     from pipeline.settings import SettingsError, get_settings
 
     try:
         settings = get_settings()
         limits = Limits.from_settings(settings)
+        # The script's runtime: its Redis client (verified TLS like every other) and signing key.
+        process = Runtime(settings)
     except (SettingsError, ValueError) as exc:
         return fail(str(exc))
     try:
@@ -221,11 +222,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         with engine.connect() as connection:
             connection.exec_driver_sql("SELECT 1")
         if writes:
-            client = get_redis()  # the process's client: verified TLS like every other
+            client = process.redis
             client.ping()
             # Before the first batch: a key that cannot be read must stop the run before it
             # stores sites it cannot publish.
-            signing_key = get_signing_key()
+            signing_key = process.signing_key
     except KeyFileError as exc:
         return fail(str(exc))
     except sqlalchemy.exc.OperationalError as exc:

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import click
 
-from pipeline.cli.common import Duration, SiteName, _Group, _print_json
+from pipeline.cli.common import Duration, SiteName, _Group, _print_json, command_runtime
 from pipeline.settings import get_settings
 
 
@@ -156,13 +156,14 @@ _REASONS = ["unspecified", "keyCompromise", "affiliationChanged", "superseded",
 def revoke(name: str, reason: str, as_json: bool) -> None:
     """Revoke a site's certificate at the CA, then order a new one at once (the revoked one is
     served until it arrives)."""
-    from pipeline.acme.client import get_client
-    from pipeline.db import session_scope
     from pipeline.fleet.revocation import Reason, revoke_site
     from pipeline.models.base import utcnow
     from pipeline.tasks.maintenance import kick_dispatch
 
-    done = revoke_site(session_scope, get_client, name, reason=Reason[reason], now=utcnow())
+    process = command_runtime()
+    done = revoke_site(
+        process.session_scope, process.acme_for, name, reason=Reason[reason], now=utcnow()
+    )
     kick_dispatch()
     if as_json:
         _print_json({"domain": done.domain, "serial": done.serial, "reason": done.reason.name,
@@ -189,6 +190,6 @@ def exporter(port: int, address: str) -> None:
     """
     from pipeline.exporter import run_forever
 
-    settings = get_settings()
+    process = command_runtime()
     click.echo(f"certman exporter on http://{address}:{port}/metrics")
-    run_forever(settings, port=port, address=address)
+    run_forever(process.settings, process.redis, process.limiter, port=port, address=address)

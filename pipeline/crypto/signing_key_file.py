@@ -18,17 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from pipeline.crypto.keys import KeyFileError, create_key_file, read_key_file
 from pipeline.crypto.signing import SigningKey
-from pipeline.settings import get_settings
 
 __all__ = [
-    "get_signing_key",
     "load_or_create_signing_key",
     "peek_signing_key",
     "public_path",
-    "reset",
 ]
-
-_key: SigningKey | None = None
 
 
 def public_path(path: Path) -> Path:
@@ -103,17 +98,3 @@ def peek_signing_key(path: Path) -> SigningKey | None:
     if not os.path.lexists(path):
         return None
     return SigningKey.load(path)
-
-
-def get_signing_key() -> SigningKey:
-    """The process's signing key (``CERTMAN_SIGNING_KEY``), read once."""
-    global _key
-    if _key is None:
-        _key = load_or_create_signing_key(get_settings().effective_signing_key)
-    return _key
-
-
-def reset() -> None:
-    """Forget the key (after a fork, or when a test changes the settings)."""
-    global _key
-    _key = None

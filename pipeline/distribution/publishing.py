@@ -12,9 +12,9 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session, selectinload
 
 from pipeline.crypto.signing import BadSignature, SignedSite, SigningKey, TrustedSigners
 from pipeline.distribution import layout as distribution
-from pipeline.fleet.sites import NewSite, SiteError, current_certificates
 from pipeline.models import Certificate, Site, SiteName
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,18 @@ def _record(site: Site, cert: Certificate | None) -> distribution.SiteRecord:
         not_after=cert.not_after if cert else None,
         serial=cert.serial if cert else None,
     )
+
+
+class UnissuedSite(Protocol):
+    """A site about to be onboarded (:class:`pipeline.fleet.sites.NewSite`): what its first
+    record, with no certificate yet, says."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def names(self) -> tuple[str, ...]: ...
+    @property
+    def upstream(self) -> str | None: ...
 
 
 class Publisher:
@@ -114,129 +125,14 @@ class Publisher:
         return _resync(self, session)
 
     def find_drift(self, session: Session) -> Drift:
+        """Compare the store with the snapshot's index and signed statements."""
         return _find_drift(self, session)
 
     def reconcile(
         self, session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int | None
     ) -> Drift:
+        """Publish what the snapshot lacks and remove what the store no longer has."""
         return _reconcile(self, session_scope, limit=limit)
-
-
-def _publisher() -> Publisher:
-    from pipeline import runtime
-
-    return runtime.current().publisher
-
-
-# --- the process's publisher, for commands and scripts -------------------------------------------
-def publish(record: distribution.SiteRecord) -> None:
-    _publisher().publish(record)
-
-
-def unpublish(domain: str) -> None:
-    """Take a site off the edges: a signed tombstone, the only removal an edge believes."""
-    _publisher().unpublish(domain)
-
-
-def set_challenge(token: str, key_authorization: str, ttl: int) -> None:
-    _publisher().set_challenge(token, key_authorization, ttl)
-
-
-# --- a command's change and its publication, together ---------------------------------------------
-def publish_and_commit(session: Session, site: Site, *, unless_current: bool = False) -> bool:
-    """Publish ``site`` as this session's transaction has it, then commit: a command's change
-    reaches the store and the edges together, or neither.
-
-    Called last in a command's session scope. Whatever fails first (the signing key
-    unreadable, Redis down, the publishing script refusing) raises before the commit, and the
-    scope rolls the change back: nothing is stored, and running the command again does the
-    whole job. Should the commit itself fail after the publication, the snapshot is put back
-    to what the store says. ``unless_current``: publish only if the edges do not already have
-    exactly this record (a re-run changes nothing that is done). Returns whether it published.
-    """
-    publisher = _publisher()
-    record = site_record(session, site)
-    published = not (unless_current and publisher.is_published(record))
-    if published:
-        with _refused_in_one_line():
-            publisher.publish(record)
-    _commit_or_put_back(session, site.domain, published)
-    return published
-
-
-def unpublish_and_commit(session: Session, domain: str) -> None:
-    """As :func:`publish_and_commit`, for a site this transaction removes: its signed tombstone
-    first, then the commit (a removal that cannot reach the edges is not made)."""
-    with _refused_in_one_line():
-        _publisher().unpublish(domain)
-    _commit_or_put_back(session, domain, True)
-
-
-@contextmanager
-def _refused_in_one_line() -> Iterator[None]:
-    # The publishing script refused every version we signed (another publisher of the same
-    # domain kept getting in first): the command's error, in one line, and nothing committed.
-    try:
-        yield
-    except RuntimeError as exc:
-        raise SiteError(f"{exc}; nothing was changed, try again") from None
-
-
-def _commit_or_put_back(session: Session, domain: str, published: bool) -> None:
-    try:
-        session.commit()
-    except BaseException:
-        if published:
-            _put_back(domain)
-        raise
-
-
-def _put_back(domain: str) -> None:
-    """Publish what the store holds for ``domain`` after a commit failed (its tombstone if it
-    holds nothing). Best effort: the store may be what failed, and beat's reconcile is the
-    backstop that finds the difference within its interval."""
-    from pipeline import runtime
-
-    process = runtime.current()
-    try:
-        with process.session_scope() as session:
-            site = session.scalar(
-                select(Site).where(Site.domain == domain).options(selectinload(Site.names))
-            )
-            record = site_record(session, site) if site is not None else None
-        if record is not None:
-            process.publisher.publish(record)
-        else:
-            process.publisher.unpublish(domain)
-    except Exception as exc:  # the commit's own error is the one to raise
-        log.warning("edge snapshot: %s not put back after a failed commit (%s); the snapshot "
-                    "reconcile will", domain, exc)  # fmt: skip
-
-
-def remove_challenge(token: str) -> None:
-    _publisher().remove_challenge(token)
-
-
-def exists() -> bool:
-    """Whether Redis holds a snapshot at all (its version counter is set by every write)."""
-    return _publisher().exists()
-
-
-def resync(session: Session) -> int:
-    """Rebuild the whole snapshot from the store (after a Redis loss); returns the site count."""
-    return _publisher().resync(session)
-
-
-def find_drift(session: Session) -> Drift:
-    """Compare the store with the snapshot's index and signed statements."""
-    return _publisher().find_drift(session)
-
-
-def reconcile(
-    session_scope: Callable[[], AbstractContextManager[Session]], *, limit: int | None
-) -> Drift:
-    """Publish what the snapshot lacks and remove what the store no longer has."""
-    return _publisher().reconcile(session_scope, limit=limit)
 
 
 def publish_batch(
@@ -250,7 +146,7 @@ def publish_batch(
 
 
 def publish_records(
-    redis_client: redis.Redis[Any], prefix: str, sites: Sequence[NewSite], signer: SigningKey
+    redis_client: redis.Redis[Any], prefix: str, sites: Sequence[UnissuedSite], signer: SigningKey
 ) -> None:
     """Bulk onboarding's new sites into the edges' snapshot, signed: two Redis round trips a
     batch. Each site still goes through the atomic publishing script and its event; the batch
@@ -293,6 +189,22 @@ def heal_snapshot(
         ).all()
         records = [site_record(session, site) for site in sites]
     publish_batch(redis_client, prefix, records, signer)
+
+
+# Ids per IN (...) list: one bound parameter each, and PostgreSQL refuses a statement with more
+# than 65,535 (SQLite, 32,766), which a fleet of 100,000 sites passes.
+IN_BATCH = 10_000
+
+
+def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int, Certificate]:
+    certs: dict[int, Certificate] = {}
+    for start in range(0, len(site_ids), IN_BATCH):
+        batch = site_ids[start : start + IN_BATCH]
+        rows = session.scalars(
+            select(Certificate).where(Certificate.site_id.in_(batch), Certificate.current)
+        )
+        certs.update((cert.site_id, cert) for cert in rows)
+    return certs
 
 
 RESYNC_BATCH = 1000
@@ -360,10 +272,10 @@ def _claims(statement: SignedSite) -> tuple[object, ...]:
 class _Verified:
     """Statements this process already verified, by a 16-byte hash of their raw JSON.
 
-    Every reconcile reads every statement, and an Ed25519 verification costs 0.1-0.5 ms: at
-    100,000 sites that is up to a minute of CPU every 10 minutes for statements that did not
-    change. A statement that changes in any byte hashes differently and is verified again; the
-    set is emptied when the signing key changes.
+    Every reconcile reads every statement, and re-verifying those that did not change would
+    cost a large fleet minutes of CPU an hour (docs/architecture.md, section 5). A statement
+    that changes in any byte hashes differently and is verified again; the set is emptied when
+    the signing key changes.
     """
 
     def __init__(self) -> None:

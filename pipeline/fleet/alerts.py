@@ -20,10 +20,9 @@ import requests
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.connections import get_redis
 from pipeline.models.base import utcnow
 from pipeline.outbound import redact_url, scrub_url
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +64,16 @@ def _counts_key(prefix: str) -> str:
 def raise_alerts(
     alerts: Iterable[Alert],
     *,
+    client: redis.Redis[Any],
+    settings: Settings,
     send: Callable[[dict[str, Any]], object] | None = None,
-    client: redis.Redis[Any] | None = None,
-    settings: Settings | None = None,
 ) -> list[Alert]:
     """Raise each alert not raised in the last day; returns those raised now.
 
     ``send`` hands the payload to the webhook task (``send_alert_webhook.delay``); it is called
-    only when a webhook is configured. ``client`` and ``settings`` default to the process's.
+    only when a webhook is configured.
     """
-    settings = settings or get_settings()
-    r = client or get_redis()
+    r = client
     raised = []
     for alert in alerts:
         key = _key(settings.redis_prefix, alert)

@@ -26,8 +26,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.acme.errors import AttemptFailed, RetryLater
 from pipeline.crypto.schemes import Scheme
+from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.models import Certificate, Site
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.acme.client import AcmeClient
-from pipeline.acme.errors import IssuanceProblem
+from pipeline.errors import IssuanceProblem
 from pipeline.fleet.sites import SiteError, find_site, make_due
 from pipeline.models import Attempt, Certificate
 

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pipeline.fleet.chain import STEPS
 from pipeline.fleet.dispatch import UNFINISHED
 from pipeline.fleet.renewal import AriStatus
 from pipeline.fleet.sites import find_site
-from pipeline.issuance import STEPS
 from pipeline.models import Attempt, Certificate, Order, Site, SiteState
 from pipeline.settings import Settings
 

@@ -260,22 +260,6 @@ def remove_site(session: Session, name: str) -> Site:
     return site
 
 
-# Ids per IN (...) list: one bound parameter each, and PostgreSQL refuses a statement with more
-# than 65,535 (SQLite, 32,766), which a fleet of 100,000 sites passes.
-IN_BATCH = 10_000
-
-
-def current_certificates(session: Session, site_ids: Sequence[int]) -> dict[int, Certificate]:
-    certs: dict[int, Certificate] = {}
-    for start in range(0, len(site_ids), IN_BATCH):
-        batch = site_ids[start : start + IN_BATCH]
-        rows = session.scalars(
-            select(Certificate).where(Certificate.site_id.in_(batch), Certificate.current)
-        )
-        certs.update((cert.site_id, cert) for cert in rows)
-    return certs
-
-
 # Sites per query of a listing: each batch is two indexed queries, and only one batch is held.
 LIST_BATCH = 1000
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.acme.ratelimit import RateLimiter
+from pipeline.db import SessionScope
 from pipeline.fleet.dispatch import in_flight
 from pipeline.fleet.sites import counts_by_state
 from pipeline.fleet.upkeep import count_stuck
@@ -99,9 +102,8 @@ class SigningReport:
         return rows
 
 
-def signing_report() -> SigningReport:
+def signing_report(client: redis.Redis[Any]) -> SigningReport:
     """Count the statements in ``P:signed`` per signing key; never creates a key."""
-    from pipeline.connections import get_redis
     from pipeline.crypto.keys import KeyFileError
     from pipeline.crypto.signing import BadSignature, SignedSite
     from pipeline.crypto.signing_key_file import peek_signing_key
@@ -113,7 +115,6 @@ def signing_report() -> SigningReport:
         report = SigningReport(path, key.key_id if key else None)
     except KeyFileError as exc:
         report = SigningReport(path, None, error=str(exc))
-    client = get_redis()
     signed_sites: set[str] = set()
     for raw_domain, raw in client.hscan_iter(f"{settings.redis_prefix}:signed", count=1000):
         try:
@@ -134,10 +135,9 @@ def signing_report() -> SigningReport:
     return report
 
 
-def collect() -> dict[str, Any]:
-    from pipeline.db import session_scope
-
-    with session_scope() as session:
+def collect(sessions: SessionScope, limiter_for: Callable[[str], RateLimiter]) -> dict[str, Any]:
+    """``limiter_for`` gives an issuer's limiter (the runtime's :meth:`limiter_for`)."""
+    with sessions() as session:
         soonest = session.scalar(select(func.min(Certificate.not_after)).where(Certificate.current))
         stuck = count_stuck(session, now=utcnow(), stuck_after=get_settings().stuck_after)
         report: dict[str, Any] = {
@@ -148,31 +148,24 @@ def collect() -> dict[str, Any]:
             "envelopes": envelope_counts(session),
             "issuers": issuer_counts(session),
         }
-    report["rate_limits"] = _bucket_report()
-    _issuer_health(report["issuers"])
+    report["rate_limits"] = _bucket_report(limiter_for)
+    _issuer_health(report["issuers"], limiter_for)
     return report
 
 
-def _bucket_report() -> list[dict[str, Any]]:
+def _bucket_report(limiter_for: Callable[[str], RateLimiter]) -> list[dict[str, Any]]:
     """Every issuer's buckets; each row says its issuer (the first one's are the rows that
     were always there)."""
     rows = []
     for issuer in get_settings().issuer_list:
-        for bucket in _limiter(issuer.name).status():
+        for bucket in limiter_for(issuer.name).status():
             rows.append(bucket.as_dict() | {"issuer": issuer.name})
     return rows
 
 
-def _limiter(issuer: str) -> RateLimiter:
-    from pipeline.connections import get_redis
-
-    settings = get_settings()
-    return RateLimiter.for_issuer(get_redis(), settings, settings.issuer(issuer))
-
-
-def _issuer_health(rows: list[dict[str, Any]]) -> None:
+def _issuer_health(rows: list[dict[str, Any]], limiter_for: Callable[[str], RateLimiter]) -> None:
     """Add each issuer's fallback mark: skipped by new orders (why, for how long) or not."""
     for row in rows:
-        down = _limiter(row["name"]).issuer_down()
+        down = limiter_for(row["name"]).issuer_down()
         row["skipped_for"] = round(down[1], 1) if down else None
         row["skipped_because"] = down[0] if down else None

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from pipeline.acme.errors import AttemptFailed
+from pipeline.errors import AttemptFailed
 from pipeline.fleet.alerts import Alert
 from pipeline.fleet.dispatch import UNFINISHED, Started
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site

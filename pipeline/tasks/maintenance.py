@@ -13,11 +13,11 @@ from typing import Any
 from celery import Task
 
 from pipeline import runtime
-from pipeline.acme.errors import AttemptFailed, RetryLater
 from pipeline.celery import app
-from pipeline.connections import release
+from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.fleet import alerts, dispatch, renewal, retention, upkeep
 from pipeline.issuance import OrderSteps
+from pipeline.locks import release
 from pipeline.models.base import utcnow
 from pipeline.tasks.issuance import enqueue_chain
 

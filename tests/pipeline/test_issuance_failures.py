@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipeline.acme.errors import AttemptFailed, NameRefused
+from pipeline.errors import AttemptFailed, NameRefused
 from pipeline.fleet.sites import add_site, parse_site
 from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Order, OrderStep, Site, SiteState

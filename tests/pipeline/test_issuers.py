@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select, update
 
 from pipeline.acme.client import _replaces_refused
-from pipeline.acme.errors import AttemptFailed, RateLimited, RetryLater
+from pipeline.errors import AttemptFailed, RateLimited, RetryLater
 from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Certificate, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow

@@ -399,7 +399,7 @@ def test_a_site_prefers_an_issuer_from_add_or_update(
 def test_domains_show_names_the_limiter_bucket_a_step_waits_on(
     certman_env: dict[str, str], redis_client: redis.Redis, edge_public_key: Path
 ) -> None:
-    from pipeline.acme.errors import RateLimited
+    from pipeline.errors import RateLimited
     from pipeline.fleet.dispatch import start_due
     from pipeline.issuance import OrderSteps
     from pipeline.runtime import Runtime
@@ -445,7 +445,7 @@ def test_domains_show_names_the_limiter_bucket_a_step_waits_on(
 def test_domains_show_says_what_ari_said_and_why_it_is_not_used(
     certman_env: dict[str, str],
 ) -> None:
-    from pipeline.acme.errors import AttemptFailed
+    from pipeline.errors import AttemptFailed
     from pipeline.fleet import renewal
 
     now = utcnow()

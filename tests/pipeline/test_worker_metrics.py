@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import worker_metrics
-from pipeline.acme.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
+from pipeline.errors import AttemptFailed, NameRefused, PollAgain, RateLimited, RetryLater
 from pipeline.version import certman_version
 from tests.support.ports import free_port
 
@@ -32,7 +32,7 @@ HOST = textwrap.dedent(
     import contextlib, os, sys, time
     from pipeline import worker_metrics as wm
     from pipeline.acme import ratelimit
-    from pipeline.acme.errors import NameRefused, RateLimited
+    from pipeline.errors import NameRefused, RateLimited
 
     server = wm.start_host_endpoint()
     assert server is not None, "no endpoint"

@@ -30,9 +30,9 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy.orm import Session
 
 from pipeline.acme.client import NOT_FOUND, classify
-from pipeline.acme.errors import AttemptFailed, RetryLater
 from pipeline.acme.ratelimit import ALLOWED, Decision
 from pipeline.distribution import layout as distribution
+from pipeline.errors import AttemptFailed, RetryLater
 
 BASE = "https://ca.test/acme"
 THUMBPRINT = "fake-thumbprint"
