@@ -48,10 +48,10 @@ from cryptography import x509
 from edge.state import SiteIndex
 from edge.tls import build_context
 from edge.verifier import raw_digest
-from pipeline import envelope
-from pipeline.distribution import SiteRecord, publish_site, replace_all
-from pipeline.keys import Keyring, PublicKey, generate_keypair
-from pipeline.signing import SigningKey, TrustedSigners
+from pipeline.crypto import envelope
+from pipeline.crypto.keys import Keyring, PublicKey, generate_keypair
+from pipeline.crypto.signing import SigningKey, TrustedSigners
+from pipeline.distribution.layout import SiteRecord, publish_site, replace_all
 from tests.support.pki import Pki
 from tests.support.ports import free_port, free_port_block
 from tests.support.redis_server import RedisServer

@@ -223,27 +223,23 @@ def steps_alone(count: int, admin_url: str | None) -> dict[str, float]:
 
 
 def _forget_settings() -> None:
-    from pipeline import acme_client, connections, db, signer
-    from pipeline.settings import get_settings
+    from pipeline import runtime
 
-    get_settings.cache_clear()
-    db.dispose_engines(close=True)
-    connections.reset(close=True)
-    acme_client.reset()
-    signer.reset()
+    runtime.reset(close=True, settings=True)
 
 
 def _steps_inline(count: int) -> dict[str, float]:
     import heapq
 
-    from pipeline import issuance
-    from pipeline.acme_client import get_client
+    from pipeline import runtime
     from pipeline.db import session_scope
-    from pipeline.dispatch import start_due
     from pipeline.errors import RetryLater
+    from pipeline.fleet.dispatch import start_due
+    from pipeline.issuance import OrderSteps
 
     _forget_settings()
-    get_client()  # the account's registration is not a step's cost
+    steps = OrderSteps(runtime.current())
+    _ = steps.acme  # the account's registration is not a step's cost
     with session_scope() as session:
         orders = [started.order_id for started in start_due(session, limit=count)]
     cpu: dict[str, float] = defaultdict(float)
@@ -254,7 +250,7 @@ def _steps_inline(count: int) -> dict[str, float]:
         step = STEPS[index]
         started = time.process_time()
         try:
-            getattr(issuance, step)(order_id)
+            getattr(steps, step)(order_id)
         except RetryLater as problem:
             cpu[step] += time.process_time() - started
             heapq.heappush(due, (time.monotonic() + min(problem.countdown, 2.0), order_id, index))

@@ -35,7 +35,7 @@ BIN = Path(sys.executable).parent
 BASELINE = (
     "import json, sys\n"
     "from pipeline.db import session_scope\n"
-    "from pipeline.sites import iter_sites\n"
+    "from pipeline.fleet.sites import iter_sites\n"
     "with session_scope() as session:\n"
     "    sys.stdout.write(json.dumps(list(iter_sites(session, batch=50_000)), indent=2,"
     " default=str))\n"

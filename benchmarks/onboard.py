@@ -1,7 +1,7 @@
 """Bulk onboarding: 100,000 CSV lines into the store (target: under a minute, docs/architecture.md).
 
 For PostgreSQL (a fresh database, created and dropped here) and SQLite (a new file), the real
-service (:mod:`pipeline.onboarding`, as ``scripts/bulk_onboard.py`` drives it) reads a
+service (:mod:`pipeline.fleet.onboarding`, as ``scripts/bulk_onboard.py`` drives it) reads a
 generated file: one site in four has a ``www.`` alias, 1 % of the lines are duplicates and
 0.5 % are invalid. Every batch is published to the edges' snapshot in a Redis database of its
 own (``--redis-url``, flushed first and last); the dispatcher is not kicked (``--no-queue``
@@ -35,8 +35,10 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import db, distribution
-from pipeline.onboarding import (
+from pipeline import db
+from pipeline.crypto.signing import SigningKey
+from pipeline.distribution import layout as distribution
+from pipeline.fleet.onboarding import (
     Onboarding,
     Options,
     RejectedWriter,
@@ -45,8 +47,7 @@ from pipeline.onboarding import (
     publish_records,
     read_lines,
 )
-from pipeline.signing import SigningKey
-from pipeline.sites import add_site, parse_site
+from pipeline.fleet.sites import add_site, parse_site
 
 PREFIX = "certman-bench-onboard"
 # Every publication is signed, as in production: the signatures are part of the cost measured.
@@ -108,7 +109,7 @@ def run_service(url: str, path: Path, client: redis.Redis) -> tuple[float, int, 
 
 def run_baseline(url: str, path: Path, count: int, client: redis.Redis) -> float:
     """``certman domains add`` per line, in process (no interpreter start-up counted)."""
-    from pipeline.snapshot import site_record
+    from pipeline.distribution.publishing import site_record
 
     with path.open() as stream:
         rows = [line.cells for line in read_lines(stream)][:count]

@@ -34,7 +34,8 @@ import redis
 # Run as a script, the repository root is not on sys.path unless certman is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.ratelimit import Limits, Rate, RateLimiter, names_key, parse_rate
+from pipeline.acme.ratelimit import Limits, RateLimiter, names_key
+from pipeline.setting_values import Rate, parse_rate
 
 WORKERS = 8
 HUGE = parse_rate("1000000000/1s")

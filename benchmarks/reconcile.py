@@ -5,11 +5,11 @@ store with N sites, each with one name or two and a current certificate (a 2.6 K
 0.5 KB envelope, the sizes of a real ECDSA chain and HPKE envelope), and a redis-server of the
 benchmark's own. Then time
 
-(a) the baseline, measured in the same run: ``snapshot.resync``, the full rebuild that reads
+(a) the baseline, measured in the same run: ``Publisher.resync``, the full rebuild that reads
     every chain and envelope and rewrites the whole snapshot;
-(b) ``snapshot.find_drift`` on a snapshot that agrees with the store (every 10 minutes, the
+(b) ``Publisher.find_drift`` on a snapshot that agrees with the store (every 10 minutes, the
     common case: it reads only the small columns and the index);
-(c) ``snapshot.reconcile`` after ``--drift`` renewals were stored without being published.
+(c) ``Publisher.reconcile`` after ``--drift`` renewals were stored without being published.
 
 and print milliseconds with the ratio to the baseline.
 
@@ -36,9 +36,9 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.onboard import postgres_database
-from pipeline import connections, db, signer, snapshot
+from pipeline import db, runtime
+from pipeline.distribution import publishing as snapshot
 from pipeline.models import Certificate, Site, SiteName
-from pipeline.settings import get_settings
 from tests.support.redis_server import RedisServer
 
 CHAIN = "-----BEGIN CERTIFICATE-----\n" + "A" * 2600 + "\n-----END CERTIFICATE-----\n"
@@ -96,16 +96,11 @@ def configured(url: str, redis_url: str) -> Iterator[None]:
     os.environ.update({"CERTMAN_DATABASE_URL": url, "CERTMAN_REDIS_URL": redis_url,
                        "CERTMAN_REDIS_PREFIX": "certman-bench-reconcile",
                        "CERTMAN_SIGNING_KEY": f"{keys}/signing.key"})  # fmt: skip
-    get_settings.cache_clear()
-    connections.reset()
-    signer.reset()
+    runtime.reset(settings=True)
     try:
         yield
     finally:
-        connections.reset(close=True)
-        db.dispose_engines()
-        get_settings.cache_clear()
-        signer.reset()
+        runtime.reset(close=True, settings=True)
         shutil.rmtree(keys, ignore_errors=True)
 
 
@@ -116,11 +111,11 @@ def bench(kind: str, url: str, redis_url: str, sites: int, drift: int) -> None:
 
         def resync() -> int:
             with db.session_scope() as session:
-                return snapshot.resync(session)
+                return runtime.current().publisher.resync(session)
 
         def find() -> snapshot.Drift:
             with db.session_scope() as session:
-                return snapshot.find_drift(session)
+                return runtime.current().publisher.find_drift(session)
 
         baseline, count = timed(resync)
         assert count == sites, count
@@ -130,7 +125,9 @@ def bench(kind: str, url: str, redis_url: str, sites: int, drift: int) -> None:
         cached, found = timed(find)
         assert (found.stale, found.extra) == ([], []), "a fresh snapshot should agree"
         lose_publishes(url, drift, sites)
-        fixing, fixed = timed(lambda: snapshot.reconcile(db.session_scope, limit=1000))
+        fixing, fixed = timed(
+            lambda: runtime.current().publisher.reconcile(db.session_scope, limit=1000)
+        )
         assert len(fixed.stale) == drift and not fixed.extra, (len(fixed.stale), fixed.extra)
         _, after = timed(find)
         assert (after.stale, after.extra) == ([], []), "reconcile should leave no drift"

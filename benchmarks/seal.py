@@ -30,8 +30,8 @@ from cryptography.x509.oid import NameOID
 # Run as a script, the repository root is not on sys.path unless certman is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.envelope import Scheme, open_envelope, seal, spki_fingerprint
-from pipeline.keys import Keyring, PrivateKey
+from pipeline.crypto.envelope import Scheme, open_envelope, seal, spki_fingerprint
+from pipeline.crypto.keys import Keyring, PrivateKey
 
 BuildContext = Callable[[bytes, bytes], object]
 BASELINE = Scheme.LEGACY_RSA

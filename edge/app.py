@@ -45,12 +45,12 @@ from edge.state import SiteIndex, StatementUnavailable
 from edge.sync import Syncer, aclose
 from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from edge.verifier import Verifier
-from pipeline.distribution import SiteRecord
-from pipeline.keys import Keyring
+from pipeline.crypto.keys import Keyring
+from pipeline.crypto.signing import TrustedSigners
+from pipeline.distribution.layout import SiteRecord
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_connect import RedisTarget, async_client, sync_client
 from pipeline.redis_tls import RedisTls
-from pipeline.signing import TrustedSigners
 
 __all__ = ["Edge", "EdgeConfig", "make_metrics_app", "make_site_app"]
 

@@ -5,7 +5,7 @@ number), so that asking for the same unknown tokens over and over costs no Redis
 each. The pipeline publishes a challenge's event before it asks the CA to validate it, and that
 event replaces the miss, so a challenge published after a miss is answered at once.
 
-Only answers the pipeline signed are served (:class:`~pipeline.signing.SignedChallenge`):
+Only answers the pipeline signed are served (:class:`~pipeline.crypto.signing.SignedChallenge`):
 whoever can write Redis could otherwise have every edge answer the challenges of their own
 ACME account, and so obtain a trusted certificate for any customer's name.
 """
@@ -22,8 +22,8 @@ import redis
 import redis.asyncio
 import tornado.web
 
-from pipeline.distribution import EDGE_HEADER, challenge_key, signed_challenge_key
-from pipeline.signing import BadSignature, SignedChallenge, TrustedSigners
+from pipeline.crypto.signing import BadSignature, SignedChallenge, TrustedSigners
+from pipeline.distribution.layout import EDGE_HEADER, challenge_key, signed_challenge_key
 
 __all__ = ["MISS_LIMIT", "MISS_TTL", "ChallengeHandler", "ChallengeStore", "valid_token"]
 

@@ -31,11 +31,11 @@ from edge.loops import valid_pseudonym
 from edge.startup_checks import StartupProblem, check_paths
 from edge.tls import PROFILES, listening_context
 from pipeline import logformat
-from pipeline.keys import KeyFileError, Keyring
+from pipeline.crypto.keys import KeyFileError, Keyring
+from pipeline.crypto.signing import TrustedSigners
 from pipeline.outbound import OutboundPolicy
 from pipeline.redis_connect import RedisTarget
 from pipeline.settings import SettingsError, get_settings
-from pipeline.signing import TrustedSigners
 from pipeline.version import certman_version
 
 __all__ = ["main"]

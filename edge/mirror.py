@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from edge.verifier import raw_digest
-from pipeline.signing import BadSignature, SignedSite, TrustedSigners, content_digest
+from pipeline.crypto.signing import BadSignature, SignedSite, TrustedSigners, content_digest
 
 __all__ = ["Mirror", "MirrorContents"]
 

@@ -25,12 +25,12 @@ from cryptography import x509
 from edge.metrics import EdgeMetrics
 from edge.state import SiteIndex, SiteMeta, StatementUnavailable
 from edge.tls import build_context
-from pipeline import envelope
-from pipeline.distribution import SiteRecord, content_hash
-from pipeline.signing import content_digest
+from pipeline.crypto import envelope
+from pipeline.crypto.signing import content_digest
+from pipeline.distribution.layout import SiteRecord, content_hash
 
 if TYPE_CHECKING:
-    from pipeline.keys import Keyring
+    from pipeline.crypto.keys import Keyring
 
 __all__ = [
     "CachedSite",

@@ -10,7 +10,7 @@ Writable by group or others is refused for all three: whoever can write the trus
 file can make the edge believe statements of their own key; the key directory, swap the key
 envelopes are opened with; the state directory, put a mirror of their making in front of the
 edge at its next start. Readable by others is not checked here: the key files' own mode is
-(:mod:`pipeline.keys`).
+(:mod:`pipeline.crypto.keys`).
 """
 
 from __future__ import annotations

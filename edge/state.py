@@ -4,7 +4,7 @@ Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution`), or 
 mirror (:mod:`edge.mirror`); the blobs with chains and envelopes stay in the mirror until a
 handshake needs one.
 
-Only what the pipeline signed is believed (:mod:`pipeline.signing`). The index's name map is a
+Only what the pipeline signed is believed (:mod:`pipeline.crypto.signing`). The index's name map is a
 routing hint read at start, before anything is verified: a name leads to a domain, whose signed
 statement is checked when the site is first used, and the name must be one the statement lists.
 Signatures are verified ahead of that first use on a thread of their own (:mod:`edge.verifier`),
@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from edge.verifier import raw_digest
-from pipeline.distribution import SiteRecord, parse_index_entry
-from pipeline.signing import BadSignature, SignedSite, TrustedSigners
+from pipeline.crypto.signing import BadSignature, SignedSite, TrustedSigners
+from pipeline.distribution.layout import SiteRecord, parse_index_entry
 
 __all__ = [
     "RefusalListener",

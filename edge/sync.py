@@ -40,9 +40,9 @@ from edge.mirror import Mirror
 from edge.ratelog import RateLimitedLog
 from edge.state import SiteIndex, Snapshot, StatementUnavailable
 from edge.verifier import BATCH, Verifier, raw_digest
-from pipeline.distribution import SiteRecord, channel
+from pipeline.crypto.signing import SignedChallenge, SignedSite
+from pipeline.distribution.layout import SiteRecord, channel
 from pipeline.redis_connect import RedisTarget, async_client, sync_client
-from pipeline.signing import SignedChallenge, SignedSite
 
 __all__ = ["Syncer"]
 

@@ -1,6 +1,6 @@
 """Signatures verified ahead of the handshakes that need them, on a thread of their own.
 
-An edge believes only what the pipeline signed (:mod:`pipeline.signing`), and verifying one
+An edge believes only what the pipeline signed (:mod:`pipeline.crypto.signing`), and verifying one
 statement costs about 0.1-0.25 ms: inside a first handshake that is more than signed
 distribution may add. So after every snapshot the statements not yet verified are handed to
 this thread, and a handshake finds its statement already verified and only parses it.
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pipeline.signing import SignedSite, TrustedSigners
+from pipeline.crypto.signing import SignedSite, TrustedSigners
 
 __all__ = ["Verifier", "raw_digest"]
 

@@ -14,15 +14,17 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline import renewal, upkeep
+from pipeline.acme.ratelimit import RateLimiter
 from pipeline.db import session_scope
-from pipeline.dispatch import UNFINISHED
+from pipeline.fleet import renewal, upkeep
+from pipeline.fleet.dispatch import UNFINISHED
 from pipeline.models import Attempt, Certificate, Order, Site, SiteState
 from pipeline.models.base import utcnow
 from pipeline.settings import Settings
@@ -151,30 +153,43 @@ class InventoryCollector(Collector):
             )
 
 
-def build_registry(settings: Settings) -> CollectorRegistry:
-    from pipeline.alerts import AlertCountCollector
-    from pipeline.connections import get_limiter, get_redis
-    from pipeline.ratelimit import RateLimitCollector
+def build_registry(
+    settings: Settings, client: redis.Redis[Any], limiter: RateLimiter
+) -> CollectorRegistry:
+    """``client`` and ``limiter``: the process's (its runtime's), for the alert counts and
+    the first issuer's buckets."""
+    from pipeline.acme.ratelimit import RateLimitCollector
+    from pipeline.fleet.alerts import AlertCountCollector
     from pipeline.worker_metrics import register_build_and_process
 
     registry = CollectorRegistry(auto_describe=False)
     register_build_and_process(registry)
     registry.register(InventoryCollector(settings))
-    registry.register(RateLimitCollector(get_limiter()))
-    registry.register(AlertCountCollector(get_redis(), settings.redis_prefix))
+    registry.register(RateLimitCollector(limiter))
+    registry.register(AlertCountCollector(client, settings.redis_prefix))
     return registry
 
 
-def serve(settings: Settings, *, port: int, address: str = "127.0.0.1") -> Any:
+def serve(
+    settings: Settings,
+    client: redis.Redis[Any],
+    limiter: RateLimiter,
+    *,
+    port: int,
+    address: str = "127.0.0.1",
+) -> Any:
     """Start the HTTP server in a thread; returns the server (``shutdown()`` stops it)."""
-    server, _thread = start_http_server(port, addr=address, registry=build_registry(settings))
+    registry = build_registry(settings, client, limiter)
+    server, _thread = start_http_server(port, addr=address, registry=registry)
     return server
 
 
-def run_forever(settings: Settings, *, port: int, address: str) -> None:
+def run_forever(
+    settings: Settings, client: redis.Redis[Any], limiter: RateLimiter, *, port: int, address: str
+) -> None:
     # A service: its own lines at INFO, whatever level the certman command logs the rest at.
     log.setLevel(logging.INFO)
-    server = serve(settings, port=port, address=address)
+    server = serve(settings, client, limiter, port=port, address=address)
     log.info("exporter serving http://%s:%d/metrics", address, port)
     try:
         threading.Event().wait()

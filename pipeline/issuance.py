@@ -15,19 +15,23 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 from acme import messages
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipeline import envelope, renewal, selfcheck, site_states, worker_metrics
-from pipeline.acme_client import NOT_FOUND, AcmeClient
-from pipeline.certificates import ChainMismatch, inspect_chain, new_sealed_request
+from pipeline import worker_metrics
+from pipeline.acme import selfcheck
+from pipeline.acme.client import NOT_FOUND, AcmeClient
+from pipeline.acme.ratelimit import RateLimiter
+from pipeline.crypto import envelope
+from pipeline.crypto.certificates import ChainMismatch, inspect_chain, new_sealed_request
+from pipeline.crypto.keys import KeyFileError, PublicKey
+from pipeline.distribution.publishing import Publisher, site_record
 from pipeline.errors import (
     AttemptFailed,
     FallbackCause,
@@ -39,15 +43,11 @@ from pipeline.errors import (
     fallback_cause,
     validation_problem,
 )
-from pipeline.keys import KeyFileError, PublicKey
+from pipeline.fleet import renewal, site_states
+from pipeline.fleet.chain import Step
 from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, SiteState
 from pipeline.models.base import utcnow
-from pipeline.ratelimit import RateLimiter
 from pipeline.settings import KeyType, Settings
-from pipeline.snapshot import Publisher, site_record
-
-if TYPE_CHECKING:
-    from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +58,6 @@ MAX_COUNTDOWN = 15 * 60  # under the broker's visibility timeout
 
 class OrderGone(Exception):
     """The order was removed (its site deleted): nothing left to do."""
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of the chain: its name (the task's, and the attempt rows'), the order step it
-    runs at, and whether the order's in-flight slot is free once it has run."""
-
-    name: str
-    at: OrderStep
-    ends_order: bool = False
-
-
-STEPS: tuple[Step, ...] = (
-    Step("place_order", OrderStep.QUEUED),
-    Step("publish_challenges", OrderStep.PLACED),
-    Step("poll_validation", OrderStep.CHALLENGED),
-    Step("finalise", OrderStep.READY),
-    Step("encrypt_and_store", OrderStep.ISSUED, ends_order=True),
-)
 
 
 def _order(session: Session, order_id: int) -> Order:
@@ -107,6 +88,29 @@ def _poll_delay(polls: int, retry_after: float | None) -> float:
     return float(min(0.5 * 2**polls, 30.0))
 
 
+class StepDependencies(Protocol):
+    """What the steps are handed: the process's :class:`pipeline.runtime.Runtime`, or a test's
+    stand-in. Named here so that this module need not import the composition root."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    def session_scope(self) -> AbstractContextManager[Session]: ...
+
+    @property
+    def acme(self) -> AcmeClient: ...
+
+    def acme_for(self, issuer: str | None) -> AcmeClient: ...
+
+    @property
+    def limiter(self) -> RateLimiter: ...
+
+    def limiter_for(self, issuer: str | None) -> RateLimiter: ...
+
+    @property
+    def publisher(self) -> Publisher: ...
+
+
 class OrderSteps:
     """The five steps, and the ends of an attempt, over one runtime's dependencies.
 
@@ -114,7 +118,7 @@ class OrderSteps:
     needs them (a step that finds its order done talks to nobody).
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: StepDependencies) -> None:
         self.runtime = runtime
         self.settings: Settings = runtime.settings
         self.sessions = runtime.session_scope
@@ -785,38 +789,3 @@ class OrderSteps:
                         detail=problem.reason,
                     )
                 )
-
-
-# --- the process's steps, for scripts and benchmarks (tasks pass the runtime themselves) ---------
-def _steps() -> OrderSteps:
-    from pipeline import runtime
-
-    return OrderSteps(runtime.current())
-
-
-def place_order(order_id: int) -> None:
-    _steps().place_order(order_id)
-
-
-def publish_challenges(order_id: int) -> None:
-    _steps().publish_challenges(order_id)
-
-
-def poll_validation(order_id: int) -> None:
-    _steps().poll_validation(order_id)
-
-
-def finalise(order_id: int) -> None:
-    _steps().finalise(order_id)
-
-
-def encrypt_and_store(order_id: int) -> None:
-    _steps().encrypt_and_store(order_id)
-
-
-def fail_order(order_id: int, step: str, problem: AttemptFailed) -> None:
-    _steps().fail_order(order_id, step, problem)
-
-
-def note_retry(order_id: int, step: str, problem: RetryLater) -> None:
-    _steps().note_retry(order_id, step, problem)

@@ -32,7 +32,8 @@ class InvalidName(ValueError):
 def _psl(*, accept_unknown: bool = False) -> PublicSuffixList:
     # Validation: accept_unknown=False, a TLD the list does not know is not a suffix we can
     # issue under. Counting (registered_domain): the CA's rule, an unknown TLD is a suffix.
-    # Loading the list costs ~0.1 s: once per flavour, on first use, not at import.
+    # Loading the list is slow (docs/architecture.md, section 5): once per flavour, on first
+    # use, not at import.
     return PublicSuffixList(accept_unknown=accept_unknown)
 
 

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
-    IPv4Network,
     IPv6Address,
-    IPv6Network,
     ip_address,
     ip_network,
 )
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from pipeline.setting_values import Network, parse_networks
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 Address = IPv4Address | IPv6Address
-Network = IPv4Network | IPv6Network
 
 # Instance metadata and platform endpoints of the common clouds: refused even when link-local
 # addresses or an allow-list would let them through, since no dealer's site is ever there.
@@ -141,28 +140,6 @@ def scrub_url(text: str, url: str) -> str:
         if len(secret) > 1:  # a bare "/" gives nothing away and is everywhere
             text = text.replace(secret, "…")
     return text
-
-
-def parse_networks(raw: str | Iterable[str]) -> tuple[Network, ...]:
-    """CIDRs separated by commas and/or spaces (a bare address is its /32 or /128).
-
-    :class:`ValueError` names the entry that is wrong.
-    """
-    items = raw.replace(",", " ").split() if isinstance(raw, str) else list(raw)
-    networks: list[Network] = []
-    for item in items:
-        try:
-            network = ip_network(item, strict=True)
-        except ValueError as exc:
-            if "has host bits set" in str(exc):
-                suggestion = ip_network(item, strict=False)
-                raise ValueError(
-                    f"{item!r} has host bits set (did you mean {suggestion}?)"
-                ) from None
-            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or fd00::/8") from None
-        if network not in networks:
-            networks.append(network)
-    return tuple(networks)
 
 
 def _parse_address(ip: str | Address) -> Address:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import redis
 import redis.asyncio
@@ -34,6 +34,12 @@ import redis.asyncio.sentinel
 import redis.sentinel
 
 from pipeline.redis_tls import RedisTls
+from pipeline.setting_values import (
+    SentinelUrl,
+    check_sentinel_settings,
+    is_sentinel,
+    parse_sentinel_url,
+)
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -48,102 +54,9 @@ __all__ = [
     "sync_client",
 ]
 
-DEFAULT_SENTINEL_PORT = 26379
 # How long a client waits for one Sentinel before asking the next: a Sentinel that is down or
 # frozen must not stall finding the master, which every reconnection does.
 SENTINEL_SOCKET_TIMEOUT = 2.0
-
-
-def is_sentinel(url: str) -> bool:
-    return url.lower().startswith("sentinel://")
-
-
-@dataclass(frozen=True)
-class SentinelUrl:
-    """A parsed ``sentinel://`` URL list: the Sentinels, and the master's database and
-    credentials (from the first URL, as kombu reads them)."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_sentinel_url(url: str) -> SentinelUrl:
-    """Parse ``sentinel://[user:pass@]host:port[/db];sentinel://host:port;...``.
-
-    Raises ValueError saying what is wrong (without repeating a password)."""
-    parts = [part.strip() for part in url.split(";") if part.strip()]
-    if not parts:
-        raise ValueError("no Sentinel address")
-    sentinels: list[tuple[str, int]] = []
-    db, username, password = 0, None, None
-    for position, part in enumerate(parts):
-        if not is_sentinel(part):
-            raise ValueError(
-                f"each ';'-separated address must be a sentinel:// URL (#{position + 1} is not)"
-            )
-        split = urlsplit(part)
-        if split.query or split.fragment:
-            raise ValueError("sentinel:// URLs take no options (?...)")
-        try:
-            host, port = split.hostname, split.port or DEFAULT_SENTINEL_PORT
-        except ValueError:
-            raise ValueError(f"address #{position + 1} has an invalid port") from None
-        if not host:
-            raise ValueError(f"address #{position + 1} has no host")
-        path = split.path.strip("/")
-        if position == 0:
-            if path:
-                if not path.isdigit():
-                    raise ValueError("the database after the first address must be a number")
-                db = int(path)
-            username = unquote(split.username) if split.username else None
-            password = unquote(split.password) if split.password is not None else None
-        elif path or split.username or split.password:
-            # kombu reads only the first address's database and credentials: elsewhere they
-            # would reach redis-py's clients but not the broker.
-            raise ValueError(
-                "the database number and Redis's user and password go on the first "
-                "sentinel:// address only (kombu reads no other)"
-            )
-        sentinels.append((host, port))
-    return SentinelUrl(tuple(sentinels), db, username, password)
-
-
-def check_sentinel_settings(
-    url: str, master: str | None, sentinel_password: str | None, tls: bool = False
-) -> None:
-    """The settings' check: one line naming the variable that is wrong."""
-    if tls and not is_sentinel(url):
-        raise ValueError(
-            "CERTMAN_REDIS_SENTINEL_TLS is on, but CERTMAN_REDIS_URL is not a sentinel:// URL "
-            "(for one Redis over TLS, use a rediss:// URL)"
-        )
-    if is_sentinel(url):
-        try:
-            parse_sentinel_url(url)
-        except ValueError as exc:
-            raise ValueError(f"CERTMAN_REDIS_URL: {exc}") from None
-        if not master:
-            raise ValueError(
-                "CERTMAN_REDIS_SENTINEL_MASTER must be set with a sentinel:// CERTMAN_REDIS_URL: "
-                "the name the Sentinels monitor the master under"
-            )
-        return
-    given = [
-        name
-        for name, value in (
-            ("CERTMAN_REDIS_SENTINEL_MASTER", master),
-            ("CERTMAN_REDIS_SENTINEL_PASSWORD", sentinel_password),
-        )
-        if value
-    ]
-    if given:
-        raise ValueError(
-            f"{' and '.join(given)} set, but CERTMAN_REDIS_URL is not a sentinel:// URL, "
-            "so no Sentinel would be asked"
-        )
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ connection, TLS session or key crosses into the child.
 Tests build a :class:`Runtime` directly, giving it the parts they want to replace (a fake ACME
 client, sessions bound to a transaction that is rolled back, a publisher that records).
 
-It is the top of the import graph: only the tasks (the top of a worker) import it at import
-time. The process-wide accessors kept for commands and scripts (``connections.get_redis``,
-``acme_client.get_client``, ``snapshot.publish``, ``issuance.place_order`` ...) reach it
-lazily, from inside a function (``tests/pipeline/test_layout.py`` holds both rules).
+It is the top of the import graph below the entry points: the worker's tasks, each ``certman``
+command (through click's context object, :func:`pipeline.cli.common.command_runtime`), the
+exporter and the scripts build or receive one; no service imports it (the import-linter
+contracts in ``pyproject.toml`` hold that).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import redis
 from sqlalchemy.orm import Session
 
 from pipeline import db
+from pipeline.acme.ratelimit import RateLimiter
 from pipeline.db import SessionScope
-from pipeline.ratelimit import RateLimiter
 from pipeline.redis_connect import RedisTarget, sync_client
 from pipeline.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from pipeline.acme_client import AcmeClient
-    from pipeline.signing import SigningKey
-    from pipeline.snapshot import Publisher
+    from pipeline.acme.client import AcmeClient
+    from pipeline.crypto.signing import SigningKey
+    from pipeline.distribution.publishing import Publisher
 
 
 class Runtime:
@@ -116,7 +116,7 @@ class Runtime:
         spec = self.settings.issuer(issuer)
         client = self._acmes.get(spec.name)
         if client is None:
-            from pipeline.accounts import build_client
+            from pipeline.acme.accounts import build_client
 
             client = build_client(
                 self.settings, self.session_scope, self.redis, self.limiter_for(spec.name), spec
@@ -128,7 +128,7 @@ class Runtime:
     @property
     def signing_key(self) -> SigningKey:
         if self._signing_key is None:
-            from pipeline.signer import load_or_create_signing_key
+            from pipeline.crypto.signing_key_file import load_or_create_signing_key
 
             self._signing_key = load_or_create_signing_key(self.settings.effective_signing_key)
         return self._signing_key
@@ -136,7 +136,7 @@ class Runtime:
     @property
     def publisher(self) -> Publisher:
         if self._publisher is None:
-            from pipeline.snapshot import Publisher
+            from pipeline.distribution.publishing import Publisher
 
             # The key is read when first used: a process that never publishes never makes one.
             self._publisher = Publisher(
@@ -170,13 +170,9 @@ def reset(*, close: bool = False, settings: bool = False) -> None:
     ``settings=True`` also forgets the settings read from the environment.
     """
     global _current
-    from pipeline import signer
-
     if close and _current is not None:
         _current.close()
     _current = None
     db.dispose_engines(close=close)
-    # Commands and reports read the signing key through pipeline.signer's own cache.
-    signer.reset()
     if settings:
         get_settings.cache_clear()

@@ -30,8 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pipeline.outbound import parse_networks
-from pipeline.redis_connect import check_sentinel_settings
+from pipeline.setting_values import check_sentinel_settings, parse_networks, parse_rate
 
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -108,8 +107,6 @@ def _is_base64url(value: str) -> bool:
 
 def _parse_rate_limits(var: str, value: str) -> tuple[bool, tuple[tuple[str, str], ...]]:
     """``off``, ``on``/empty (the catalogue), or ``new_orders=100/1h,pace_acme=20/1s``."""
-    from pipeline.ratelimit import parse_rate
-
     text = value.strip()
     if text.lower() in ("", "on", "letsencrypt"):
         return True, ()
@@ -271,8 +268,8 @@ class Settings(BaseSettings):
     pipeline_key: Path | None = Field(
         None, description="Pipeline's own key; default data_dir/pipeline.key."
     )
-    # Signed distribution (pipeline.signing): the pipeline signs what it publishes, edges trust
-    # only the public halves they are given.
+    # Signed distribution (pipeline.crypto.signing): the pipeline signs what it publishes, edges
+    # trust only the public halves they are given.
     signing_key: Path | None = Field(
         None, description="Pipeline's Ed25519 signing key; default data_dir/signing.key."
     )

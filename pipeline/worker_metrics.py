@@ -26,7 +26,7 @@ Series (no label names a domain; every label value comes from a short fixed list
   pacing waits excluded (``endpoint``: the limiter's pacing name: ``new-nonce``,
   ``new-account``, ``new-order`` or ``acme`` for the rest);
 * ``certman_ratelimit_ca_refusals_total{kind}``, ``certman_ratelimit_blocks_total{kind}``
-  (defined in :mod:`pipeline.ratelimit`, summed here like the rest);
+  (defined in :mod:`pipeline.acme.ratelimit`, summed here like the rest);
 * ``certman_build_info{version, python}`` and the ``process_*`` metrics of the main process,
   plus ``certman_worker_pool_*`` for its children together.
 """

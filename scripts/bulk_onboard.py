@@ -1,6 +1,6 @@
 """Onboard dealer sites in bulk from a CSV: ``python scripts/bulk_onboard.py FILE.csv``.
 
-The same command as the installed ``certman-onboard`` (:mod:`pipeline.onboard_cli` has the
+The same command as the installed ``certman-onboard`` (:mod:`pipeline.cli.onboard` has the
 code, the options and the exit statuses); this wrapper keeps the path operators' scripts and
 runbooks already use working from a checkout.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 # Run from a checkout as well as from an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.onboard_cli import main
+from pipeline.cli.onboard import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="bulk_onboard"))

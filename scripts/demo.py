@@ -150,7 +150,7 @@ def fetch_page(port: int, name: str, context: ssl.SSLContext) -> str:
 # --- the store ---------------------------------------------------------------------------------
 def sites(database_url: str) -> list[dict[str, Any]]:
     from pipeline.db import session_scope
-    from pipeline.sites import list_sites
+    from pipeline.fleet.sites import list_sites
 
     with session_scope(database_url) as session:
         return list_sites(session)

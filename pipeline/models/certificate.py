@@ -38,7 +38,7 @@ class Certificate(Base):
     ari_checked_at: Mapped[datetime | None]
     ari_window_start: Mapped[datetime | None]
     ari_window_end: Mapped[datetime | None]
-    # What the last ARI refresh made of the CA's answer (pipeline.renewal.AriStatus; None: not
+    # What the last ARI refresh made of the CA's answer (pipeline.fleet.renewal.AriStatus; None: not
     # asked yet), and the window as the CA offered it where it was not used, or the error.
     ari_status: Mapped[str | None] = mapped_column(String(32))
     ari_detail: Mapped[str | None] = mapped_column(Text)

@@ -15,16 +15,18 @@ from celery import Task, chain
 
 from pipeline import issuance, runtime, worker_metrics
 from pipeline.celery import app
-from pipeline.connections import release
 from pipeline.errors import AttemptFailed, PollAgain, RetryLater
-from pipeline.issuance import OrderSteps, Step
+from pipeline.fleet import chain as steps_of_chain
+from pipeline.fleet.chain import Step
+from pipeline.issuance import OrderSteps
+from pipeline.locks import release
 from pipeline.logformat import log_context
 from pipeline.models import OrderStep
 
 log = logging.getLogger(__name__)
 
 _TASK_OPTIONS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": None}
-_STEP = {step.name: step for step in issuance.STEPS}
+_STEP = {step.name: step for step in steps_of_chain.STEPS}
 
 
 def _run(task: Task, step: Step, order_id: int, domain: str) -> None:

@@ -12,11 +12,12 @@ from typing import Any
 
 from celery import Task
 
-from pipeline import alerts, dispatch, renewal, retention, runtime, upkeep
+from pipeline import runtime
 from pipeline.celery import app
-from pipeline.connections import release
 from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.fleet import alerts, dispatch, renewal, retention, upkeep
 from pipeline.issuance import OrderSteps
+from pipeline.locks import release
 from pipeline.models.base import utcnow
 from pipeline.tasks.issuance import enqueue_chain
 
@@ -61,7 +62,7 @@ def kick_dispatch() -> None:
     dispatch_due.apply_async(queue="issuance")
 
 
-# --- upkeep (issue 7): thin tasks over pipeline.upkeep and pipeline.renewal ---------------------
+# --- upkeep (issue 7): thin tasks over pipeline.fleet.upkeep and pipeline.fleet.renewal -----------
 # Each is idempotent: a sweep claims orders with a conditional UPDATE, a refresh rewrites what the
 # CA says, an alert is deduplicated in Redis. Overlapping runs are harmless, retries are safe.
 ARI_INTERVAL_DEFAULT = 600.0
@@ -111,7 +112,7 @@ def sweep_stuck_orders(self: Task, lost: bool = False) -> dict[str, int]:
 def refresh_ari(self: Task) -> dict[str, int]:
     """Ask each issuer for the ARI window of the stalest batch of the certificates it issued
     (a CA knows only its own)."""
-    from pipeline.keys import PublicKey
+    from pipeline.crypto.keys import PublicKey
 
     process = runtime.current()
     settings = process.settings

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.redis_acl import setuser_commands
+from pipeline.distribution.acl import setuser_commands
 from tests.deployment.units import (
     GUIDE,
     REPO,

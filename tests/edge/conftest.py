@@ -28,10 +28,10 @@ from tornado.netutil import bind_sockets
 
 from edge.app import Edge, EdgeConfig
 from edge.tls import listening_context
-from pipeline import envelope
-from pipeline.distribution import SiteRecord
-from pipeline.keys import Keyring, PublicKey, generate_keypair
-from pipeline.signing import SigningKey, TrustedSigners, next_version
+from pipeline.crypto import envelope
+from pipeline.crypto.keys import Keyring, PublicKey, generate_keypair
+from pipeline.crypto.signing import SigningKey, TrustedSigners, next_version
+from pipeline.distribution.layout import SiteRecord
 from tests.support.pki import Pki
 from tests.support.ports import free_port, free_port_block
 

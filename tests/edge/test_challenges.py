@@ -12,7 +12,7 @@ import redis
 import redis.asyncio
 
 from edge.challenges import MISS_LIMIT, MISS_TTL, ChallengeStore
-from pipeline.distribution import set_challenge
+from pipeline.distribution.layout import set_challenge
 
 from .conftest import Keys, RunningEdge, wait_for
 

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from edge.connections import ConnectionBudget, ConnectionLimits
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.support.ports import free_port
 
 from .conftest import DEADLINE, Keys, Sites, edge_command, get_status, wait_for

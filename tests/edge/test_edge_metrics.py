@@ -16,7 +16,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from pipeline.version import certman_version
 from tests.support.ports import free_port
 

@@ -15,7 +15,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import Canary, RunningEdge, Sites, status_of
 

@@ -18,7 +18,7 @@ import redis
 
 from edge.proxy_protocol import ProxyHeaderError, parse_proxy_header
 from edge.targets import BadTarget, parse_target, upstream_url
-from pipeline.distribution import channel, publish_site, set_challenge
+from pipeline.distribution.layout import channel, publish_site, set_challenge
 from pipeline.redis_tls import RedisTls
 from tests.support.redis_tls_server import TlsRedisServer, make_ca
 

@@ -13,8 +13,8 @@ import redis
 
 from edge.proxy import LiteralFirstResolver
 from edge.reach import SelfReach
-from pipeline.distribution import publish_site, remove_challenge, set_challenge
-from pipeline.signing import SignedChallenge
+from pipeline.crypto.signing import SignedChallenge
+from pipeline.distribution.layout import publish_site, remove_challenge, set_challenge
 
 from .conftest import Keys, RunningEdge, Sites, wait_for
 

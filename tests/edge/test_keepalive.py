@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import RunningEdge, Sites
 

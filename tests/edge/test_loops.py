@@ -16,7 +16,7 @@ import redis
 
 from edge.loops import default_pseudonym, has_looped, via_value
 from edge.reach import SelfReach
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from pipeline.outbound import RefusedAddress
 
 from .conftest import DEADLINE, Canary, RunningEdge, Sites, serving

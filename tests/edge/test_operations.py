@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.distribution import publish_site
-from pipeline.signing import SigningKey
+from pipeline.crypto.signing import SigningKey
+from pipeline.distribution.layout import publish_site
 from tests.support.pki import Pki
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer

@@ -23,7 +23,7 @@ from edge.headerrules import (
     parse_host,
 )
 from edge.paths import BadPath, normalize_path
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import RunningEdge, Sites, raw_exchange, status_of
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.support.redis_server import RedisServer
 
 from .conftest import (

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import redis
 
-from pipeline import selfcheck
-from pipeline.distribution import EDGE_HEADER, set_challenge
+from pipeline.acme import selfcheck
+from pipeline.distribution.layout import EDGE_HEADER, set_challenge
 from tests.support.dns_server import DnsServer
 from tests.support.loopback_only import loopback_only
 

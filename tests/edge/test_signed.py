@@ -12,9 +12,15 @@ from dataclasses import replace
 import pytest
 import redis
 
-from pipeline import envelope
-from pipeline.distribution import SiteRecord, channel, index_entry, publish_site, set_challenge
-from pipeline.signing import SignedChallenge, SigningKey, TrustedSigners
+from pipeline.crypto import envelope
+from pipeline.crypto.signing import SignedChallenge, SigningKey, TrustedSigners
+from pipeline.distribution.layout import (
+    SiteRecord,
+    channel,
+    index_entry,
+    publish_site,
+    set_challenge,
+)
 
 from .conftest import Keys, RunningEdge, Sites, serial_of, wait_for
 
@@ -230,7 +236,7 @@ def test_a_removal_without_a_signed_tombstone_is_only_a_reread(
     upstream: str,
     start_edge: Callable[..., RunningEdge],
 ) -> None:
-    from pipeline.distribution import remove_site
+    from pipeline.distribution.layout import remove_site
 
     publish_site(redis_client, prefix, sites.record("shop.test", upstream=upstream))
     edge = start_edge()

@@ -12,7 +12,7 @@ import pytest
 import redis
 from cryptography import x509
 
-from pipeline.distribution import content_hash, publish_site, remove_site, replace_all
+from pipeline.distribution.layout import content_hash, publish_site, remove_site, replace_all
 
 from .conftest import Keys, RunningEdge, Sites, serial_of, wait_for
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.keys import generate_keypair
-from pipeline.signing import SigningKey
+from pipeline.crypto.keys import generate_keypair
+from pipeline.crypto.signing import SigningKey
 
 from .conftest import edge_command
 

@@ -10,8 +10,8 @@ import pytest
 
 from edge.state import SiteIndex, StatementUnavailable
 from edge.verifier import raw_digest
-from pipeline.distribution import SiteRecord, index_entry
-from pipeline.signing import SignedSite, SigningKey, TrustedSigners
+from pipeline.crypto.signing import SignedSite, SigningKey, TrustedSigners
+from pipeline.distribution.layout import SiteRecord, index_entry
 
 SIGNER = SigningKey.generate()
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from edge.tls import listening_context
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import DEADLINE, Keys, RunningEdge, Sites, start_prefork_edge
 

@@ -15,7 +15,7 @@ import redis
 
 from edge import openssl
 from edge.tls import PROFILES, build_context, listening_context
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.support.pki import Pki
 
 from .conftest import DEADLINE, RunningEdge, Sites

@@ -16,7 +16,7 @@ from tornado.log import gen_log
 
 from edge import handshakes
 from edge.metrics import EdgeMetrics
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import DEADLINE, RunningEdge, Sites, serial_of
 

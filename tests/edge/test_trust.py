@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.distribution import SiteRecord, channel, index_entry, publish_site, remove_site
+from pipeline.distribution.layout import SiteRecord, channel, index_entry, publish_site, remove_site
 from tests.support.ports import free_port
 
 from .conftest import Keys, RunningEdge, Sites, serial_of, wait_for

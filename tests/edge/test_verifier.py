@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from edge.mirror import Mirror
 from edge.verifier import Verifier, raw_digest
-from pipeline.distribution import SiteRecord
-from pipeline.signing import SignedSite, SigningKey, TrustedSigners
+from pipeline.crypto.signing import SignedSite, SigningKey, TrustedSigners
+from pipeline.distribution.layout import SiteRecord
 
 SIGNER = SigningKey.generate()
 

@@ -222,10 +222,18 @@ def in_process(system: System, monkeypatch: pytest.MonkeyPatch) -> Iterator[Syst
         runtime.reset(close=True, settings=True)
 
 
+def _steps() -> Any:
+    """The steps over the process's runtime, run here as a worker runs them."""
+    from pipeline import runtime
+    from pipeline.issuance import OrderSteps
+
+    return OrderSteps(runtime.current())
+
+
 def _start_order(name: str) -> int:
     from pipeline.db import session_scope
-    from pipeline.dispatch import start_due
-    from pipeline.sites import add_site, parse_site
+    from pipeline.fleet.dispatch import start_due
+    from pipeline.fleet.sites import add_site, parse_site
 
     with session_scope() as session:
         add_site(session, parse_site(name))
@@ -247,11 +255,11 @@ def _order(order_id: int) -> tuple[str, str | None]:
 def test_place_order_rerun_after_a_failed_authorization_fetch_resumes_the_ca_order(
     in_process: System, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import acme_client, issuance
+    from pipeline import runtime
     from pipeline.errors import RetryLater
 
     order_id = _start_order("resume.example.com")
-    client = acme_client.get_client()
+    client = runtime.current().acme
     with monkeypatch.context() as patch:
 
         def unreachable(url: str) -> None:
@@ -259,10 +267,10 @@ def test_place_order_rerun_after_a_failed_authorization_fetch_resumes_the_ca_ord
 
         patch.setattr(client, "get_authorization", unreachable)
         with pytest.raises(RetryLater):
-            issuance.place_order(order_id)
+            _steps().place_order(order_id)
     step, first_url = _order(order_id)
     assert step == "queued" and first_url is not None
-    issuance.place_order(order_id)
+    _steps().place_order(order_id)
     assert _order(order_id) == ("placed", first_url)
     assert orders_placed(in_process) == 1
 
@@ -270,11 +278,11 @@ def test_place_order_rerun_after_a_failed_authorization_fetch_resumes_the_ca_ord
 def test_place_order_rerun_replaces_a_ca_order_that_went_invalid(
     in_process: System, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import acme_client, issuance
+    from pipeline import runtime
     from pipeline.errors import RetryLater
 
     order_id = _start_order("expired.example.com")
-    client = acme_client.get_client()
+    client = runtime.current().acme
     fetch = client.get_authorization
     with monkeypatch.context() as patch:
 
@@ -287,9 +295,9 @@ def test_place_order_rerun_replaces_a_ca_order_that_went_invalid(
 
         patch.setattr(client, "get_authorization", deactivate_then_fail)
         with pytest.raises(RetryLater):
-            issuance.place_order(order_id)
+            _steps().place_order(order_id)
     _, first_url = _order(order_id)
-    issuance.place_order(order_id)
+    _steps().place_order(order_id)
     step, second_url = _order(order_id)
     assert step == "placed" and second_url not in (None, first_url)
     assert orders_placed(in_process) == 2
@@ -300,7 +308,6 @@ def test_place_order_rerun_replaces_a_ca_order_the_ca_no_longer_knows(
 ) -> None:
     # As after a CA restart (Pebble keeps nothing) or its clean-up of old orders: the CA
     # answers 404 for the recorded order, so the step places a new one instead of failing.
-    from pipeline import issuance
     from pipeline.db import session_scope
     from pipeline.models import Order
 
@@ -310,7 +317,7 @@ def test_place_order_rerun_replaces_a_ca_order_the_ca_no_longer_knows(
         order = session.get(Order, order_id)
         assert order is not None
         order.order_url = gone
-    issuance.place_order(order_id)
+    _steps().place_order(order_id)
     step, url = _order(order_id)
     assert step == "placed" and url not in (None, gone)
     assert orders_placed(in_process) == 1
@@ -333,14 +340,14 @@ def _step_until(step: Callable[[int], None], order_id: int, reached: str) -> Non
 def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
     in_process: System, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import issuance, runtime
+    from pipeline import runtime
     from pipeline.errors import RetryLater
 
     order_id = _start_order("unpublished.example.com")
-    _step_until(issuance.place_order, order_id, "placed")
-    _step_until(issuance.publish_challenges, order_id, "challenged")
-    _step_until(issuance.poll_validation, order_id, "ready")
-    _step_until(issuance.finalise, order_id, "issued")
+    _step_until(_steps().place_order, order_id, "placed")
+    _step_until(_steps().publish_challenges, order_id, "challenged")
+    _step_until(_steps().poll_validation, order_id, "ready")
+    _step_until(_steps().finalise, order_id, "issued")
     with monkeypatch.context() as patch:
 
         def redis_gone(record: object) -> None:
@@ -348,11 +355,11 @@ def test_a_certificate_stored_while_redis_fails_is_published_by_the_retry(
 
         patch.setattr(runtime.current().publisher, "publish", redis_gone)
         with pytest.raises(RetryLater, match="not yet published to the edges"):
-            issuance.encrypt_and_store(order_id)
+            _steps().encrypt_and_store(order_id)
     assert _order(order_id)[0] == "done"  # stored: the certificate is not lost
     prefix = in_process.redis_prefix
     assert redis_client.hget(f"{prefix}:index", "unpublished.example.com") is None
-    issuance.encrypt_and_store(order_id)  # the task's retry
+    _steps().encrypt_and_store(order_id)  # the task's retry
     entry = redis_client.hget(f"{prefix}:index", "unpublished.example.com")
     assert entry is not None and entry.split(b"\t")[1] == b"1"  # has its certificate
 
@@ -362,13 +369,13 @@ def test_an_edge_that_lacks_the_probe_is_our_outage_not_the_dealers_dns(
 ) -> None:
     # DNS reaches the edge, but the edge cannot see the probe (as when it lost Redis): wait
     # for that to end, without counting a failure against the site or placing an order.
-    from pipeline import issuance, runtime
+    from pipeline import runtime
     from pipeline.errors import RetryLater
 
     order_id = _start_order("our-outage.example.com")
     monkeypatch.setattr(runtime.current().publisher, "set_challenge", lambda *args: None)
     with pytest.raises(RetryLater, match="without the challenge .is it connected to Redis"):
-        issuance.place_order(order_id)
+        _steps().place_order(order_id)
     assert _order(order_id) == ("queued", None)
     assert orders_placed(in_process) == 0
 
@@ -397,7 +404,6 @@ def test_an_aaaa_record_pointing_elsewhere_is_found_before_ordering(
     # The CA tries IPv6 first and falls back to IPv4 only when no connection is made there;
     # anything else fails the validation. So must the self-check, or a stray AAAA record
     # would cost a failed validation instead of no order at all.
-    from pipeline import issuance
     from pipeline.errors import AttemptFailed
 
     elsewhere = _OverIPv6(("::1", in_process.http_port), handler)
@@ -411,7 +417,7 @@ def test_an_aaaa_record_pointing_elsewhere_is_found_before_ordering(
         ).close()
         order_id = _start_order("six.example.com")
         with pytest.raises(AttemptFailed, match=found):
-            issuance.place_order(order_id)
+            _steps().place_order(order_id)
         assert orders_placed(in_process) == 0
     finally:
         elsewhere.shutdown()
@@ -426,14 +432,15 @@ def test_finalise_keeps_the_key_of_the_csr_another_copy_posted_first(
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from pipeline import acme_client, certificates, issuance
+    from pipeline import issuance, runtime
+    from pipeline.crypto import certificates
     from pipeline.db import session_scope
     from pipeline.models import Order
 
     order_id = _start_order("two-copies.example.com")
-    _step_until(issuance.place_order, order_id, "placed")
-    _step_until(issuance.publish_challenges, order_id, "challenged")
-    _step_until(issuance.poll_validation, order_id, "ready")
+    _step_until(_steps().place_order, order_id, "placed")
+    _step_until(_steps().publish_challenges, order_id, "challenged")
+    _step_until(_steps().poll_validation, order_id, "ready")
     made = certificates.new_sealed_request
 
     def while_the_other_copy_posts(*args: Any, **kwargs: Any) -> certificates.SealedRequest:
@@ -444,15 +451,13 @@ def test_finalise_keeps_the_key_of_the_csr_another_copy_posted_first(
             order.csr_pem, order.key_envelope = theirs.csr_pem, theirs.key_envelope
             finalize_url = order.finalize_url
         csr = x509.load_pem_x509_csr(theirs.csr_pem.encode())
-        acme_client.get_client().finalize(
-            finalize_url, csr.public_bytes(serialization.Encoding.DER)
-        )
+        runtime.current().acme.finalize(finalize_url, csr.public_bytes(serialization.Encoding.DER))
         monkeypatch.setattr(issuance, "new_sealed_request", made)
         return made(*args, **kwargs)  # this copy's own key, made meanwhile
 
     monkeypatch.setattr(issuance, "new_sealed_request", while_the_other_copy_posts)
-    _step_until(issuance.finalise, order_id, "issued")
-    issuance.encrypt_and_store(order_id)  # checks the chain against the stored CSR's key
+    _step_until(_steps().finalise, order_id, "issued")
+    _steps().encrypt_and_store(order_id)  # checks the chain against the stored CSR's key
     assert _order(order_id)[0] == "done"
 
 
@@ -460,20 +465,20 @@ def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) 
     """The window the SIGKILL test may or may not hit: the challenge answered, the worker gone
     before the step was recorded. The re-run must not fail the order on the CA's refusal of a
     second answer."""
-    from pipeline import acme_client, issuance
+    from pipeline import runtime
     from pipeline.db import session_scope
     from pipeline.models import Order, OrderStep
 
     order_id = _start_order("rerun.example.com")
-    issuance.place_order(order_id)
-    issuance.publish_challenges(order_id)
+    _steps().place_order(order_id)
+    _steps().publish_challenges(order_id)
 
     with session_scope() as session:
         order = session.get(Order, order_id)
         assert order is not None
         [(authz_url, authz)] = (order.authorizations or {}).items()
         order.step = OrderStep.PLACED  # as if the worker died before recording the step
-    client = acme_client.get_client()
+    client = runtime.current().acme
 
     def answered() -> bool:
         challenges = client.get_authorization(authz_url).challenges
@@ -481,5 +486,5 @@ def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) 
         return bool(mine) and mine[0].status.name != "pending"
 
     wait_until(answered, timeout=30, what="the CA to take the first answer")
-    issuance.publish_challenges(order_id)  # the CA refuses the second answer
+    _steps().publish_challenges(order_id)  # the CA refuses the second answer
     assert _order(order_id)[0] == "challenged"

@@ -11,8 +11,8 @@ import pytest
 import redis
 from cryptography import x509
 
-from pipeline import distribution
-from pipeline.signing import SigningKey
+from pipeline.crypto.signing import SigningKey
+from pipeline.distribution import layout as distribution
 from tests.support.ports import wait_until
 from tests.support.system import System
 

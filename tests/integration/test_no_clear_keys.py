@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import create_engine, text
 
-from pipeline import envelope
-from pipeline.keys import Keyring
+from pipeline.crypto import envelope
+from pipeline.crypto.keys import Keyring
 from tests.support.system import System
 
 pytestmark = pytest.mark.integration

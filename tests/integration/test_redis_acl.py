@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from pipeline.redis_acl import pipeline_rules
+from pipeline.distribution.acl import pipeline_rules
 from tests.deployment.units import UNITS, read_unit
 from tests.support import system as system_module
 from tests.support.ports import free_port, wait_until

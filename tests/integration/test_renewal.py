@@ -19,9 +19,9 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from pipeline.crypto.envelope import Scheme
+from pipeline.crypto.keys import generate_keypair
 from pipeline.db import session_scope
-from pipeline.envelope import Scheme
-from pipeline.keys import generate_keypair
 from pipeline.models import Certificate, Order, OrderKind, OrderStep
 from pipeline.models.base import utcnow
 from tests.integration.test_issuance import fetch_certificate
@@ -235,7 +235,7 @@ def renew_as_dispatched_at(system: System, domain: str, at: datetime) -> Order:
     """Start the site's renewal as beat's dispatcher would at ``at`` (a moment this test cannot
     wait for: the middle of a 90-day certificate's life) and have the chain sent by the
     sweeper, as for an order nobody touched; the steps run now, against Pebble."""
-    from pipeline.dispatch import start_due
+    from pipeline.fleet.dispatch import start_due
 
     with session_scope(system.database_url) as s:
         [started] = start_due(s, limit=10, now=at)

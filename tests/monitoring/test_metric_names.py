@@ -18,7 +18,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.edge.conftest import RunningEdge, Sites
 from tests.pipeline.test_worker_metrics import run_host, stop_host
 from tests.support.factories import make_cert, make_site
@@ -55,10 +55,9 @@ def get(url: str) -> str:
 def exporter_names(
     tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[set[str]]:
-    from pipeline import connections
+    from pipeline import runtime
     from pipeline.db import session_scope, upgrade
     from pipeline.exporter import serve
-    from pipeline.settings import get_settings
 
     url = f"sqlite:///{tmp_path / 'certman.db'}"
     upgrade(url)
@@ -68,19 +67,18 @@ def exporter_names(
         "CERTMAN_REDIS_URL": redis_url,
     }.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    connections.reset()
+    runtime.reset(settings=True)
     with session_scope() as session:  # one current certificate: its expiry is a series
         make_cert(session, make_site(session, "served.example"), lifetime=timedelta(days=90))
     port = free_port()
-    server = serve(get_settings(), port=port)
+    process = runtime.current()
+    server = serve(process.settings, process.redis, process.limiter, port=port)
     try:
         yield names_in(get(f"http://127.0.0.1:{port}/metrics"))
     finally:
         server.shutdown()
         server.server_close()
-        get_settings.cache_clear()
-        connections.reset(close=True)
+        runtime.reset(close=True, settings=True)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.keys import PrivateKey, write_keypair
+from pipeline.crypto.keys import PrivateKey, write_keypair
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import requests
 from acme import messages
 
-from pipeline.acme_client import _Network, classify
+from pipeline.acme.client import _Network, classify
 from pipeline.errors import (
     ACME_ERRORS,
     AttemptFailed,
@@ -162,7 +162,7 @@ def test_another_refusal_of_a_renewal_is_not_retried(
     assert ca.asked == ["aki.03ab"]
 
 
-# --- the one table (pipeline.errors.ACME_ERRORS) -------------------------------------------------
+# --- the one table (pipeline.errors.ACME_ERRORS) ---------------------------------------------
 EXPECTED_CLASS = {
     Outcome.RETRY: RetryLater,
     Outcome.RATE_LIMITED: RateLimited,

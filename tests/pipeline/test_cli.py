@@ -116,7 +116,7 @@ def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str,
     return found
 
 
-COMMANDS = _commands(__import__("pipeline.cli", fromlist=["main"]).main)
+COMMANDS = _commands(__import__("pipeline.cli.commands", fromlist=["main"]).main)
 
 
 def test_every_command_is_found() -> None:
@@ -127,7 +127,7 @@ def test_every_command_is_found() -> None:
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda path: " ".join(path) or "certman")
 def test_every_command_answers_help(path: tuple[str, ...]) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     for flag in ("-h", "--help"):
         result = CliRunner().invoke(main, [*path, flag], prog_name="certman")
@@ -207,14 +207,14 @@ def test_postgresql_urls_as_postgres_tools_print_them(
 
 
 def test_exporter_help_shows_the_loopback_default() -> None:
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     result = CliRunner().invoke(main, ["exporter", "--help"], prog_name="certman")
     assert "--address" in result.output and "127.0.0.1" in result.output
 
 
 def test_keys_generate_a_signing_key(tmp_path: Path, env: dict[str, str]) -> None:
-    from pipeline.signing import SigningKey, TrustedSigners
+    from pipeline.crypto.signing import SigningKey, TrustedSigners
 
     directory = tmp_path / "signing"
     result = certman(env, "keys", "generate", "--purpose", "signing", "--dir", str(directory))

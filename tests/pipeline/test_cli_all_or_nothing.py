@@ -17,11 +17,11 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy import select
 
+from pipeline.crypto.signing import SignedSite
+from pipeline.crypto.signing_key_file import peek_signing_key
 from pipeline.db import session_scope
+from pipeline.fleet.sites import add_site, parse_site
 from pipeline.models import Site
-from pipeline.signer import peek_signing_key
-from pipeline.signing import SignedSite
-from pipeline.sites import add_site, parse_site
 from tests.pipeline.test_cli import certman
 
 DOMAIN = "dealer.example.com"

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.envelope import (
+from pipeline.crypto.envelope import (
     HEADER_LENGTH,
     EnvelopeError,
     EnvelopeHeader,
@@ -30,7 +30,7 @@ from pipeline.envelope import (
     spki_fingerprint,
     to_text,
 )
-from pipeline.keys import Keyring, PrivateKey
+from pipeline.crypto.keys import Keyring, PrivateKey
 
 DOMAIN = "shop.example.com"
 BINDING = hashlib.sha256(b"certificate public key").digest()

@@ -16,12 +16,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.errors import AttemptFailed, NameRefused
+from pipeline.fleet.sites import add_site, parse_site
 from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Order, OrderStep, Site, SiteState
 from pipeline.models.base import utcnow
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
-from pipeline.sites import add_site, parse_site
 from tests.support.fake_acme import RecordingPublisher
 
 Store = Callable[[], AbstractContextManager[Session]]

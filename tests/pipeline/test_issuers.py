@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from pipeline.acme_client import _replaces_refused
+from pipeline.acme.client import _replaces_refused
 from pipeline.errors import AttemptFailed, RateLimited, RetryLater
 from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Certificate, OrderStep, Site, SiteState
@@ -228,7 +228,7 @@ def test_an_issuer_marked_down_is_skipped_without_a_request(
 def test_a_site_may_prefer_an_issuer(store: Store, fleet_settings: Settings) -> None:
     fleet = Fleet(store, fleet_settings)
     with store() as session:
-        from pipeline.sites import add_site, parse_site
+        from pipeline.fleet.sites import add_site, parse_site
 
         add_site(session, parse_site(DOMAIN, ()))
         session.execute(update(Site).values(preferred_issuer="backup"))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from pipeline.envelope import Scheme, open_envelope, seal
-from pipeline.keys import (
+from pipeline.crypto.envelope import Scheme, open_envelope, seal
+from pipeline.crypto.keys import (
     KeyFileError,
     Keyring,
     PrivateKey,

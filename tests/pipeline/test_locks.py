@@ -7,7 +7,7 @@ import logging
 import pytest
 import redis
 
-from pipeline.connections import release
+from pipeline.locks import release
 from tests.support.ports import wait_until
 
 
@@ -21,7 +21,7 @@ def test_a_lock_that_expired_under_its_work_is_released_quietly(
     )
     theirs = redis_client.lock("test:lock:order:1", timeout=30)
     assert theirs.acquire(blocking=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.connections"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.locks"):
         release(mine)  # the work is done: no LockNotOwnedError to fail its task
     assert theirs.owned()  # and the lock another run holds now is left alone
     assert "expired before its work ended" in caplog.text

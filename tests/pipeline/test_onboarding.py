@@ -12,10 +12,11 @@ import pytest
 import redis
 from sqlalchemy import Engine, func, select
 
+from pipeline.acme.ratelimit import Limits
+from pipeline.crypto.signing import SigningKey
 from pipeline.db import get_engine, session_scope
-from pipeline.distribution import SiteRecord
-from pipeline.models import Site, SiteName, SiteState
-from pipeline.onboarding import (
+from pipeline.distribution.layout import SiteRecord
+from pipeline.fleet.onboarding import (
     MAX_FIELD,
     Line,
     Onboarding,
@@ -28,9 +29,9 @@ from pipeline.onboarding import (
     publish_records,
     read_lines,
 )
-from pipeline.ratelimit import Limits, parse_rate
-from pipeline.signing import SigningKey
-from pipeline.sites import add_site, parse_site
+from pipeline.fleet.sites import add_site, parse_site
+from pipeline.models import Site, SiteName, SiteState
+from pipeline.setting_values import parse_rate
 
 PREFIX = "certman"
 SIGNER = SigningKey.generate()
@@ -272,7 +273,7 @@ def test_run_interrupted_between_batches_then_resumed(
 def test_exception_inside_a_batch_leaves_nothing_half_written(
     engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import onboarding
+    from pipeline.fleet import onboarding
 
     calls = {"n": 0}
     real = onboarding.Onboarding._insert
@@ -298,7 +299,7 @@ def test_exception_inside_a_batch_leaves_nothing_half_written(
 def test_a_name_taken_by_a_concurrent_writer_rolls_the_batch_back_and_rechecks(
     engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import onboarding
+    from pipeline.fleet import onboarding
 
     real = onboarding.Onboarding._classify
     raced = {"done": False}
@@ -411,7 +412,7 @@ def test_a_batch_is_published_signed_above_what_redis_holds(
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from pipeline.signing import SignedSite, TrustedSigners, next_version
+    from pipeline.crypto.signing import SignedSite, TrustedSigners, next_version
 
     # A statement already there at a version above the clock (published before by a host whose
     # clock runs ahead): the batch must sign above it, not be refused by the script.

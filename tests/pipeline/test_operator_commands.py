@@ -26,12 +26,13 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from pipeline import distribution, sites
-from pipeline.cli import main
+from pipeline.cli.commands import main
 from pipeline.db import session_scope
+from pipeline.distribution import layout as distribution
+from pipeline.fleet import sites
+from pipeline.fleet.retention import prune_attempts
 from pipeline.models import Attempt, Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
-from pipeline.retention import prune_attempts
 from tests.support.factories import make_cert, make_site
 
 
@@ -398,8 +399,8 @@ def test_a_site_prefers_an_issuer_from_add_or_update(
 def test_domains_show_names_the_limiter_bucket_a_step_waits_on(
     certman_env: dict[str, str], redis_client: redis.Redis, edge_public_key: Path
 ) -> None:
-    from pipeline.dispatch import start_due
     from pipeline.errors import RateLimited
+    from pipeline.fleet.dispatch import start_due
     from pipeline.issuance import OrderSteps
     from pipeline.runtime import Runtime
     from pipeline.settings import Settings
@@ -444,8 +445,8 @@ def test_domains_show_names_the_limiter_bucket_a_step_waits_on(
 def test_domains_show_says_what_ari_said_and_why_it_is_not_used(
     certman_env: dict[str, str],
 ) -> None:
-    from pipeline import renewal
     from pipeline.errors import AttemptFailed
+    from pipeline.fleet import renewal
 
     now = utcnow()
     with session_scope() as s:

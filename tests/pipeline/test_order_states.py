@@ -21,15 +21,15 @@ from cryptography import x509
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipeline import issuance
-from pipeline.dispatch import start_due
-from pipeline.envelope import spki_fingerprint
+from pipeline.crypto.envelope import spki_fingerprint
 from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.fleet.chain import STEPS
+from pipeline.fleet.dispatch import start_due
+from pipeline.fleet.sites import add_site, parse_site
 from pipeline.issuance import OrderSteps
 from pipeline.models import Attempt, Certificate, Order, OrderStep, Site, SiteState
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
-from pipeline.sites import add_site, parse_site
 from tests.support.fake_acme import (
     Crash,
     Crashes,
@@ -96,7 +96,7 @@ class World:
             at = OrderStep(self.order().step)
             if at.finished and at != OrderStep.DONE:
                 return
-            step = next((s for s in issuance.STEPS if s.at == at), issuance.STEPS[-1])
+            step = next((s for s in STEPS if s.at == at), STEPS[-1])
             try:
                 self.steps.run(step, order_id)
             except Crash:
@@ -174,12 +174,12 @@ def test_the_steps_are_no_ops_out_of_turn(store: Store, settings: Settings) -> N
     """Each step checks where the order stands first: a stray copy talks to nobody."""
     world = World(store, settings)
     order_id = world.start(DOMAIN)
-    for step in issuance.STEPS[1:]:
+    for step in STEPS[1:]:
         world.steps.run(step, order_id)
     assert world.ca.orders == {} and world.order().step == OrderStep.QUEUED
     world.run(order_id)
     before = world.crashes.seen
-    for step in issuance.STEPS[:-1]:
+    for step in STEPS[:-1]:
         world.steps.run(step, order_id)
     # Four reads of the order, and nothing else: no request to the CA, no publish.
     assert world.crashes.labels[before:] == ["before a commit", "after a commit"] * 4
@@ -244,7 +244,7 @@ def test_a_failed_validation_survives_a_crash_at_every_point(
                 session.query(table).delete()
 
 
-# --- what each failure means (pipeline.errors.ACME_ERRORS) ----------------------------------------
+# --- what each failure means (pipeline.errors.ACME_ERRORS) -----------------------------------
 @pytest.mark.parametrize(
     ("code", "state", "outcome"),
     [

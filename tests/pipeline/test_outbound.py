@@ -17,7 +17,7 @@ from ipaddress import ip_network
 
 import pytest
 
-from pipeline.alerts import WebhookRefused, WebhookUnavailable, post_webhook
+from pipeline.fleet.alerts import WebhookRefused, WebhookUnavailable, post_webhook
 from pipeline.outbound import (
     OutboundPolicy,
     RefusedAddress,

@@ -12,8 +12,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from pipeline.names import registered_domain
-from pipeline.ratelimit import (
+from pipeline.acme.ratelimit import (
     Decision,
     Limits,
     Rate,
@@ -23,6 +22,7 @@ from pipeline.ratelimit import (
     names_key,
     parse_rate,
 )
+from pipeline.names import registered_domain
 from pipeline.settings import Settings
 
 T0 = 1_800_000_000.0  # an explicit clock of today's magnitude, so µs precision is exercised
@@ -375,7 +375,7 @@ def test_block_for_problem_logs_and_counts_once(
         for _ in range(8)
     ]
     detail = "too many new orders (300) from this account in the last 3h0m0s"
-    with caplog.at_level(logging.WARNING, logger="pipeline.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.acme.ratelimit"):
         for worker in workers:
             worker.block_for_problem(detail, 120 + 0.1, account="acct", names=["a.example.com"])
     assert len([r for r in caplog.records if "blocked" in r.getMessage()]) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.redis_acl import edge_rules, pipeline_rules, setuser_commands
+from pipeline.distribution.acl import edge_rules, pipeline_rules, setuser_commands
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

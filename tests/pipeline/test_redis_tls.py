@@ -1,6 +1,6 @@
 """Redis over TLS, verified by every client: against a real TLS-only redis-server.
 
-For the limiter and the snapshot publisher (pipeline.connections), an asyncio client as the
+For the limiter and the snapshot publisher (pipeline.locks), an asyncio client as the
 edge makes them, and the Celery broker (kombu): the right CA works; a wrong CA, or none (the
 test CA is not in the system's store), fails closed: the call raises and nothing is written.
 """
@@ -24,7 +24,8 @@ import redis
 import redis.asyncio
 from kombu import Connection
 
-from pipeline import connections, distribution, signer, snapshot
+from pipeline import runtime
+from pipeline.distribution import layout as distribution
 from pipeline.redis_tls import RedisTls
 from pipeline.settings import get_settings
 from tests.support.redis_tls_server import Ca, TlsRedisServer, make_ca
@@ -87,13 +88,11 @@ def configure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
             else:
                 monkeypatch.setenv(f"CERTMAN_REDIS_{var}_FILE", str(value))
         get_settings.cache_clear()
-        connections.reset(close=True)
-        signer.reset()  # a signing key of this test's data directory
+        runtime.reset(close=True)  # a runtime (and signing key) of this test's settings
 
     yield apply
     get_settings.cache_clear()
-    connections.reset(close=True)
-    signer.reset()
+    runtime.reset(close=True)
 
 
 def _record(domain: str = "dealer.example.com") -> distribution.SiteRecord:
@@ -149,16 +148,16 @@ def test_a_certificate_needs_its_key(tmp_path: Path) -> None:
         RedisTls(cert_file=tmp_path / "c.pem")
 
 
-# --- get_redis: the limiter and the snapshot publisher -------------------------------------------
+# --- the runtime's Redis: the limiter and the snapshot publisher ------------------------------
 def test_the_right_ca_works_for_the_limiter_and_the_snapshot(
     configure: Any, tls_redis: TlsRedisServer, server_data: redis.Redis[Any]
 ) -> None:
     configure(tls_redis.url, tls_redis.ca.file)
-    assert connections.get_redis().ping()
-    decision = connections.get_limiter().pace("new-order")
+    assert runtime.current().redis.ping()
+    decision = runtime.current().limiter.pace("new-order")
     assert decision.allowed
-    snapshot.publish(_record())
-    assert snapshot.exists()
+    runtime.current().publisher.publish(_record())
+    assert runtime.current().publisher.exists()
     assert server_data.exists(f"{PREFIX}:version")
     assert any(server_data.scan_iter(f"{PREFIX}:*ratelimit*")) or server_data.dbsize() > 1
 
@@ -173,11 +172,11 @@ def test_an_unverified_server_fails_closed(
 ) -> None:
     configure(tls_redis.url, wrong_ca.file if which == "wrong CA" else None)
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-        connections.get_redis().set("written", "1")
+        runtime.current().redis.set("written", "1")
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-        connections.get_limiter().pace("new-order")
+        runtime.current().limiter.pace("new-order")
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-        snapshot.publish(_record())
+        runtime.current().publisher.publish(_record())
     assert server_data.dbsize() == 0
 
 
@@ -201,11 +200,11 @@ def test_a_client_certificate_is_presented_when_configured(
 ) -> None:
     configure(mtls_redis.url, mtls_redis.ca.file)
     with pytest.raises(redis.ConnectionError):
-        connections.get_redis().set("written", "1")
+        runtime.current().redis.set("written", "1")
     configure(
         mtls_redis.url, mtls_redis.ca.file, mtls_redis.client.cert_file, mtls_redis.client.key_file
     )
-    assert connections.get_redis().set("written", "1")
+    assert runtime.current().redis.set("written", "1")
     check = mtls_redis.verified_client()
     try:
         assert check.get("written") == b"1"

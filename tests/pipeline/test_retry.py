@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select, update
 
 from pipeline.db import session_scope
+from pipeline.fleet.sites import SiteError, retry_sites
 from pipeline.models import Certificate, Site, SiteState
-from pipeline.sites import SiteError, retry_sites
 from tests.pipeline.test_cli import certman
 from tests.support.factories import NOW, make_cert, make_site
 

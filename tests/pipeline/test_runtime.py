@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import acme_client, connections, db, runtime, signer, snapshot
+from pipeline import db, runtime
 from pipeline.settings import Settings
 
 
@@ -15,11 +15,10 @@ def fresh(certman_env: dict[str, str]) -> runtime.Runtime:
     return runtime.current()
 
 
-def test_the_process_has_one_runtime_and_every_accessor_is_its(fresh: runtime.Runtime) -> None:
+def test_the_process_has_one_runtime_and_its_parts_share_one_redis(
+    fresh: runtime.Runtime,
+) -> None:
     assert runtime.current() is fresh
-    assert connections.get_redis() is fresh.redis
-    assert connections.get_limiter() is fresh.limiter
-    assert snapshot._publisher() is fresh.publisher
     assert fresh.publisher.redis is fresh.redis
     assert fresh.limiter.redis is fresh.redis
 
@@ -30,7 +29,7 @@ def test_after_a_fork_everything_is_dropped_in_one_place(
     from pipeline.celery import _after_fork
 
     fresh.redis.ping()
-    key = signer.get_signing_key()
+    key = fresh.signing_key
     disposed: list[bool] = []
     monkeypatch.setattr(db, "dispose_engines", lambda *, close=False: disposed.append(close))
     _after_fork()
@@ -39,16 +38,16 @@ def test_after_a_fork_everything_is_dropped_in_one_place(
     assert after.redis is not fresh.redis  # a connection of the child's own
     assert disposed == [False]  # the parent's pooled connections are forgotten, not closed
     assert fresh.redis.ping()  # ... and neither is the parent's Redis connection
-    assert signer._key is None and signer.get_signing_key().key_id == key.key_id
+    assert after.signing_key is not key and after.signing_key.key_id == key.key_id
     after.close()
     fresh.close()
 
 
-def test_the_legacy_resets_are_the_runtimes(fresh: runtime.Runtime) -> None:
-    acme_client.reset()
+def test_reset_is_the_one_place_the_process_forgets(fresh: runtime.Runtime) -> None:
+    runtime.reset()
     assert runtime.current() is not fresh
     second = runtime.current()
-    connections.reset(close=True)
+    runtime.reset(close=True)
     assert runtime.current() is not second
 
 

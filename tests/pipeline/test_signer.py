@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.keys import KeyFileError
-from pipeline.signer import load_or_create_signing_key, peek_signing_key, public_path
-from pipeline.signing import SigningKey, TrustedSigners
+from pipeline.crypto.keys import KeyFileError
+from pipeline.crypto.signing import SigningKey, TrustedSigners
+from pipeline.crypto.signing_key_file import (
+    load_or_create_signing_key,
+    peek_signing_key,
+    public_path,
+)
 
 
 def test_created_0600_with_its_public_half_then_reused(tmp_path: Path) -> None:
@@ -54,7 +58,7 @@ def test_a_public_half_of_another_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_key_open_to_others_or_not_ed25519_is_refused(tmp_path: Path) -> None:
-    from pipeline.keys import load_or_create_pipeline_key
+    from pipeline.crypto.keys import load_or_create_pipeline_key
 
     path = tmp_path / "signing.key"
     load_or_create_signing_key(path)

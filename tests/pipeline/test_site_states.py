@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from pipeline import site_states
-from pipeline.models import Site, SiteName, SiteState
-from pipeline.site_states import (
+from pipeline.fleet import site_states
+from pipeline.fleet.site_states import (
     ACTIVE,
     BLOCKED,
     INITIAL,
@@ -23,6 +22,7 @@ from pipeline.site_states import (
     TRANSITIONS,
     IllegalTransition,
 )
+from pipeline.models import Site, SiteName, SiteState
 
 Store = Callable[[], AbstractContextManager[Session]]
 PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"

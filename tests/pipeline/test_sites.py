@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline.db import session_scope
+from pipeline.fleet.sites import SiteError, add_site, list_sites, parse_site, remove_site
 from pipeline.models import Order, OrderStep, Site, SiteName, SiteState
 from pipeline.names import InvalidName
-from pipeline.sites import SiteError, add_site, list_sites, parse_site, remove_site
 
 
 def count(url: str, model: type) -> int:
@@ -184,7 +184,7 @@ def test_bulk_onboarding_rejects_a_line_whose_upstream_is_refused(
 ) -> None:
     """Onboarding validates each line with parse_site, so it refuses what the CLI refuses."""
     from pipeline.db import get_engine
-    from pipeline.onboarding import Onboarding, Options, RejectedWriter, read_lines
+    from pipeline.fleet.onboarding import Onboarding, Options, RejectedWriter, read_lines
 
     text = (
         "good.example.com,http://10.0.0.5:8080\n"

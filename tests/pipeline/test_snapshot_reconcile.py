@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import delete, select
 
-from pipeline import snapshot
-from pipeline.cli import main
+from pipeline import runtime
+from pipeline.cli.commands import main
+from pipeline.crypto.signing import SignedChallenge, SignedSite, SigningKey, TrustedSigners
 from pipeline.db import session_scope
-from pipeline.distribution import SiteRecord, parse_index_entry, replace_all
+from pipeline.distribution import publishing as snapshot
+from pipeline.distribution.layout import SiteRecord, parse_index_entry, replace_all
 from pipeline.models import Certificate, Site
-from pipeline.signer import get_signing_key
-from pipeline.signing import SignedChallenge, SignedSite, SigningKey, TrustedSigners
 from tests.support.factories import NOW, make_cert, make_site
 
 
@@ -33,7 +33,7 @@ def _stored(*domains: str, certified: bool = True) -> None:
 
 def _publish_all() -> None:
     with session_scope() as session:
-        snapshot.resync(session)
+        runtime.current().publisher.resync(session)
 
 
 def _entry(client: redis.Redis, domain: str) -> tuple[object, ...] | None:
@@ -48,7 +48,7 @@ def test_an_agreeing_snapshot_is_left_alone(
     _stored("new.example", certified=False)
     _publish_all()
     version = redis_client.get("certman:version")
-    drift = snapshot.reconcile(session_scope, limit=100)
+    drift = runtime.current().publisher.reconcile(session_scope, limit=100)
     assert (drift.stale, drift.extra) == ([], [])
     assert redis_client.get("certman:version") == version  # nothing written
 
@@ -70,27 +70,27 @@ def test_a_lost_publish_and_a_raced_removal_are_put_right(
     _stored("never-published.example")
 
     with session_scope() as session:
-        dry = snapshot.find_drift(session)
+        dry = runtime.current().publisher.find_drift(session)
     assert dry.stale == ["never-published.example", "renewed.example"]
     assert dry.extra == ["removed.example"]
 
-    snapshot.reconcile(session_scope, limit=100)
+    runtime.current().publisher.reconcile(session_scope, limit=100)
     renewed = _entry(redis_client, "renewed.example")
     assert renewed is not None and renewed[2] == (NOW + timedelta(days=90)).timestamp()
     assert _entry(redis_client, "never-published.example") is not None
     assert _entry(redis_client, "removed.example") is None
     assert redis_client.hget("certman:names", "removed.example") is None
     assert redis_client.hget("certman:sites", "kept.example") == kept  # untouched
-    again = snapshot.reconcile(session_scope, limit=100)
+    again = runtime.current().publisher.reconcile(session_scope, limit=100)
     assert (again.stale, again.extra) == ([], [])
 
 
 def test_fixes_per_run_are_bounded(certman_env: dict[str, str], redis_client: redis.Redis) -> None:
     _stored(*(f"s{i}.example" for i in range(5)))
-    first = snapshot.reconcile(session_scope, limit=2)
+    first = runtime.current().publisher.reconcile(session_scope, limit=2)
     assert len(first.stale) == 5
     assert redis_client.hlen("certman:index") == 2
-    second = snapshot.reconcile(session_scope, limit=2)
+    second = runtime.current().publisher.reconcile(session_scope, limit=2)
     assert len(second.stale) == 3
 
 
@@ -118,21 +118,21 @@ def test_resync_and_listing_in_batches_miss_no_site(
 ) -> None:
     # At 100,000 sites both go in batches (PostgreSQL refuses an IN list of more than 65,535
     # ids); batches of two over five sites check the joins between batches.
-    from pipeline import sites
+    from pipeline.fleet import sites
 
     monkeypatch.setattr(snapshot, "RESYNC_BATCH", 2)
-    monkeypatch.setattr(sites, "IN_BATCH", 2)
+    monkeypatch.setattr(snapshot, "IN_BATCH", 2)
     _stored(*(f"s{i}.example" for i in range(5)))
     _stored("bare.example", certified=False)
     with session_scope() as session:
-        assert snapshot.resync(session) == 6
+        assert runtime.current().publisher.resync(session) == 6
         listed = sites.list_sites(session)
-        assert len(sites.current_certificates(session, list(range(1, 7)))) == 5
+        assert len(snapshot.current_certificates(session, list(range(1, 7)))) == 5
     assert all(_entry(redis_client, f"s{i}.example")[1] for i in range(5))  # type: ignore[index]
     assert _entry(redis_client, "bare.example")[1] is False  # type: ignore[index]
     assert sum(row["serial"] is not None for row in listed) == 5
     with session_scope() as session:
-        drift = snapshot.find_drift(session)
+        drift = runtime.current().publisher.find_drift(session)
     assert (drift.stale, drift.extra) == ([], [])
 
 
@@ -144,7 +144,7 @@ def _statement(client: redis.Redis, domain: str) -> SignedSite:
 
 
 def _ours() -> TrustedSigners:
-    key = get_signing_key()
+    key = runtime.current().signing_key
     return TrustedSigners.of([ed25519.Ed25519PublicKey.from_public_bytes(key.public_bytes)])
 
 
@@ -160,11 +160,11 @@ def test_every_publication_is_signed_by_the_pipelines_key(
         blob = redis_client.hget("certman:sites", domain)
         assert blob is not None and SiteRecord.from_json(blob).matches(statement)
     before = _statement(redis_client, "a.example").version
-    snapshot.unpublish("a.example")
+    runtime.current().publisher.unpublish("a.example")
     tombstone = _statement(redis_client, "a.example")
     _ours().verify_site(tombstone)
     assert tombstone.removed and tombstone.version > before
-    snapshot.set_challenge("tok-en_1", "tok-en_1.thumb", 60)
+    runtime.current().publisher.set_challenge("tok-en_1", "tok-en_1.thumb", 60)
     raw = redis_client.get("certman:challenge-signed:tok-en_1")
     assert raw is not None
     _ours().verify_challenge(SignedChallenge.from_json(raw), now=time.time())
@@ -198,7 +198,9 @@ def _garbled(client: redis.Redis, domain: str) -> None:
 def _tombstoned(client: redis.Redis, domain: str) -> None:
     statement = _statement(client, domain)
     tombstone = SignedSite(domain, statement.version + 1, removed=True)
-    client.hset("certman:signed", domain, get_signing_key().sign_site(tombstone).to_json())
+    client.hset(
+        "certman:signed", domain, runtime.current().signing_key.sign_site(tombstone).to_json()
+    )
 
 
 @pytest.mark.parametrize("spoil", [_unsigned, _forged, _steered, _garbled, _tombstoned])
@@ -209,17 +211,17 @@ def test_a_statement_missing_or_not_ours_is_drift_and_republished_signed(
     _publish_all()
     spoil(redis_client, "a.example")
     with session_scope() as session:
-        drift = snapshot.find_drift(session)
+        drift = runtime.current().publisher.find_drift(session)
     assert (drift.stale, drift.unsigned, drift.extra) == (["a.example"], ["a.example"], [])
     kept = redis_client.hget("certman:signed", "b.example")
-    snapshot.reconcile(session_scope, limit=100)
+    runtime.current().publisher.reconcile(session_scope, limit=100)
     statement = _statement(redis_client, "a.example")
     _ours().verify_site(statement)
     blob = redis_client.hget("certman:sites", "a.example")
     assert blob is not None and SiteRecord.from_json(blob).matches(statement)
     assert redis_client.hget("certman:signed", "b.example") == kept  # untouched
     with session_scope() as session:
-        again = snapshot.find_drift(session)
+        again = runtime.current().publisher.find_drift(session)
     assert (again.stale, again.unsigned, again.extra) == ([], [], [])
 
 
@@ -238,7 +240,7 @@ def test_an_unsigned_snapshot_after_the_upgrade_is_signed_by_the_reconcile(
     assert result.exit_code == 0, result.output
     unsigned = [row for row in json.loads(result.output) if row.get("unsigned")]
     assert [row["records"] for row in unsigned] == [2]
-    drift = snapshot.reconcile(session_scope, limit=100)
+    drift = runtime.current().publisher.reconcile(session_scope, limit=100)
     assert drift.unsigned == ["a.example", "b.example"]
     for domain in ("a.example", "b.example"):
         _ours().verify_site(_statement(redis_client, domain))
@@ -253,7 +255,7 @@ def test_an_index_entry_pointing_at_another_blob_than_the_one_signed_is_drift(
     assert entry is not None
     redis_client.hset("certman:index", "a.example", b"0" * 16 + entry[16:])
     with session_scope() as session:
-        assert snapshot.find_drift(session).unsigned == ["a.example"]
+        assert runtime.current().publisher.find_drift(session).unsigned == ["a.example"]
 
 
 def test_a_signed_site_the_store_no_longer_has_is_removed_with_a_tombstone(
@@ -266,7 +268,7 @@ def test_a_signed_site_the_store_no_longer_has_is_removed_with_a_tombstone(
     redis_client.hdel("certman:sites", "gone.example")
     with session_scope() as session:
         session.execute(delete(Site).where(Site.domain == "gone.example"))
-    drift = snapshot.reconcile(session_scope, limit=100)
+    drift = runtime.current().publisher.reconcile(session_scope, limit=100)
     assert drift.extra == ["gone.example"]
     assert _statement(redis_client, "gone.example").removed
 
@@ -278,7 +280,7 @@ def test_a_writers_statement_of_a_huge_version_does_not_block_a_domain(
     # Unsigned junk of a version far ahead: not the pipeline's, so not one it must exceed.
     junk = {"domain": "0-stuck.example", "version": 2**62, "names": ["0-stuck.example"]}
     redis_client.hset("certman:signed", "0-stuck.example", json.dumps(junk))
-    drift = snapshot.reconcile(session_scope, limit=100)
+    drift = runtime.current().publisher.reconcile(session_scope, limit=100)
     assert drift.stale == ["0-stuck.example", "a.example", "b.example"]
     for domain in ("0-stuck.example", "a.example", "b.example"):
         _ours().verify_site(_statement(redis_client, domain))
@@ -286,5 +288,5 @@ def test_a_writers_statement_of_a_huge_version_does_not_block_a_domain(
     # And a resync signs it from the clock too, not above the junk.
     redis_client.hset("certman:signed", "0-stuck.example", json.dumps(junk))
     with session_scope() as session:
-        snapshot.resync(session)
+        runtime.current().publisher.resync(session)
     assert _statement(redis_client, "0-stuck.example").version < 2**62

@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline import issuance, renewal, upkeep
+from pipeline import issuance, runtime
 from pipeline.db import session_scope
 from pipeline.errors import AttemptFailed, RetryLater
+from pipeline.fleet import renewal, upkeep
 from pipeline.models import (
     Attempt,
     Certificate,
@@ -121,7 +122,8 @@ def test_sweeper_fails_an_order_after_max_tries(certman_env: dict[str, str]) -> 
         sweep = upkeep.sweep_stuck(s, now=NOW, stuck_after=1800, max_tries=3)
     assert sweep.requeue == []
     assert {i.order_id for i in sweep.exhausted} == set(ids[:2])
-    upkeep.fail_exhausted(sweep, max_tries=3, fail_order=issuance.fail_order)
+    steps = issuance.OrderSteps(runtime.current())
+    upkeep.fail_exhausted(sweep, max_tries=3, fail_order=steps.fail_order)
     with session_scope() as s:
         first_row, renewal_row = s.get(Order, ids[0]), s.get(Order, ids[1])
         assert first_row is not None and renewal_row is not None
@@ -313,9 +315,7 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
     webhook: tuple[str, list[dict[str, Any]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from pipeline import alerts, runtime
-    from pipeline.connections import get_redis
-    from pipeline.settings import get_settings
+    from pipeline.fleet import alerts
     from pipeline.tasks.maintenance import send_alert_webhook
 
     url, received = webhook
@@ -331,12 +331,15 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
                   lifetime=timedelta(days=6))  # fmt: skip
         make_cert(s, make_site(s, "healthy.example"), not_before=now - timedelta(days=1))
     queued: list[dict[str, Any]] = []
-    with caplog.at_level(logging.ERROR, logger="pipeline.alerts"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.fleet.alerts"):
         for _ in range(3):  # beat runs the check every half hour: one alert a day
             with session_scope() as s:
                 found = upkeep.expiring_alerts(s, now=now, fraction=1 / 6)
             assert [a.domain for a in found] == ["expiring.example"]
-            alerts.raise_alerts(found, send=queued.append)
+            process = runtime.current()
+            alerts.raise_alerts(
+                found, client=process.redis, settings=process.settings, send=queued.append
+            )
     assert len(queued) == 1
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "expiring.example" in line and "boom" in line
@@ -349,14 +352,15 @@ def test_expiry_alert_fires_once_and_reaches_the_webhook(
     assert body["last_error"] == "boom" and body["not_after"].startswith(
         (now + timedelta(days=5)).date().isoformat()
     )
-    counts = alerts.AlertCountCollector(get_redis(), get_settings().redis_prefix)
+    process = runtime.current()
+    counts = alerts.AlertCountCollector(process.redis, process.settings.redis_prefix)
     [family] = list(counts.collect())
     assert {s.labels["condition"]: s.value for s in family.samples if s.name.endswith("_total")} \
         == {"expiring": 1.0, "failing": 0.0}  # fmt: skip
 
 
 def test_failing_sites_alert_and_unreachable_webhook_retries(certman_env: dict[str, str]) -> None:
-    from pipeline import alerts
+    from pipeline.fleet import alerts
 
     with session_scope() as s:
         make_site(s, "flaky.example", state=SiteState.RETRYING, failures=5)
@@ -373,7 +377,6 @@ def test_exporter_reports_the_inventory(certman_env: dict[str, str], redis_clien
     from prometheus_client import generate_latest
 
     from pipeline.exporter import build_registry
-    from pipeline.settings import get_settings
 
     now = utcnow()
     with session_scope() as s:
@@ -386,7 +389,9 @@ def test_exporter_reports_the_inventory(certman_env: dict[str, str], redis_clien
         order = make_order(s, stuck_site, step=OrderStep.PLACED, touched=timedelta(days=1))
         order.touched_at = now - timedelta(hours=2)
         s.add(Attempt(site_id=stuck_site.id, step="poll_validation", outcome="failed"))
-    text = generate_latest(build_registry(get_settings())).decode()
+    process = runtime.current()
+    registry = build_registry(process.settings, process.redis, process.limiter)
+    text = generate_latest(registry).decode()
     metrics = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -406,7 +411,7 @@ def test_exporter_reports_the_inventory(certman_env: dict[str, str], redis_clien
 
 
 def test_cli_orders_stuck_and_renew(certman_env: dict[str, str]) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.commands import main
 
     with session_scope() as s:
         site = make_site(s, "stuck.example", state=SiteState.ISSUING)

@@ -3,7 +3,7 @@
 A real "worker host" runs as a subprocess in prometheus_client's multiprocess mode, serves its
 endpoint from the main process as a Celery worker would from ``worker_init``, and forks real
 children that do what the issuance tasks will (count steps, time CA requests, count a CA
-refusal through pipeline.ratelimit's counter) and exit. The test scrapes the endpoint.
+refusal through pipeline.acme.ratelimit's counter) and exit. The test scrapes the endpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 HOST = textwrap.dedent(
     """
     import contextlib, os, sys, time
-    from pipeline import ratelimit, worker_metrics as wm
+    from pipeline import worker_metrics as wm
+    from pipeline.acme import ratelimit
     from pipeline.errors import NameRefused, RateLimited
 
     server = wm.start_host_endpoint()

@@ -121,7 +121,7 @@ def test_killed_mid_run_then_resumed(
         f"""
         import os, runpy, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        import pipeline.snapshot as snapshot
+        from pipeline.distribution import publishing as snapshot
         real, calls = snapshot.publish_records, []
         def publish(*args, **kwargs):
             calls.append(1)

@@ -6,7 +6,7 @@ states of RFC 8555 section 7.1.6 (pending → processing → valid/invalid for a
 pending → ready → processing → valid, or invalid, for an order), answers with the library's
 own message classes (``acme.messages``, parsed from the JSON a CA would send), and refuses what
 a CA refuses with the problem types the real client raises (through
-:func:`pipeline.acme_client.classify`). Pebble stays for the integration tier.
+:func:`pipeline.acme.client.classify`). Pebble stays for the integration tier.
 
 :class:`Crashes` counts the points where a worker may die (before and after every request to
 the CA, every commit and every publish) and makes one of them raise :class:`Crash`, a
@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy.orm import Session
 
-from pipeline import distribution
-from pipeline.acme_client import NOT_FOUND, classify
+from pipeline.acme.client import NOT_FOUND, classify
+from pipeline.acme.ratelimit import ALLOWED, Decision
+from pipeline.distribution import layout as distribution
 from pipeline.errors import AttemptFailed, RetryLater
-from pipeline.ratelimit import ALLOWED, Decision
 
 BASE = "https://ca.test/acme"
 THUMBPRINT = "fake-thumbprint"
@@ -97,7 +97,7 @@ class _Order:
 
 
 class FakeCA:
-    """The client the steps talk to (``pipeline.acme_client.AcmeClient``'s interface), with the
+    """The client the steps talk to (``pipeline.acme.client.AcmeClient``'s interface), with the
     CA's state behind it.
 
     - ``validation_polls``: polls of the order that still see the challenge processing.

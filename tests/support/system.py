@@ -6,7 +6,7 @@ commands (``celery -A pipeline worker``, ``certman-edge``, ``certman``) the way 
 As in production (docs/production.md): the pipeline signs with a signing key of its own
 (``CERTMAN_SIGNING_KEY``), the edge trusts only its public half
 (``CERTMAN_EDGE_TRUSTED_SIGNERS``), and, with ``acl`` (the default), the edge talks to Redis as
-a read-only ACL user and everything else as the pipeline's user (:mod:`pipeline.redis_acl`).
+a read-only ACL user and everything else as the pipeline's user (:mod:`pipeline.distribution.acl`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
-from pipeline.keys import generate_keypair
-from pipeline.redis_acl import edge_rules, pipeline_rules
-from pipeline.signing import SigningKey
+from pipeline.crypto.keys import generate_keypair
+from pipeline.crypto.signing import SigningKey
+from pipeline.distribution.acl import edge_rules, pipeline_rules
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port, port_open, wait_until
 
