@@ -1,6 +1,6 @@
 """What an edge process knows about sites: a small in-memory index, no certificates or keys.
 
-Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution`), or from the local
+Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution.layout`), or from the local
 mirror (:mod:`edge.mirror`); the blobs with chains and envelopes stay in the mirror until a
 handshake needs one.
 
