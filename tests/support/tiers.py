@@ -70,6 +70,12 @@ COMMANDS: dict[str, set[str]] = {
 # Code that runs the edge's command line in a Python interpreter (tests/edge's edge_command,
 # or a command built around it), found inside longer strings.
 EDGE_ENTRY = "from edge.cli import main"
+# Words that together start a process: python -m build (the wheel); celery -A pipeline ...
+# (Module-level, not literals in the scanner's code, so that the scanner never reads itself.)
+TOGETHER: dict[frozenset[str], str] = {
+    frozenset({"-m", "build"}): "build",
+    frozenset({"-A", "pipeline"}): "worker",
+}
 # Processes a unit test may not start, and ports it may not connect to.
 GUARDED_PROGRAMS = frozenset(
     {"redis-server", "redis-sentinel", "redis-cli", "pebble", "pebble-challtestsrv", "celery",
@@ -156,11 +162,7 @@ class Scanner:
                 found |= COMMANDS.get(string, set())
                 if EDGE_ENTRY in string:
                     found.add("edge")
-            # python -m build (the wheel), celery -A pipeline ... (Celery processes)
-            if "-m" in strings and "build" in strings:
-                found.add("build")
-            if "-A" in strings and "pipeline" in strings:
-                found.add("worker")
+            found.update(need for words, need in TOGETHER.items() if words <= strings)
         # A module of tests/ referred to by name: its attributes are looked up too.
         for namespace in list(namespaces):
             for name in names:
