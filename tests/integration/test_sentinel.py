@@ -15,7 +15,8 @@ from tests.support.ports import wait_until
 from tests.support.sentinel import SentinelCluster
 from tests.support.system import BIN, System
 
-pytestmark = pytest.mark.integration
+# Three waits of up to 120, 180 and 180 s (issuance, failover, the rest): past the default.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 # certman-edge follows the Sentinels itself (CERTMAN_REDIS_URL=sentinel://...).
 EDGE_SPEAKS_SENTINEL = True
