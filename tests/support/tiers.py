@@ -130,20 +130,28 @@ class Scanner:
 
     def __init__(self) -> None:
         self._memo: dict[int, frozenset[str]] = {}
+        self._open: set[int] = set()
 
     def needs(self, obj: Any) -> frozenset[str]:
         key = id(obj)
         if key in self._memo:
             return self._memo[key]
-        self._memo[key] = frozenset()  # recursion: a cycle adds nothing new
-        # A harness, or a class of ours made from one (tests/packaging's InstalledSystem).
-        lineage = obj.__mro__ if isinstance(obj, type) else (obj,)
-        found: set[str] = set().union(*(HARNESSES.get(_qualname(c), set()) for c in lineage))
-        if _qualname(obj) not in HARNESSES:
-            for function in _functions_of(obj):
-                found |= self._needs_of_function(function)
+        if key in self._open:
+            return frozenset()  # already being read, further up: its needs are counted there
+        self._open.add(key)
+        try:
+            # A harness, or a class of ours made from one (tests/packaging's InstalledSystem).
+            lineage = obj.__mro__ if isinstance(obj, type) else (obj,)
+            found = set().union(*(HARNESSES.get(_qualname(c), set()) for c in lineage))
+            if _qualname(obj) not in HARNESSES:
+                for function in _functions_of(obj):
+                    found |= self._needs_of_function(function)
+        finally:
+            self._open.discard(key)
         result = frozenset(found)
-        self._memo[key] = result
+        # Remembered only when complete: one read inside a cycle may lack what is above it.
+        if not self._open:
+            self._memo[key] = result
         return result
 
     def _needs_of_function(self, function: types.FunctionType) -> set[str]:
