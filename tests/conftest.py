@@ -70,6 +70,12 @@ TIER_PROBLEMS = pytest.StashKey[list[str]]()
 UNIT_ONLY = pytest.StashKey[bool]()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{tiers.UNIT}: {tiers.UNIT_MEANS}")
+    for name, meaning in tiers.RESOURCES.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # First, so that -m selects by the marks given here.

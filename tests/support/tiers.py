@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 UNIT = "unit"
+UNIT_MEANS = "needs none of the resources below (scripts/test --fast runs these)"
 # Each resource marker and what it means (pyproject.toml declares the same names).
 RESOURCES: dict[str, str] = {
     "redis": "needs a Redis server (the run's private redis-server, or one it starts)",
