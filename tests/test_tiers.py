@@ -6,6 +6,7 @@ not follow), so that this file's own tests stay in the unit tier.
 
 from __future__ import annotations
 
+import ast
 import socket
 import subprocess
 import sys
@@ -65,6 +66,19 @@ def test_every_collected_test_is_in_exactly_one_tier(pytestconfig: pytest.Config
     # unit, or one or more of the resources: never both, never neither.
     problems = pytestconfig.stash[TIER_PROBLEMS]
     assert not problems, "\n".join(problems)
+
+
+def test_every_slow_test_named_is_there() -> None:
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for nodeid in sorted(tiers.SLOW):
+        path, _, name = nodeid.partition("::")
+        file = root / path
+        tree = ast.parse(file.read_text()) if file.is_file() else ast.Module(body=[])
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        if name not in defined:
+            missing.append(nodeid)
+    assert not missing, f"tiers.SLOW names tests that are gone: {missing}"
 
 
 def test_this_test_is_in_the_unit_tier(request: pytest.FixtureRequest) -> None:

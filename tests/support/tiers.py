@@ -37,6 +37,10 @@ RESOURCES: dict[str, str] = {
     "build": "builds the wheel or the image (pip and PyPI, minutes)",
 }
 
+# The slowest tests of the suite, marked ``slow`` (every instance of a parametrised one), from
+# a run with --durations (CI prints the 25 slowest: move this list when they change).
+SLOW: frozenset[str] = frozenset()
+
 # Fixtures that need a resource whatever code they run.
 FIXTURES: dict[str, set[str]] = {
     "redis_url": {"redis"},
@@ -233,6 +237,8 @@ def mark_items(items: list[pytest.Item]) -> list[str]:
         needs = item_needs(item, scanner)
         for name in sorted(needs):
             item.add_marker(name)
+        if item.nodeid.split("[", 1)[0] in SLOW:
+            item.add_marker("slow")
         if not needs and item.get_closest_marker(UNIT) is None and not _resources_marked(item):
             item.add_marker(UNIT)
         problem = tier_problem(item)
