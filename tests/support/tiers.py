@@ -59,6 +59,8 @@ HARNESSES: dict[str, set[str]] = {
     "tests.support.sentinel.SentinelCluster": {"redis"},
     "tests.support.pebble.Pebble": {"pebble"},
     "tests.support.system.System": {"redis", "pebble", "edge", "worker"},
+    "tests.edge.conftest.RunningEdge": {"edge"},
+    "tests.edge.conftest.start_prefork_edge": {"edge"},
 }
 # Words in the code a test runs that start a resource's process (a command's words, exactly).
 COMMANDS: dict[str, set[str]] = {
