@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
+from tests.support import tiers
 from tests.support.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -60,6 +61,41 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+# --- tiers ------------------------------------------------------------------------------------
+# Items not in exactly one tier, found while marking them (tests/test_tiers.py asserts none).
+TIER_PROBLEMS = pytest.StashKey[list[str]]()
+# Set when every selected test is a unit test: then each runs under tiers.unit_guard.
+UNIT_ONLY = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{tiers.UNIT}: {tiers.UNIT_MEANS}")
+    for name, meaning in tiers.RESOURCES.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # First, so that -m selects by the marks given here.
+    config.stash[TIER_PROBLEMS] = tiers.mark_items(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[UNIT_ONLY] = bool(session.items) and all(
+        item.get_closest_marker(tiers.UNIT) is not None for item in session.items
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    # Only in a run of unit tests alone: in a mixed run, services started by other tests'
+    # module-scoped fixtures keep working in their threads while a unit test runs.
+    if not item.config.stash.get(UNIT_ONLY, False):
+        return (yield)
+    with tiers.unit_guard():
+        return (yield)
 
 
 # --- stores ------------------------------------------------------------------------------------

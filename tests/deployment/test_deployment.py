@@ -23,7 +23,8 @@ import pytest
 
 from tests.deployment.units import GUIDE_PATH, REPO
 
-pytestmark = pytest.mark.integration
+# Building the wheel (up to 600 s), then the scenario (up to 900 s).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 _IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "dist", "build", "*.egg-info", "__pycache__", ".mypy_cache",

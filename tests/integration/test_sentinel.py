@@ -16,7 +16,8 @@ from tests.support.sentinel import SentinelCluster
 from tests.support.system import BIN, System
 from tests.support.units import SUPERVISOR_LINE, role_log, start_role
 
-pytestmark = pytest.mark.integration
+# Three waits of up to 120, 180 and 180 s (issuance, failover, the rest): past the default.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 # certman-edge follows the Sentinels itself (CERTMAN_REDIS_URL=sentinel://...).
 EDGE_SPEAKS_SENTINEL = True

@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.integration
+# scripts/check-image is given 1800 s.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2000)]
 
 
 @pytest.mark.skipif(

@@ -28,7 +28,8 @@ from tests.support import system as system_module
 from tests.support.ports import free_port, port_open, wait_until
 from tests.support.system import System
 
-pytestmark = pytest.mark.integration
+# The session's wheel is built (up to 600 s) and installed (up to 900 s) in the first test.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 
 class InstalledSystem(System):
