@@ -1,11 +1,11 @@
 """What an edge process knows about sites: a small in-memory index, no certificates or keys.
 
-Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution.layout`), or from the local
-mirror (:mod:`edge.mirror`); the blobs with chains and envelopes stay in the mirror until a
-handshake needs one.
+Filled from ``P:index`` and ``P:signed`` (see :mod:`pipeline.distribution.layout`), or from the
+local mirror (:mod:`edge.mirror`); the blobs with chains and envelopes stay in the mirror until
+a handshake needs one.
 
-Only what the pipeline signed is believed (:mod:`pipeline.crypto.signing`). The index's name map is a
-routing hint read at start, before anything is verified: a name leads to a domain, whose signed
+Only what the pipeline signed is believed (:mod:`pipeline.crypto.signing`). The index's name map
+is a routing hint read at start, before anything is verified: a name leads to a domain, whose signed
 statement is checked when the site is first used, and the name must be one the statement lists.
 Signatures are verified ahead of that first use on a thread of their own (:mod:`edge.verifier`),
 and remembered by the digest of the raw statement (here and in the local mirror), so the first
