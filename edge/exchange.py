@@ -303,11 +303,16 @@ class Exchange:
     body: Body
     sink: ResponseSink
     status: int = 0  # the status the client was sent, once it was
+    # Counted and logged by the core (False: by the adapter, as Tornado's log_function does).
+    log: bool = True
 
 
 def _connection_tokens(fields: Fields) -> set[str]:
     return {
-        t.strip().lower() for name, v in fields if name.lower() == "connection" for t in v.split(",")
+        t.strip().lower()
+        for name, v in fields
+        if name.lower() == "connection"
+        for t in v.split(",")
     }
 
 
@@ -431,7 +436,7 @@ class Proxy:
             if ticket is not None and cfg.shares is not None:
                 cfg.shares.release(ticket)
             cfg.lifecycle.finished()
-            if ex.status:
+            if ex.status and ex.log:
                 self._count_and_log(ex)
 
     async def _handle(self, ex: Exchange) -> Ticket | None:
@@ -474,7 +479,9 @@ class Proxy:
             meta = cfg.index.lookup(host)
         except StatementUnavailable:
             # An edge's first fill, with Redis not answering this instant: try again soon.
-            self._reject(ex, 503, "site_unavailable", "the site is not available yet", retry_after=1)
+            self._reject(
+                ex, 503, "site_unavailable", "the site is not available yet", retry_after=1
+            )
             return None
         if meta is None:
             self._reject(ex, 404, "unknown_site", "unknown site")

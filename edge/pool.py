@@ -23,6 +23,7 @@ client has taken it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -406,10 +407,8 @@ class UpstreamPool:
             conn = protocol
             sock = conn._transport.get_extra_info("socket") if conn._transport else None
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
             return conn
         raise last or UpstreamError(f"no address for {host}")
 
@@ -433,7 +432,7 @@ class UpstreamPool:
         allowed: list[tuple[int, Any]] = []
         for family, _, _, _, sockaddr in infos:
             try:
-                self.policy.check_address(sockaddr[0])
+                self.policy.check_address(str(sockaddr[0]))
                 self.reach.check(str(sockaddr[0]), port)
             except RefusedAddress as exc:
                 refused = exc
