@@ -226,12 +226,6 @@ class H1Protocol(asyncio.Protocol):
         if not self._got_bytes:
             self._got_bytes = True
             self._disarm()
-        if self._in_headers or self._parsing is None:
-            self._header_bytes += len(data)
-            if self._header_bytes > 2 * self.server.max_header_size and self._parsing is None:
-                # Far past the limit the core answers 431 at: answer now, read no further.
-                self._refuse(_HEADER_TOO_LARGE)
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -251,6 +245,13 @@ class H1Protocol(asyncio.Protocol):
                 self._pause("closing")
             else:
                 self._refuse(_BAD_REQUEST)
+            return
+        if self._in_headers:
+            # A header block still open: llhttp holds no limit of its own. Far past the one the
+            # core answers 431 at, answer now and read no further.
+            self._header_bytes += len(data)
+            if self._header_bytes > 2 * self.server.max_header_size:
+                self._refuse(_HEADER_TOO_LARGE)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -265,6 +266,7 @@ class H1Protocol(asyncio.Protocol):
     # ---- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._header_bytes = 0
         self._url = b""
         self._headers = []
         self._in_headers = True
@@ -308,7 +310,6 @@ class H1Protocol(asyncio.Protocol):
             authority = ", ".join(v for n, v in headers if n.lower() == "host")
         if chunked:
             length = None
-        self._header_bytes = 0
         response = _Response(self, method, version, parser.should_keep_alive())
         body = Body(lambda: self._pause("body"), lambda: self._resume("body"))
         response.body = body

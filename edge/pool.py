@@ -379,7 +379,7 @@ class UpstreamPool:
     async def _connect(self, key: PoolKey) -> UpstreamConnection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
-        addresses = await self._addresses(loop, host, port)
+        addresses = await self.resolve(host, port)
         tls: ssl.SSLContext | None = None
         if scheme == "https":
             tls = self._tls_context()
@@ -412,9 +412,9 @@ class UpstreamPool:
             return conn
         raise last or UpstreamError(f"no address for {host}")
 
-    async def _addresses(
-        self, loop: asyncio.AbstractEventLoop, host: str, port: int
-    ) -> list[tuple[int, Any]]:
+    async def resolve(self, host: str, port: int) -> list[tuple[int, Any]]:
+        """``(family, (address, port))`` to connect to for ``host``, each allowed: an IP
+        literal at once, without the thread hop of ``getaddrinfo``; a name's addresses."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -425,7 +425,9 @@ class UpstreamPool:
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             return [(family, (host, port))]
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
         except OSError as exc:
             raise UpstreamError(f"resolving {host} failed: {exc}") from None
         refused: RefusedAddress | None = None
