@@ -311,7 +311,11 @@ class H1Protocol(asyncio.Protocol):
         if chunked:
             length = None
         response = _Response(self, method, version, parser.should_keep_alive())
-        body = Body(lambda: self._pause("body"), lambda: self._resume("body"))
+        body = Body(
+            lambda: self._pause("body"),
+            lambda: self._resume("body"),
+            self.server.proxy.settings.max_body_size,
+        )
         response.body = body
         request = Request(
             method,
