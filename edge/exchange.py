@@ -34,6 +34,7 @@ For an adapter's author (HTTP/2 included):
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import time
@@ -111,6 +112,10 @@ _BODY_BUFFER = 64 * 1024
 _CLOSING = frozenset({400, 413, 431})
 
 Fields = list[tuple[str, str]]
+
+# Host values repeat (a handful of names per connection, per site): parsed once each. A refused
+# value raises again every time (lru_cache keeps results only).
+_parse_host = functools.lru_cache(maxsize=8192)(parse_host)
 
 
 @dataclass
@@ -471,7 +476,7 @@ class Proxy:
             if connection:
                 check_connection(connection)
             length = check_content_length(lengths)
-            host, port = parse_host(req.authority)
+            host, port = _parse_host(req.authority)
         except BadHeader as exc:
             self._reject(ex, 400, "bad_header", str(exc))
             return

@@ -87,6 +87,7 @@ class TlsConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
+        self._server.handshaking.add(self)
         if self._due:
             delay = max(0.0, self._due - time.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self._too_slow)
@@ -149,6 +150,7 @@ class TlsConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        server.handshaking.discard(self)
         if self._outgoing.pending and raw is not None:
             raw.write(self._outgoing.read())
         started = sni_started(self._ssl)
@@ -170,6 +172,7 @@ class TlsConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._raw = None
+        self._server.handshaking.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -258,6 +261,7 @@ class SiteServer:
         self.first_byte_timeout = first_byte_timeout
         self.scheme = scheme
         self.connections: set[Any] = set()
+        self.handshaking: set[TlsConnection] = set()  # connections still in their handshake
         self.on_handshake: Callable[[float], None] | None = None
         self._handshaking: set[asyncio.Task[None]] = set()
 
@@ -303,5 +307,7 @@ class SiteServer:
     async def close_all_connections(self) -> None:
         for task in list(self._handshaking):
             task.cancel()
+        for pending in list(self.handshaking):
+            pending.abort()
         for connection in list(self.connections):
             connection.abort()
