@@ -263,7 +263,7 @@ class SiteServer:
         self.connections: set[Any] = set()
         self.handshaking: set[TlsConnection] = set()  # connections still in their handshake
         self.on_handshake: Callable[[float], None] | None = None
-        self._handshaking: set[asyncio.Task[None]] = set()
+        self._accepting: set[asyncio.Task[None]] = set()
 
     def refused(self, reason: str) -> None:
         self.metrics.connections_refused.labels(reason).inc()
@@ -276,8 +276,8 @@ class SiteServer:
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.get_running_loop().create_task(self._serve(conn, client, _once(release)))
-        self._handshaking.add(task)
-        task.add_done_callback(self._handshaking.discard)
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
 
     async def _serve(
         self, conn: socket.socket, client: str, release: Callable[[], None] | None
@@ -305,7 +305,7 @@ class SiteServer:
             connection.close_when_idle()
 
     async def close_all_connections(self) -> None:
-        for task in list(self._handshaking):
+        for task in list(self._accepting):
             task.cancel()
         for pending in list(self.handshaking):
             pending.abort()
