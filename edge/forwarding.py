@@ -12,12 +12,19 @@ peer here.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
 from tornado.httputil import HTTPHeaders
 
-__all__ = ["CLIENT_CLAIMS", "TrustedProxies", "forwarding_headers", "is_client_claim"]
+__all__ = [
+    "CLIENT_CLAIMS",
+    "TrustedProxies",
+    "forwarding_fields",
+    "forwarding_headers",
+    "is_client_claim",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -101,6 +108,7 @@ class TrustedProxies:
         return any(ip in network for network in self.networks)
 
 
+@functools.lru_cache(maxsize=4096)
 def _node(address: str) -> str:
     """An RFC 7239 node: IPv6 in brackets and quotes; anything else quoted when it must be."""
     try:
@@ -138,3 +146,49 @@ def forwarding_headers(
         headers["X-Forwarded-Proto"] = scheme
     if "X-Forwarded-Host" not in headers:
         headers["X-Forwarded-Host"] = host
+
+
+def forwarding_fields(
+    fields: list[tuple[str, str]],
+    *,
+    peer: str,
+    scheme: str,
+    host: str,
+    trusted: bool,
+    skip: frozenset[str] = frozenset(),
+) -> list[tuple[str, str]]:
+    """:func:`forwarding_headers` on a list of ``(name, value)`` field lines (the proxy core's
+    form, with no header object per request): the fields to send, claims dropped or kept, and
+    this hop's fields appended. Fields named (in lower case) in ``skip`` are dropped too, in
+    the same pass."""
+    prior_for: list[str] = []
+    prior_forwarded: list[str] = []
+    out: list[tuple[str, str]] = []
+    has_proto = has_host = False
+    for name, value in fields:
+        lower = name.lower()
+        if lower in skip:
+            continue
+        if lower == "x-forwarded-for":
+            if trusted:
+                prior_for.append(value)
+            continue
+        if lower == "forwarded":
+            if trusted:
+                prior_forwarded.append(value)
+            continue
+        if not trusted and lower.replace("_", "-") in CLIENT_CLAIMS:
+            continue
+        has_proto = has_proto or lower == "x-forwarded-proto"
+        has_host = has_host or lower == "x-forwarded-host"
+        out.append((name, value))
+    this_hop = f'for={_node(peer)};host="{_escape(host)}";proto={scheme}'
+    joined_for = ", ".join(prior_for)
+    joined_forwarded = ", ".join(prior_forwarded)
+    out.append(("X-Forwarded-For", f"{joined_for}, {peer}" if joined_for else peer))
+    out.append(("Forwarded", f"{joined_forwarded}, {this_hop}" if joined_forwarded else this_hop))
+    if not has_proto:
+        out.append(("X-Forwarded-Proto", scheme))
+    if not has_host:
+        out.append(("X-Forwarded-Host", host))
+    return out
