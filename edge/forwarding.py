@@ -17,7 +17,13 @@ from collections.abc import Iterable
 
 from tornado.httputil import HTTPHeaders
 
-__all__ = ["CLIENT_CLAIMS", "TrustedProxies", "forwarding_headers", "is_client_claim"]
+__all__ = [
+    "CLIENT_CLAIMS",
+    "TrustedProxies",
+    "forwarding_fields",
+    "forwarding_headers",
+    "is_client_claim",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -138,3 +144,45 @@ def forwarding_headers(
         headers["X-Forwarded-Proto"] = scheme
     if "X-Forwarded-Host" not in headers:
         headers["X-Forwarded-Host"] = host
+
+
+def forwarding_fields(
+    fields: list[tuple[str, str]],
+    *,
+    peer: str,
+    scheme: str,
+    host: str,
+    trusted: bool,
+) -> list[tuple[str, str]]:
+    """:func:`forwarding_headers` on a list of ``(name, value)`` field lines (the proxy core's
+    form, with no header object per request): the fields to send, claims dropped or kept, and
+    this hop's fields appended."""
+    prior_for: list[str] = []
+    prior_forwarded: list[str] = []
+    out: list[tuple[str, str]] = []
+    has_proto = has_host = False
+    for name, value in fields:
+        lower = name.lower()
+        if lower == "x-forwarded-for":
+            if trusted:
+                prior_for.append(value)
+            continue
+        if lower == "forwarded":
+            if trusted:
+                prior_forwarded.append(value)
+            continue
+        if not trusted and is_client_claim(lower):
+            continue
+        has_proto = has_proto or lower == "x-forwarded-proto"
+        has_host = has_host or lower == "x-forwarded-host"
+        out.append((name, value))
+    this_hop = f'for={_node(peer)};host="{_escape(host)}";proto={scheme}'
+    joined_for = ", ".join(prior_for)
+    joined_forwarded = ", ".join(prior_forwarded)
+    out.append(("X-Forwarded-For", f"{joined_for}, {peer}" if joined_for else peer))
+    out.append(("Forwarded", f"{joined_forwarded}, {this_hop}" if joined_forwarded else this_hop))
+    if not has_proto:
+        out.append(("X-Forwarded-Proto", scheme))
+    if not has_host:
+        out.append(("X-Forwarded-Host", host))
+    return out
