@@ -51,10 +51,6 @@ class H2Limits:
     # SETTINGS and PING frames that need an answer, and frames that carry nothing.
     max_control_frames: int = 100
     interval: float = 10.0
-    # A stream whose window stays closed this long is reset and its upstream request ended.
-    send_timeout: float = 60.0
-    # A stream whose request body makes no progress this long is reset.
-    body_idle_timeout: float = 10.0
     # A connection with no stream open this long is closed with GOAWAY.
     idle_timeout: float = 60.0
 

@@ -9,16 +9,18 @@ What is HTTP/2's own is checked here, before the core sees a request: pseudo-hea
 (only ``:method``, ``:scheme``, ``:authority``, ``:path``, each once, first), field names in
 lower case, values without CR, LF or NUL, no connection-specific fields (``Connection``,
 ``Transfer-Encoding``, ``Upgrade``, ...; ``TE`` only as ``trailers``), ``Host`` agreeing with
-``:authority``, the decoded size of the header list (431) and ``content-length`` against the
-DATA that came (a mismatch resets the stream). A malformed request gets a one-line 400 and its
-stream is closed (RFC 9113 section 8.1.1).
+``:authority`` and the decoded size of the header list (431). A malformed request gets a
+one-line 400 on its stream (RFC 9113 section 8.1.1), which counts against the connection's reset
+budget. ``h2`` itself checks ``content-length`` against the DATA (a mismatch is a connection
+error).
 
 Flow control both ways: a request body is acknowledged (WINDOW_UPDATE) only as the core takes
 it, so a client can have at most a window's worth in the edge's memory; a response is written
 only as far as the client's windows allow, so the core, which awaits each write before it
 reads more from upstream, never reads faster than the client takes. A stream whose window
-stays closed for the send timeout is reset and its upstream request ends with it, as does a
-stream the client resets (RST_STREAM): the stream's task is cancelled.
+stays closed for the core's send timeout is reset (the core aborts it) and its upstream slot
+freed; a stream the client resets (RST_STREAM) has its task cancelled, which ends its upstream
+request.
 
 The attacks on HTTP/2 itself (rapid reset, CONTINUATION flood, SETTINGS/PING flood, empty
 frames) are bounded by :class:`edge.h2limits.FrameGuard` before ``h2`` parses the bytes.
@@ -30,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -42,9 +43,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from edge.exchange import Body, Exchange, Request
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
 
-__all__ = ["H2Exchange", "H2Handler", "H2Limits", "H2Protocol", "StreamGone"]
+__all__ = ["H2Limits", "H2Protocol", "H2Stream", "Handler"]
+
+Fields = list[tuple[str, str]]
+# The core's Proxy.handle: answers one exchange, raises only CancelledError.
+Handler = Callable[[Exchange], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -74,187 +80,162 @@ _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_OVERHEAD = 32
 
 
-class StreamGone(ConnectionError):
-    """The stream can take no more: the client reset it, its window stayed closed, or the
-    connection ended. Raised by a response write; the core lets go of the upstream request."""
-
-
 class _Malformed(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(text)
         self.status = status
 
 
-class H2Exchange:
-    """One request stream, as the core sees it: the request's parts, its body as it arrives,
-    and a response sink. Header fields are HTTP/1.1-style: ``host`` carries ``:authority``."""
+class _StreamBody(Body):
+    """The core's :class:`Body`, giving the client's window back only as the core takes each
+    chunk: at most one window of a stream's body (and one connection window in all) waits in
+    the edge's memory."""
 
-    protocol = "HTTP/2"
+    __slots__ = ("_ack",)
 
-    def __init__(
-        self,
-        conn: H2Protocol,
-        stream_id: int,
-        method: str,
-        target: str,
-        headers: list[tuple[str, str]],
-        content_length: int | None,
-    ) -> None:
+    def __init__(self, ack: Callable[[int], None]) -> None:
+        super().__init__()
+        self._ack = ack
+
+    async def read(self) -> bytes:
+        chunk = await super().read()
+        if chunk:
+            self._ack(len(chunk))
+        return chunk
+
+
+class H2Stream:
+    """One request stream: its exchange's :class:`ResponseSink`, and what the protocol keeps
+    of it. A write larger than the client's windows is held (one chunk at most: the core
+    awaits the returned future before the next) and sent as WINDOW_UPDATEs arrive."""
+
+    __slots__ = (
+        "_conn",
+        "_drained",
+        "_end_pending",
+        "_pending",
+        "body",
+        "gone",
+        "request_ended",
+        "response_ended",
+        "response_started",
+        "stream_id",
+        "task",
+    )
+
+    def __init__(self, conn: H2Protocol, stream_id: int) -> None:
         self._conn = conn
         self.stream_id = stream_id
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.peer = conn.peer
-        self.sni = conn.sni
-        self.content_length = content_length
+        self.body = _StreamBody(self._consumed)
         self.request_ended = False
-        self._chunks: deque[tuple[bytes, int]] = deque()
-        self._arrived = asyncio.Event()
         self.response_started = False
         self.response_ended = False
         self.gone = False
-        self._window_open = asyncio.Event()
+        self._pending = b""
+        self._end_pending = False
+        self._drained: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
-    # ---- request body -------------------------------------------------------------------------
+    def _consumed(self, size: int) -> None:
+        self._conn.consumed(self, size)
 
-    async def receive(self) -> bytes:
-        """The next chunk of the request body, b"" at its end. Taking a chunk opens the
-        client's window for as much again. Raises :class:`StreamGone` if the body stops
-        arriving for the body idle timeout or the stream ends."""
-        while not self._chunks:
-            if self.request_ended:
-                return b""
-            if self.gone:
-                raise StreamGone("the stream was closed")
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(
-                    self._arrived.wait(), self._conn.limits.body_idle_timeout or None
-                )
-            except TimeoutError:
-                self._conn.reset(self, h2.errors.ErrorCodes.CANCEL)
-                raise StreamGone("the request body stopped arriving") from None
-        data, flow = self._chunks.popleft()
-        self._conn.consumed(self, flow)
-        return data
+    # ---- ResponseSink -----------------------------------------------------------------------
 
-    def _body(self, data: bytes, flow: int) -> None:
-        self._chunks.append((data, flow))
-        self._arrived.set()
-
-    def _ended(self) -> None:
-        self.request_ended = True
-        self._arrived.set()
-
-    # ---- response -----------------------------------------------------------------------------
-
-    async def start_response(
-        self,
-        status: int,
-        headers: list[tuple[str, str]],
-        *,
-        end: bool = False,
-    ) -> None:
-        """Sends the response header block; hop-by-hop fields (and those ``Connection`` names)
-        are left out, names are sent in lower case."""
+    def start(self, status: int, reason: str, headers: Fields, *, body: bool, close: bool) -> None:
+        """``close`` means nothing to a stream: the request was malformed, so its body (if any
+        is still coming) is refused once the response is sent (:meth:`H2Protocol.finished`)."""
         if self.gone:
-            raise StreamGone("the stream was closed")
+            return
         named = {
             token.strip().lower()
             for name, value in headers
             if name.lower() == "connection"
             for token in value.split(",")
         }
-        fields: list[tuple[str, str]] = [(":status", str(status))]
+        fields: Fields = [(":status", str(status))]
         for name, value in headers:
             lower = name.lower()
-            if lower in _RESPONSE_HOP_BY_HOP or lower in named:
-                continue
-            fields.append((lower, value))
+            if lower not in _RESPONSE_HOP_BY_HOP and lower not in named:
+                fields.append((lower, value))
         if not 100 <= status < 200:
             self.response_started = True
-        self._conn.send_headers(self, fields, end)
-        if end:
-            self._finished()
+        self._conn.send_headers(self, fields, end=not body)
+        if not body:
+            self.response_ended = True
+            self._conn.finished(self)
 
-    async def write(self, data: bytes) -> None:
-        """Sends ``data`` as far as the client's windows allow, waiting for them to open (at
-        most the send timeout for each wait), and for the transport to drain."""
-        view = memoryview(data)
-        while view:
-            if self.gone:
-                raise StreamGone("the stream was closed")
-            room = self._conn.room(self)
-            if room <= 0:
-                self._window_open.clear()
-                try:
-                    await asyncio.wait_for(
-                        self._window_open.wait(), self._conn.limits.send_timeout or None
-                    )
-                except TimeoutError:
-                    self._conn.window_stalled(self)
-                    raise StreamGone("the client's window stayed closed") from None
-                continue
-            self._conn.send_data(self, view[:room])
-            view = view[room:]
-            await self._conn.drained()
+    def write(self, chunk: bytes) -> Awaitable[None] | None:
+        if self.gone or not chunk:
+            return None
+        self._pending = self._pending + chunk if self._pending else chunk
+        self._send()
+        if not self._pending and not self._conn.paused:
+            return None
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
 
-    async def end(self, data: bytes = b"") -> None:
-        """Writes ``data`` (if any) and ends the response."""
-        if data:
-            await self.write(data)
+    def end(self) -> None:
         if self.gone or self.response_ended:
             return
-        self._conn.end_stream(self)
-        self._finished()
+        self._end_pending = True
+        self._send()
 
     def abort(self) -> None:
-        """Ends the stream at once (the upstream failed mid-response): the client sees a
-        truncation, never a response that looks whole."""
         if not self.gone:
             self._conn.reset(self, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
-    async def respond(self, status: int, text: str, headers: list[tuple[str, str]] = []) -> None:  # noqa: B006 - never mutated
-        """A short plain-text answer from the edge itself."""
-        body = f"{status} {HTTPStatus(status).phrase}: {text}\n".encode()
-        fields = [
-            ("content-type", "text/plain; charset=utf-8"),
-            ("content-length", str(len(body))),
-            *headers,
-        ]
-        if self.method == "HEAD":
-            await self.start_response(status, fields, end=True)
-            return
-        await self.start_response(status, fields)
-        await self.end(body)
+    # ---- sending ------------------------------------------------------------------------------
 
-    def _finished(self) -> None:
-        self.response_ended = True
-        self._conn.response_done(self)
+    def _send(self) -> None:
+        """As much as the windows allow; the end of the stream once nothing is held."""
+        while self._pending and not self.gone:
+            room = self._conn.room(self)
+            if room <= 0:
+                return
+            piece, self._pending = self._pending[:room], self._pending[room:]
+            self._conn.send_data(self, piece)
+        if self.gone:
+            return
+        if self._end_pending and not self._pending:
+            self._end_pending = False
+            self.response_ended = True
+            self._conn.end_stream(self)
+            self._conn.finished(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._pending and not self._conn.paused:
+            drained = self._drained
+            if drained is not None and not drained.done():
+                drained.set_result(None)
 
     def _window(self) -> None:
-        self._window_open.set()
+        if self._pending or self._end_pending:
+            self._send()
+        else:
+            self._wake()
 
     def _gone(self) -> None:
+        """The stream is over: a writer waiting is released (the core's task is cancelled
+        separately), the body fails if it was still coming."""
         self.gone = True
-        self._window_open.set()
-        self._arrived.set()
-
-
-H2Handler = Callable[[H2Exchange], Awaitable[None]]
+        self._pending = b""
+        self.body.fail("gone")
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
 
 class H2Protocol(asyncio.Protocol):
-    """One HTTP/2 server connection. ``handler`` is called once per request stream, in its
-    own task; when it returns without ending the response, the stream is ended (a 502 if
-    nothing was sent). ``sni`` and ``peer`` are the connection's, as the HTTP/1.1 path takes
-    them (the SNI callback's matched name, the PROXY protocol's or the socket's address)."""
+    """One HTTP/2 server connection. Each request stream becomes an
+    :class:`~edge.exchange.Exchange` run by ``handler`` (the core's ``Proxy.handle``) in its
+    own task. ``sni`` and ``peer`` are the connection's, as the HTTP/1.1 path takes them (the
+    name the SNI callback matched; the PROXY protocol's or the socket's address)."""
 
     def __init__(
         self,
-        handler: H2Handler,
+        handler: Handler,
         limits: H2Limits | None = None,
         *,
         sni: str | None = None,
@@ -269,18 +250,16 @@ class H2Protocol(asyncio.Protocol):
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
-            # Checked here instead: a malformed request gets a 400 on its own stream, not a
-            # GOAWAY for the whole connection.
+            # Checked here instead (_request_parts): a malformed request gets a 400 on its own
+            # stream, not a GOAWAY for the whole connection.
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
         self.conn = h2.connection.H2Connection(config=config)
         self.guard = FrameGuard(self.limits)
-        self.streams: dict[int, H2Exchange] = {}
+        self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
-        self._paused = False
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self.paused = False
         self._closed = False
         self._idle: asyncio.TimerHandle | None = None
 
@@ -293,34 +272,17 @@ class H2Protocol(asyncio.Protocol):
             peername = transport.get_extra_info("peername")
             self.peer = peername[0] if peername else ""
         limits = self.limits
-        codes = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                codes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-                codes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-                codes.INITIAL_WINDOW_SIZE: limits.stream_window,
-                codes.ENABLE_PUSH: 0,
-            },
-        )
+        self.conn.local_settings = _settings(limits, limits.max_concurrent_streams)
         # A hard stop for an HPACK bomb while decoding (GOAWAY ENHANCE_YOUR_CALM); a list
         # between the advertised size and this gets a 431 on its own stream.
         self.conn.decoder.max_header_list_size = 2 * limits.max_header_list_size
         self.conn.initiate_connection()
         if limits.connection_window > 65535:
             self.conn.increment_flow_control_window(limits.connection_window - 65535)
-        # h2 enforces its own copy of the stream limit as a connection error; the advertised
-        # one is enforced here, stream by stream (REFUSED_STREAM). Room above it for the
-        # streams a client opened before our SETTINGS reached it.
-        self.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                codes.MAX_CONCURRENT_STREAMS: 2 * limits.max_concurrent_streams + 100,
-                codes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-                codes.INITIAL_WINDOW_SIZE: limits.stream_window,
-                codes.ENABLE_PUSH: 0,
-            },
-        )
+        # h2 enforces its own copy of the stream limit, as a connection error; the advertised
+        # one is enforced here, stream by stream (REFUSED_STREAM). Room above it for streams
+        # a client opened before our SETTINGS reached it.
+        self.conn.local_settings = _settings(limits, 2 * limits.max_concurrent_streams + 100)
         self._flush()
         self._arm_idle()
 
@@ -329,18 +291,13 @@ class H2Protocol(asyncio.Protocol):
             return
         try:
             self.guard.feed(data)
-        except TooMuch as exc:
-            log.info("HTTP/2 connection from %s ended: %s", self.peer, exc)
-            self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-            return
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self._flush()  # h2 has queued the GOAWAY
-            self._close()
-            return
-        try:
+            try:
+                events = self.conn.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
+                self._flush()  # h2 has queued the GOAWAY
+                self._close()
+                return
             for event in events:
                 self._event(event)
         except TooMuch as exc:
@@ -350,18 +307,16 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
 
     def pause_writing(self) -> None:
-        self._paused = True
-        self._drained.clear()
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
-        self._drained.set()
+        self.paused = False
+        for stream in list(self.streams.values()):
+            stream._window()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._drained.set()
-        if self._idle is not None:
-            self._idle.cancel()
+        self._disarm_idle()
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
@@ -371,26 +326,25 @@ class H2Protocol(asyncio.Protocol):
     # ---- events -------------------------------------------------------------------------------
 
     def _event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._request(event)
-        elif isinstance(event, h2.events.DataReceived):
+        if isinstance(event, h2.events.DataReceived):
             self._data(event)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._request(event)
         elif isinstance(event, h2.events.StreamEnded):
             self._request_ended(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None:
-                self._abandon(stream)
         elif isinstance(event, h2.events.WindowUpdated):
-            targets = (
-                self.streams.values()
-                if event.stream_id == 0
-                else filter(None, [self.streams.get(event.stream_id)])
-            )
-            for stream in targets:
-                stream._window()
+            if event.stream_id == 0:
+                for stream in list(self.streams.values()):
+                    stream._window()
+            elif (one := self.streams.get(event.stream_id or 0)) is not None:
+                one._window()
+        elif isinstance(event, h2.events.StreamReset):
+            # The client abandoned the stream: its upstream request ends with it.
+            gone = self.streams.pop(event.stream_id or 0, None)
+            if gone is not None:
+                self._abandon(gone)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            for stream in self.streams.values():
+            for stream in list(self.streams.values()):
                 stream._window()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._close()
@@ -400,168 +354,162 @@ class H2Protocol(asyncio.Protocol):
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        if event.stream_id is None or event.headers is None:
+        if sid is None or event.headers is None:
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:
             self.guard.resets.spend()
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         ended = event.stream_ended is not None
-        try:
-            method, target, headers, length = _request_parts(
-                event.headers, self.limits.max_header_list_size
-            )
-        except _Malformed as exc:
-            stream = H2Exchange(self, sid, "GET", "/", [], None)
-            stream.request_ended = ended
-            self.streams[sid] = stream
-            # An error the client caused: spends the reset budget like a reset would.
-            self.guard.resets.spend()
-            stream.task = asyncio.ensure_future(self._refuse(stream, exc.status, str(exc)))
-            return
-        if ended and length not in (None, 0):
-            self.guard.resets.spend()
-            self.conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return
-        stream = H2Exchange(self, sid, method, target, headers, length)
+        stream = H2Stream(self, sid)
         stream.request_ended = ended
         self.streams[sid] = stream
         self._disarm_idle()
-        stream.task = asyncio.ensure_future(self._run(stream))
+        try:
+            request = _request_parts(event.headers, self.limits.max_header_list_size)
+        except _Malformed as exc:
+            # An error the client caused: spends the reset budget as a reset would.
+            self.guard.resets.spend()
+            method = "HEAD" if (b":method", b"HEAD") in event.headers else "GET"
+            stream.task = asyncio.ensure_future(self._refuse(stream, method, exc))
+            return
+        if ended and request.body_length not in (None, 0):
+            self.guard.resets.spend()
+            self.reset(stream, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        request.scheme = "https"
+        request.client = self.peer
+        request.sni = self.sni
+        request.has_body = not ended
+        if ended:
+            request.body_length = 0
+            stream.body.finish()
+        stream.task = asyncio.ensure_future(self._run(stream, request))
 
     def _data(self, event: h2.events.DataReceived) -> None:
-        sid = event.stream_id
+        sid = event.stream_id or 0
         flow = event.flow_controlled_length or 0
-        stream = self.streams.get(sid) if sid is not None else None
-        if stream is None or stream.response_ended or stream.gone:
-            # Nobody will read it: give the window back at once.
-            if flow and sid is not None:
-                with contextlib.suppress(h2.exceptions.StreamClosedError):
-                    self.conn.acknowledge_received_data(flow, sid)
-            return
-        # h2 has checked the DATA against content-length (a connection error otherwise).
-        stream._body(event.data or b"", flow)
+        data = event.data or b""
+        stream = self.streams.get(sid)
+        if stream is None or stream.body.done:
+            # Nobody will read it: the window back at once.
+            self._acknowledge(sid, flow)
+        else:
+            # Padding is acknowledged now, the data as the core takes it. h2 has checked the
+            # DATA against content-length (a connection error otherwise).
+            self._acknowledge(sid, flow - len(data))
+            stream.body.feed(data)
+            if stream.body.done:  # over the body size limit: the core answers 413
+                self._acknowledge(sid, len(data))
         if event.stream_ended is not None:
             self._request_ended(sid)
 
     def _request_ended(self, sid: int | None) -> None:
-        stream = self.streams.get(sid) if sid is not None else None
+        stream = self.streams.get(sid or 0)
         if stream is not None:
-            stream._ended()
+            stream.request_ended = True
+            stream.body.finish()
 
     # ---- streams ------------------------------------------------------------------------------
 
-    async def _run(self, stream: H2Exchange) -> None:
-        try:
-            await self.handler(stream)
-        except StreamGone:
-            pass
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("HTTP/2 stream %d of %s failed", stream.stream_id, self.peer)
-            if not stream.response_started and not stream.gone:
-                with contextlib.suppress(StreamGone):
-                    await stream.respond(502, "the edge failed to handle this request")
-                return
-        if stream.gone or stream.response_ended:
-            return
-        if not stream.response_started:
-            with contextlib.suppress(StreamGone):
-                await stream.respond(502, "no response")
-            return
-        with contextlib.suppress(StreamGone):
-            await stream.end()
+    async def _run(self, stream: H2Stream, request: Request) -> None:
+        await self.handler(Exchange(request, stream.body, stream))
+        if not stream.gone and not stream.response_ended:
+            # The core always answers; a stream it left open would hang the client.
+            self.reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
-    async def _refuse(self, stream: H2Exchange, status: int, text: str) -> None:
-        with contextlib.suppress(StreamGone):
-            await stream.respond(status, text)
+    async def _refuse(self, stream: H2Stream, method: str, exc: _Malformed) -> None:
+        status = exc.status
+        text = f"{status} {HTTPStatus(status).phrase}: {exc}\n".encode()
+        fields = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(text)))]
+        stream.start(status, "", fields, body=method != "HEAD", close=True)
+        if method != "HEAD":
+            stream.write(text)
+            stream.end()
 
-    def _abandon(self, stream: H2Exchange) -> None:
+    def _abandon(self, stream: H2Stream) -> None:
         """The stream is over for the client: its task (and the upstream request) ends."""
         stream._gone()
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
         self._maybe_idle()
 
-    def response_done(self, stream: H2Exchange) -> None:
-        """The response is sent. A request still arriving is not wanted: reset with NO_ERROR
-        (RFC 9113 section 8.1) and its window returned."""
-        if not stream.request_ended and not stream.gone:
+    def finished(self, stream: H2Stream) -> None:
+        """The response is sent. A request body still arriving is not wanted: reset with
+        NO_ERROR (RFC 9113 section 8.1)."""
+        if not stream.request_ended:
             self.reset(stream, h2.errors.ErrorCodes.NO_ERROR)
             return
         self.streams.pop(stream.stream_id, None)
-        stream._gone()
+        stream.gone = True
         self._maybe_idle()
 
-    def reset(self, stream: H2Exchange, code: h2.errors.ErrorCodes) -> None:
-        if stream.gone and stream.stream_id not in self.streams:
+    def reset(self, stream: H2Stream, code: h2.errors.ErrorCodes) -> None:
+        if self.streams.pop(stream.stream_id, None) is None and stream.gone:
             return
-        self.streams.pop(stream.stream_id, None)
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.conn.reset_stream(stream.stream_id, code)
         self._flush()
-        current = asyncio.current_task()
         stream._gone()
-        if stream.task is not None and stream.task is not current and not stream.task.done():
-            stream.task.cancel()
+        task = stream.task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
         self._maybe_idle()
 
-    def window_stalled(self, stream: H2Exchange) -> None:
-        log.info("HTTP/2 stream %d of %s: window closed too long", stream.stream_id, self.peer)
-        self.reset(stream, h2.errors.ErrorCodes.CANCEL)
-
-    def consumed(self, stream: H2Exchange, flow: int) -> None:
-        if flow and not stream.gone:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.acknowledge_received_data(flow, stream.stream_id)
+    def consumed(self, stream: H2Stream, size: int) -> None:
+        if not stream.gone:
+            self._acknowledge(stream.stream_id, size)
             self._flush()
 
-    def room(self, stream: H2Exchange) -> int:
+    def _acknowledge(self, sid: int, size: int) -> None:
+        if size > 0:
+            # h2 opens the connection's window even when the stream is gone.
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.acknowledge_received_data(size, sid)
+
+    def room(self, stream: H2Stream) -> int:
+        if self.paused:
+            return 0
         try:
             window = self.conn.local_flow_control_window(stream.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            stream._gone()
             return 0
         return min(window, self.conn.max_outbound_frame_size)
 
-    def send_headers(self, stream: H2Exchange, fields: list[tuple[str, str]], end: bool) -> None:
+    def send_headers(self, stream: H2Stream, fields: Fields, *, end: bool) -> None:
         try:
             self.conn.send_headers(stream.stream_id, fields, end_stream=end)
         except h2.exceptions.StreamClosedError:
             stream._gone()
-            raise StreamGone("the stream was closed") from None
+            return
         except h2.exceptions.ProtocolError as exc:
+            # An upstream's field h2 will not send (h2 validates what goes out).
             log.warning("HTTP/2 response on stream %d refused: %s", stream.stream_id, exc)
             self.reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            raise StreamGone(str(exc)) from None
+            return
         self._flush()
 
-    def send_data(self, stream: H2Exchange, data: memoryview) -> None:
+    def send_data(self, stream: H2Stream, data: bytes) -> None:
         try:
-            self.conn.send_data(stream.stream_id, bytes(data))
+            self.conn.send_data(stream.stream_id, data)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream._gone()
-            raise StreamGone("the stream was closed") from None
+            return
         self._flush()
 
-    def end_stream(self, stream: H2Exchange) -> None:
+    def end_stream(self, stream: H2Stream) -> None:
         try:
             self.conn.end_stream(stream.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream._gone()
-            raise StreamGone("the stream was closed") from None
+            return
         self._flush()
-
-    async def drained(self) -> None:
-        if self._paused:
-            await self._drained.wait()
 
     # ---- connection ---------------------------------------------------------------------------
 
     def goaway(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
-        """GOAWAY and close: with NO_ERROR the streams in flight finish first (a graceful
-        shutdown), otherwise they end now."""
+        """GOAWAY: with NO_ERROR (a graceful shutdown, an idle connection) the streams in
+        flight finish first; otherwise the connection ends now."""
         if self._closed:
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -574,6 +522,7 @@ class H2Protocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        self._disarm_idle()
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
@@ -597,21 +546,33 @@ class H2Protocol(asyncio.Protocol):
             self._idle = None
 
     def _maybe_idle(self) -> None:
-        if not self.streams:
-            if self.conn.state_machine.state == h2.connection.ConnectionState.CLOSED:
-                self._close()
-            else:
-                self._arm_idle()
+        if self.streams or self._closed:
+            return
+        if self.conn.state_machine.state == h2.connection.ConnectionState.CLOSED:
+            self._close()  # a graceful GOAWAY's last stream is done
+        else:
+            self._arm_idle()
 
 
-def _request_parts(
-    fields: list[tuple[bytes, bytes]] | Any, max_size: int
-) -> tuple[str, str, list[tuple[str, str]], int | None]:
-    """(method, target, HTTP/1.1-style header fields, content-length) of a request header
-    list, or :class:`_Malformed` naming the problem."""
+def _settings(limits: H2Limits, max_streams: int) -> h2.settings.Settings:
+    codes = h2.settings.SettingCodes
+    return h2.settings.Settings(
+        client=False,
+        initial_values={
+            codes.MAX_CONCURRENT_STREAMS: max_streams,
+            codes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            codes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            codes.ENABLE_PUSH: 0,
+        },
+    )
+
+
+def _request_parts(fields: Any, max_size: int) -> Request:
+    """The :class:`Request` of a request header list (``scheme``, ``client`` and ``sni`` are
+    the connection's, set by the caller), or :class:`_Malformed` naming the problem."""
     size = 0
     pseudo: dict[bytes, bytes] = {}
-    headers: list[tuple[str, str]] = []
+    headers: Fields = []
     cookies: list[str] = []
     host: bytes | None = None
     lengths: list[bytes] = []
@@ -638,20 +599,19 @@ def _request_parts(
             raise _Malformed(400, f"the field name {name[:64]!r} is not a lower-case token")
         if name in _CONNECTION_SPECIFIC:
             raise _Malformed(400, f"the connection-specific field {name!r} is not allowed")
-        if name == b"te" and value.strip().lower() != b"trailers":
+        if name == b"te" and value.lower() != b"trailers":
             raise _Malformed(400, "TE may only be 'trailers'")
         if name == b"host":
             if host is not None:
                 raise _Malformed(400, "Host is repeated")
             host = value
-            continue
-        if name == b"content-length":
+        elif name == b"content-length":
             lengths.append(value)
-        text = value.decode("latin-1")
-        if name == b"cookie":
-            cookies.append(text)  # RFC 9113 section 8.2.3: one field again for HTTP/1.1
+        elif name == b"cookie":
+            # RFC 9113 section 8.2.3: the crumbs are one field again for HTTP/1.1.
+            cookies.append(value.decode("latin-1"))
             continue
-        headers.append((name.decode("ascii"), text))
+        headers.append((name.decode("ascii"), value.decode("latin-1")))
     method = pseudo.get(b":method")
     if method is None or _METHOD.fullmatch(method) is None:
         raise _Malformed(400, ":method is missing or not a token")
@@ -665,13 +625,23 @@ def _request_parts(
     authority = pseudo.get(b":authority")
     if authority is not None and host is not None and authority.lower() != host.lower():
         raise _Malformed(400, "Host and :authority differ")
-    if authority is None and host is None:
+    authority = authority if authority is not None else host
+    if authority is None:
         raise _Malformed(400, "the request has no :authority")
-    if authority is not None and b"@" in authority:
+    if b"@" in authority:
         raise _Malformed(400, ":authority must not carry user information")
-    headers.insert(0, ("host", (authority or host or b"").decode("latin-1")))
     if cookies:
         headers.append(("cookie", "; ".join(cookies)))
-    # h2 has refused (GOAWAY) a content-length that is not digits only, or differs.
-    length = int(lengths[0]) if lengths else None
-    return method.decode("ascii"), path.decode("latin-1"), headers, length
+    return Request(
+        method=method.decode("ascii"),
+        target=path.decode("latin-1"),
+        headers=headers,
+        authority=authority.decode("latin-1"),
+        scheme="https",
+        client="",
+        sni=None,
+        version="2",
+        header_size=size,
+        # h2 has refused (GOAWAY) a content-length that is not digits only, or that differs.
+        body_length=int(lengths[0]) if lengths else None,
+    )
