@@ -31,11 +31,14 @@ from edge.connections import (
     ConnectionLimits,
     accept_error_log,
 )
+from edge.exchange import Lifecycle, Proxy, ProxySettings
 from edge.forwarding import TrustedProxies
+from edge.https import SiteServer
 from edge.loops import default_pseudonym
 from edge.metrics import EdgeMetrics
 from edge.mirror import Mirror
-from edge.proxy import Lifecycle, LiteralFirstResolver, ProxySettings, SiteHandler
+from edge.pool import UpstreamPool
+from edge.proxy import SiteHandler
 from edge.proxy_protocol import ProxyProtocolAcceptor
 from edge.ratelog import RateLimitedLog
 from edge.reach import SelfReach
@@ -43,7 +46,6 @@ from edge.shares import ShareLimits, Shares
 from edge.sni import ContextCache, SiteContexts, SiteUnavailable, SniSelector
 from edge.state import SiteIndex, StatementUnavailable
 from edge.sync import Syncer, aclose
-from edge.upstream import KeepAliveHTTPClient, UpstreamPool
 from edge.verifier import Verifier
 from pipeline.distribution import SiteRecord
 from pipeline.keys import Keyring
@@ -127,16 +129,16 @@ class EdgeConfig:
 
 
 def make_site_app(
-    proxy: ProxySettings, scheme: str, challenges: ChallengeStore | None
+    proxy: Proxy, scheme: str, challenges: ChallengeStore | None
 ) -> tornado.web.Application:
     routes: list[Any] = []
     if challenges is not None:
         routes.append(
             (r"/\.well-known/acme-challenge/([^/]+)", ChallengeHandler, {"challenges": challenges})
         )
-    routes.append((r".*", SiteHandler, {"settings": proxy, "scheme": scheme}))
+    routes.append((r".*", SiteHandler, {"proxy": proxy, "scheme": scheme}))
     return tornado.web.Application(
-        routes, log_function=RequestLog(proxy.metrics.request_counters(scheme))
+        routes, log_function=RequestLog(proxy.settings.metrics.request_counters(scheme))
     )
 
 
@@ -325,7 +327,6 @@ class Edge:
         m.mirror_bytes.set_function(self.mirror.bytes_on_disk)
         self.lifecycle = Lifecycle()
         self.reach = SelfReach(config.allow_loopback_upstream)
-        self._resolver = LiteralFirstResolver(policy=config.outbound, reach=self.reach)
         self.shares = Shares(
             ShareLimits(
                 total=config.max_upstream_connections,
@@ -346,15 +347,14 @@ class Edge:
         )
         m.connections_open.set_function(lambda: self.connections.open)
         self._accept_errors = accept_error_log()  # one for every port of this process
-        self._pool = UpstreamPool(config.upstream_keepalive, config.upstream_idle_timeout)
-        self._client = KeepAliveHTTPClient(
-            force_instance=True,
-            pool=self._pool,
-            resolver=self._resolver,
-            max_clients=config.max_upstream_connections,
-            max_body_size=1 << 40,  # bodies are streamed, never held whole
+        self._pool = UpstreamPool(
+            config.upstream_keepalive,
+            config.upstream_idle_timeout,
+            connect_timeout=config.connect_timeout,
+            policy=config.outbound,
+            reach=self.reach,
         )
-        self._servers: list[HTTPServer] = []
+        self._servers: list[HTTPServer | SiteServer] = []
         self._acceptors: list[ProxyProtocolAcceptor | BudgetedAcceptor] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -365,15 +365,13 @@ class Edge:
         https: list[socket.socket],
         metrics: list[socket.socket],
     ) -> None:
-        proxy = ProxySettings(
+        settings = ProxySettings(
             index=self.index,
             metrics=self.metrics,
-            client=self._client,
+            pool=self._pool,
             lifecycle=self.lifecycle,
             https_port=self.config.https_public_port,
-            connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
-            pool=self._pool if self.config.upstream_keepalive > 0 else None,
             trusted_proxies=TrustedProxies(self.config.trusted_proxies),
             max_header_size=self.config.max_header_size,
             max_body_size=self.config.max_body_size,
@@ -383,6 +381,7 @@ class Edge:
             upstream_response_timeout=self.config.upstream_response_timeout,
             send_timeout=self.config.send_timeout,
         )
+        proxy = Proxy(settings)
         # Every port of this edge, /metrics and /healthz included, is refused as an upstream.
         self.reach.listening = SelfReach.of_sockets(False, [*http, *https, *metrics]).listening
         options: dict[str, Any] = {
@@ -393,8 +392,14 @@ class Edge:
             "max_header_size": 2 * self.config.max_header_size,
         }
         plain = HTTPServer(make_site_app(proxy, "http", self.challenges), **options)
-        tls = handshakes.TimedTLSServer(
-            make_site_app(proxy, "https", None), ssl_options=self.listening, **options
+        tls = SiteServer(
+            proxy,
+            self.listening,
+            self.metrics,
+            self.lifecycle,
+            idle_timeout=self.config.idle_timeout,
+            max_header_size=self.config.max_header_size,
+            first_byte_timeout=self.config.first_byte_timeout,
         )
         tls.on_handshake = self.metrics.handshake_seconds.observe
         sync_task = asyncio.create_task(self.syncer.run(), name="certman-sync")
@@ -423,7 +428,7 @@ class Edge:
 
     def _accept(
         self,
-        server: HTTPServer,
+        server: HTTPServer | SiteServer,
         socks: list[socket.socket],
         tls: ssl.SSLContext | None,
         budget: ConnectionBudget | None,
@@ -531,8 +536,7 @@ class Edge:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._client.close()
-        self._resolver.close()
+        self._pool.close()
         await aclose(self._async_redis)
         self._first_fill_redis.close()
         self.verifier.close()

@@ -16,8 +16,11 @@ instead, and:
   socket pauses (50 ms, doubling up to 1 s) instead of spinning, counted in a metric and logged
   as one line a minute at most (:class:`edge.ratelog.RateLimitedLog`).
 
-The connection is handed to the server as ``tornado.tcpserver.TCPServer`` does it: an
-``IOStream`` (``SSLIOStream`` on the TLS port) given to its documented ``handle_stream``.
+The connection is handed over as a socket to a server with ``handle_socket(conn, address,
+release)`` (the HTTPS port's :class:`edge.https.SiteServer`, which runs TLS and the first-byte
+timeout itself and calls ``release`` once the connection is gone), or as
+``tornado.tcpserver.TCPServer`` does it: an ``IOStream`` given to its documented
+``handle_stream`` (the plain port's Tornado server).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
@@ -44,6 +47,7 @@ __all__ = [
     "BudgetedAcceptor",
     "ConnectionBudget",
     "ConnectionLimits",
+    "SocketServer",
     "accept_error_log",
     "default_total",
 ]
@@ -76,6 +80,14 @@ class ConnectionLimits:
     total: int = 0  # 0: default_total()
     per_address: int = 128
     first_byte_timeout: float = 10.0
+
+
+class SocketServer(Protocol):
+    """A server that takes accepted sockets itself (edge.https.SiteServer)."""
+
+    def handle_socket(
+        self, conn: socket.socket, address: Any, release: Callable[[], None] | None
+    ) -> None: ...
 
 
 class ConnectionBudget:
@@ -161,7 +173,7 @@ class BudgetedAcceptor:
 
     def __init__(
         self,
-        server: HTTPServer,
+        server: HTTPServer | SocketServer,
         sockets: list[socket.socket],
         tls: ssl.SSLContext | None,
         budget: ConnectionBudget | None,
@@ -258,6 +270,9 @@ class BudgetedAcceptor:
                 conn.close()
                 return
             release = lambda: budget.release(client)  # noqa: E731
+        if not isinstance(self._server, HTTPServer):
+            self._server.handle_socket(conn, address, release)
+            return
         watch = _Watch(release)
         try:
             stream = self._stream(conn, watch)
@@ -271,6 +286,7 @@ class BudgetedAcceptor:
 
     def _stream(self, conn: socket.socket, watch: _Watch) -> _Stream | _TlsStream:
         server = self._server
+        assert isinstance(server, HTTPServer)
         stream: _Stream | _TlsStream
         if self._tls is not None:
             wrapped = ssl_wrap_socket(

@@ -303,11 +303,17 @@ class Exchange:
     body: Body
     sink: ResponseSink
     status: int = 0  # the status the client was sent, once it was
+    # Counted and logged by the core (False: by the adapter, as Tornado's log_function does).
+    log: bool = True
+    ticket: Ticket | None = None  # the fair-share slot, while the upstream request runs
 
 
 def _connection_tokens(fields: Fields) -> set[str]:
     return {
-        t.strip().lower() for name, v in fields if name.lower() == "connection" for t in v.split(",")
+        t.strip().lower()
+        for name, v in fields
+        if name.lower() == "connection"
+        for t in v.split(",")
     }
 
 
@@ -416,9 +422,8 @@ class Proxy:
         """Answer ``ex`` (never raises but CancelledError, when the client left)."""
         cfg = self.settings
         cfg.lifecycle.started()
-        ticket: Ticket | None = None
         try:
-            ticket = await self._handle(ex)
+            await self._handle(ex)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -428,18 +433,19 @@ class Proxy:
             else:
                 ex.sink.abort()
         finally:
-            if ticket is not None and cfg.shares is not None:
-                cfg.shares.release(ticket)
+            if ex.ticket is not None and cfg.shares is not None:
+                cfg.shares.release(ex.ticket)
+                ex.ticket = None
             cfg.lifecycle.finished()
-            if ex.status:
+            if ex.status and ex.log:
                 self._count_and_log(ex)
 
-    async def _handle(self, ex: Exchange) -> Ticket | None:
+    async def _handle(self, ex: Exchange) -> None:
         cfg = self.settings
         req = ex.request
         if req.header_size > cfg.max_header_size:
             self._reject(ex, 431, "header_too_large", "the request's header fields are too large")
-            return None
+            return
         fields = req.headers
         try:
             check_field_names(name for name, _ in fields)
@@ -450,57 +456,58 @@ class Proxy:
             host, port = parse_host(req.authority)
         except BadHeader as exc:
             self._reject(ex, 400, "bad_header", str(exc))
-            return None
+            return
         host_header = host if port is None else f"{host}:{port}"
         vias = [v for name, v in fields if name.lower() == "via"]
         if vias and has_looped(vias, cfg.pseudonym):
             self._reject(ex, 508, "loop", "the request has been through this edge before")
-            return None
+            return
         try:
             target = parse_target(req.method, req.target, host)
         except BadTarget as exc:
             self._reject(ex, 400, "bad_target", str(exc))
-            return None
+            return
         if length is None:
             length = req.body_length
         if length is not None and length > cfg.max_body_size:
             self._reject(ex, 413, "body_too_large", "the request body is too large")
-            return None
+            return
         ex.body.limit = cfg.max_body_size
         if req.scheme == "https" and (req.sni is None or host != req.sni):
             self._reject(ex, 421, "misdirected", "this connection is not for that host")
-            return None
+            return
         try:
             meta = cfg.index.lookup(host)
         except StatementUnavailable:
             # An edge's first fill, with Redis not answering this instant: try again soon.
-            self._reject(ex, 503, "site_unavailable", "the site is not available yet", retry_after=1)
-            return None
+            self._reject(
+                ex, 503, "site_unavailable", "the site is not available yet", retry_after=1
+            )
+            return
         if meta is None:
             self._reject(ex, 404, "unknown_site", "unknown site")
-            return None
+            return
         if target is ASTERISK:
             self._empty(ex, 200, [("Allow", _ALLOW)])
-            return None
+            return
         if req.scheme == "http" and meta.has_cert:
             # Built from the site's own name and the parsed target: nothing the client sent
             # can move the redirect to another site.
             public = "" if cfg.https_port == 443 else f":{cfg.https_port}"
             status = 301 if req.method in ("GET", "HEAD") else 308
             self._empty(ex, status, [("Location", f"https://{host}{public}{target.uri}")])
-            return None
+            return
         if not meta.upstream:
             self._reject(ex, 404, "no_upstream", "no upstream for this site")
-            return None
+            return
         try:
             url = upstream_url(meta.upstream, target)
         except BadTarget as exc:
             self._reject(ex, 400, "bad_target", str(exc))
-            return None
-        ticket: Ticket | None = None
+            return
         if cfg.shares is not None:
             try:
-                ticket = await cfg.shares.acquire(meta.domain, client_key(self._client(req)))
+                ex.ticket = await cfg.shares.acquire(meta.domain, client_key(self._client(req)))
             except Full as exc:
                 self._reject(
                     ex,
@@ -509,9 +516,8 @@ class Proxy:
                     "too many requests in flight; try again",
                     retry_after=1,
                 )
-                return None
+                return
         await self._forward(ex, url, target, host_header, length)
-        return ticket
 
     def _client(self, req: Request) -> str:
         """Who the request is from, for its share: the peer, or behind a trusted HTTP load

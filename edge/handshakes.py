@@ -44,7 +44,7 @@ from tornado.log import gen_log
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_started
 
-__all__ = ["SERVER_NAME_NOT_ASCII", "TimedTLSServer", "install", "uninstall"]
+__all__ = ["SERVER_NAME_NOT_ASCII", "TimedTLSServer", "failed", "install", "uninstall"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,20 @@ def reason_of(err: object) -> str:
     if isinstance(err, ssl.SSLError) and err.args and err.args[0] == ssl.SSL_ERROR_SYSCALL:
         return "SYSCALL"
     return "OTHER"
+
+
+def failed(err: BaseException, peer: object = "?") -> None:
+    """A handshake the event loop's TLS failed (the HTTPS port's asyncio path): counted and
+    logged at DEBUG as Tornado's were."""
+    reason = reason_of(err)
+    pending = getattr(_pending, "reason", None)
+    if pending is not None:
+        _pending.reason = None
+        if reason == "CALLBACK_FAILED":
+            reason = pending
+    _count(reason)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("TLS handshake from %s failed: %s (%s)", peer, reason, err)
 
 
 class _SslErrorFilter(logging.Filter):

@@ -23,6 +23,7 @@ client has taken it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -378,7 +379,7 @@ class UpstreamPool:
     async def _connect(self, key: PoolKey) -> UpstreamConnection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
-        addresses = await self._addresses(loop, host, port)
+        addresses = await self.resolve(host, port)
         tls: ssl.SSLContext | None = None
         if scheme == "https":
             tls = self._tls_context()
@@ -406,16 +407,14 @@ class UpstreamPool:
             conn = protocol
             sock = conn._transport.get_extra_info("socket") if conn._transport else None
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
             return conn
         raise last or UpstreamError(f"no address for {host}")
 
-    async def _addresses(
-        self, loop: asyncio.AbstractEventLoop, host: str, port: int
-    ) -> list[tuple[int, Any]]:
+    async def resolve(self, host: str, port: int) -> list[tuple[int, Any]]:
+        """``(family, (address, port))`` to connect to for ``host``, each allowed: an IP
+        literal at once, without the thread hop of ``getaddrinfo``; a name's addresses."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -426,14 +425,16 @@ class UpstreamPool:
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             return [(family, (host, port))]
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
         except OSError as exc:
             raise UpstreamError(f"resolving {host} failed: {exc}") from None
         refused: RefusedAddress | None = None
         allowed: list[tuple[int, Any]] = []
         for family, _, _, _, sockaddr in infos:
             try:
-                self.policy.check_address(sockaddr[0])
+                self.policy.check_address(str(sockaddr[0]))
                 self.reach.check(str(sockaddr[0]), port)
             except RefusedAddress as exc:
                 refused = exc

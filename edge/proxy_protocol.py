@@ -4,7 +4,9 @@ edge who the client is, in a header sent before the first byte of HTTP or TLS.
 When it is on, every connection must start with such a header (that is the protocol: a
 connection without one is from somewhere other than the load balancer, and is closed). The
 header is read straight from the socket, peeking first and then consuming exactly its length,
-so the TLS or HTTP bytes behind it are left for Tornado's stream.
+so the TLS or HTTP bytes behind it are left for the server: the HTTPS port's
+(:class:`edge.https.SiteServer`, given the socket) or the plain port's Tornado server (given a
+stream).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, SSLIOStream
 from tornado.netutil import add_accept_handler, ssl_wrap_socket
+
+from edge.connections import SocketServer
 
 __all__ = ["ProxyHeaderError", "ProxyProtocolAcceptor", "parse_proxy_header"]
 
@@ -110,7 +114,7 @@ class ProxyProtocolAcceptor:
 
     def __init__(
         self,
-        server: HTTPServer,
+        server: HTTPServer | SocketServer,
         sockets: list[socket.socket],
         tls: ssl.SSLContext | None,
         *,
@@ -178,6 +182,9 @@ class ProxyProtocolAcceptor:
 
     def _hand_over(self, conn: socket.socket, address: Any) -> None:
         server = self._server
+        if not isinstance(server, HTTPServer):
+            server.handle_socket(conn, address, None)
+            return
         try:
             if self._tls is not None:
                 conn = ssl_wrap_socket(

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from edge.proxy import LiteralFirstResolver
+from edge.pool import UpstreamPool
 from edge.reach import SelfReach
 from pipeline.distribution import publish_site, remove_challenge, set_challenge
 from pipeline.signing import SignedChallenge
@@ -151,17 +151,17 @@ def test_https_421_and_upstream_failures(
 
 def test_upstream_resolver_answers_ip_literals_itself() -> None:
     async def resolve_all() -> list[list[tuple[int, Any]]]:
-        resolver = LiteralFirstResolver(reach=SelfReach(allow_loopback=True))
+        pool = UpstreamPool(reach=SelfReach(allow_loopback=True))
         try:
             return [
-                await resolver.resolve("127.0.0.1", 8080),
-                await resolver.resolve("::1", 8080),
-                await resolver.resolve("localhost", 8080, socket.AF_INET),
+                await pool.resolve("127.0.0.1", 8080),
+                await pool.resolve("::1", 8080),
+                await pool.resolve("localhost", 8080),
             ]
         finally:
-            resolver.close()
+            pool.close()
 
     v4, v6, named = asyncio.run(resolve_all())
     assert v4 == [(socket.AF_INET, ("127.0.0.1", 8080))]
-    assert v6 == [(socket.AF_INET6, ("::1", 8080, 0, 0))]
+    assert v6 == [(socket.AF_INET6, ("::1", 8080))]
     assert (socket.AF_INET, ("127.0.0.1", 8080)) in named  # names still go to getaddrinfo
