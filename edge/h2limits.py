@@ -56,7 +56,11 @@ class H2Limits:
 
 
 class TooMuch(Exception):
-    """A budget is spent; the message names which."""
+    """A budget is spent; the message names which, ``reason`` (for a metric label) too."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
 
 
 class WindowBudget:
@@ -66,11 +70,13 @@ class WindowBudget:
         self,
         limit: int,
         interval: float,
+        reason: str,
         what: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limit = limit
         self.interval = interval
+        self.reason = reason
         self.what = what
         self._clock = clock
         self._started = clock()
@@ -83,7 +89,7 @@ class WindowBudget:
             self.count = 0
         self.count += n
         if self.count > self.limit:
-            raise TooMuch(f"more than {self.limit} {self.what} in {self.interval:g} s")
+            raise TooMuch(self.reason, f"more than {self.limit} {self.what} in {self.interval:g} s")
 
 
 class FrameGuard:
@@ -96,9 +102,15 @@ class FrameGuard:
 
     def __init__(self, limits: H2Limits, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
-        self.resets = WindowBudget(limits.max_resets, limits.interval, "stream resets", clock)
+        self.resets = WindowBudget(
+            limits.max_resets, limits.interval, "resets", "stream resets", clock
+        )
         self.control = WindowBudget(
-            limits.max_control_frames, limits.interval, "SETTINGS, PING or empty frames", clock
+            limits.max_control_frames,
+            limits.interval,
+            "control_frames",
+            "SETTINGS, PING or empty frames",
+            clock,
         )
         self._preface = _PREFACE
         self._head = bytearray()
@@ -136,8 +148,9 @@ class FrameGuard:
                 self._block += length
                 if self._block > self.limits.max_header_block:
                     raise TooMuch(
+                        "header_block",
                         f"a header block over {self.limits.max_header_block} bytes"
-                        " (HEADERS and CONTINUATION frames)"
+                        " (HEADERS and CONTINUATION frames)",
                     )
             if flags & _END_HEADERS:
                 self._block = None

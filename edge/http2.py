@@ -32,6 +32,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
+import typing
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -45,8 +47,10 @@ import h2.settings
 
 from edge.exchange import Body, Exchange, Request
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
+from edge.metrics import EdgeMetrics
+from edge.sni import sni_name
 
-__all__ = ["H2Limits", "H2Protocol", "H2Stream", "Handler"]
+__all__ = ["H2Limits", "H2Protocol", "H2Server", "H2Stream", "Handler"]
 
 Fields = list[tuple[str, str]]
 # The core's Proxy.handle: answers one exchange, raises only CancelledError.
@@ -227,26 +231,49 @@ class H2Stream:
             drained.set_result(None)
 
 
+class H2Server(typing.Protocol):
+    """What the protocol needs of :class:`edge.https.SiteServer`."""
+
+    proxy: Any  # edge.exchange.Proxy: its handle() answers one exchange
+    metrics: EdgeMetrics
+    connections: set[Any]
+    idle_timeout: float
+    max_header_size: int
+    scheme: str
+
+    def refused(self, reason: str) -> None: ...
+
+
 class H2Protocol(asyncio.Protocol):
     """One HTTP/2 server connection. Each request stream becomes an
-    :class:`~edge.exchange.Exchange` run by ``handler`` (the core's ``Proxy.handle``) in its
-    own task. ``sni`` and ``peer`` are the connection's, as the HTTP/1.1 path takes them (the
-    name the SNI callback matched; the PROXY protocol's or the socket's address)."""
+    :class:`~edge.exchange.Exchange` run by the core (``server.proxy.handle``) in its own task.
+
+    Made by :class:`edge.https.SiteServer` for a connection whose ALPN is ``h2``, with the
+    client's address, the connection budget's release (called once, when the connection is
+    gone) and when the first byte is due (0: no first-byte timeout). The HTTP/2 bounds are
+    ``server.h2_limits`` if it has them, else the defaults with the server's header size and
+    idle timeout."""
 
     def __init__(
         self,
-        handler: Handler,
-        limits: H2Limits | None = None,
-        *,
-        sni: str | None = None,
-        peer: str | None = None,
-        on_close: Callable[[], None] | None = None,
+        server: H2Server,
+        client: str,
+        release: Callable[[], None] | None = None,
+        first_byte_due: float = 0.0,
     ) -> None:
-        self.handler = handler
-        self.limits = limits or H2Limits()
-        self.sni = sni
-        self.peer = peer or ""
-        self._on_close = on_close
+        self.server = server
+        limits = getattr(server, "h2_limits", None)
+        if not isinstance(limits, H2Limits):
+            limits = H2Limits(
+                max_header_list_size=server.max_header_size, idle_timeout=server.idle_timeout
+            )
+        self.limits = limits
+        self.handler: Handler = server.proxy.handle
+        self.client = client
+        self.sni: str | None = None
+        self._release = release
+        self._first_byte_due = first_byte_due
+        self._got_bytes = False
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
@@ -261,16 +288,17 @@ class H2Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self._closed = False
-        self._idle: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if not self.peer:
-            peername = transport.get_extra_info("peername")
-            self.peer = peername[0] if peername else ""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.sni = sni_name(ssl_object)
+        self.server.connections.add(self)
         limits = self.limits
         self.conn.local_settings = _settings(limits, limits.max_concurrent_streams)
         # A hard stop for an HPACK bomb while decoding (GOAWAY ENHANCE_YOUR_CALM); a list
@@ -284,24 +312,33 @@ class H2Protocol(asyncio.Protocol):
         # a client opened before our SETTINGS reached it.
         self.conn.local_settings = _settings(limits, 2 * limits.max_concurrent_streams + 100)
         self._flush()
-        self._arm_idle()
+        if self._first_byte_due:
+            delay = max(0.0, self._first_byte_due - time.monotonic())
+            self._arm(delay, self._first_byte_late)
+        else:
+            self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        if not self._got_bytes:
+            self._got_bytes = True
+            self._disarm_idle()
+            self._arm_idle()
         try:
             self.guard.feed(data)
             try:
                 events = self.conn.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
-                log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
+                log.debug("HTTP/2 protocol error from %s: %s", self.client, exc)
                 self._flush()  # h2 has queued the GOAWAY
                 self._close()
                 return
             for event in events:
                 self._event(event)
         except TooMuch as exc:
-            log.info("HTTP/2 connection from %s ended: %s", self.peer, exc)
+            log.info("HTTP/2 connection from %s ended: %s", self.client, exc)
+            self.server.refused(f"h2_{exc.reason}")
             self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return
         self._flush()
@@ -320,8 +357,22 @@ class H2Protocol(asyncio.Protocol):
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
-        if self._on_close is not None:
-            self._on_close()
+        self.server.connections.discard(self)
+        self.transport = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    # ---- what the server asks of every client connection --------------------------------------
+
+    def close_when_idle(self) -> None:
+        """Shutdown: GOAWAY; the streams in flight finish, then the connection closes."""
+        self.goaway()
+
+    def abort(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -357,6 +408,7 @@ class H2Protocol(asyncio.Protocol):
         if sid is None or event.headers is None:
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:
+            self.server.metrics.requests_rejected.labels("h2_refused_stream").inc()
             self.guard.resets.spend()
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
@@ -369,6 +421,7 @@ class H2Protocol(asyncio.Protocol):
             request = _request_parts(event.headers, self.limits.max_header_list_size)
         except _Malformed as exc:
             # An error the client caused: spends the reset budget as a reset would.
+            self.server.metrics.requests_rejected.labels("bad_header").inc()
             self.guard.resets.spend()
             method = "HEAD" if (b":method", b"HEAD") in event.headers else "GET"
             stream.task = asyncio.ensure_future(self._refuse(stream, method, exc))
@@ -377,8 +430,8 @@ class H2Protocol(asyncio.Protocol):
             self.guard.resets.spend()
             self.reset(stream, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
-        request.scheme = "https"
-        request.client = self.peer
+        request.scheme = self.server.scheme
+        request.client = self.client
         request.sni = self.sni
         request.has_body = not ended
         if ended:
@@ -534,16 +587,26 @@ class H2Protocol(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def _arm_idle(self) -> None:
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._disarm_idle()
-        if self.limits.idle_timeout > 0 and not self._closed:
-            loop = asyncio.get_running_loop()
-            self._idle = loop.call_later(self.limits.idle_timeout, self.goaway)
+        if not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _arm_idle(self) -> None:
+        if self.limits.idle_timeout > 0:
+            self._arm(self.limits.idle_timeout, self.goaway)
 
     def _disarm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _first_byte_late(self) -> None:
+        """No preface in time (HTTP/1.1's first-byte timeout, the same budget)."""
+        self._timer = None
+        if not self._got_bytes:
+            self.server.refused("first_byte_timeout")
+            self.abort()
 
     def _maybe_idle(self) -> None:
         if self.streams or self._closed:

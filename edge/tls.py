@@ -57,6 +57,9 @@ def _server_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # On the site's context too: OpenSSL chooses the ALPN protocol after the SNI callback has
+    # switched contexts, with the callback of the context switched to.
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     return ctx
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from hpack.hpack import encode_integer
 from edge.exchange import Exchange
 from edge.h2limits import H2Limits
 from edge.http2 import H2Protocol, H2Stream
+from edge.metrics import EdgeMetrics
 from edge.tls import build_context
 from tests.edge.conftest import wait_for
 from tests.support.h2client import H2Client, H2Response, RawH2, frame
@@ -37,14 +39,26 @@ class Seen:
     started: int = 0
 
 
+def _mark_sni(obj: Any, name: str | None, ctx: ssl.SSLContext) -> None:
+    setattr(obj, "certman_sni_name", name)  # noqa: B010 - the attribute edge.sni sets
+
+
 class StubServer:
     def __init__(self, pki: Pki, limits: H2Limits) -> None:
         chain, key, _ = pki.leaf([NAME])
         self.ctx = build_context(chain.encode(), key)
-        self.ctx.set_alpn_protocols(["h2", "http/1.1"])
+        # The SNI callback's mark, as edge.sni leaves it for the protocols.
+        self.ctx.sni_callback = _mark_sni
         self.limits = limits
         self.seen = Seen()
         self.protocols: list[H2Protocol] = []
+        self.metrics = EdgeMetrics()
+        self.connections: set[Any] = set()
+        self.refusals: list[str] = []
+        self.h2_limits = limits
+        self.idle_timeout = limits.idle_timeout
+        self.max_header_size = limits.max_header_list_size
+        self.scheme = "https"
         self.loop = asyncio.new_event_loop()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -63,8 +77,16 @@ class StubServer:
         self.loop.run_until_complete(main())
         self.loop.run_forever()
 
+    # What H2Protocol asks of edge.https.SiteServer (H2Server).
+    @property
+    def proxy(self) -> StubServer:
+        return self
+
+    def refused(self, reason: str) -> None:
+        self.refusals.append(reason)
+
     def _protocol(self) -> H2Protocol:
-        protocol = H2Protocol(self.handle, self.limits, sni=NAME)
+        protocol = H2Protocol(self, "127.0.0.1")
         self.protocols.append(protocol)
         return protocol
 
@@ -391,6 +413,7 @@ def test_rapid_reset_ends_the_connection_with_enhance_your_calm(serve: Any) -> N
         raw.send(burst)
         raw.until(lambda: raw.goaway() is not None)
         assert raw.goaway() == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert server.refusals == ["h2_resets"]
     # The frames after the bound were never parsed: no more than the budget reached a handler.
     assert server.seen.started <= 51
 
