@@ -112,6 +112,29 @@ class H2Client:
         self.flush()
         return sid
 
+    def send_body(self, sid: int, chunks: Any, *, end: bool = True, timeout: float = 5.0) -> None:
+        """Send ``chunks`` (bytes or an iterable of bytes) as DATA as the windows allow."""
+        deadline = time.monotonic() + timeout
+        for chunk in [chunks] if isinstance(chunks, bytes | bytearray) else chunks:
+            view = memoryview(bytes(chunk))
+            while view:
+                room = min(
+                    self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size
+                )
+                if room <= 0:
+                    if self.responses[sid].reset is not None or self.goaway is not None:
+                        return
+                    assert time.monotonic() < deadline, "the server's window stayed closed"
+                    if not self.pump(0.1):
+                        return
+                    continue
+                self.conn.send_data(sid, view[:room].tobytes())
+                self.flush()
+                view = view[room:]
+        if end:
+            self.conn.end_stream(sid)
+            self.flush()
+
     def get(self, path: str, authority: str, **kwargs: Any) -> H2Response:
         sid = self.request("GET", path, authority, **kwargs)
         return self.wait(sid)
