@@ -45,7 +45,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from edge.exchange import Body, Exchange, Request
+from edge.exchange import Body, Exchange, Proxy, Request
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
@@ -234,7 +234,9 @@ class H2Stream:
 class H2Server(typing.Protocol):
     """What the protocol needs of :class:`edge.https.SiteServer`."""
 
-    proxy: Any  # edge.exchange.Proxy: its handle() answers one exchange
+    @property
+    def proxy(self) -> Proxy: ...
+
     metrics: EdgeMetrics
     connections: set[Any]
     idle_timeout: float

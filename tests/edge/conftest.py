@@ -508,6 +508,39 @@ def status_of(reply: bytes) -> int:
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else 0
 
 
+def h2_exchange(
+    edge: RunningEdge,
+    name: str,
+    target: str,
+    lines: tuple[str, ...] | list[str] = (),
+    *,
+    authority: str | None = None,
+    method: str = "GET",
+) -> bytes:
+    """One HTTP/2 request over TLS with SNI ``name``: the field ``lines`` ("Name: value",
+    names sent in lower case as HTTP/2 has them), ``authority`` (default ``name``). The answer
+    in HTTP/1.1 form, so raw_exchange's tests read it as they are; or ``RESET <code>`` /
+    ``GOAWAY <code>`` when the edge refused the stream or the connection instead."""
+    fields = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.append((key.strip().lower(), value.strip()))
+    with H2Client(edge.https_port, name, ctx=edge.pki.client_context()) as client:
+        response = client.wait(client.request(method, target, authority or name, fields))
+    if not response.status:
+        if response.reset is not None:
+            return f"RESET {response.reset}".encode()
+        code = client.goaway.error_code if client.goaway is not None else None
+        return f"GOAWAY {code}".encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in response.headers)
+    return f"HTTP/1.1 {response.status} -\r\n{head}\r\n".encode("latin-1") + bytes(response.body)
+
+
+def refused_as_malformed(reply: bytes) -> bool:
+    """400, or (HTTP/2) the stream or connection ended with PROTOCOL_ERROR (1)."""
+    return status_of(reply) == 400 or reply in (b"RESET 1", b"GOAWAY 1")
+
+
 @dataclass
 class Canary:
     """A server that must never be reached: the address an attacker tries to steer to."""

@@ -18,7 +18,7 @@ import hpack
 import pytest
 from hpack.hpack import encode_integer
 
-from edge.exchange import Exchange
+from edge.exchange import Exchange, Proxy
 from edge.h2limits import H2Limits
 from edge.http2 import H2Protocol, H2Stream
 from edge.metrics import EdgeMetrics
@@ -79,8 +79,8 @@ class StubServer:
 
     # What H2Protocol asks of edge.https.SiteServer (H2Server).
     @property
-    def proxy(self) -> StubServer:
-        return self
+    def proxy(self) -> Proxy:
+        return cast(Proxy, self)  # only its handle() is called
 
     def refused(self, reason: str) -> None:
         self.refusals.append(reason)
