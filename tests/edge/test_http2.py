@@ -266,3 +266,117 @@ def test_h2load_multiplexed_requests_all_succeed(
     ).stdout
     assert "200 succeeded" in out, out
     assert "Application protocol: h2" in out, out
+
+
+# ---- the hardening rules, as HTTP/2 carries them ----------------------------------------------
+
+
+def test_oversized_headers_get_431_and_bodies_413(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    upstream: str,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    edge = _edge(
+        redis_client,
+        prefix,
+        sites,
+        upstream,
+        start_edge,
+        max_header_size=8 * 1024,
+        max_body_size=64 * 1024,
+    )
+    with _client(edge, "shop.test") as client:
+        assert client.get("/", "shop.test", headers=[("x-big", "a" * 9000)]).status == 431
+        declared = client.request(
+            "POST", "/", "shop.test", [("content-length", "1000000")], end=False
+        )
+        client.send_body(declared, b"z" * 1000, end=False)
+        assert client.wait(declared).status == 413
+        # No content-length: the DATA past the limit get 413 all the same.
+        undeclared = client.request("POST", "/", "shop.test", end=False)
+        client.send_body(undeclared, [b"z" * 16384] * 5, end=False)
+        assert client.wait(undeclared).status == 413
+        ok = client.request("POST", "/", "shop.test", [("content-length", "1000")], b"q" * 1000)
+        assert client.wait(ok).status == 200
+    assert 'certman_edge_requests_rejected_total{reason="body_too_large"} 2.0' in edge.metrics()
+
+
+def test_abandoned_bodies_free_their_upstream_slots_at_once(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    upstream: str,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    from .test_hardening import HoldingUpstream
+
+    holding = HoldingUpstream()
+    try:
+        publish_site(
+            redis_client,
+            prefix,
+            sites.record("upload.test", upstream=f"http://127.0.0.1:{holding.port}"),
+        )
+        slots = 4
+        edge = _edge(
+            redis_client,
+            prefix,
+            sites,
+            upstream,
+            start_edge,
+            max_upstream_connections=slots,
+            upstream_keepalive=0,
+        )
+        client = _client(edge, "upload.test")
+        for i in range(2 * slots):
+            length = [("content-length", "100000")] if i % 2 else []
+            sid = client.request("POST", "/upload", "upload.test", length, end=False)
+            client.send_body(sid, b"x" * 10, end=False)
+        wait_for(lambda: holding.open == slots, what="every upstream slot taken")
+        client.close()
+        # Every upstream request ends with its client's connection, queued ones included.
+        wait_for(lambda: holding.open == 0, what="upstream connections closed")
+        assert edge.https("other.test")[0] == 200
+        assert edge.edge is not None
+        wait_for(lambda: edge.edge is not None and edge.edge.lifecycle.in_flight == 0)
+    finally:
+        holding.close()
+
+
+def test_a_body_longer_than_its_content_length_cancels_the_upstream_request(
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    upstream: str,
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    from .test_hardening import HoldingUpstream
+
+    holding = HoldingUpstream()
+    try:
+        publish_site(
+            redis_client,
+            prefix,
+            sites.record("upload.test", upstream=f"http://127.0.0.1:{holding.port}"),
+        )
+        edge = _edge(redis_client, prefix, sites, upstream, start_edge, upstream_keepalive=0)
+        with RawH2(edge.https_port, "upload.test") as raw:
+            fields = [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", "upload.test"),
+                (":path", "/"),
+                ("content-length", "10"),
+            ]
+            raw.send(
+                frame(0x1, 0x4, 1, hpack.Encoder().encode(fields)) + frame(0x0, 0, 1, b"abcde")
+            )
+            wait_for(lambda: holding.open == 1, what="upstream request open")
+            raw.send(frame(0x0, 0x1, 1, b"0123456789"))  # 15 bytes in all
+            raw.until(lambda: raw.goaway() is not None)
+            assert raw.goaway() == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        wait_for(lambda: holding.open == 0, what="upstream connection closed")
+    finally:
+        holding.close()
