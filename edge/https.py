@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from edge import handshakes
 from edge.exchange import Lifecycle, Proxy
@@ -32,9 +32,6 @@ from edge.sni import sni_started
 __all__ = ["ClientConnection", "SiteServer"]
 
 log = logging.getLogger(__name__)
-
-# Without a first-byte timeout, still a bound on a handshake that never finishes.
-_HANDSHAKE_TIMEOUT = 60.0
 
 
 class ClientConnection(Protocol):
@@ -59,10 +56,14 @@ def _once(release: Callable[[], None] | None) -> Callable[[], None] | None:
     return once
 
 
-class _Dispatch(asyncio.Protocol):
-    """The protocol the loop holds until the handshake is done: then ALPN picks the real one."""
+class TlsConnection(asyncio.Protocol):
+    """TLS over the loop's plain TCP transport (``SSLObject`` and memory BIOs), and the
+    transport the HTTP protocol above it writes to.
 
-    __slots__ = ("_client", "_due", "_release", "_server", "_switched")
+    Not the loop's own TLS (``connect_accepted_socket(ssl=...)``): both asyncio's and uvloop's
+    close the socket without sending the alert a refused handshake wrote (an SNI callback's
+    ``unrecognized_name``: the client would see a bare EOF), and here the handshake's end is
+    where ALPN picks the protocol, with nothing in between."""
 
     def __init__(
         self, server: SiteServer, client: str, release: Callable[[], None] | None, due: float
@@ -71,32 +72,163 @@ class _Dispatch(asyncio.Protocol):
         self._client = client
         self._release = release
         self._due = due
-        self._switched = False
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = server.tls.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._raw: asyncio.Transport | None = None
+        self._app: asyncio.Protocol | None = None
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ---- from the loop --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        self._raw = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
+        if self._due:
+            delay = max(0.0, self._due - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self._app is None and self._raw is not None:
+            self._server.refused("first_byte_timeout")
+            self._raw.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if self._app is None and not self._handshake():
+            return
+        sslobj = self._ssl
+        chunks = []
+        try:
+            while True:
+                chunk = sslobj.read(262144)
+                if not chunk:
+                    break  # close_notify
+                chunks.append(chunk)
+                if not self._incoming.pending and not sslobj.pending():
+                    break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._closing = True
+        except ssl.SSLError as exc:
+            log.debug("TLS error from %s: %s", self._client, exc)
+            self.abort()
+            return
+        if self._outgoing.pending and self._raw is not None:
+            self._raw.write(self._outgoing.read())  # a post-handshake message (a ticket)
+        app = self._app
+        if app is None:
+            return
+        if chunks:
+            app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self._closing and self._raw is not None:
+            self.close()
+
+    def _handshake(self) -> bool:
+        """Drive the handshake; True once it is done and the HTTP protocol is in place."""
         server = self._server
-        ssl_object = transport.get_extra_info("ssl_object")
-        alpn = None
-        if ssl_object is not None:
-            started = sni_started(ssl_object)
-            if started is not None and server.on_handshake is not None:
-                server.on_handshake(time.perf_counter() - started)
-            alpn = ssl_object.selected_alpn_protocol()
-        protocol: asyncio.Protocol
-        if alpn == "h2":
+        raw = self._raw
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._outgoing.pending and raw is not None:
+                raw.write(self._outgoing.read())
+            return False
+        except ssl.SSLError as exc:
+            handshakes.failed(exc, self._client)
+            if raw is not None:
+                if self._outgoing.pending:
+                    raw.write(self._outgoing.read())  # the alert, which says why
+                raw.close()
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._outgoing.pending and raw is not None:
+            raw.write(self._outgoing.read())
+        started = sni_started(self._ssl)
+        if started is not None and server.on_handshake is not None:
+            server.on_handshake(time.perf_counter() - started)
+        app: asyncio.Protocol
+        if self._ssl.selected_alpn_protocol() == "h2":
             from edge.http2 import H2Protocol  # type: ignore[import-not-found,unused-ignore]
 
-            protocol = H2Protocol(server, self._client, self._release, self._due)
+            app = H2Protocol(server, self._client, self._release, self._due)
         else:
-            protocol = H1Protocol(server, self._client, self._release, self._due)
-        self._switched = True
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+            app = H1Protocol(server, self._client, self._release, self._due)
+        self._app = app
+        app.connection_made(cast(asyncio.Transport, self))
+        return True
+
+    def eof_received(self) -> bool | None:
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._switched and self._release is not None:
+        self._raw = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._app is not None:
+            self._app.connection_lost(exc)
+        elif self._release is not None:
             self._release()
+
+    def pause_writing(self) -> None:
+        if self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._app is not None:
+            self._app.resume_writing()
+
+    # ---- the transport the HTTP protocol sees ---------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raw = self._raw
+        if raw is None or self._closing:
+            return
+        view = memoryview(data)
+        sslobj = self._ssl
+        while view:
+            written = sslobj.write(view)
+            view = view[written:]
+        raw.write(self._outgoing.read())
+
+    def close(self) -> None:
+        raw = self._raw
+        if raw is None:
+            return
+        self._closing = True
+        with contextlib.suppress(ssl.SSLError):
+            self._ssl.unwrap()  # close_notify
+        if self._outgoing.pending:
+            raw.write(self._outgoing.read())
+        raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._raw is not None:
+            self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._raw is None or self._raw.is_closing()
+
+    def pause_reading(self) -> None:
+        if self._raw is not None:
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._raw is not None:
+            self._raw.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._ssl
+        if self._raw is None:
+            return default
+        return self._raw.get_extra_info(name, default)
 
 
 class SiteServer:
@@ -143,28 +275,19 @@ class SiteServer:
     async def _serve(
         self, conn: socket.socket, client: str, release: Callable[[], None] | None
     ) -> None:
-        timeout = self.first_byte_timeout if self.first_byte_timeout > 0 else _HANDSHAKE_TIMEOUT
         due = time.monotonic() + self.first_byte_timeout if self.first_byte_timeout > 0 else 0.0
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(
-                lambda: _Dispatch(self, client, release, due),
-                conn,
-                ssl=self.tls,
-                ssl_handshake_timeout=timeout,
+                lambda: TlsConnection(self, client, release, due), conn
             )
         except asyncio.CancelledError:
             conn.close()
             if release is not None:
                 release()
             raise
-        except Exception as exc:
-            if due and time.monotonic() >= due - 0.01:
-                self.refused("first_byte_timeout")
-            elif isinstance(exc, ssl.SSLError):
-                handshakes.failed(exc, client)
-            else:
-                log.debug("connection from %s ended in its handshake: %s", client, exc)
+        except OSError as exc:
+            log.debug("connection from %s failed: %s", client, exc)
             conn.close()
             if release is not None:
                 release()

@@ -74,10 +74,11 @@ class SiteHandler(tornado.web.RequestHandler):
             chunked or bool(length),
         )
         ex = Exchange(request, self._body, _HandlerSink(self), log=False)
+        # Not awaited here: Tornado reads the body (and notices a client that leaves) only
+        # once prepare has returned; the method handler awaits the answer.
         self._task = asyncio.ensure_future(self._proxy.handle(ex))
         if not (chunked or length):
             self._body.finish()
-            await self._task
 
     async def data_received(self, chunk: bytes) -> None:
         if self._body is None or self._task is None or self._task.done():
