@@ -295,8 +295,8 @@ class H2Protocol(asyncio.Protocol):
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # edge.https's TLS layer (or uvloop's transports) need not subclass asyncio.Transport.
+        self.transport = typing.cast(asyncio.Transport, transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.sni = sni_name(ssl_object)

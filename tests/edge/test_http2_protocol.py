@@ -164,6 +164,11 @@ class StubServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.server.wait_closed()
+            # Until every transport has finished closing (connection_lost has run).
+            deadline = self.loop.time() + 5
+            while any(p.transport is not None for p in self.protocols):
+                assert self.loop.time() < deadline, "a connection did not close"
+                await asyncio.sleep(0.01)
             self.loop.stop()
 
         asyncio.run_coroutine_threadsafe(close(), self.loop)
