@@ -647,8 +647,8 @@ def proxy_side_by_side(
 def h2load_rate(
     port: int, name: str, server_cpu: Callable[[], float], duration: float, conns: int
 ) -> dict[str, float]:
-    """``h2load -m 10`` for ``duration`` s (whole seconds: h2load's -D): ``conns`` connections, 10 streams in flight on each,
-    one client thread; the server's CPU per request from /proc."""
+    """``h2load -m 10`` for ``duration`` s (whole seconds: h2load's -D): ``conns`` connections,
+    10 streams in flight on each, one client thread; the server's CPU per request from /proc."""
     cpu0 = server_cpu()
     out = subprocess.run(
         ["h2load", "-D", f"{max(1, round(duration))}", "-c", str(conns), "-m", "10", "-t", "1",
