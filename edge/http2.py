@@ -46,6 +46,7 @@ import h2.exceptions
 import h2.settings
 
 from edge.exchange import Body, Exchange, Proxy, Request
+from edge.h2encoder import FlatEncoder
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
@@ -147,20 +148,23 @@ class H2Stream:
 
     def start(self, status: int, reason: str, headers: Fields, *, body: bool, close: bool) -> None:
         """``close`` means nothing to a stream: the request was malformed, so its body (if any
-        is still coming) is refused once the response is sent (:meth:`H2Protocol.finished`)."""
+        is still coming) is refused once the response is sent (:meth:`H2Protocol.finished`).
+        A hop-by-hop field is never sent, whoever added it."""
         if self.gone:
             return
-        named = {
-            token.strip().lower()
-            for name, value in headers
-            if name.lower() == "connection"
-            for token in value.split(",")
-        }
-        fields: Fields = [(":status", str(status))]
+        # The core has removed the hop-by-hop fields (and those Connection names). Bytes, lower
+        # case, checked here: h2's own outbound validation is off (it cost more than the rest
+        # of a request together).
+        fields: list[tuple[bytes, bytes]] = [(b":status", b"%d" % status)]
         for name, value in headers:
             lower = name.lower()
-            if lower not in _RESPONSE_HOP_BY_HOP and lower not in named:
-                fields.append((lower, value))
+            if lower in _RESPONSE_HOP_BY_HOP:
+                continue
+            raw_name = lower.encode("latin-1", "replace")
+            raw = value.encode("latin-1", "replace").strip(b" \t")
+            if b"\r" in raw or b"\n" in raw or b"\0" in raw or not _FIELD_NAME.fullmatch(raw_name):
+                continue  # unreachable from a parsed upstream response; never sent as is
+            fields.append((raw_name, raw))
         if not 100 <= status < 200:
             self.response_started = True
         self._conn.send_headers(self, fields, end=not body)
@@ -283,13 +287,18 @@ class H2Protocol(asyncio.Protocol):
             # stream, not a GOAWAY for the whole connection.
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
+            # H2Stream.start sends fields already lower case and checked.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.conn = h2.connection.H2Connection(config=config)
+        self.conn.encoder = FlatEncoder()
         self.guard = FrameGuard(self.limits)
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self._closed = False
+        self._flush_due = False
         self._timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
@@ -343,7 +352,7 @@ class H2Protocol(asyncio.Protocol):
             self.server.refused(f"h2_{exc.reason}")
             self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return
-        self._flush()
+        self._flush_soon()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -504,7 +513,7 @@ class H2Protocol(asyncio.Protocol):
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.conn.reset_stream(stream.stream_id, code)
-        self._flush()
+        self._flush_soon()
         stream._gone()
         task = stream.task
         if task is not None and task is not asyncio.current_task() and not task.done():
@@ -514,7 +523,7 @@ class H2Protocol(asyncio.Protocol):
     def consumed(self, stream: H2Stream, size: int) -> None:
         if not stream.gone:
             self._acknowledge(stream.stream_id, size)
-            self._flush()
+            self._flush_soon()
 
     def _acknowledge(self, sid: int, size: int) -> None:
         if size > 0:
@@ -531,7 +540,9 @@ class H2Protocol(asyncio.Protocol):
             return 0
         return min(window, self.conn.max_outbound_frame_size)
 
-    def send_headers(self, stream: H2Stream, fields: Fields, *, end: bool) -> None:
+    def send_headers(
+        self, stream: H2Stream, fields: list[tuple[bytes, bytes]], *, end: bool
+    ) -> None:
         try:
             self.conn.send_headers(stream.stream_id, fields, end_stream=end)
         except h2.exceptions.StreamClosedError:
@@ -542,7 +553,7 @@ class H2Protocol(asyncio.Protocol):
             log.warning("HTTP/2 response on stream %d refused: %s", stream.stream_id, exc)
             self.reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
             return
-        self._flush()
+        self._flush_soon()
 
     def send_data(self, stream: H2Stream, data: bytes) -> None:
         try:
@@ -550,7 +561,7 @@ class H2Protocol(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream._gone()
             return
-        self._flush()
+        self._flush_soon()
 
     def end_stream(self, stream: H2Stream) -> None:
         try:
@@ -558,7 +569,7 @@ class H2Protocol(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream._gone()
             return
-        self._flush()
+        self._flush_soon()
 
     # ---- connection ---------------------------------------------------------------------------
 
@@ -585,9 +596,21 @@ class H2Protocol(asyncio.Protocol):
             self.transport.close()
 
     def _flush(self) -> None:
+        self._flush_due = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def _flush_soon(self) -> None:
+        """At the end of this turn of the loop: the frames of every stream answered in it go
+        out in one write (one TLS record, one system call) instead of one per frame."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        if self._flush_due:
+            self._flush()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._disarm_idle()
