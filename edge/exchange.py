@@ -318,35 +318,51 @@ def _connection_tokens(fields: Fields) -> set[str]:
 
 
 class _Timers:
-    """The per-request deadlines, each cancelling the request's task with its reason."""
+    """The per-request deadlines, each cancelling the request's task with its name.
 
-    __slots__ = ("_handles", "_loop", "_task", "fired")
+    One timer handle for the earliest deadline, not one per deadline: a request arms two or
+    three of them, and most are disarmed long before they are due."""
+
+    __slots__ = ("_deadlines", "_handle", "_loop", "_task", "fired")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        self._handles: dict[str, asyncio.TimerHandle] = {}
+        self._deadlines: dict[str, float] = {}
+        self._handle: asyncio.TimerHandle | None = None
         self.fired: str | None = None
 
     def arm(self, name: str, delay: float) -> None:
-        old = self._handles.pop(name, None)
-        if old is not None:
-            old.cancel()
-        if delay > 0:
-            self._handles[name] = self._loop.call_later(delay, self._fire, name)
+        if delay <= 0:
+            self._deadlines.pop(name, None)
+            return
+        due = self._loop.time() + delay
+        self._deadlines[name] = due
+        handle = self._handle
+        if handle is None or due < handle.when():
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(due, self._check)
 
     def disarm(self, name: str) -> None:
-        handle = self._handles.pop(name, None)
-        if handle is not None:
-            handle.cancel()
+        self._deadlines.pop(name, None)
 
     def clear(self) -> None:
-        for handle in self._handles.values():
-            handle.cancel()
-        self._handles.clear()
+        self._deadlines.clear()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
-    def _fire(self, name: str) -> None:
-        self._handles.pop(name, None)
+    def _check(self) -> None:
+        self._handle = None
+        if not self._deadlines:
+            return
+        now = self._loop.time()
+        name, due = min(self._deadlines.items(), key=lambda item: item[1])
+        if due > now:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        del self._deadlines[name]
         if self.fired is None and self._task is not None:
             self.fired = name
             self._task.cancel()

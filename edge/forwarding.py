@@ -12,6 +12,7 @@ peer here.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -107,6 +108,7 @@ class TrustedProxies:
         return any(ip in network for network in self.networks)
 
 
+@functools.lru_cache(maxsize=4096)
 def _node(address: str) -> str:
     """An RFC 7239 node: IPv6 in brackets and quotes; anything else quoted when it must be."""
     try:

@@ -173,6 +173,7 @@ class H1Protocol(asyncio.Protocol):
         self.closing = False
         self._got_bytes = False
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_mark = 0.0
         self._pauses: set[str] = set()
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -197,9 +198,10 @@ class H1Protocol(asyncio.Protocol):
             self.sni = sni_name(ssl_object)
         self.server.connections.add(self)
         if self._first_byte_due:
-            self._arm(max(0.0, self._first_byte_due - time.monotonic()), self._first_byte_late)
+            delay = max(0.0, self._first_byte_due - time.monotonic())
+            self._timer = self._loop.call_later(delay, self._first_byte_late)
         else:
-            self._arm(self.server.idle_timeout, self._idle_too_long)
+            self._touch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -226,6 +228,7 @@ class H1Protocol(asyncio.Protocol):
         if not self._got_bytes:
             self._got_bytes = True
             self._disarm()
+            self._touch()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -270,8 +273,7 @@ class H1Protocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._in_headers = True
-        self._disarm()
-        self._arm(self.server.idle_timeout, self._idle_too_long)
+        self._idle_mark = self._loop.time()  # the header block is timed from its start
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -281,7 +283,6 @@ class H1Protocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
-        self._disarm()
         parser = self._parser
         method = parser.get_method().decode("latin-1")
         version = parser.get_http_version()
@@ -378,8 +379,7 @@ class H1Protocol(asyncio.Protocol):
         if self._queue:
             self._start(self._queue[0])
             return
-        if self._parsing is None:
-            self._arm(self.server.idle_timeout, self._idle_too_long)
+        self._idle_mark = self._loop.time()
 
     def send(self, data: bytes) -> asyncio.Future[None] | None:
         transport = self._transport
@@ -425,10 +425,13 @@ class H1Protocol(asyncio.Protocol):
         if not self._pauses and self._transport is not None and not self.closing:
             self._transport.resume_reading()
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        if delay > 0:
-            self._timer = self._loop.call_later(delay, callback)
+    def _touch(self) -> None:
+        """Start the idle clock now; one timer a connection, moved on only when it fires (not
+        re-armed per request)."""
+        self._idle_mark = self._loop.time()
+        if self._timer is None and self.server.idle_timeout > 0:
+            due = self._idle_mark + self.server.idle_timeout
+            self._timer = self._loop.call_at(due, self._idle_check)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -441,7 +444,17 @@ class H1Protocol(asyncio.Protocol):
             self.server.refused("first_byte_timeout")
             self.abort()
 
-    def _idle_too_long(self) -> None:
+    def _idle_check(self) -> None:
         self._timer = None
-        if not self._queue:
-            self.abort()
+        if self._transport is None:
+            return
+        idle = self.server.idle_timeout
+        now = self._loop.time()
+        if self._queue and not self._in_headers:
+            due = now + idle  # a request under way: the core times it
+        else:
+            due = self._idle_mark + idle
+            if now >= due:
+                self.abort()
+                return
+        self._timer = self._loop.call_at(due, self._idle_check)

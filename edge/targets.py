@@ -10,6 +10,7 @@ host and port plus those two parts, then checked to have kept the upstream's ori
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +61,9 @@ def parse_target(method: str, raw: str, host: str) -> Target:
     if _ORIGIN_FORM.fullmatch(raw) is None:
         raise BadTarget("the target has characters a request target cannot have")
     path, _, query = raw.partition("?")
+    if "%" not in path and "/." not in path:
+        # Nothing to decode and no dot-segment: normalize_path would return it as it is.
+        return Target(path, query)
     try:
         # As the upstream will read it: a '..' must not climb out of the upstream's prefix.
         path = normalize_path(path)
@@ -87,14 +91,19 @@ def _from_absolute_form(raw: str, host: str) -> str:
     return f"{path}?{parts.query}" if parts.query else path
 
 
+@functools.lru_cache(maxsize=16384)
+def _origin_and_prefix(upstream: str) -> tuple[str, str]:
+    base = urlsplit(upstream)
+    return urlunsplit((base.scheme, base.netloc, "", "", "")), base.path.rstrip("/")
+
+
 def upstream_url(upstream: str, target: Target) -> str:
     """``upstream``'s scheme, host, port and path prefix with ``target``'s path and query."""
-    base = urlsplit(upstream)
-    url = urlunsplit(
-        (base.scheme, base.netloc, base.path.rstrip("/") + target.path, target.query, "")
-    )
-    check = urlsplit(url)
-    if (check.scheme, check.netloc) != (base.scheme, base.netloc):
-        # Unreachable for a target parse_target accepted; kept as the last line of defence.
+    origin, prefix = _origin_and_prefix(upstream)
+    if not target.path.startswith("/"):
+        # Unreachable for a target parse_target accepted; kept as the last line of defence:
+        # after the origin, a path that starts with '/' cannot move the authority.
         raise BadTarget("the target would leave the site's upstream")
-    return url
+    if target.query:
+        return f"{origin}{prefix}{target.path}?{target.query}"
+    return f"{origin}{prefix}{target.path}"
