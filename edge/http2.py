@@ -173,11 +173,14 @@ class H2Stream:
             self._conn.finished(self)
 
     def write(self, chunk: bytes) -> Awaitable[None] | None:
+        """Taken (None) while what is held fits the client's windows: it goes out at the end
+        of this turn of the loop, with the end of the stream if that comes in the same turn.
+        Otherwise a future, done once the windows have taken it all."""
         if self.gone or not chunk:
             return None
         self._pending = self._pending + chunk if self._pending else chunk
-        self._send()
-        if not self._pending and not self._conn.paused:
+        self._conn.send_soon(self)
+        if len(self._pending) <= self._conn.room(self) and not self._conn.paused:
             return None
         if self._drained is None or self._drained.done():
             self._drained = asyncio.get_running_loop().create_future()
@@ -187,7 +190,7 @@ class H2Stream:
         if self.gone or self.response_ended:
             return
         self._end_pending = True
-        self._send()
+        self._conn.send_soon(self)
 
     def abort(self) -> None:
         if not self.gone:
@@ -196,20 +199,31 @@ class H2Stream:
     # ---- sending ------------------------------------------------------------------------------
 
     def _send(self) -> None:
-        """As much as the windows allow; the end of the stream once nothing is held."""
+        """As much as the windows allow, in frames of the client's maximum size; END_STREAM on
+        the last of them (or on an empty one) once nothing is held."""
+        frame_size = self._conn.conn.max_outbound_frame_size
         while self._pending and not self.gone:
-            room = self._conn.room(self)
+            room = min(self._conn.room(self), frame_size)
             if room <= 0:
                 return
             piece, self._pending = self._pending[:room], self._pending[room:]
-            self._conn.send_data(self, piece)
+            last = self._end_pending and not self._pending
+            self._conn.send_data(self, piece, end=last)
+            if last:
+                self._ended()
+                return
         if self.gone:
             return
         if self._end_pending and not self._pending:
-            self._end_pending = False
-            self.response_ended = True
             self._conn.end_stream(self)
-            self._conn.finished(self)
+            self._ended()
+            return
+        self._wake()
+
+    def _ended(self) -> None:
+        self._end_pending = False
+        self.response_ended = True
+        self._conn.finished(self)
         self._wake()
 
     def _wake(self) -> None:
@@ -220,7 +234,7 @@ class H2Stream:
 
     def _window(self) -> None:
         if self._pending or self._end_pending:
-            self._send()
+            self._conn.send_soon(self)
         else:
             self._wake()
 
@@ -299,6 +313,7 @@ class H2Protocol(asyncio.Protocol):
         self.paused = False
         self._closed = False
         self._flush_due = False
+        self._sending: set[H2Stream] = set()  # streams with data or an end to send this turn
         self._timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
@@ -478,7 +493,7 @@ class H2Protocol(asyncio.Protocol):
 
     async def _run(self, stream: H2Stream, request: Request) -> None:
         await self.handler(Exchange(request, stream.body, stream))
-        if not stream.gone and not stream.response_ended:
+        if not stream.gone and not stream.response_ended and not stream._end_pending:
             # The core always answers; a stream it left open would hang the client.
             self.reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
@@ -532,13 +547,17 @@ class H2Protocol(asyncio.Protocol):
                 self.conn.acknowledge_received_data(size, sid)
 
     def room(self, stream: H2Stream) -> int:
+        """What the stream's and the connection's windows allow now."""
         if self.paused:
             return 0
         try:
-            window = self.conn.local_flow_control_window(stream.stream_id)
+            return self.conn.local_flow_control_window(stream.stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return 0
-        return min(window, self.conn.max_outbound_frame_size)
+
+    def send_soon(self, stream: H2Stream) -> None:
+        self._sending.add(stream)
+        self._flush_soon()
 
     def send_headers(
         self, stream: H2Stream, fields: list[tuple[bytes, bytes]], *, end: bool
@@ -555,9 +574,9 @@ class H2Protocol(asyncio.Protocol):
             return
         self._flush_soon()
 
-    def send_data(self, stream: H2Stream, data: bytes) -> None:
+    def send_data(self, stream: H2Stream, data: bytes, *, end: bool = False) -> None:
         try:
-            self.conn.send_data(stream.stream_id, data)
+            self.conn.send_data(stream.stream_id, data, end_stream=end)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream._gone()
             return
@@ -609,8 +628,10 @@ class H2Protocol(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._flush_later)
 
     def _flush_later(self) -> None:
-        if self._flush_due:
-            self._flush()
+        sending, self._sending = self._sending, set()
+        for stream in sending:
+            stream._send()
+        self._flush()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._disarm_idle()
