@@ -44,6 +44,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from edge.exchange import Body, Exchange, Proxy, Request
 from edge.h2encoder import FlatEncoder
@@ -313,6 +314,7 @@ class H2Protocol(asyncio.Protocol):
         self.paused = False
         self._closed = False
         self._flush_due = False
+        self._goaway_sent = False
         self._sending: set[H2Stream] = set()  # streams with data or an end to send this turn
         self._timer: asyncio.TimerHandle | None = None
 
@@ -432,6 +434,10 @@ class H2Protocol(asyncio.Protocol):
     def _request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
         if sid is None or event.headers is None:
+            return
+        if self._goaway_sent:
+            # After a graceful GOAWAY (RFC 9113 section 6.8): not processed, may be retried.
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:
             self.server.metrics.requests_rejected.labels("h2_refused_stream").inc()
@@ -594,13 +600,26 @@ class H2Protocol(asyncio.Protocol):
 
     def goaway(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
         """GOAWAY: with NO_ERROR (a graceful shutdown, an idle connection) the streams in
-        flight finish first; otherwise the connection ends now."""
+        flight finish first and new ones are refused; otherwise the connection ends now."""
         if self._closed:
             return
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection(error_code=code)
-        self._flush()
-        if code != h2.errors.ErrorCodes.NO_ERROR or not self.streams:
+        if code != h2.errors.ErrorCodes.NO_ERROR:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(error_code=code)
+            self._flush()
+            self._close()
+            return
+        if not self._goaway_sent:
+            # Written here, not by h2: after its own GOAWAY h2 sends nothing more, not even
+            # the rest of the responses in flight.
+            self._goaway_sent = True
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.conn.highest_inbound_stream_id
+            frame.error_code = code
+            self._flush()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(frame.serialize())
+        if not self.streams:
             self._close()
 
     def _close(self) -> None:
@@ -657,7 +676,8 @@ class H2Protocol(asyncio.Protocol):
     def _maybe_idle(self) -> None:
         if self.streams or self._closed:
             return
-        if self.conn.state_machine.state == h2.connection.ConnectionState.CLOSED:
+        if self._goaway_sent:
+            self._flush()
             self._close()  # a graceful GOAWAY's last stream is done
         else:
             self._arm_idle()

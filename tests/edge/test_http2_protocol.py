@@ -496,3 +496,46 @@ def test_a_few_pings_are_answered(serve: Any) -> None:
         raw.send(frame(0x6, 0, 0, b"12345678") * 10)
         assert raw.until(lambda: sum(1 for f in raw.frames if f[0] == 0x6) == 10)
         assert raw.goaway() is None
+
+
+# ---- the connection's life ----------------------------------------------------------------------
+
+
+def test_an_idle_connection_gets_goaway_and_is_closed(serve: Any) -> None:
+    server = serve(idle_timeout=0.5)
+    with server.client() as client:
+        assert client.get("/echo", NAME).status == 200
+        client.wait_for(lambda: client.goaway is not None or client.closed, timeout=5)
+        assert client.goaway is not None
+        assert client.goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    wait_for(lambda: not server.connections, what="the connection gone from the server's set")
+
+
+def test_shutdown_lets_the_streams_in_flight_finish(serve: Any) -> None:
+    server = serve()
+    with RawH2(server.port, NAME) as raw:
+        fields = [*BASIC[:3], (":path", "/big?n=100000")]
+        raw.send(frame(0x1, 0x5, 1, hpack.Encoder().encode(fields)))
+
+        def data() -> int:
+            return sum(len(f[3]) for f in raw.frames if f[0] == 0x0 and f[2] == 1)
+
+        # The response stops at the default window, 65,535 bytes.
+        assert raw.until(lambda: data() == 65535)
+        # SiteServer.stop() asks every connection to close when idle: GOAWAY NO_ERROR now,
+        # the stream in flight still finishes, then the connection closes.
+        (protocol,) = server.protocols
+        server.loop.call_soon_threadsafe(protocol.close_when_idle)
+        assert raw.until(lambda: raw.goaway() is not None)
+        assert raw.goaway() == h2.errors.ErrorCodes.NO_ERROR
+        # A stream opened after the GOAWAY is refused, not processed.
+        raw.send(frame(0x1, 0x5, 3, hpack.Encoder().encode(BASIC)))
+        assert raw.until(lambda: 3 in raw.resets())
+        assert raw.resets()[3] == h2.errors.ErrorCodes.REFUSED_STREAM
+        more = struct.pack(">I", 100000)
+        raw.send(frame(0x8, 0, 0, more) + frame(0x8, 0, 1, more))  # WINDOW_UPDATEs
+        assert raw.until(lambda: raw.closed)
+        assert data() == 100000
+        ends = [f for f in raw.frames if f[0] == 0x0 and f[2] == 1 and f[1] & 0x1]
+        assert len(ends) == 1
+    wait_for(lambda: not server.connections, what="the connection closed")
