@@ -483,8 +483,8 @@ class Proxy:
         except BadTarget as exc:
             self._reject(ex, 400, "bad_target", str(exc))
             return
-        if length is None:
-            length = req.body_length
+        if length is None and req.has_body:
+            length = req.body_length  # HTTP/2's content-length, or None: the length is unknown
         if length is not None and length > cfg.max_body_size:
             self._reject(ex, 413, "body_too_large", "the request body is too large")
             return

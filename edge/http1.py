@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from edge.exchange import Body, Exchange, Request
+from edge.sni import sni_name
 
 if TYPE_CHECKING:
     from edge.https import SiteServer
@@ -193,8 +194,6 @@ class H1Protocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            from edge.sni import sni_name
-
             self.sni = sni_name(ssl_object)
         self.server.connections.add(self)
         if self._first_byte_due:

@@ -1,15 +1,18 @@
-"""The HTTPS port's connections: TLS by the event loop, then HTTP/1.1 or HTTP/2 by ALPN.
+"""The HTTPS port's connections: TLS, then HTTP/1.1 or HTTP/2 by ALPN.
 
 The edge's accept loop (:mod:`edge.connections`, or the PROXY protocol's reader) hands each
-accepted socket to :meth:`SiteServer.handle_socket`, which gives it to the loop with
-``connect_accepted_socket(ssl=listening context)``: uvloop's (or asyncio's) ``SSLObject``-based
-TLS, where the listening context's SNI callback sets the site's context on the ``SSLObject``
-(:mod:`edge.sni`) as it does on a socket. The handshake must be done within the connection's
-first-byte timeout. A handshake that fails is counted by reason (:func:`edge.handshakes.failed`);
-one that completes is timed (``certman_edge_tls_handshake_seconds``) and the protocol ALPN
-chose takes the connection: ``h2`` -> ``edge.http2.H2Protocol``, anything else (or no ALPN)
--> :class:`edge.http1.H1Protocol`. Both are made with ``(server, client address, release,
-first byte due)`` and add themselves to :attr:`SiteServer.connections` while open.
+accepted socket to :meth:`SiteServer.handle_socket`, which gives it to the loop as a plain TCP
+transport (``connect_accepted_socket``: uvloop's or asyncio's) under a :class:`TlsConnection`:
+TLS with an ``SSLObject`` over memory BIOs, where the listening context's SNI callback sets the
+site's context on the ``SSLObject`` (:mod:`edge.sni`) as it would on a socket. The handshake
+must be done within the connection's first-byte timeout. A handshake that fails is counted by
+reason (:func:`edge.handshakes.failed`) and its alert sent; one that completes is timed
+(``certman_edge_tls_handshake_seconds``), and the protocol ALPN chose takes the connection, with
+the :class:`TlsConnection` as its transport: ``h2`` -> ``edge.http2.H2Protocol``, anything else
+(or no ALPN) -> :class:`edge.http1.H1Protocol`. Both are made with ``(server, client address,
+release, first byte due)``, add themselves to :attr:`SiteServer.connections` while open (with
+``close_when_idle()`` and ``abort()`` for shutdown) and call ``release`` once when gone; the
+core they run requests on is ``server.proxy`` (:class:`edge.exchange.Proxy`).
 """
 
 from __future__ import annotations

@@ -19,9 +19,12 @@ import ssl
 
 from edge import openssl
 
-__all__ = ["PROFILES", "build_context", "listening_context"]
+__all__ = ["ALPN", "PROFILES", "build_context", "listening_context"]
 
 PROFILES = ("intermediate", "modern")
+
+# What the HTTPS port offers by ALPN, preferred first (edge.https picks the protocol from it).
+ALPN = ["h2", "http/1.1"]
 
 # TLS 1.2: ECDHE key exchange and AEAD only (no CBC, no DHE, no RSA key exchange). TLS 1.3's
 # three suites are OpenSSL's default and need no setting.
@@ -57,9 +60,9 @@ def _server_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    # On the site's context too: OpenSSL chooses the ALPN protocol after the SNI callback has
-    # switched contexts, with the callback of the context switched to.
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    # On both contexts: OpenSSL selects the protocol with the callback of the context the SNI
+    # callback switched to.
+    ctx.set_alpn_protocols(ALPN)
     return ctx
 
 

@@ -183,7 +183,15 @@ class RunningEdge:
 
         def run() -> None:
             try:
-                asyncio.run(main())
+                # CERTMAN_TEST_EDGE_LOOP=uvloop: the loop the CLI runs on (--loop auto), for a
+                # run of these tests on uvloop's transports; asyncio's by default.
+                factory = None
+                if os.environ.get("CERTMAN_TEST_EDGE_LOOP") == "uvloop":
+                    import uvloop
+
+                    factory = uvloop.new_event_loop
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(main())
             except BaseException as exc:  # surfaced by stop()
                 self._error = exc
                 self._started.set()
