@@ -687,7 +687,9 @@ def h2_side_by_side(
     names = [s.domain for s in sites]
     upstream = CaddyProcess(n, [], 1, {"handler": "static_response", "body": "ok\n"})
     rows: list[tuple[str, str, str, str]] = []
-    conns = 10
+    # As many requests in flight as the keep-alive rows have connections (24: 2 x 10 streams),
+    # so that the upstream pool is loaded alike.
+    conns = max(1, round(args.keepalive_conns / 10))
     try:
         origin = f"http://127.0.0.1:{upstream.https}"
         for site in sites:
