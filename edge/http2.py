@@ -285,8 +285,16 @@ class H2Protocol(asyncio.Protocol):
         self.server = server
         limits = getattr(server, "h2_limits", None)
         if not isinstance(limits, H2Limits):
+            # No more streams at once than the client's share of upstream requests: a browser
+            # then queues its requests itself instead of getting 503 for the ones past it.
+            shares = server.proxy.settings.shares
+            streams = H2Limits.max_concurrent_streams
+            if shares is not None:
+                streams = max(1, min(streams, shares.limits.per_client))
             limits = H2Limits(
-                max_header_list_size=server.max_header_size, idle_timeout=server.idle_timeout
+                max_concurrent_streams=streams,
+                max_header_list_size=server.max_header_size,
+                idle_timeout=server.idle_timeout,
             )
         self.limits = limits
         self.handler: Handler = server.proxy.handle

@@ -152,12 +152,17 @@ def test_fair_shares_count_streams_as_requests(
 
     edge = _edge(redis_client, prefix, sites, upstream, start_edge, upstream_per_client=2)
     slow_request_arrived.clear()
-    with _client(edge, "shop.test") as client:
+    with _client(edge, "shop.test") as client, _client(edge, "shop.test") as other:
+        # A connection may open no more streams than the client's share: a browser queues
+        # the rest itself.
+        client.wait_for(lambda: client.remote_settings.get(3) == 2)
         slow = [client.request("GET", "/slow", "shop.test") for _ in range(2)]
         assert slow_request_arrived.wait(5)
-        third = client.wait(client.request("GET", "/", "shop.test"))
+        # The share is the client's, across its connections: one stream more is refused.
+        third = other.wait(other.request("GET", "/", "shop.test"))
         assert third.status == 503 and third.header("retry-after") == "1"
         assert [client.wait(sid).status for sid in slow] == [200, 200]
+    assert 'certman_edge_requests_rejected_total{reason="share_client"} 1.0' in edge.metrics()
 
 
 def test_rapid_reset_on_a_real_edge_is_counted_and_ends_the_connection(
