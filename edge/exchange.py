@@ -64,7 +64,7 @@ from edge.pool import (
 )
 from edge.shares import Full, Shares, Ticket, client_key
 from edge.state import SiteIndex, StatementUnavailable
-from edge.targets import ASTERISK, BadTarget, Target, parse_target, upstream_url
+from edge.targets import ASTERISK, BadTarget, parse_target, upstream_url
 from pipeline.outbound import RefusedAddress
 
 __all__ = [
@@ -308,15 +308,6 @@ class Exchange:
     ticket: Ticket | None = None  # the fair-share slot, while the upstream request runs
 
 
-def _connection_tokens(fields: Fields) -> set[str]:
-    return {
-        t.strip().lower()
-        for name, v in fields
-        if name.lower() == "connection"
-        for t in v.split(",")
-    }
-
-
 class _Timers:
     """The per-request deadlines, each cancelling the request's task with its name.
 
@@ -462,19 +453,29 @@ class Proxy:
         if req.header_size > cfg.max_header_size:
             self._reject(ex, 431, "header_too_large", "the request's header fields are too large")
             return
-        fields = req.headers
+        # One pass over the fields for every rule that needs some of them.
+        connection: list[str] = []
+        lengths: list[str] = []
+        vias: list[str] = []
         try:
-            check_field_names(name for name, _ in fields)
-            check_connection(v for name, v in fields if name.lower() == "connection")
-            length = check_content_length(
-                [v for name, v in fields if name.lower() == "content-length"]
-            )
+            for name, value in req.headers:
+                lower = name.lower()
+                if "_" in lower:
+                    check_field_names((name,))
+                elif lower == "connection":
+                    connection.append(value)
+                elif lower == "content-length":
+                    lengths.append(value)
+                elif lower == "via":
+                    vias.append(value)
+            if connection:
+                check_connection(connection)
+            length = check_content_length(lengths)
             host, port = parse_host(req.authority)
         except BadHeader as exc:
             self._reject(ex, 400, "bad_header", str(exc))
             return
         host_header = host if port is None else f"{host}:{port}"
-        vias = [v for name, v in fields if name.lower() == "via"]
         if vias and has_looped(vias, cfg.pseudonym):
             self._reject(ex, 508, "loop", "the request has been through this edge before")
             return
@@ -533,7 +534,8 @@ class Proxy:
                     retry_after=1,
                 )
                 return
-        await self._forward(ex, url, target, host_header, length)
+        fields = self._upstream_fields(req, host_header, length, connection, vias)
+        await self._forward(ex, url, fields, host_header, length)
 
     def _client(self, req: Request) -> str:
         """Who the request is from, for its share: the peer, or behind a trusted HTTP load
@@ -547,19 +549,26 @@ class Proxy:
         except ValueError:
             return peer
 
-    def _upstream_fields(self, req: Request, host_header: str, length: int | None) -> Fields:
-        named = _connection_tokens(req.headers)
-        skip = _NOT_FORWARDED | named if named else _NOT_FORWARDED
-        kept = [(n, v) for n, v in req.headers if n.lower() not in skip]
-        vias = [v for n, v in req.headers if n.lower() == "via"]
+    def _upstream_fields(
+        self,
+        req: Request,
+        host_header: str,
+        length: int | None,
+        connection: list[str],
+        vias: list[str],
+    ) -> Fields:
+        skip = _NOT_FORWARDED
+        if connection:
+            skip = skip | {t.strip().lower() for v in connection for t in v.split(",")}
         cfg = self.settings
         fields = [("Host", host_header)]
         fields += forwarding_fields(
-            kept,
+            req.headers,
             peer=req.client,
             scheme=req.scheme,
             host=host_header,
             trusted=cfg.trusted_proxies.trusts(req.client),
+            skip=skip,
         )
         fields.append(("Via", via_value(vias, cfg.pseudonym, req.version)))
         if length is not None:
@@ -571,11 +580,10 @@ class Proxy:
     # ---- the upstream ---------------------------------------------------------------------
 
     async def _forward(
-        self, ex: Exchange, url: str, target: Target, host_header: str, length: int | None
+        self, ex: Exchange, url: str, fields: Fields, host_header: str, length: int | None
     ) -> None:
         cfg = self.settings
         req = ex.request
-        fields = self._upstream_fields(req, host_header, length)
         has_body = length is not None and length > 0 or (length is None and req.has_body)
         timers = _Timers()
         conn: UpstreamConnection | None = None

@@ -155,16 +155,20 @@ def forwarding_fields(
     scheme: str,
     host: str,
     trusted: bool,
+    skip: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
     """:func:`forwarding_headers` on a list of ``(name, value)`` field lines (the proxy core's
     form, with no header object per request): the fields to send, claims dropped or kept, and
-    this hop's fields appended."""
+    this hop's fields appended. Fields named (in lower case) in ``skip`` are dropped too, in
+    the same pass."""
     prior_for: list[str] = []
     prior_forwarded: list[str] = []
     out: list[tuple[str, str]] = []
     has_proto = has_host = False
     for name, value in fields:
         lower = name.lower()
+        if lower in skip:
+            continue
         if lower == "x-forwarded-for":
             if trusted:
                 prior_for.append(value)
@@ -173,7 +177,7 @@ def forwarding_fields(
             if trusted:
                 prior_forwarded.append(value)
             continue
-        if not trusted and is_client_claim(lower):
+        if not trusted and lower.replace("_", "-") in CLIENT_CLAIMS:
             continue
         has_proto = has_proto or lower == "x-forwarded-proto"
         has_host = has_host or lower == "x-forwarded-host"

@@ -403,12 +403,17 @@ class H1Protocol(asyncio.Protocol):
             self._transport.close()
 
     def _refuse(self, answer: bytes) -> None:
+        """Answer ``answer`` and close; behind a request still being answered, just close
+        after its response (nothing more is read)."""
         self.closing = True
         transport = self._transport
-        if transport is not None:
-            if not self._queue:
-                transport.write(answer)
-            transport.close()
+        if transport is None:
+            return
+        if self._queue:
+            self._pause("closing")
+            return
+        transport.write(answer)
+        transport.close()
 
     # ---- flow and timers ------------------------------------------------------------------
 

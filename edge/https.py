@@ -105,7 +105,7 @@ class TlsConnection(asyncio.Protocol):
         chunks = []
         try:
             while True:
-                chunk = sslobj.read(262144)
+                chunk = sslobj.read(32768)  # at most one record (16 KiB) a call anyway
                 if not chunk:
                     break  # close_notify
                 chunks.append(chunk)

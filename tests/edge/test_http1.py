@@ -4,11 +4,14 @@ a chunked body forwarded, and a reader that pauses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -170,3 +173,45 @@ def test_a_keepalive_connection_serves_many_requests(edge: RunningEdge) -> None:
             head, body, buf = _read_response(sock, buf)
             assert json.loads(body)["path"] == f"/n{i}"
     wait_for(lambda: edge.edge is not None and edge.edge.lifecycle.in_flight == 0)
+
+
+def test_an_https_upstream_is_verified(
+    redis_client: redis.Redis[bytes],
+    prefix: str,
+    sites: Sites,
+    start_edge: Callable[..., RunningEdge],
+    tmp_path: Path,
+) -> None:
+    """An upstream whose certificate no trusted CA signed (the test CA is not the system's)
+    is never spoken to: 502, and the upstream sees no request."""
+    chain, key_pem, _ = sites.pki.leaf(["127.0.0.1", "localhost"])
+    pem = tmp_path / "upstream.pem"
+    pem.write_bytes(chain.encode() + b"\n" + key_pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pem)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError, ssl.SSLError):
+                tls = server_ctx.wrap_socket(conn, server_side=True)
+                requests.append(tls.recv(65536))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        upstream = f"https://localhost:{port}"
+        publish_site(redis_client, prefix, sites.record(NAME, upstream=upstream))
+        edge = start_edge()
+        edge.wait_ready()
+        status, _, body = edge.https(NAME)
+        assert status == 502, body
+        assert requests == []
+        assert 'certman_edge_upstream_errors_total{kind="connect"} 1.0' in edge.metrics()
+    finally:
+        listener.close()
