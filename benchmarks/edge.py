@@ -18,6 +18,10 @@ first against each server with one core (edge: 1 process; Caddy: GOMAXPROCS=1), 
 is utime+stime from /proc of every server process (all threads), and the client's own CPU is
 reported too: on 2 cores the client, not the server, is usually what saturates.
 
+``--h2`` adds HTTP/2: ``h2load -m 10`` (Debian's ``nghttp2-client``) through the edge and through
+Caddy's ``reverse_proxy`` to the same upstream, with the edge's HTTP/1.1 keep-alive rate measured
+on the same process for the ratio.
+
 ``--mirror`` (or ``--mirror-only``) adds the local mirror: its first fill and size, handshake
 latency under load with Redis answering and then frozen (SIGSTOP) for 10 s, and an edge
 restarted during the outage: how soon it serves, and how many known sites.
@@ -32,6 +36,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -636,6 +641,107 @@ def proxy_side_by_side(
     return rows
 
 
+# ---- --h2: HTTP/2 multiplexed, edge and Caddy (h2load from Debian's nghttp2-client) --------
+
+
+def h2load_rate(
+    port: int, name: str, server_cpu: Callable[[], float], duration: float, conns: int
+) -> dict[str, float]:
+    """``h2load -m 10`` for ``duration`` s (whole seconds: h2load's -D): ``conns`` connections,
+    10 streams in flight on each, one client thread; the server's CPU per request from /proc."""
+    cpu0 = server_cpu()
+    out = subprocess.run(
+        ["h2load", "-D", f"{max(1, round(duration))}", "-c", str(conns), "-m", "10", "-t", "1",
+         "--connect-to", f"127.0.0.1:{port}", f"https://{name}:{port}/"],
+        capture_output=True, text=True, timeout=duration + 60, check=False,
+    ).stdout  # fmt: skip
+    cpu = server_cpu() - cpu0
+    done = re.search(
+        r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out
+    )
+    protocol = re.search(r"Application protocol: (\S+)", out)
+    if done is None or protocol is None or protocol.group(1) != "h2":
+        raise RuntimeError(f"h2load did not run over h2:\n{out}")
+    ok = int(done.group(1))
+    return {
+        "rate": ok / max(1, round(duration)),
+        "errors": float(done.group(2)),
+        "server_ms": cpu * 1000 / max(ok, 1),
+        "load": os.getloadavg()[0],
+    }
+
+
+def h2_side_by_side(
+    r: redis.Redis[bytes],
+    hpke_dir: Path,
+    url: str,
+    n: int,
+    hpke: list[SiteRecord],
+    ca_pem: bytes,
+    args: argparse.Namespace,
+) -> list[tuple[str, str, str, str]]:
+    """HTTP/2 through each proxy to the same upstream (a plain-HTTP Caddy), and, on the same
+    edge process, its HTTP/1.1 keep-alive rate as the keep-alive rows measure it: the target
+    is HTTP/2 at >= 0.8x the edge's own HTTP/1.1."""
+    sites = hpke[: args.keepalive_conns]
+    names = [s.domain for s in sites]
+    upstream = CaddyProcess(n, [], 1, {"handler": "static_response", "body": "ok\n"})
+    rows: list[tuple[str, str, str, str]] = []
+    # As many requests in flight as the keep-alive rows have connections (24: 2 x 10 streams),
+    # so that the upstream pool is loaded alike.
+    conns = max(1, round(args.keepalive_conns / 10))
+    try:
+        origin = f"http://127.0.0.1:{upstream.https}"
+        for site in sites:
+            publish_site(r, PREFIX, dataclasses.replace(site, upstream=origin), signer=SIGNER)
+        pems = clear_keys(n, sites, Keyring.load_dir(hpke_dir))
+        verify = client_context(ca_pem)
+        for cores in (1, 2):
+            h1: list[dict[str, float]] = []
+            res: dict[str, list[dict[str, float]]] = {"edge": [], "caddy": []}
+            for server in ("edge", "caddy"):
+                proc: EdgeProcess | CaddyProcess
+                if server == "edge":
+                    proc = EdgeProcess(hpke_dir, url, cores, max(n, 10_000), tuple(args.edge_arg))
+                else:
+                    proxy: dict[str, object] = {
+                        "handler": "reverse_proxy",
+                        "upstreams": [{"dial": origin[7:]}],
+                    }
+                    proc = CaddyProcess(n, pems, cores, proxy)
+                wait_https(proc.https, verify, names[0], proc.started)
+                if isinstance(proc, EdgeProcess):
+                    wait_settled(proc, n)
+                try:
+                    for _ in range(args.repeat):
+                        res[server].append(
+                            h2load_rate(
+                                proc.https, names[0], proc.cpu_seconds, args.duration, conns
+                            )
+                        )
+                        if server == "edge":
+                            h1.append(
+                                keepalive_rate(
+                                    proc.https, proc.cpu_seconds, names, args.clients, args.duration
+                                )
+                            )
+                finally:
+                    proc.stop()
+                print(f"  h2 {server} ({cores} core(s)): {res[server]}", file=sys.stderr)
+            for i, (e, c, k) in enumerate(zip(res["edge"], res["caddy"], h1, strict=True)):
+                rows += [
+                    (f"HTTP/2 h2load -m 10 req/s, {cores} core(s), run {i + 1}",
+                     f"edge {e['rate']:.0f}/s, CPU {e['server_ms']:.3f} ms",
+                     f"Caddy {c['rate']:.0f}/s, CPU {c['server_ms']:.3f} ms",
+                     f"ratio {e['rate'] / c['rate']:.2f}; edge HTTP/1.1 keep-alive "
+                     f"{k['rate']:.0f}/s: h2 {e['rate'] / k['rate']:.2f}x; errors "
+                     f"{e['errors']:.0f}/{c['errors']:.0f}, load {e['load']:.1f}/{c['load']:.1f}"),
+                ]  # fmt: skip
+    finally:
+        upstream.stop()
+    return rows
+
+
 def eager_per_cert(records: list[SiteRecord], keyring: Keyring, sample: int) -> float:
     """Seconds per site to open the envelope and build the context, as an eager start does."""
     chosen = records[:sample]
@@ -819,6 +925,7 @@ def main() -> None:
     parser.add_argument("--caddy-only", action="store_true", help="only the side-by-side runs")
     parser.add_argument("--keepalive", action="store_true", help="keep-alive proxy vs Caddy")
     parser.add_argument("--keepalive-only", action="store_true")
+    parser.add_argument("--h2", action="store_true", help="HTTP/2 (h2load -m 10) vs Caddy")
     parser.add_argument(
         "--mirror", action="store_true", help="the local mirror: fill, size, Redis frozen"
     )
@@ -927,6 +1034,8 @@ def main() -> None:
             rows += side_by_side(hpke_dir, url, n, hpke, load_names, ca_pem, args)
         if args.keepalive or args.keepalive_only:
             rows += proxy_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
+        if args.h2:
+            rows += h2_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
         if args.mirror or args.mirror_only:
             rows += mirror_rows(server, hpke_dir, url, n, names, ctx, ca_pem, args.clients)
     finally:

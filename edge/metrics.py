@@ -192,7 +192,8 @@ class EdgeMetrics:
         self.connections_refused = Counter(
             "certman_edge_connections_refused_total",
             "Client connections closed by the connection budget: total or per_address cap at "
-            "accept, or first_byte_timeout (no request byte in time).",
+            "accept, or first_byte_timeout (no request byte in time), or an HTTP/2 connection "
+            "ended with ENHANCE_YOUR_CALM (h2_resets, h2_control_frames, h2_header_block).",
             ["reason"],
             registry=r,
         )

@@ -24,8 +24,7 @@ __all__ = ["ALPN", "PROFILES", "build_context", "listening_context"]
 PROFILES = ("intermediate", "modern")
 
 # What the HTTPS port offers by ALPN, preferred first (edge.https picks the protocol from it).
-# HTTP/2 is added here, "h2" first, once edge.http2 is in.
-ALPN = ["http/1.1"]
+ALPN = ["h2", "http/1.1"]
 
 # TLS 1.2: ECDHE key exchange and AEAD only (no CBC, no DHE, no RSA key exchange). TLS 1.3's
 # three suites are OpenSSL's default and need no setting.

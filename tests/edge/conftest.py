@@ -32,6 +32,7 @@ from pipeline.crypto import envelope
 from pipeline.crypto.keys import Keyring, PublicKey, generate_keypair
 from pipeline.crypto.signing import SigningKey, TrustedSigners, next_version
 from pipeline.distribution.layout import SiteRecord
+from tests.support.h2client import H2Client
 from tests.support.pki import Pki
 from tests.support.ports import free_port, free_port_block
 
@@ -164,6 +165,8 @@ class RunningEdge:
     _thread: threading.Thread | None = None
     _started: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
+    # What https() speaks: "http/1.1", or "h2" (tests parametrised by client_protocol).
+    protocol: str = "http/1.1"
 
     def start(self) -> RunningEdge:
         http, self.http_port = _listen()
@@ -252,6 +255,8 @@ class RunningEdge:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        if self.protocol == "h2":
+            return self.https_h2(name, method, path, body, headers)
         conn = http.client.HTTPConnection(name, self.https_port, timeout=DEADLINE)
         conn.sock = self.tls(name)
         try:
@@ -260,6 +265,35 @@ class RunningEdge:
             return resp.status, resp.headers, resp.read()
         finally:
             conn.close()
+
+    def https_h2(
+        self,
+        name: str,
+        method: str = "GET",
+        path: str = "/",
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """:meth:`https` over HTTP/2, as a browser would send it: ``Host`` becomes
+        ``:authority`` (with the port, as http.client's Host has it), names in lower case, a
+        bytes body with its content-length. Raises ConnectionResetError when the stream or the
+        connection ends without a response."""
+        fields = {k.lower(): v for k, v in (headers or {}).items()}
+        authority = fields.pop("host", f"{name}:{self.https_port}")
+        if isinstance(body, bytes):
+            fields.setdefault("content-length", str(len(body)))
+        with H2Client(self.https_port, name, ctx=self.pki.client_context()) as client:
+            assert client.alpn == "h2", client.alpn
+            sid = client.request(method, path, authority, list(fields.items()), end=body is None)
+            if body is not None:
+                client.send_body(sid, body)
+            response = client.wait(sid)
+        if not response.status:
+            raise ConnectionResetError(f"stream reset ({response.reset}), GOAWAY {client.goaway}")
+        message = http.client.HTTPMessage()
+        for key, value in response.headers:
+            message[key] = value
+        return response.status, message, bytes(response.body)
 
     def http(
         self, host: str, path: str = "/", method: str = "GET"
@@ -285,11 +319,22 @@ def serial_of(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
 
+@pytest.fixture(params=["http/1.1", "h2"])
+def client_protocol(request: pytest.FixtureRequest) -> str:
+    """A test that uses this runs twice: its edges' https() speaks HTTP/1.1, then HTTP/2."""
+    return str(request.param)
+
+
 @pytest.fixture
 def start_edge(
-    redis_url: str, prefix: str, keys: Keys, pki: Pki
+    redis_url: str, prefix: str, keys: Keys, pki: Pki, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., RunningEdge]]:
     running: list[RunningEdge] = []
+    protocol = (
+        str(request.getfixturevalue("client_protocol"))
+        if "client_protocol" in request.fixturenames
+        else "http/1.1"
+    )
 
     def start(**overrides: Any) -> RunningEdge:
         # Every upstream of these tests listens on loopback, as a demo on one machine's does.
@@ -300,7 +345,8 @@ def start_edge(
             signers=keys.signers,
             allow_loopback_upstream=True,
         )
-        edge = RunningEdge(replace(config, **overrides), keys.keyring, pki).start()
+        edge = RunningEdge(replace(config, **overrides), keys.keyring, pki, protocol=protocol)
+        edge.start()
         running.append(edge)
         return edge
 
@@ -468,6 +514,39 @@ def raw_exchange(
 
 def status_of(reply: bytes) -> int:
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else 0
+
+
+def h2_exchange(
+    edge: RunningEdge,
+    name: str,
+    target: str,
+    lines: tuple[str, ...] | list[str] = (),
+    *,
+    authority: str | None = None,
+    method: str = "GET",
+) -> bytes:
+    """One HTTP/2 request over TLS with SNI ``name``: the field ``lines`` ("Name: value",
+    names sent in lower case as HTTP/2 has them), ``authority`` (default ``name``). The answer
+    in HTTP/1.1 form, so raw_exchange's tests read it as they are; or ``RESET <code>`` /
+    ``GOAWAY <code>`` when the edge refused the stream or the connection instead."""
+    fields = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.append((key.strip().lower(), value.strip()))
+    with H2Client(edge.https_port, name, ctx=edge.pki.client_context()) as client:
+        response = client.wait(client.request(method, target, authority or name, fields))
+    if not response.status:
+        if response.reset is not None:
+            return f"RESET {response.reset}".encode()
+        code = client.goaway.error_code if client.goaway is not None else None
+        return f"GOAWAY {code}".encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in response.headers)
+    return f"HTTP/1.1 {response.status} -\r\n{head}\r\n".encode("latin-1") + bytes(response.body)
+
+
+def refused_as_malformed(reply: bytes) -> bool:
+    """400, or (HTTP/2) the stream or connection ended with PROTOCOL_ERROR (1)."""
+    return status_of(reply) == 400 or reply in (b"RESET 1", b"GOAWAY 1")
 
 
 @dataclass

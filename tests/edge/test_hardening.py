@@ -22,7 +22,17 @@ from pipeline.distribution.layout import channel, publish_site, set_challenge
 from pipeline.redis_tls import RedisTls
 from tests.support.redis_tls_server import TlsRedisServer, make_ca
 
-from .conftest import DEADLINE, Canary, Keys, RunningEdge, Sites, raw_exchange, status_of, wait_for
+from .conftest import (
+    DEADLINE,
+    Canary,
+    Keys,
+    RunningEdge,
+    Sites,
+    h2_exchange,
+    raw_exchange,
+    status_of,
+    wait_for,
+)
 
 # ---- request targets: unit level -----------------------------------------------------------
 
@@ -114,6 +124,9 @@ def test_no_request_target_leaves_the_sites_upstream(
             reply = raw_exchange(port, request, tls_name=tls, pki=edge.pki)
             assert status_of(reply) == 400, (target, port, reply[:200])
             assert b"SECRET" not in reply and b"evil" not in reply.split(b"\r\n\r\n")[0]
+        # The same target as HTTP/2's :path.
+        reply = h2_exchange(edge, "shop.test", target)
+        assert status_of(reply) == 400, (target, "h2", reply[:200])
     # Absolute-form naming the site itself is reduced to origin-form.
     request = b"GET http://shop.test/p?q=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n"
     reply = raw_exchange(edge.https_port, request, tls_name="shop.test", pki=edge.pki)
@@ -127,6 +140,8 @@ def test_no_request_target_leaves_the_sites_upstream(
         pki=edge.pki,
     )
     assert status_of(reply) == 200 and b"Allow: " in reply
+    reply = h2_exchange(edge, "shop.test", "*", method="OPTIONS")
+    assert status_of(reply) == 200 and b"allow: " in reply
     assert canary.hits == []
     assert 'certman_edge_requests_rejected_total{reason="bad_target"}' in edge.metrics()
 
@@ -302,6 +317,7 @@ SPOOFED = {
 }
 
 
+@pytest.mark.usefixtures("client_protocol")
 def test_forwarding_headers_are_the_edges(
     redis_client: redis.Redis,
     prefix: str,
@@ -322,6 +338,7 @@ def test_forwarding_headers_are_the_edges(
     assert len(headers.get_all("Date") or []) == 1
 
 
+@pytest.mark.usefixtures("client_protocol")
 def test_a_trusted_proxy_keeps_its_forwarding_headers(
     redis_client: redis.Redis,
     prefix: str,

@@ -72,7 +72,8 @@ def _read_all(sock: ssl.SSLSocket) -> bytes:
 
 def test_alpn_offers_http11_and_no_alpn_works_too(edge: RunningEdge) -> None:
     with _connect(edge, ["h2", "http/1.1"]) as sock:
-        # HTTP/2 is offered once edge.http2 is in; until then a client asking for both gets 1.1.
+        assert sock.selected_alpn_protocol() == "h2"  # preferred (tests/edge/test_http2.py)
+    with _connect(edge, ["http/1.1"]) as sock:
         assert sock.selected_alpn_protocol() == "http/1.1"
     status, _, _ = edge.https(NAME)
     assert status == 200
