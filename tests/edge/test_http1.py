@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import DEADLINE, RunningEdge, Sites, wait_for
 

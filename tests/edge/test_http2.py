@@ -18,7 +18,7 @@ import hpack
 import pytest
 import redis
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.support.h2client import H2Client, RawH2, frame
 
 from .conftest import RunningEdge, Sites, wait_for

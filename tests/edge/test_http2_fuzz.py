@@ -17,7 +17,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 from tests.support.h2client import RawH2, frame
 
 from .conftest import Canary, RunningEdge, Sites
