@@ -678,7 +678,15 @@ class Proxy:
         ex.sink.start(head.status, head.reason, fields, body=has_body, close=False)
         sink = ex.sink
         send_timeout = cfg.send_timeout
-        while chunk := await conn.read():
+        idle = cfg.upstream_response_timeout
+        while True:
+            # An upstream that goes silent mid-body would hold the slot until the request
+            # timeout: the same bound as for its header block, restarted at every chunk.
+            timers.arm("upstream", idle)
+            chunk = await conn.read()
+            timers.disarm("upstream")
+            if not chunk:
+                break
             waiting = sink.write(chunk)
             if waiting is not None:
                 # A client that stops reading holds the upstream request (and its slot) still.

@@ -96,6 +96,9 @@ class SiteHandler(tornado.web.RequestHandler):
     get = post = put = patch = delete = options = head = _finish_proxy
 
     def on_connection_close(self) -> None:
+        # Tornado's own resolves the request's body future: without it, _execute waits on
+        # that future for ever, holding this handler, its exchange and its body.
+        super().on_connection_close()
         if self._body is not None:
             self._body.fail("gone")
         if self._task is not None and not self._task.done():
