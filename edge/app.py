@@ -81,6 +81,7 @@ class EdgeConfig:
     # How long one request may hold a slot without progress: silence within its body, and the
     # wait for the upstream's response header block.
     body_idle_timeout: float = 10.0
+    min_body_rate: int = 500  # bytes a second, once body_idle_timeout is over; 0: off
     upstream_response_timeout: float = 60.0
     # ... and the client's: the longest wait for it to take one chunk of the response.
     send_timeout: float = 60.0
@@ -378,6 +379,7 @@ class Edge:
             pseudonym=self.config.via_pseudonym or default_pseudonym(),
             shares=self.shares,
             body_idle_timeout=self.config.body_idle_timeout,
+            min_body_rate=self.config.min_body_rate,
             upstream_response_timeout=self.config.upstream_response_timeout,
             send_timeout=self.config.send_timeout,
         )
