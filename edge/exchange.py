@@ -371,27 +371,46 @@ class _Timers:
 
 
 class _BodyPace:
-    """A request body's two deadlines: silence (``idle``), and an average rate under ``rate``
-    bytes a second once its first ``idle`` seconds are over. Time the upstream takes to accept
-    the body (:meth:`waited`) is not the client's and moves the rate deadline on."""
+    """A request body's deadlines. While the edge waits for the client: silence (``idle``),
+    and an average rate under ``rate`` bytes a second once its first ``idle`` seconds are
+    over. While it waits for the upstream to accept the body (the client held back meanwhile):
+    the upstream's silence (``upstream``), a 504; that time does not count against the client's
+    rate."""
 
-    __slots__ = ("_body", "_idle", "_rate", "_start", "_timers")
+    __slots__ = ("_body", "_idle", "_rate", "_since", "_start", "_timers", "_upstream")
 
-    def __init__(self, body: Body, timers: _Timers, idle: float, rate: int) -> None:
+    def __init__(
+        self, body: Body, timers: _Timers, idle: float, rate: int, upstream: float
+    ) -> None:
         self._body = body
         self._timers = timers
         self._idle = idle
         self._rate = rate if idle > 0 else 0
+        self._upstream = upstream
         self._start = timers.now()
+        self._since: float | None = None
 
     def progress(self) -> None:
+        if self._since is not None:
+            return  # the upstream's turn: the client is not the one holding things up
         self._timers.arm("body", self._idle)
         if self._rate > 0:
             due = self._start + self._idle + self._body.received / self._rate
             self._timers.arm_at("body_rate", due)
 
-    def waited(self, seconds: float) -> None:
-        self._start += seconds
+    def upstream_turn(self) -> None:
+        timers = self._timers
+        self._since = timers.now()
+        timers.disarm("body")
+        timers.disarm("body_rate")
+        timers.arm("upstream", self._upstream)
+
+    def client_turn(self) -> None:
+        since, self._since = self._since, None
+        if since is not None:
+            self._start += self._timers.now() - since
+        self._timers.disarm("upstream")
+        self.progress()
 
 
 class Proxy:
@@ -624,7 +643,13 @@ class Proxy:
         conn: UpstreamConnection | None = None
         started = time.perf_counter()
         retried = False
-        pace = _BodyPace(ex.body, timers, cfg.body_idle_timeout, cfg.min_body_rate)
+        pace = _BodyPace(
+            ex.body,
+            timers,
+            cfg.body_idle_timeout,
+            cfg.min_body_rate,
+            cfg.upstream_response_timeout,
+        )
         try:
             timers.arm("request", cfg.request_timeout)
             while True:
@@ -693,15 +718,15 @@ class Proxy:
             sent += len(chunk)
             if length is not None and sent > length:
                 raise BodyError("malformed")
-            # While the upstream is slow to take the body the client is held back: not its fault.
-            timers.disarm("body_rate")
-            waiting_since = timers.now()
+            # An upstream slow to take the body holds the client back: its silence, not the
+            # client's, is what is timed meanwhile.
+            pace.upstream_turn()
             await conn.write_body(chunk, chunked)
-            pace.waited(timers.now() - waiting_since)
-            pace.progress()
+            pace.client_turn()
         if length is not None and sent != length:
             raise BodyError("malformed")
         if chunked:
+            pace.upstream_turn()
             await conn.write_body(b"", True)
         timers.disarm("body")
         timers.disarm("body_rate")

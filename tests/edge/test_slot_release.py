@@ -4,6 +4,7 @@ mid-body or while queued for a slot; and only the final response is timed as the
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import select
@@ -233,6 +234,43 @@ def test_complete_body_never_read_by_the_upstream_frees_its_slot(
     assert took < 3.0, took
     wait_for(lambda: _slots(edge) == 0, what="the slot freed")
     wait_for(lambda: upstream.open_connections() == 0, what="the upstream connection closed")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_large_body_the_upstream_stops_taking_is_its_timeout_not_the_clients(
+    scheme: str,
+    redis_client: redis.Redis,
+    prefix: str,
+    sites: Sites,
+    scripted: Callable[[Script], _Scripted],
+    start_edge: Callable[..., RunningEdge],
+) -> None:
+    upstream = scripted(_hold)
+    # A small receive window: the edge's writes block long before the body is through.
+    upstream.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    _publish(redis_client, prefix, sites, scheme, "deaf.test", upstream.url)
+    edge = start_edge(upstream_response_timeout=1.0, body_idle_timeout=3.0)
+    edge.wait_ready()
+    size = 8 * 1024 * 1024
+    with _connect(edge, scheme, "deaf.test") as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: deaf.test\r\nContent-Length: %d\r\n\r\n" % size)
+
+        def send() -> None:
+            # Held back by the edge once the upstream stops taking the body; ends when cut.
+            with contextlib.suppress(OSError):
+                sock.sendall(b"b" * size)
+
+        sender = threading.Thread(target=send, daemon=True)
+        started = time.monotonic()
+        sender.start()
+        data, _ = _read_response(sock)
+        took = time.monotonic() - started
+    # The upstream's silence (1 s), a 504; not the client's idle timeout (3 s), a 408.
+    assert data.startswith(b"HTTP/1.1 504"), data[:200]
+    assert took < 2.9, took
+    wait_for(lambda: _slots(edge) == 0, what="the slot freed")
+    wait_for(lambda: upstream.open_connections() == 0, what="the upstream connection closed")
+    sender.join(DEADLINE)
 
 
 # ---- 3: clients leaving mid-body leave nothing behind --------------------------------------
