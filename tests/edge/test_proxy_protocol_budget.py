@@ -45,7 +45,10 @@ def _get(edge: RunningEdge, client: str) -> int:
         f"PROXY TCP4 {client} 127.0.0.1 5555 80\r\n"
         "GET / HTTP/1.1\r\nHost: plain.test\r\nConnection: close\r\n\r\n"
     )
-    return status_of(raw_exchange(edge.http_port, request.encode()))
+    try:
+        return status_of(raw_exchange(edge.http_port, request.encode()))
+    except ConnectionResetError:  # refused at accept: the reset can come before the request
+        return 0
 
 
 def test_proxy_protocol_per_address_cap_and_first_byte_timeout(
