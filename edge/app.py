@@ -81,6 +81,7 @@ class EdgeConfig:
     # How long one request may hold a slot without progress: silence within its body, and the
     # wait for the upstream's response header block.
     body_idle_timeout: float = 10.0
+    min_body_rate: int = 500  # bytes a second, once body_idle_timeout is over; 0: off
     upstream_response_timeout: float = 60.0
     # ... and the client's: the longest wait for it to take one chunk of the response.
     send_timeout: float = 60.0
@@ -378,6 +379,7 @@ class Edge:
             pseudonym=self.config.via_pseudonym or default_pseudonym(),
             shares=self.shares,
             body_idle_timeout=self.config.body_idle_timeout,
+            min_body_rate=self.config.min_body_rate,
             upstream_response_timeout=self.config.upstream_response_timeout,
             send_timeout=self.config.send_timeout,
         )
@@ -410,17 +412,18 @@ class Edge:
         self._servers += [plain, tls, stats]
         for server, socks, tls_context in ((plain, http, None), (tls, https, self.listening)):
             if self.config.proxy_protocol:
-                acceptor = ProxyProtocolAcceptor(
-                    server,
-                    socks,
-                    tls_context,
-                    on_refused=self._proxy_header_refused,
-                )
                 # Accepted by edge.connections' loop (Tornado's spins at the open-file limit),
-                # handed to the PROXY header reader; no per-address budget: every peer is the
-                # balancer. Stopped after that loop, which must see its sockets still open.
-                self._accept(server, socks, tls_context, None, hand_over=acceptor._accepted)
-                self._acceptors.append(acceptor)
+                # handed to the PROXY header reader, then to the same budget as without it, by
+                # the client the header names. Stopped after that loop, which closes the sockets.
+                budgeted = self._budgeted(server, tls_context, self.connections)
+                reader = ProxyProtocolAcceptor(
+                    budgeted.admit,
+                    self.connections,
+                    on_refused=self._proxy_header_refused,
+                    on_over_budget=self._connection_refused,
+                )
+                self._accept(server, socks, tls_context, None, hand_over=reader.accepted)
+                self._acceptors.append(reader)
             else:
                 self._accept(server, socks, tls_context, self.connections)
         if self.config.warm:
@@ -435,20 +438,33 @@ class Edge:
         hand_over: Callable[[socket.socket, Any], None] | None = None,
     ) -> None:
         """Accept on ``socks`` with the edge's own loop (edge.connections), not Tornado's."""
+        acceptor = self._budgeted(server, tls, budget, socks, hand_over)
+        acceptor.start()
+        self._acceptors.append(acceptor)
+
+    def _budgeted(
+        self,
+        server: HTTPServer | SiteServer,
+        tls: ssl.SSLContext | None,
+        budget: ConnectionBudget | None,
+        socks: list[socket.socket] | None = None,
+        hand_over: Callable[[socket.socket, Any], None] | None = None,
+    ) -> BudgetedAcceptor:
         m = self.metrics
-        acceptor = BudgetedAcceptor(
+        return BudgetedAcceptor(
             server,
-            socks,
+            socks or [],
             tls,
             budget,
             hand_over=hand_over,
             balancer=TrustedProxies(self.config.trusted_proxies).trusts,
             error_log=self._accept_errors,
-            on_refused=lambda reason: m.connections_refused.labels(reason).inc(),
+            on_refused=self._connection_refused,
             on_accept_error=lambda reason: m.accept_errors.labels(reason).inc(),
         )
-        acceptor.start()
-        self._acceptors.append(acceptor)
+
+    def _connection_refused(self, reason: str) -> None:
+        self.metrics.connections_refused.labels(reason).inc()
 
     def _blob(self, domain: str) -> bytes | None:
         """A site's blob for a handshake: the mirror's; Redis's only during the first fill."""

@@ -200,6 +200,13 @@ def _add_budget_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds of silence within a request body before it is given up (408)",
     )
     add(
+        "--min-body-rate",
+        type=int,
+        default=_env("MIN_BODY_RATE", "500"),
+        help="bytes a second a request body must average after its first --body-idle-timeout "
+        "seconds, or it is given up (408); 0: off",
+    )
+    add(
         "--upstream-response-timeout",
         type=float,
         default=_env("UPSTREAM_RESPONSE_TIMEOUT", "60"),
@@ -235,6 +242,7 @@ def _budget_config(args: argparse.Namespace) -> dict[str, Any]:
         "upstream_per_site",
         "upstream_per_client",
         "upstream_queue",
+        "min_body_rate",
     )
     times = (
         "first_byte_timeout",
@@ -245,7 +253,7 @@ def _budget_config(args: argparse.Namespace) -> dict[str, Any]:
     )
     for name in (*counts, *times):
         # 0 means "derived" (max_connections), "no waiting" (the queue), "off" (timeouts).
-        least = 0 if name in ("max_connections", "upstream_queue", *times) else 1
+        least = 0 if name in ("max_connections", "upstream_queue", "min_body_rate", *times) else 1
         if getattr(args, name) < least:
             _fail(f"--{name.replace('_', '-')} must be at least {least}")
     if args.via_pseudonym and not valid_pseudonym(args.via_pseudonym):

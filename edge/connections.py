@@ -230,7 +230,7 @@ class BudgetedAcceptor:
             if self._hand_over is not None:
                 self._hand_over(conn, address)
             else:
-                self._admit(conn, address)
+                self.admit(conn, address)
 
     def _pause(self, sock: socket.socket, exc: OSError) -> None:
         """Stop accepting on ``sock`` for a while: the error repeats until resources free up."""
@@ -256,7 +256,10 @@ class BudgetedAcceptor:
             self._listen(sock)
             self._accept(sock)
 
-    def _admit(self, conn: socket.socket, address: Any) -> None:
+    def admit(self, conn: socket.socket, address: Any) -> None:
+        """Count ``conn`` from ``address`` in the budget (or refuse it) and serve it: called
+        for each connection accepted here, and by the PROXY header reader with the client's
+        address the header gave."""
         release: Callable[[], None] | None = None
         budget = self._budget
         if budget is not None:

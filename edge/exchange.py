@@ -154,6 +154,10 @@ class ProxySettings:
     # upstream's response header block: bounds on how long one request may hold a slot.
     body_idle_timeout: float = 10.0
     upstream_response_timeout: float = 60.0
+    # The least average rate of a request body, in bytes a second, once its first
+    # body_idle_timeout seconds are over (Apache's mod_reqtimeout MinRate): a body dripping a
+    # byte just within the idle timeout would otherwise hold its slot for ever. 0: off.
+    min_body_rate: int = 500
     # Longest wait for the client to take one chunk of the response (a client that stops
     # reading would otherwise hold the upstream request until the request timeout).
     send_timeout: float = 60.0
@@ -340,6 +344,13 @@ class _Timers:
                 handle.cancel()
             self._handle = self._loop.call_at(due, self._check)
 
+    def arm_at(self, name: str, due: float) -> None:
+        """Arm ``name`` for the loop time ``due`` (in the past: at once)."""
+        self.arm(name, max(due - self._loop.time(), 1e-6))
+
+    def now(self) -> float:
+        return self._loop.time()
+
     def disarm(self, name: str) -> None:
         self._deadlines.pop(name, None)
 
@@ -362,6 +373,49 @@ class _Timers:
         if self.fired is None and self._task is not None:
             self.fired = name
             self._task.cancel()
+
+
+class _BodyPace:
+    """A request body's deadlines. While the edge waits for the client: silence (``idle``),
+    and an average rate under ``rate`` bytes a second once its first ``idle`` seconds are
+    over. While it waits for the upstream to accept the body (the client held back meanwhile):
+    the upstream's silence (``upstream``), a 504; that time does not count against the client's
+    rate."""
+
+    __slots__ = ("_body", "_idle", "_rate", "_since", "_start", "_timers", "_upstream")
+
+    def __init__(
+        self, body: Body, timers: _Timers, idle: float, rate: int, upstream: float
+    ) -> None:
+        self._body = body
+        self._timers = timers
+        self._idle = idle
+        self._rate = rate if idle > 0 else 0
+        self._upstream = upstream
+        self._start = timers.now()
+        self._since: float | None = None
+
+    def progress(self) -> None:
+        if self._since is not None:
+            return  # the upstream's turn: the client is not the one holding things up
+        self._timers.arm("body", self._idle)
+        if self._rate > 0:
+            due = self._start + self._idle + self._body.received / self._rate
+            self._timers.arm_at("body_rate", due)
+
+    def upstream_turn(self) -> None:
+        timers = self._timers
+        self._since = timers.now()
+        timers.disarm("body")
+        timers.disarm("body_rate")
+        timers.arm("upstream", self._upstream)
+
+    def client_turn(self) -> None:
+        since, self._since = self._since, None
+        if since is not None:
+            self._start += self._timers.now() - since
+        self._timers.disarm("upstream")
+        self.progress()
 
 
 class Proxy:
@@ -594,19 +648,26 @@ class Proxy:
         conn: UpstreamConnection | None = None
         started = time.perf_counter()
         retried = False
+        pace = _BodyPace(
+            ex.body,
+            timers,
+            cfg.body_idle_timeout,
+            cfg.min_body_rate,
+            cfg.upstream_response_timeout,
+        )
         try:
             timers.arm("request", cfg.request_timeout)
             while True:
                 if has_body:
-                    timers.arm("body", cfg.body_idle_timeout)
-                    ex.body.on_progress = lambda: timers.arm("body", cfg.body_idle_timeout)
+                    pace.progress()
+                    ex.body.on_progress = pace.progress
                 conn = await cfg.pool.acquire(url)
                 conn.send_head(req.method, url, fields)
                 if not has_body:
                     timers.arm("upstream", cfg.upstream_response_timeout)
                 try:
                     if has_body:
-                        await self._send_body(ex, conn, length, timers)
+                        await self._send_body(ex, conn, length, timers, pace)
                     head = await conn.head()
                 except UpstreamError as exc:
                     if (
@@ -627,6 +688,7 @@ class Proxy:
                 break
             timers.disarm("upstream")
             timers.disarm("body")
+            timers.disarm("body_rate")
             cfg.metrics.upstream_seconds.observe(time.perf_counter() - started)
             await self._relay(ex, conn, head, timers)
             cfg.pool.release(conn)
@@ -648,7 +710,12 @@ class Proxy:
                 conn.close()
 
     async def _send_body(
-        self, ex: Exchange, conn: UpstreamConnection, length: int | None, timers: _Timers
+        self,
+        ex: Exchange,
+        conn: UpstreamConnection,
+        length: int | None,
+        timers: _Timers,
+        pace: _BodyPace,
     ) -> None:
         chunked = length is None
         sent = 0
@@ -656,13 +723,18 @@ class Proxy:
             sent += len(chunk)
             if length is not None and sent > length:
                 raise BodyError("malformed")
+            # An upstream slow to take the body holds the client back: its silence, not the
+            # client's, is what is timed meanwhile.
+            pace.upstream_turn()
             await conn.write_body(chunk, chunked)
-            timers.arm("body", self.settings.body_idle_timeout)
+            pace.client_turn()
         if length is not None and sent != length:
             raise BodyError("malformed")
         if chunked:
+            pace.upstream_turn()
             await conn.write_body(b"", True)
         timers.disarm("body")
+        timers.disarm("body_rate")
         if not conn.head_received:
             timers.arm("upstream", self.settings.upstream_response_timeout)
 
@@ -683,7 +755,15 @@ class Proxy:
         ex.sink.start(head.status, head.reason, fields, body=has_body, close=False)
         sink = ex.sink
         send_timeout = cfg.send_timeout
-        while chunk := await conn.read():
+        idle = cfg.upstream_response_timeout
+        while True:
+            # An upstream that goes silent mid-body would hold the slot until the request
+            # timeout: the same bound as for its header block, restarted at every chunk.
+            timers.arm("upstream", idle)
+            chunk = await conn.read()
+            timers.disarm("upstream")
+            if not chunk:
+                break
             waiting = sink.write(chunk)
             if waiting is not None:
                 # A client that stops reading holds the upstream request (and its slot) still.
@@ -696,11 +776,12 @@ class Proxy:
 
     def _timed_out(self, ex: Exchange, which: str) -> None:
         cfg = self.settings
-        if which == "body":
+        if which in ("body", "body_rate"):
             cfg.metrics.requests_rejected.labels("body_timeout").inc()
             cfg.metrics.upstream_cancelled.labels("body_timeout").inc()
             if ex.status == 0:
-                self._plain(ex, 408, "the request body stopped arriving", close=True)
+                text = "stopped arriving" if which == "body" else "is arriving too slowly"
+                self._plain(ex, 408, f"the request body {text}", close=True)
             else:
                 ex.sink.abort()
             return

@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from typing import Any, cast
@@ -50,6 +51,9 @@ PoolKey = tuple[str, str, int]
 
 # Response bytes held for a slow client before the upstream is paused.
 _HIGH_WATER = 256 * 1024
+
+# SO_LINGER on, 0 s: close() resets the connection.
+_RESET = struct.pack("ii", 1, 0)
 
 
 class UpstreamError(Exception):
@@ -288,6 +292,12 @@ class UpstreamConnection(asyncio.Protocol):
             if self._complete:
                 self._transport.close()
             else:
+                # A reset, not a FIN queued behind body bytes an upstream may never read: the
+                # upstream learns at once, and no orphaned socket holds them in the kernel.
+                sock = self._transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 self._transport.abort()
             self._transport = None
         self._closed = True

@@ -77,6 +77,9 @@ class SiteHandler(tornado.web.RequestHandler):
         # Not awaited here: Tornado reads the body (and notices a client that leaves) only
         # once prepare has returned; the method handler awaits the answer.
         self._task = asyncio.ensure_future(self._proxy.handle(ex))
+        # A data_received waiting for the core to take a full buffer must not wait for ever
+        # once the core is done (a 504 or 408 in mid-body): Tornado would read no further.
+        self._task.add_done_callback(lambda _: readable.set())
         if not (chunked or length):
             self._body.finish()
 
@@ -96,6 +99,9 @@ class SiteHandler(tornado.web.RequestHandler):
     get = post = put = patch = delete = options = head = _finish_proxy
 
     def on_connection_close(self) -> None:
+        # Tornado's own resolves the request's body future: without it, _execute waits on
+        # that future for ever, holding this handler, its exchange and its body.
+        super().on_connection_close()
         if self._body is not None:
             self._body.fail("gone")
         if self._task is not None and not self._task.done():

@@ -4,9 +4,8 @@ edge who the client is, in a header sent before the first byte of HTTP or TLS.
 When it is on, every connection must start with such a header (that is the protocol: a
 connection without one is from somewhere other than the load balancer, and is closed). The
 header is read straight from the socket, peeking first and then consuming exactly its length,
-so the TLS or HTTP bytes behind it are left for the server: the HTTPS port's
-(:class:`edge.https.SiteServer`, given the socket) or the plain port's Tornado server (given a
-stream).
+so the TLS or HTTP bytes behind it are left for the server. The connection then goes through
+the same budget as any other (:mod:`edge.connections`), by the client the header names.
 """
 
 from __future__ import annotations
@@ -15,16 +14,12 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream, SSLIOStream
-from tornado.netutil import add_accept_handler, ssl_wrap_socket
-
-from edge.connections import SocketServer
+from edge.connections import ConnectionBudget
+from edge.shares import client_key
 
 __all__ = ["ProxyHeaderError", "ProxyProtocolAcceptor", "parse_proxy_header"]
 
@@ -108,46 +103,48 @@ def _parse_v2(data: bytes) -> tuple[int, Address | None] | None:
 
 
 class ProxyProtocolAcceptor:
-    """Accepts on ``sockets``, reads each connection's PROXY header, and hands the connection
-    to ``server`` (whose ``handle_stream`` is Tornado's documented entry point for a stream)
-    with the client's address in place of the balancer's."""
+    """Reads the PROXY header of each connection edge.connections' accept loop hands to
+    :meth:`accepted`, then passes the connection to ``admit`` with the client's address in
+    place of the balancer's: the connection budget (edge.connections' ``admit``) counts it by
+    that client, in total and per address, and times its first byte, as on a port without the
+    PROXY protocol. While its header is read a connection counts against ``budget``'s total
+    only (every peer is the balancer), for at most ``timeout`` seconds."""
 
     def __init__(
         self,
-        server: HTTPServer | SocketServer,
-        sockets: list[socket.socket],
-        tls: ssl.SSLContext | None,
+        admit: Callable[[socket.socket, Any], None],
+        budget: ConnectionBudget | None = None,
         *,
         timeout: float = 5.0,
         on_refused: Callable[[str], None] = lambda reason: None,
+        on_over_budget: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        self._server = server
-        self._sockets = sockets
-        self._tls = tls
+        self._admit = admit
+        self._on_over_budget = on_over_budget
+        self._budget = budget
         self._timeout = timeout
         self._on_refused = on_refused
-        self._removers: list[Callable[[], None]] = []
         self._pending: set[asyncio.Task[None]] = set()
 
-    def start(self) -> None:
-        for sock in self._sockets:
-            self._removers.append(add_accept_handler(sock, self._accepted))
-
     def stop(self) -> None:
-        for remove in self._removers:
-            remove()
-        self._removers.clear()
-        for sock in self._sockets:
-            sock.close()
         for task in self._pending:
             task.cancel()
 
-    def _accepted(self, conn: socket.socket, address: Any) -> None:
-        task = asyncio.ensure_future(self._handshake(conn, address))
+    def accepted(self, conn: socket.socket, address: Any) -> None:
+        peer = client_key(address[0] if isinstance(address, tuple) else "")
+        budget = self._budget
+        if budget is not None:
+            refusal = budget.admit(peer, per_address=False)
+            if refusal is not None:
+                self._on_over_budget(refusal)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                return
+        task = asyncio.ensure_future(self._handshake(conn, address, peer))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _handshake(self, conn: socket.socket, peer: Any) -> None:
+    async def _handshake(self, conn: socket.socket, peer: Any, counted: str) -> None:
         conn.setblocking(False)
         try:
             client = await asyncio.wait_for(self._read_header(conn), self._timeout)
@@ -160,7 +157,10 @@ class ProxyProtocolAcceptor:
         except asyncio.CancelledError:
             conn.close()
             raise
-        self._hand_over(conn, client or peer)
+        finally:
+            if self._budget is not None:
+                self._budget.release(counted)
+        self._admit(conn, client or peer)
 
     async def _read_header(self, conn: socket.socket) -> Address | None:
         loop = asyncio.get_running_loop()
@@ -179,32 +179,6 @@ class ProxyProtocolAcceptor:
             # A header split across segments: the socket stays readable with the same bytes,
             # so wait a little instead of spinning on it.
             await asyncio.sleep(0.005)
-
-    def _hand_over(self, conn: socket.socket, address: Any) -> None:
-        server = self._server
-        if not isinstance(server, HTTPServer):
-            server.handle_socket(conn, address, None)
-            return
-        try:
-            if self._tls is not None:
-                conn = ssl_wrap_socket(
-                    conn, self._tls, server_side=True, do_handshake_on_connect=False
-                )
-                stream: IOStream = SSLIOStream(
-                    conn,
-                    max_buffer_size=server.max_buffer_size,
-                    read_chunk_size=server.read_chunk_size,
-                )
-            else:
-                stream = IOStream(
-                    conn,
-                    max_buffer_size=server.max_buffer_size,
-                    read_chunk_size=server.read_chunk_size,
-                )
-        except OSError:
-            conn.close()
-            return
-        server.handle_stream(stream, address)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:

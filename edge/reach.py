@@ -13,6 +13,7 @@ Checked where the connection is made, for every address a name resolves to.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,8 +43,10 @@ def _is_local(address: Address) -> bool:
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((str(address), 0))
-    except OSError:
-        return False
+    except OSError as exc:
+        # Only "not an address of this host" says it is not local. Any other failure (EMFILE
+        # when the edge is out of descriptors, above all) must not let the connection through.
+        return exc.errno != errno.EADDRNOTAVAIL
     return True
 
 

@@ -15,8 +15,8 @@ import re
 from typing import NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+from edge.headerrules import BadHeader, parse_host
 from edge.paths import BadPath, normalize_path
-from edge.state import normalize_host
 
 __all__ = ["BadTarget", "Target", "parse_target", "upstream_url"]
 
@@ -81,9 +81,9 @@ def _from_absolute_form(raw: str, host: str) -> str:
     if "@" in parts.netloc:
         raise BadTarget("the target's authority must not carry user information")
     try:
-        name = normalize_host(parts.netloc)
-        parts.port  # noqa: B018 - raises on a port that is not a number in range
-    except ValueError:
+        # The Host header's own rules: the authority must not pass where the same Host would not.
+        name, _ = parse_host(parts.netloc)
+    except BadHeader:
         raise BadTarget("the target's authority is malformed") from None
     if not name or name != host:
         raise BadTarget("the target names another host than the request's")
