@@ -59,6 +59,12 @@ def _once(release: Callable[[], None] | None) -> Callable[[], None] | None:
     return once
 
 
+# A lingering close (TlsConnection.close) reads and drops at most this much, for at most this
+# long: enough for a request body in flight, too little for a client to hold a connection open.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 256 * 1024
+
+
 class TlsConnection(asyncio.Protocol):
     """TLS over the loop's plain TCP transport (``SSLObject`` and memory BIOs), and the
     transport the HTTP protocol above it writes to.
@@ -82,6 +88,8 @@ class TlsConnection(asyncio.Protocol):
         self._app: asyncio.Protocol | None = None
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
+        # After close(): the bytes the client may still send before the connection is dropped.
+        self._linger_left: int | None = None
 
     # ---- from the loop --------------------------------------------------------------------
 
@@ -99,6 +107,11 @@ class TlsConnection(asyncio.Protocol):
             self._raw.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_left is not None:
+            self._linger_left -= len(data)  # read and dropped: see close()
+            if self._linger_left < 0 and self._raw is not None:
+                self._raw.abort()
+            return
         self._incoming.write(data)
         if self._app is None and not self._handshake():
             return
@@ -204,14 +217,29 @@ class TlsConnection(asyncio.Protocol):
 
     def close(self) -> None:
         raw = self._raw
-        if raw is None:
+        if raw is None or self._linger_left is not None:
             return
         self._closing = True
         with contextlib.suppress(ssl.SSLError):
             self._ssl.unwrap()  # close_notify
         if self._outgoing.pending:
             raw.write(self._outgoing.read())
-        raw.close()
+        if not raw.can_write_eof():
+            raw.close()
+            return
+        # A lingering close, as Apache and nginx do: a client still sending (a body the edge
+        # answered early: 413, 502, 408) would get a reset for the bytes left unread, and a
+        # reset can overtake the answer in the client's TCP stack, which then never sees it. So
+        # the edge half-closes, and reads and drops what still comes for a moment before it
+        # lets go: until the client closes too, LINGER_BYTES arrive, or LINGER_SECONDS pass.
+        self._linger_left = LINGER_BYTES
+        try:
+            raw.write_eof()
+        except OSError:  # the client is gone already (reset): nothing to linger for
+            raw.abort()
+            return
+        raw.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, raw.abort)
 
     def abort(self) -> None:
         self._closing = True
@@ -222,7 +250,7 @@ class TlsConnection(asyncio.Protocol):
         return self._closing or self._raw is None or self._raw.is_closing()
 
     def pause_reading(self) -> None:
-        if self._raw is not None:
+        if self._raw is not None and self._linger_left is None:  # lingering reads go on
             self._raw.pause_reading()
 
     def resume_reading(self) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import redis
 
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import DEADLINE, RunningEdge, Sites, raw_exchange, status_of, wait_for
 

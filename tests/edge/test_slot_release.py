@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from edge.exchange import Body, Exchange
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import DEADLINE, RunningEdge, Sites, wait_for
 

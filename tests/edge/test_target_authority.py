@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from edge.targets import BadTarget, parse_target
-from pipeline.distribution import publish_site
+from pipeline.distribution.layout import publish_site
 
 from .conftest import RunningEdge, Sites, raw_exchange, status_of
 
