@@ -165,7 +165,10 @@ def log_request(handler: tornado.web.RequestHandler, status: int | None = None) 
     ``--log-level WARNING`` really turns per-request logging off."""
     if status is None:
         status = handler.get_status()
-    level = logging.ERROR if status >= 500 else logging.INFO
+    _access_line(handler, status, logging.ERROR if status >= 500 else logging.INFO)
+
+
+def _access_line(handler: tornado.web.RequestHandler, status: int, level: int) -> None:
     if access_log.isEnabledFor(level):
         req = handler.request
         access_log.log(
@@ -257,18 +260,7 @@ def log_probe(handler: tornado.web.RequestHandler) -> None:
     A 503 there is the answer a load balancer asked for (this process is not ready), not an
     error of the edge: it must not fill an ERROR log every few seconds while Redis is away."""
     status = handler.get_status()
-    level = logging.DEBUG if status < 500 else logging.INFO
-    if access_log.isEnabledFor(level):
-        req = handler.request
-        access_log.log(
-            level,
-            "%d %s %s (%s) %.2fms",
-            status,
-            req.method,
-            req.uri,
-            req.remote_ip,
-            1000.0 * req.request_time(),
-        )
+    _access_line(handler, status, logging.DEBUG if status < 500 else logging.INFO)
 
 
 class Edge:

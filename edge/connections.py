@@ -136,7 +136,9 @@ class _Watch:
             release()
 
 
-class _Stream(IOStream):
+class _Watched(IOStream):
+    """A stream that tells its :class:`_Watch` of its first bytes and of its close."""
+
     certman_watch: _Watch
 
     def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
@@ -150,18 +152,12 @@ class _Stream(IOStream):
         self.certman_watch.closed()
 
 
-class _TlsStream(SSLIOStream):
-    certman_watch: _Watch
+class _Stream(_Watched):
+    pass
 
-    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
-        n = super().read_from_fd(buf)
-        if n:
-            self.certman_watch.got_bytes = True
-        return n
 
-    def close(self, exc_info: Any = False) -> None:
-        super().close(exc_info)
-        self.certman_watch.closed()
+class _TlsStream(_Watched, SSLIOStream):
+    pass
 
 
 class BudgetedAcceptor:
