@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +18,6 @@ from acme import messages
 from sqlalchemy import create_engine, text
 
 from tests.support.ports import wait_until
-from tests.support.redis_server import RedisServer
 from tests.support.system import System
 
 pytestmark = pytest.mark.integration
@@ -169,41 +165,6 @@ def test_worker_killed_mid_chain_the_order_completes_once(
         rows = order_rows(system)
         assert [step for step, _ in rows] == ["done"]
         assert orders_placed(system) == 1
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis server of this test's own, with an append-only file, which it may restart."""
-    directory = Path(tempfile.mkdtemp(prefix="certman-redis-"))
-    server = RedisServer(directory)
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def test_redis_restarted_mid_run_work_resumes(own_redis: RedisServer) -> None:
-    own_redis.start().close()
-    names = [f"restart{i}.example.com" for i in range(3)]
-    # Tasks a worker had reserved stay unacknowledged in Redis across the restart; the broker
-    # hands them out again after the visibility timeout (2 h in production, where the
-    # stuck-order sweeper is quicker; seconds here).
-    env = {"CERTMAN_BROKER_VISIBILITY_TIMEOUT": "5"}
-    options = {"va_sleep": True}
-    with System(
-        redis_url=own_redis.url,
-        extra_env=env,
-        pebble_options=options,
-        supervise=True,
-        restart_delay=6,  # past the 5 s visibility timeout: held tasks come back at start
-    ) as system:
-        system.start(workers=1)
-        for name in names:
-            system.certman("domains", "add", name)
-        wait_until(lambda: orders_placed(system) >= 1, timeout=60, what="a first order")
-        own_redis.stop()
-        own_redis.start().close()
-        system.apply_acl()  # ACL users live in memory only, as the data here does not
-        system.wait_active(names, timeout=150)
 
 
 @pytest.fixture

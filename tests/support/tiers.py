@@ -48,7 +48,6 @@ SLOW: frozenset[str] = frozenset(
         "tests/integration/test_faults.py::test_a_refused_name_is_blocked_and_the_others_unaffected",
         "tests/integration/test_faults.py::test_dns_not_at_the_edge_yet_costs_the_ca_nothing_and_frees_the_slot",
         "tests/integration/test_faults.py::test_flaky_nonces_every_domain_still_issued",
-        "tests/integration/test_faults.py::test_redis_restarted_mid_run_work_resumes",
         "tests/integration/test_faults.py::test_worker_killed_mid_chain_the_order_completes_once",
         "tests/integration/test_flower.py::test_the_task_list_shows_domains_and_not_the_dispatcher",
         "tests/integration/test_issuance.py::test_sites_issued_end_to_end_and_served",
