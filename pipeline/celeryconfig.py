@@ -110,10 +110,8 @@ beat_schedule = {
         "task": "certman.maintenance.sweep_stuck_orders",
         "schedule": timedelta(minutes=2),
     },
-    # Webhooks to the platform: due deliveries (and retries) sent, and certificate.expiring.
+    # Webhooks to the platform: due deliveries (and retries) sent; certificate.expiring and
+    # the pruning of old deliveries.
     "webhooks-dispatch": {"task": "certman.webhooks.dispatch", "schedule": timedelta(seconds=5)},
-    "webhooks-expiring": {
-        "task": "certman.webhooks.record_expiring",
-        "schedule": timedelta(minutes=30),
-    },
+    "webhooks-upkeep": {"task": "certman.webhooks.upkeep", "schedule": timedelta(minutes=30)},
 }

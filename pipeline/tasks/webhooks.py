@@ -5,6 +5,7 @@ after the commit; ``deliver`` sends one and, when it is done, the next in line f
 receiver and site at once. A failed attempt is not a Celery retry: its next try is a time in
 the store, which the dispatcher finds, so that a worker's death loses nothing. Every task is
 safe to run twice (a delivery no longer pending or no longer first in line is left alone).
+``upkeep`` (beat, every half hour) records ``certificate.expiring`` and deletes old deliveries.
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ def deliver(self: Task, delivery_id: int) -> str | None:
     return result.outcome
 
 
-@app.task(name="certman.webhooks.record_expiring", bind=True, acks_late=True)
-def record_expiring(self: Task) -> int:
-    """``certificate.expiring`` for the certificates the expiry alert would name (once each)."""
+@app.task(name="certman.webhooks.upkeep", bind=True, acks_late=True)
+def upkeep_events(self: Task) -> dict[str, int]:
+    """``certificate.expiring`` for the certificates the expiry alert would name (once each),
+    and old finished deliveries deleted."""
     process = runtime.current()
+    now = utcnow()
     with process.session_scope() as session:
-        return upkeep.record_expiring(
-            session, now=utcnow(), fraction=process.settings.alert_fraction
+        expiring = upkeep.record_expiring(
+            session, now=now, fraction=process.settings.alert_fraction
         )
+    with process.session_scope() as session:
+        pruned = delivery.prune(session, now=now)
+    return {"expiring": expiring, "pruned": pruned}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, exists, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, select, update
 from sqlalchemy.orm import Session, aliased
 
 from pipeline.crypto.envelope import EnvelopeError
@@ -235,7 +235,8 @@ def deliver(
         outcome = "retry"
     next_id = None
     with sessions() as session:
-        delivery = session.get(WebhookDelivery, delivery_id)
+        # Locked (on PostgreSQL), so that two copies of the task finishing together record once.
+        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
         if delivery is None or delivery.status != PENDING:
             return Result(None)  # another copy of this task recorded it first
         delivery.attempts += 1
@@ -287,3 +288,33 @@ def _claim_next(session: Session, attempt: Attempt, *, now: datetime,
     if following is None or not _claim(session, following, now=now, policy=policy):
         return None
     return following
+
+
+# Delivered and given-up deliveries are kept this long (for `webhooks list` and a look at what
+# was sent), then deleted with the events no delivery refers to any more.
+KEEP_FINISHED = timedelta(days=7)
+
+
+def prune(session: Session, *, now: datetime, keep: timedelta = KEEP_FINISHED,
+          limit: int = 5000) -> int:  # fmt: skip
+    """Delete finished deliveries older than ``keep``, a bounded batch, and then the events
+    left without any delivery. An event with a ``dedup_key`` is kept (it is what makes
+    ``certificate.expiring`` once per certificate). How many deliveries were deleted."""
+    cutoff = now - keep
+    old = session.scalars(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status != PENDING, WebhookDelivery.finished_at < cutoff)
+        .limit(limit)
+    ).all()
+    if old:
+        session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(old)))
+    session.execute(
+        delete(WebhookEvent)
+        .where(
+            WebhookEvent.created_at < cutoff,
+            WebhookEvent.dedup_key.is_(None),
+            ~exists().where(WebhookDelivery.event_id == WebhookEvent.id),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return len(old)

@@ -43,7 +43,11 @@ def test_a_worker_delivers_site_active_after_an_issuance(system: System) -> None
     payload = Webhook(secret).verify(got.body, got.headers)
     assert payload["type"] == "site.active"
     data = payload["data"]
-    assert (data["domain"], data["renewal"], data["state"]) == ("hooked.example.com", False, "active")
+    assert (data["domain"], data["renewal"], data["state"]) == (
+        "hooked.example.com",
+        False,
+        "active",
+    )
     assert data["certificate"]["serial"] == shown["certificate"]["serial"]
     # At least once, never another event for it: any repeat is the same message.
     assert {r.headers["webhook-id"] for r in receiver.received} == {got.headers["webhook-id"]}

@@ -3,6 +3,7 @@ statuses it is given, in turn, and keeps what it received."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,8 +54,13 @@ class Receiver(ThreadingHTTPServer):
 
 
 @contextmanager
-def receiving(statuses: list[int] | None = None) -> Iterator[Receiver]:
+def receiving(
+    statuses: list[int] | None = None, *, tls: ssl.SSLContext | None = None
+) -> Iterator[Receiver]:
+    """A receiver on 127.0.0.1; with ``tls`` (a server context), over TLS."""
     server = Receiver(statuses)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -4,10 +4,12 @@ least once with a stable id, under the outbound policy."""
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from ipaddress import ip_network
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -16,12 +18,13 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from pipeline.crypto.keys import Keyring
-from pipeline.models import DeliveryStatus, WebhookDelivery
+from pipeline.models import DeliveryStatus, WebhookDelivery, WebhookEvent
 from pipeline.models.base import utcnow
 from pipeline.outbound import OutboundPolicy
 from pipeline.webhooks import delivery, events, subscriptions, transport
 from pipeline.webhooks.delivery import RetryPolicy
 from tests.support.loopback_only import loopback_only
+from tests.support.pki import Pki
 from tests.webhooks.receiver import receiving
 
 Store = Callable[[], AbstractContextManager[Session]]
@@ -239,3 +242,56 @@ def test_a_subscription_removed_takes_its_pending_deliveries(
     assert [d.subscription_id for d in _deliveries(store)] == [second]
     with store() as session, pytest.raises(ValueError, match=f"no webhook subscription {first}"):
         subscriptions.remove(session, first)
+
+
+def _server_context(pki: Pki, name: str, tmp_path: Path) -> ssl.SSLContext:
+    chain, key, _ = pki.leaf([name])
+    (tmp_path / "chain.pem").write_text(chain)
+    (tmp_path / "key.pem").write_bytes(key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "chain.pem", tmp_path / "key.pem")
+    return context
+
+
+def test_over_tls_the_name_is_verified_on_the_checked_address(tmp_path: Path) -> None:
+    pki = Pki()
+    with receiving(tls=_server_context(pki, "localhost", tmp_path)) as receiver:
+        port = receiver.server_address[1]
+        # "localhost" may resolve to ::1 first, where nothing listens: the next address is used.
+        answer = transport.post(f"https://localhost:{port}/h", b"{}", {},
+                                tls=pki.client_context())  # fmt: skip
+        assert answer.status == 200 and len(receiver.received) == 1
+        with pytest.raises(transport.SendFailed) as caught:
+            # A certificate the client does not trust (the system's roots): no request made.
+            transport.post(f"https://localhost:{port}/h", b"{}", {})
+    assert caught.value.reason == "tls" and len(receiver.received) == 1
+
+
+def test_a_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
+    pki = Pki()
+    with receiving(tls=_server_context(pki, "elsewhere.example.com", tmp_path)) as receiver:
+        port = receiver.server_address[1]
+        with pytest.raises(transport.SendFailed) as caught:
+            transport.post(f"https://localhost:{port}/h", b"{}", {}, tls=pki.client_context())
+    assert caught.value.reason == "tls" and receiver.received == []
+
+
+def test_finished_deliveries_are_pruned_after_a_week_and_their_events_with_them(
+    store: Store, subscribe: Subscribe, keyring: Keyring
+) -> None:
+    with receiving() as receiver:
+        subscribe(receiver.url)
+        _record(store, "a.example.com")
+        _record(store, "b.example.com")
+        for claimed in _claim(store):
+            delivery.deliver(store, claimed, keyring=keyring)
+    _record(store, "c.example.com")  # still pending: kept however old
+    with store() as session:
+        assert delivery.prune(session, now=utcnow() + timedelta(days=6)) == 0
+    with store() as session:
+        assert delivery.prune(session, now=utcnow() + timedelta(days=8)) == 2
+    assert [(d.domain, d.status) for d in _deliveries(store)] == [
+        ("c.example.com", DeliveryStatus.PENDING)
+    ]
+    with store() as session:
+        assert list(session.scalars(select(WebhookEvent.domain))) == ["c.example.com"]
