@@ -112,7 +112,7 @@ def _served(session: Session, site: Site, *, renewal: bool) -> dict[str, Any]:
     certificate = session.execute(
         select(
             Certificate.serial, Certificate.not_before, Certificate.not_after, Certificate.issuer
-        )  # fmt: skip
+        )
         .where(Certificate.site_id == site.id, Certificate.current)
         .order_by(Certificate.id.desc())
         .limit(1)
