@@ -53,7 +53,7 @@ def _config() -> SimpleNamespace | ModuleType:
 # an operator looks for during a stuck order. Each also sets ``send_events=False`` (so the
 # worker sends no received/started/succeeded events for it); this set covers the one event
 # the sender makes, task-sent, which Celery sends for every task or none.
-QUIET_TASKS = frozenset({"certman.maintenance.dispatch"})
+QUIET_TASKS = frozenset({"certman.maintenance.dispatch", "certman.webhooks.dispatch"})
 
 
 class AMQP(celery.app.amqp.AMQP):  # type: ignore[misc]  # celery ships no type hints
@@ -68,7 +68,7 @@ class AMQP(celery.app.amqp.AMQP):  # type: ignore[misc]  # celery ships no type 
 
 app = Celery(
     "certman",
-    include=["pipeline.tasks.issuance", "pipeline.tasks.maintenance"],
+    include=["pipeline.tasks.issuance", "pipeline.tasks.maintenance", "pipeline.tasks.webhooks"],
     amqp=AMQP,
 )
 app.config_from_object(_config())
