@@ -6,7 +6,14 @@ from datetime import datetime, timedelta
 
 import click
 
-from pipeline.cli.common import Duration, SiteName, _Group, _print_json, command_runtime
+from pipeline.cli.common import (
+    Duration,
+    SiteName,
+    _Group,
+    _print_json,
+    cli_actor,
+    command_runtime,
+)
 from pipeline.settings import get_settings
 
 
@@ -85,7 +92,7 @@ def renew(
         from pipeline.fleet.renewal_requests import renew_now
 
         with session_scope() as session:
-            scheduled = renew_now(session, names, now=now)
+            scheduled = renew_now(session, names, now=now, actor=cli_actor())
         kick_dispatch()  # after the commit, as for domains add
         if as_json:
             _print_json([{"domain": s.domain, "serial": s.serial, "renew_at": s.renew_at}
@@ -162,8 +169,9 @@ def revoke(name: str, reason: str, as_json: bool) -> None:
 
     process = command_runtime()
     done = revoke_site(
-        process.session_scope, process.acme_for, name, reason=Reason[reason], now=utcnow()
-    )
+        process.session_scope, process.acme_for, name, reason=Reason[reason], now=utcnow(),
+        actor=cli_actor(),
+    )  # fmt: skip
     kick_dispatch()
     if as_json:
         _print_json({"domain": done.domain, "serial": done.serial, "reason": done.reason.name,

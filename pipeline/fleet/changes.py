@@ -13,9 +13,18 @@ from sqlalchemy.orm import Session, selectinload
 from pipeline.db import SessionScope
 from pipeline.distribution.publishing import Publisher, site_record
 from pipeline.fleet.sites import SiteError
-from pipeline.models import Site
+from pipeline.models import Site, SiteChange
 
 log = logging.getLogger(__name__)
+
+
+def record_change(
+    session: Session, domain: str, action: str, actor: str, detail: str | None = None
+) -> None:
+    """Add a line to ``domain``'s history in the caller's transaction: a change and the record
+    of who made it are committed together, or neither is. ``actor`` is ``api:<token name>``
+    or ``cli:<unix user>``."""
+    session.add(SiteChange(domain=domain, action=action, actor=actor[:128], detail=detail))
 
 
 def publish_and_commit(

@@ -16,7 +16,7 @@ from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteS
 from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
 from pipeline.outbound import OutboundPolicy, RefusedUpstream
-from pipeline.settings import KeyType, get_settings
+from pipeline.settings import KeyType, Settings, get_settings
 
 
 class SiteError(ValueError):
@@ -40,16 +40,40 @@ class NewSite:
         return (self.domain, *self.aliases)
 
 
-def validate_upstream(raw: str | None, policy: OutboundPolicy | None = None) -> str | None:
+@dataclass(frozen=True)
+class SiteRules:
+    """What validating a site needs from the installation's settings, handed in by the entry
+    point (the API's runtime, a command's): the outbound policy and the configured issuers."""
+
+    policy: OutboundPolicy
+    issuers: tuple[str, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SiteRules:
+        return cls(
+            OutboundPolicy.from_settings(settings),
+            tuple(issuer.name for issuer in settings.issuer_list),
+        )
+
+
+def _rules(rules: SiteRules | None) -> SiteRules:
+    # The callers that do not hand rules in yet (issue 26) get the process's settings.
+    return rules if rules is not None else SiteRules.from_settings(get_settings())
+
+
+def validate_upstream(
+    raw: str | None, policy: OutboundPolicy | None = None, *, rules: SiteRules | None = None
+) -> str | None:
     """The upstream URL normalised, None for none, or :class:`SiteError` saying what is wrong.
 
-    ``policy`` defaults to the installation's (CERTMAN_UPSTREAM_*): the one the edge applies
-    to every address it connects to, so a URL accepted here is one the edge will use.
+    ``policy`` (or ``rules``' policy) defaults to the installation's (CERTMAN_UPSTREAM_*): the
+    one the edge applies to every address it connects to, so a URL accepted here is one the
+    edge will use.
     """
     if raw is None or not raw.strip():
         return None
     if policy is None:
-        policy = OutboundPolicy.from_settings(get_settings())
+        policy = _rules(rules).policy
     try:
         return policy.check_upstream_url(raw)
     except RefusedUpstream as exc:
@@ -65,12 +89,14 @@ def parse_site(
     profile: str | None = None,
     key_type: str | None = None,
     issuer: str | None = None,
+    rules: SiteRules | None = None,
 ) -> NewSite:
-    """Validate and normalise a site request: the one function the CLI and onboarding share."""
+    """Validate and normalise a site request: the one function the CLI, the API and onboarding
+    share."""
     if key_type is not None:
         check_key_type(key_type)
     if issuer is not None:
-        check_issuer(issuer)
+        check_issuer(issuer, rules=rules)
     primary = normalise(domain)
     extra: list[str] = []
     for raw in aliases:
@@ -84,7 +110,8 @@ def parse_site(
     if len(extra) + 1 > 100:
         raise SiteError(f"{primary}: more than 100 names in one certificate")
     return NewSite(
-        primary, tuple(extra), validate_upstream(upstream), customer_ref, profile or None, key_type,
+        primary, tuple(extra), validate_upstream(upstream, rules=rules), customer_ref,
+        profile or None, key_type,
         issuer,
     )  # fmt: skip
 
@@ -95,9 +122,9 @@ def check_key_type(key_type: str) -> None:
         raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
 
 
-def check_issuer(name: str) -> None:
+def check_issuer(name: str, *, rules: SiteRules | None = None) -> None:
     """:class:`SiteError` unless ``name`` is one of the configured issuers."""
-    known = [issuer.name for issuer in get_settings().issuer_list]
+    known = _rules(rules).issuers
     if name not in known:
         raise SiteError(f"issuer {name!r} is not configured (CERTMAN_ISSUERS): one of "
                         f"{', '.join(known)}")  # fmt: skip
@@ -358,6 +385,7 @@ def update_site(
     key_type: str | None = None,
     issuer: str | None = None,
     now: datetime | None = None,
+    rules: SiteRules | None = None,
 ) -> SiteUpdate:
     """Change a site in place; any problem is a :class:`SiteError` and nothing is written.
 
@@ -395,7 +423,9 @@ def update_site(
         raise SiteError(f"{site.domain}: more than 100 names in one certificate")
     if key_type is not None:
         check_key_type(key_type)
-    new_upstream = validate_upstream(upstream) if upstream is not None else site.upstream
+    new_upstream = (
+        validate_upstream(upstream, rules=rules) if upstream is not None else site.upstream
+    )
     wants_cert = names != site.all_names
     if profile is not None and profile != site.profile:
         wants_cert = True
@@ -407,7 +437,7 @@ def update_site(
         changes.append(f"upstream {site.upstream or '(none)'} -> {new_upstream}")
     if issuer is not None and issuer != site.preferred_issuer:
         # From the next order on (a renewal at its time): the certificate served stays valid.
-        check_issuer(issuer)
+        check_issuer(issuer, rules=rules)
         changes.append(f"issuer {site.preferred_issuer or '(first)'} -> {issuer}")
     if wants_cert:
         busy = session.scalar(
