@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tornado.web import HTTPError
+
 PROBLEM_BASE = "https://certman.dev/problems/"
 CONTENT_TYPE = "application/problem+json"
 
@@ -50,8 +52,9 @@ KINDS = (
 )  # fmt: skip
 
 
-class Problem(Exception):
-    """Raised by a handler or a service call; answered as a problem document."""
+class Problem(HTTPError):
+    """Raised by a handler or a service call; answered as a problem document (an HTTPError, so
+    Tornado hands it to the handler's ``write_error`` as the failure it is, not as a crash)."""
 
     def __init__(
         self,
@@ -61,7 +64,7 @@ class Problem(Exception):
         headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
-        super().__init__(detail or kind.title)
+        super().__init__(kind.status, reason=kind.title)
         self.kind = kind
         self.detail = detail
         self.headers = headers or {}
@@ -79,3 +82,11 @@ class Problem(Exception):
             body["instance"] = instance
         body.update(self.extra)
         return body
+
+
+def kind_for_status(status: int) -> Kind:
+    """The kind of a failure Tornado itself answers (an unknown method, a malformed request)."""
+    for kind in KINDS:
+        if kind.status == status and kind not in (NOT_FOUND, BAD_NAME, REFUSED_UPSTREAM):
+            return kind
+    return INVALID_REQUEST if 400 <= status < 500 else INTERNAL

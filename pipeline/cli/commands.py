@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from pipeline.cli import api as cli_api
 from pipeline.cli import operations as cli_ops
 from pipeline.cli.common import (
     CONTEXT_SETTINGS,
@@ -317,6 +318,7 @@ def _show(report: dict[str, Any]) -> None:
     line("next attempt", nxt["note"] or f"{nxt['kind']} at {nxt['at']}")
     if not report["attempts"]:
         click.echo("attempts: none recorded")
+        _show_history(report["history"])
         return
     click.echo("attempts (newest first):")
     click.echo(f"  {'AT':32}  {'STEP':18}  {'OUTCOME':7}  {'ERROR':16}  DETAIL")
@@ -556,5 +558,5 @@ def status(as_json: bool) -> None:
 
 
 # Operations commands (orders, renew, exporter) live in their own module.
-for _command in (cli_ops.orders, cli_ops.renew, cli_ops.revoke, cli_ops.exporter):
+for _command in (cli_ops.orders, cli_ops.renew, cli_ops.revoke, cli_ops.exporter, cli_api.api):
     main.add_command(_command)
