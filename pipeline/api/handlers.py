@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Any, TypeVar
 
 import redis
@@ -18,7 +19,7 @@ import sqlalchemy.exc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from tornado.ioloop import IOLoop
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from pipeline.acme.profiles import UnknownProfile
 from pipeline.api import problems
@@ -103,16 +104,37 @@ def _call(fn: Callable[[], T]) -> T:
         raise problem from None
 
 
+@stream_request_body
 class ApiHandler(RequestHandler):
-    """Base of every handler. ``scopes``: the scope each method needs (None: public)."""
+    """Base of every handler. ``scopes``: the scope each method needs (None: public).
+
+    The body is streamed: ``prepare`` runs on the headers alone, so a body over the limit is
+    refused by its Content-Length with a problem document before any of it is read (and the
+    connection closed), and one sent in chunks is cut off at the limit. Any other refusal
+    (unauthorised, forbidden, rate limited) is found in ``prepare`` and answered when the body
+    is in, by every HTTP method of every subclass (wrapped here): an answer sent while the
+    request is still being read would make Tornado close a keep-alive connection.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("get", "head", "post", "put", "delete", "patch", "options"):
+            method = cls.__dict__.get(name)
+            if method is not None:
+                setattr(cls, name, _admitted(method))
 
     route = "unknown"
     scopes: dict[str, str | None] = {}
+    # The query parameters the resource takes: any other is refused (a typo such as
+    # ?expiring_in= must not quietly list every site).
+    query: frozenset[str] = frozenset()
 
     def initialize(self, ctx: ApiContext) -> None:
         self.ctx = ctx
         self.caller: Caller | None = None
         self._started = time.monotonic()
+        self._body = bytearray()
+        self._refusal: Problem | None = None
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking service call (the store, Redis, the CA) off the event loop."""
@@ -122,6 +144,22 @@ class ApiHandler(RequestHandler):
 
     async def prepare(self) -> None:
         self.set_header("Cache-Control", "no-store")
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.ctx.max_body:
+            self.ctx.metrics.refused.labels("too_large").inc()
+            # Answered before the body is read: the connection cannot be used again.
+            raise Problem(problems.TOO_LARGE, f"the body is over {self.ctx.max_body} bytes",
+                          headers={"Connection": "close"})  # fmt: skip
+        connection = self.request.connection
+        if connection is not None and hasattr(connection, "set_max_body_size"):
+            connection.set_max_body_size(self.ctx.max_body)
+        try:
+            await self._admit()
+        except Problem as refusal:
+            self._refusal = refusal
+
+    async def _admit(self) -> None:
+        """Authenticate, rate-limit and authorise the request (a Problem if refused)."""
         method = self.request.method or "GET"
         if method not in self.scopes:
             return  # Tornado answers 405 for a method the handler lacks
@@ -150,9 +188,14 @@ class ApiHandler(RequestHandler):
         if need not in caller.scopes:
             self.ctx.metrics.refused.labels("forbidden").inc()
             raise Problem(problems.FORBIDDEN, f"this needs a token with the scope {need}")
-        if len(self.request.body) > self.ctx.max_body:
-            self.ctx.metrics.refused.labels("too_large").inc()
-            raise Problem(problems.TOO_LARGE, f"the body is over {self.ctx.max_body} bytes")
+        unknown = sorted(set(self.request.query_arguments) - self.query)
+        if unknown:
+            takes = ", ".join(sorted(self.query)) or "none"
+            detail = f"unknown query parameter {unknown[0]!r} (this takes: {takes})"
+            raise Problem(problems.INVALID_REQUEST, detail)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
 
     @property
     def actor(self) -> str:
@@ -165,10 +208,10 @@ class ApiHandler(RequestHandler):
         if media != "application/json" and not (media.startswith("application/") and
                                                 media.endswith("+json")):  # fmt: skip
             raise Problem(problems.UNSUPPORTED_MEDIA, f"Content-Type {media!r}")
-        if not self.request.body:
+        if not self._body:
             return {}
         try:
-            return json.loads(self.request.body)
+            return json.loads(self._body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise Problem(problems.INVALID_REQUEST, f"the body is not JSON ({exc})") from None
 
@@ -221,6 +264,20 @@ class ApiHandler(RequestHandler):
         )  # fmt: skip
 
 
+def _admitted(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run only for a request ``prepare`` admitted; a refused one gets its problem."""
+
+    @wraps(method)
+    async def answer(self: ApiHandler, *args: Any) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+        result = method(self, *args)
+        if inspect.isawaitable(result):
+            await result
+
+    return answer
+
+
 def access_log(handler: RequestHandler) -> None:
     """One line per request: method, path, status, time, the token's name. Never a header
     (the Authorization header holds the token), never the query string."""
@@ -239,8 +296,14 @@ def access_log(handler: RequestHandler) -> None:
 class NotFound(ApiHandler):
     route = "unknown"
 
-    def prepare(self) -> None:  # type: ignore[override]
-        raise Problem(problems.NO_ROUTE, f"no resource at {self.request.path}")
+    async def prepare(self) -> None:
+        # Answered by the method, once the request is read (see ApiHandler).
+        self._refusal = Problem(problems.NO_ROUTE, f"no resource at {self.request.path}")
+
+    def _unreachable(self, *args: str) -> None:
+        raise AssertionError("a refused request reached its method")
+
+    get = head = post = put = delete = patch = options = _unreachable
 
 
 class Health(ApiHandler):
@@ -282,6 +345,7 @@ class Status(ApiHandler):
 class Sites(ApiHandler):
     route = "sites"
     scopes = {"GET": READ}
+    query = frozenset({"state", "expiring_within", "limit", "cursor"})
 
     async def get(self) -> None:
         state = self.get_query_argument("state", None)
@@ -372,7 +436,7 @@ class Batch(ApiHandler):
             raise Problem(problems.INVALID_REQUEST, "sites: a list of site objects")
         if len(items) > self.ctx.max_batch:
             most = self.ctx.max_batch
-            raise Problem(problems.TOO_LARGE, f"{len(items)} sites; at most {most} a request")
+            raise Problem(problems.TOO_MANY_SITES, f"{len(items)} sites; at most {most} a request")
         self.send_json(200, await self.blocking(self.ctx.service.batch, items, actor=self.actor))
 
 

@@ -39,6 +39,7 @@ METHOD_NOT_ALLOWED = Kind("method-not-allowed", 405, "Method not allowed on this
 CONFLICT = Kind("conflict", 409, "The change conflicts with what is stored")
 PRECONDITION_FAILED = Kind("precondition-failed", 412, "The site changed since its ETag")
 TOO_LARGE = Kind("too-large", 413, "The request is larger than allowed")
+TOO_MANY_SITES = Kind("too-many-sites", 400, "More sites in one batch than allowed")
 UNSUPPORTED_MEDIA = Kind("unsupported-media-type", 415, "The body must be application/json")
 RATE_LIMITED = Kind("rate-limited", 429, "Too many requests for this token")
 CA_REFUSED = Kind("ca-refused", 502, "The CA did not do what was asked")
@@ -47,7 +48,8 @@ INTERNAL = Kind("internal", 500, "Internal error")
 
 KINDS = (
     BAD_NAME, REFUSED_UPSTREAM, INVALID_REQUEST, UNAUTHORISED, FORBIDDEN, NOT_FOUND, NO_ROUTE,
-    METHOD_NOT_ALLOWED, CONFLICT, PRECONDITION_FAILED, TOO_LARGE, UNSUPPORTED_MEDIA, RATE_LIMITED,
+    METHOD_NOT_ALLOWED, CONFLICT, PRECONDITION_FAILED, TOO_LARGE, TOO_MANY_SITES, UNSUPPORTED_MEDIA,
+    RATE_LIMITED,
     CA_REFUSED, UNAVAILABLE, INTERNAL,
 )  # fmt: skip
 
@@ -87,6 +89,7 @@ class Problem(HTTPError):
 def kind_for_status(status: int) -> Kind:
     """The kind of a failure Tornado itself answers (an unknown method, a malformed request)."""
     for kind in KINDS:
-        if kind.status == status and kind not in (NOT_FOUND, BAD_NAME, REFUSED_UPSTREAM):
+        if kind.status == status and kind not in (NOT_FOUND, BAD_NAME, REFUSED_UPSTREAM,
+                                                  TOO_MANY_SITES):  # fmt: skip
             return kind
     return INVALID_REQUEST if 400 <= status < 500 else INTERNAL

@@ -317,10 +317,16 @@ def _only(body: dict[str, Any], allowed: set[str]) -> None:
                       f"{', '.join(sorted(allowed))}")  # fmt: skip
 
 
+# The columns' sizes: a longer value is refused here, not by the store's type.
+MAX_LENGTH = {"upstream": 2048, "customer_ref": 255, "profile": 64, "key_type": 16, "issuer": 64}
+
+
 def _opt_str(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
         raise Problem(INVALID_REQUEST, f"{key}: a string or null")
+    if value is not None and len(value) > MAX_LENGTH[key]:
+        raise Problem(INVALID_REQUEST, f"{key}: at most {MAX_LENGTH[key]} characters")
     return value
 
 
@@ -348,6 +354,8 @@ def _batch_line(number: int, item: Any) -> tuple[Line, str | None]:
         return Line(number, text, ()), "domain: a name is needed"
     if upstream is not None and not isinstance(upstream, str):
         return Line(number, text, ()), "upstream: a string or null"
+    if upstream is not None and len(upstream) > MAX_LENGTH["upstream"]:
+        return Line(number, text, ()), f"upstream: at most {MAX_LENGTH['upstream']} characters"
     if aliases is None:
         aliases = []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):

@@ -94,7 +94,11 @@ def api_config() -> ApiConfig:
 
 
 @pytest.fixture
-def api(certman_env: dict[str, str], api_config: ApiConfig) -> Iterator[RunningApi]:
+def api(
+    certman_env: dict[str, str], api_config: ApiConfig, redis_client: Any
+) -> Iterator[RunningApi]:
+    """Over an empty Redis database (redis_client flushes it): no rate-limit bucket or
+    snapshot left by another test."""
     from pipeline.settings import get_settings
 
     runtime = Runtime(get_settings())

@@ -126,6 +126,8 @@ def test_failures_are_problem_documents_with_stable_types(api: RunningApi) -> No
     _problem(wrong, 405, "method-not-allowed")
     assert "PUT" in wrong.headers["Allow"]
     _problem(api.call("GET", "/v1/sites?limit=0", token), 400, "invalid-request")
+    typo = api.call("GET", "/v1/sites?expiring_in=60", token)
+    assert "expiring_in" in _problem(typo, 400, "invalid-request")["detail"]  # type: ignore[operator]
     _problem(api.call("GET", "/v1/sites?cursor=%%%", token), 400, "invalid-request")
 
 
@@ -186,7 +188,7 @@ def test_batch_answers_every_line(api: RunningApi) -> None:
     assert shown["history"][0]["actor"] == "api:platform"
     many = [{"domain": f"s{i}.example.com"} for i in range(1001)]
     too_many = api.call("POST", "/v1/sites/batch", token, json={"sites": many})
-    _problem(too_many, 413, "too-large")
+    _problem(too_many, 400, "too-many-sites")
 
 
 def test_list_walks_every_site_by_keyset_pages(api: RunningApi) -> None:
