@@ -24,7 +24,7 @@ from pipeline.cli.common import (
     command_runtime,
 )
 from pipeline.logformat import LOG_FORMAT_VAR, LogFormatParam, configure
-from pipeline.settings import KeyType, get_settings
+from pipeline.settings import KeyType
 from pipeline.version import certman_version
 
 
@@ -59,7 +59,7 @@ def db_upgrade(revision: str) -> None:
     """Apply the migrations (creates the SQLite file for the embedded default)."""
     from pipeline import db as store
 
-    store.upgrade(get_settings().effective_database_url, revision)
+    store.upgrade(command_runtime().settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
 
 
@@ -139,7 +139,7 @@ def _check_edge_key(outcome: str) -> None:
     from pipeline.crypto.keys import KeyFileError, PublicKey
     from pipeline.fleet.sites import SiteError
 
-    path = get_settings().edge_public_key
+    path = command_runtime().settings.edge_public_key
     if path is None:
         return
     try:
@@ -165,7 +165,7 @@ def _check_profile(profile: str, issuer: str | None) -> None:
     """A profile the issuer the site orders from first offers (its directory's meta.profiles)."""
     from pipeline.acme.profiles import check_profile, offered_profiles
 
-    settings = get_settings()
+    settings = command_runtime().settings
     known = {spec.name for spec in settings.issuer_list}
     spec = settings.issuer(issuer if issuer in known else None)
     check_profile(profile, offered_profiles(spec), spec.directory)
@@ -363,13 +363,12 @@ def domains_remove(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json: bool) -> None:
     """Try sites that wait on a failure again now (after DNS or CAA was put right)."""
-    from pipeline.db import session_scope
     from pipeline.fleet.sites import retry_sites
     from pipeline.tasks.maintenance import kick_dispatch
 
     if not names and not blocked and not retrying:
         raise click.UsageError("name the sites, or say --blocked and/or --retrying")
-    with session_scope() as session:
+    with command_runtime().session_scope() as session:
         retried = retry_sites(session, names, blocked=blocked, retrying=retrying)
     if retried:
         kick_dispatch()  # after the commit, as for domains add
@@ -396,12 +395,11 @@ def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json
 )
 def domains_list(as_json: bool, state: str | None, expiring_within: timedelta | None) -> None:
     """Every site with its state, expiry and last error, by domain (streamed: any fleet size)."""
-    from pipeline.db import session_scope
     from pipeline.fleet.sites import iter_sites
     from pipeline.models.base import utcnow
 
     before = utcnow() + expiring_within if expiring_within else None
-    with session_scope() as session:
+    with command_runtime().session_scope() as session:
         rows = iter_sites(session, state=state, expiring_before=before)
         if as_json:
             _print_json_array(rows)
