@@ -197,6 +197,11 @@ class ApiHandler(RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         self._body += chunk
 
+    def compute_etag(self) -> str | None:
+        # Only a site has an ETag (what a PUT sets, pipeline.api.sites.etag_of), never one
+        # Tornado derives from a body.
+        return None
+
     @property
     def actor(self) -> str:
         assert self.caller is not None
