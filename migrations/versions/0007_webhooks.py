@@ -6,7 +6,7 @@ webhook_events: the outbox, written in the transaction of the change that caused
 webhook_deliveries: each event to each subscription, in order per (subscription, domain).
 
 Revision ID: 0007
-Revises: 0005 (the merger rechains it after 0006)
+Revises: 0006
 Create Date: 2026-12-05
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

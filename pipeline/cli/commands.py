@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from pipeline.cli import api as cli_api
 from pipeline.cli import operations as cli_ops
 from pipeline.cli.common import (
     CONTEXT_SETTINGS,
@@ -19,10 +20,11 @@ from pipeline.cli.common import (
     _Group,
     _print_json,
     _print_json_array,
+    cli_actor,
     command_runtime,
 )
 from pipeline.logformat import LOG_FORMAT_VAR, LogFormatParam, configure
-from pipeline.settings import KeyType, get_settings
+from pipeline.settings import KeyType
 from pipeline.version import certman_version
 
 
@@ -57,7 +59,7 @@ def db_upgrade(revision: str) -> None:
     """Apply the migrations (creates the SQLite file for the embedded default)."""
     from pipeline import db as store
 
-    store.upgrade(get_settings().effective_database_url, revision)
+    store.upgrade(command_runtime().settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
 
 
@@ -95,18 +97,21 @@ def domains_add(
     issuer: str | None,
 ) -> None:
     """Add a site and queue its certificate."""
-    from pipeline.fleet.changes import publish_and_commit
-    from pipeline.fleet.sites import add_site, parse_site
+    from pipeline.fleet.changes import publish_and_commit, record_change
+    from pipeline.fleet.sites import SiteRules, add_site, parse_site
 
+    process = command_runtime()
     new = parse_site(
-        name, aliases, upstream, customer_ref, profile=profile, key_type=key_type, issuer=issuer
-    )
+        name, aliases, upstream, customer_ref, profile=profile, key_type=key_type, issuer=issuer,
+        rules=SiteRules.from_settings(process.settings),
+    )  # fmt: skip
     if profile:
         _check_profile(profile, issuer)
     _check_edge_key("nothing was added")
-    process = command_runtime()
     with process.session_scope() as session:
         site, created = add_site(session, new)
+        if created:
+            record_change(session, new.domain, "add", cli_actor(), _names_detail(new.names))
         # Published before the commit (the edge can proxy plain HTTP for the site before it has
         # a certificate): a failure on the way leaves no site behind. A re-add of a site that
         # is there publishes it only if the edges lack it (an interrupted earlier add).
@@ -123,6 +128,10 @@ def domains_add(
         click.echo(f"{new.domain} already there")
 
 
+def _names_detail(names: Sequence[str]) -> str:
+    return "names " + " ".join(names)
+
+
 def _check_edge_key(outcome: str) -> None:
     """The edge public key every certificate is sealed to, readable, when this installation
     names one: a site whose certificate could never be sealed is refused before anything is
@@ -130,7 +139,7 @@ def _check_edge_key(outcome: str) -> None:
     from pipeline.crypto.keys import KeyFileError, PublicKey
     from pipeline.fleet.sites import SiteError
 
-    path = get_settings().edge_public_key
+    path = command_runtime().settings.edge_public_key
     if path is None:
         return
     try:
@@ -156,7 +165,7 @@ def _check_profile(profile: str, issuer: str | None) -> None:
     """A profile the issuer the site orders from first offers (its directory's meta.profiles)."""
     from pipeline.acme.profiles import check_profile, offered_profiles
 
-    settings = get_settings()
+    settings = command_runtime().settings
     known = {spec.name for spec in settings.issuer_list}
     spec = settings.issuer(issuer if issuer in known else None)
     check_profile(profile, offered_profiles(spec), spec.directory)
@@ -183,8 +192,8 @@ def domains_update(
 ) -> None:
     """Change a site in place. New names, profile or key type order a new certificate (the old
     one is served until it arrives); a new upstream reaches the edges at once."""
-    from pipeline.fleet.changes import publish_and_commit
-    from pipeline.fleet.sites import find_site, update_site
+    from pipeline.fleet.changes import publish_and_commit, record_change
+    from pipeline.fleet.sites import SiteRules, find_site, update_site
 
     if not (add or remove or upstream or profile or key_type or issuer):
         raise click.UsageError(
@@ -198,7 +207,10 @@ def domains_update(
         done = update_site(
             session, name, add_aliases=add, remove_aliases=remove, upstream=upstream,
             profile=profile, key_type=key_type, issuer=issuer,
+            rules=SiteRules.from_settings(process.settings),
         )  # fmt: skip
+        if done.changes:
+            record_change(session, done.domain, "update", cli_actor(), "; ".join(done.changes))
         if done.new_certificate:
             _check_edge_key("nothing was changed")
         # Names and upstream reach the edges with the commit, or neither does (the certificate
@@ -236,13 +248,13 @@ def domains_update(
 def domains_show(name: str, attempts: int, as_json: bool) -> None:
     """One site: names, upstream, state, its certificate, when and why it renews, the order in
     flight, the last attempts and the next one."""
-    from pipeline.db import session_scope
     from pipeline.fleet.site_report import site_report
     from pipeline.models.base import utcnow
 
-    with session_scope() as session:
+    process = command_runtime()
+    with process.session_scope() as session:
         report = site_report(
-            session, name, now=utcnow(), settings=get_settings(), attempts=attempts
+            session, name, now=utcnow(), settings=process.settings, attempts=attempts
         )
     if as_json:
         _print_json(report)
@@ -306,24 +318,37 @@ def _show(report: dict[str, Any]) -> None:
     line("next attempt", nxt["note"] or f"{nxt['kind']} at {nxt['at']}")
     if not report["attempts"]:
         click.echo("attempts: none recorded")
+        _show_history(report["history"])
         return
     click.echo("attempts (newest first):")
     click.echo(f"  {'AT':32}  {'STEP':18}  {'OUTCOME':7}  {'ERROR':16}  DETAIL")
     for a in report["attempts"]:
         click.echo(f"  {a['at']:32}  {a['step']:18}  {a['outcome']:7}  "
                    f"{a['error_type'] or '-':16}  {a['detail'] or ''}")  # fmt: skip
+    _show_history(report["history"])
+
+
+def _show_history(history: list[dict[str, Any]]) -> None:
+    if not history:
+        click.echo("history: no change recorded")
+        return
+    click.echo("history (newest first):")
+    for change in history:
+        click.echo(f"  {change['at']:32}  {change['action']:7}  {change['actor']:24}  "
+                   f"{change['detail'] or ''}")  # fmt: skip
 
 
 @domains.command("remove")
 @click.argument("name", type=SiteName())
 def domains_remove(name: str) -> None:
     """Remove a site: stop its orders, and take its certificate off every edge."""
-    from pipeline.fleet.changes import unpublish_and_commit
+    from pipeline.fleet.changes import record_change, unpublish_and_commit
     from pipeline.fleet.sites import remove_site
 
     process = command_runtime()
     with process.session_scope() as session:
         domain = remove_site(session, name).domain
+        record_change(session, domain, "remove", cli_actor())
         # Off the edges before the commit: a removal the edges cannot hear of is not made.
         unpublish_and_commit(process.publisher, process.session_scope, session, domain)
     click.echo(f"removed {domain}")
@@ -338,13 +363,12 @@ def domains_remove(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json: bool) -> None:
     """Try sites that wait on a failure again now (after DNS or CAA was put right)."""
-    from pipeline.db import session_scope
     from pipeline.fleet.sites import retry_sites
     from pipeline.tasks.maintenance import kick_dispatch
 
     if not names and not blocked and not retrying:
         raise click.UsageError("name the sites, or say --blocked and/or --retrying")
-    with session_scope() as session:
+    with command_runtime().session_scope() as session:
         retried = retry_sites(session, names, blocked=blocked, retrying=retrying)
     if retried:
         kick_dispatch()  # after the commit, as for domains add
@@ -371,12 +395,11 @@ def domains_retry(names: tuple[str, ...], blocked: bool, retrying: bool, as_json
 )
 def domains_list(as_json: bool, state: str | None, expiring_within: timedelta | None) -> None:
     """Every site with its state, expiry and last error, by domain (streamed: any fleet size)."""
-    from pipeline.db import session_scope
     from pipeline.fleet.sites import iter_sites
     from pipeline.models.base import utcnow
 
     before = utcnow() + expiring_within if expiring_within else None
-    with session_scope() as session:
+    with command_runtime().session_scope() as session:
         rows = iter_sites(session, state=state, expiring_before=before)
         if as_json:
             _print_json_array(rows)
@@ -447,7 +470,7 @@ def keys_status(as_json: bool) -> None:
     process = command_runtime()
     with process.session_scope() as session:
         rows = envelope_counts(session)
-    signing = signing_report(process.redis)
+    signing = signing_report(process.redis, process.settings)
     if as_json:
         _print_json(
             [{"purpose": "envelope", **row} for row in rows]
@@ -524,7 +547,7 @@ def status(as_json: bool) -> None:
     from pipeline.fleet.status import collect
 
     process = command_runtime()
-    report = collect(process.session_scope, process.limiter_for)
+    report = collect(process.session_scope, process.limiter_for, process.settings)
     if as_json:
         _print_json(report)
         return
@@ -533,5 +556,5 @@ def status(as_json: bool) -> None:
 
 
 # Operations commands (orders, renew, exporter) live in their own module.
-for _command in (cli_ops.orders, cli_ops.renew, cli_ops.revoke, cli_ops.exporter):
+for _command in (cli_ops.orders, cli_ops.renew, cli_ops.revoke, cli_ops.exporter, cli_api.api):
     main.add_command(_command)

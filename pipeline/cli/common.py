@@ -137,6 +137,17 @@ class SiteName(click.ParamType[str]):
         return value
 
 
+def cli_actor() -> str:
+    """Who a command's change is recorded as in a site's history: ``cli:<unix user>``."""
+    import getpass
+    import os
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (a container's arbitrary user)
+        return f"cli:uid={os.getuid()}"
+
+
 def command_runtime() -> Runtime:
     """The command's runtime, on click's context object: the one a test gave
     (``main(obj=runtime)``, ``CliRunner().invoke(main, obj=runtime)``), or one made from the

@@ -6,8 +6,14 @@ from datetime import datetime, timedelta
 
 import click
 
-from pipeline.cli.common import Duration, SiteName, _Group, _print_json, command_runtime
-from pipeline.settings import get_settings
+from pipeline.cli.common import (
+    Duration,
+    SiteName,
+    _Group,
+    _print_json,
+    cli_actor,
+    command_runtime,
+)
 
 
 # --- orders --------------------------------------------------------------------------------------
@@ -26,13 +32,14 @@ def orders() -> None:
 )
 def orders_stuck(as_json: bool, older_than: timedelta | None) -> None:
     """Unfinished orders that no task has touched for a while, oldest first."""
-    from pipeline.db import session_scope
     from pipeline.fleet.upkeep import find_stuck
     from pipeline.models.base import utcnow
 
-    stuck_after = older_than.total_seconds() if older_than else get_settings().stuck_after
+    stuck_after = (
+        older_than.total_seconds() if older_than else command_runtime().settings.stuck_after
+    )
     now = utcnow()
-    with session_scope() as session:
+    with command_runtime().session_scope() as session:
         rows = find_stuck(session, now=now, stuck_after=stuck_after, with_attempts=True)
     if as_json:
         _print_json([row.as_dict(now) for row in rows])
@@ -72,7 +79,6 @@ def renew(
     scheme or to an edge key (--scheme, --key-id: re-seal to the current edge key), spread
     evenly over --within. Dispatch starts them like any renewal, under the in-flight bound and
     the rate limits; the old certificate is served until the new one is stored."""
-    from pipeline.db import session_scope
     from pipeline.models.base import utcnow
     from pipeline.tasks.maintenance import kick_dispatch
 
@@ -84,8 +90,8 @@ def renew(
             raise click.UsageError("NAME... --now goes with no other option")
         from pipeline.fleet.renewal_requests import renew_now
 
-        with session_scope() as session:
-            scheduled = renew_now(session, names, now=now)
+        with command_runtime().session_scope() as session:
+            scheduled = renew_now(session, names, now=now, actor=cli_actor())
         kick_dispatch()  # after the commit, as for domains add
         if as_json:
             _print_json([{"domain": s.domain, "serial": s.serial, "renew_at": s.renew_at}
@@ -101,7 +107,7 @@ def renew(
     if all_:
         from pipeline.fleet.renewal_requests import renew_all
 
-        with session_scope() as session:
+        with command_runtime().session_scope() as session:
             n = renew_all(session, within=within, now=now)
         what = "every certificate"
     else:
@@ -118,13 +124,12 @@ def _reseal(
     from sqlalchemy import select
 
     from pipeline.crypto.schemes import Scheme
-    from pipeline.db import session_scope
     from pipeline.fleet.renewal import schedule_reseal
     from pipeline.models import Certificate
 
     if scheme is not None and scheme not in {s.value for s in Scheme}:
         raise ValueError(f"unknown scheme {scheme!r}: one of {', '.join(s.value for s in Scheme)}")
-    with session_scope() as session:
+    with command_runtime().session_scope() as session:
         if key_id is not None:
             in_use = set(
                 session.scalars(select(Certificate.key_id).where(Certificate.current).distinct())
@@ -162,8 +167,9 @@ def revoke(name: str, reason: str, as_json: bool) -> None:
 
     process = command_runtime()
     done = revoke_site(
-        process.session_scope, process.acme_for, name, reason=Reason[reason], now=utcnow()
-    )
+        process.session_scope, process.acme_for, name, reason=Reason[reason], now=utcnow(),
+        actor=cli_actor(),
+    )  # fmt: skip
     kick_dispatch()
     if as_json:
         _print_json({"domain": done.domain, "serial": done.serial, "reason": done.reason.name,

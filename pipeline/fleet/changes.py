@@ -13,9 +13,19 @@ from sqlalchemy.orm import Session, selectinload
 from pipeline.db import SessionScope
 from pipeline.distribution.publishing import Publisher, site_record
 from pipeline.fleet.sites import SiteError
-from pipeline.models import Site
+from pipeline.models import Site, SiteChange
+from pipeline.webhooks import events
 
 log = logging.getLogger(__name__)
+
+
+def record_change(
+    session: Session, domain: str, action: str, actor: str, detail: str | None = None
+) -> None:
+    """Add a line to ``domain``'s history in the caller's transaction: a change and the record
+    of who made it are committed together, or neither is. ``actor`` is ``api:<token name>``
+    or ``cli:<unix user>``."""
+    session.add(SiteChange(domain=domain, action=action, actor=actor[:128], detail=detail))
 
 
 def publish_and_commit(
@@ -50,7 +60,9 @@ def unpublish_and_commit(
     publisher: Publisher, sessions: SessionScope, session: Session, domain: str
 ) -> None:
     """As :func:`publish_and_commit`, for a site this transaction removes: its signed tombstone
-    first, then the commit (a removal that cannot reach the edges is not made)."""
+    first, then the commit (a removal that cannot reach the edges is not made). The platform's
+    ``site.removed`` event is written in the same transaction: sent only if the removal is."""
+    events.record(session, event_type=events.SITE_REMOVED, domain=domain, data={})
     with _refused_in_one_line():
         publisher.unpublish(domain)
     _commit_or_put_back(publisher, sessions, session, domain, True)

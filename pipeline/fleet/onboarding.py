@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.acme.ratelimit import Limits
@@ -45,8 +45,8 @@ from pipeline.acme.ratelimit import Limits
 from pipeline.distribution.publishing import heal_snapshot as heal_snapshot
 from pipeline.distribution.publishing import publish_records as publish_records
 from pipeline.fleet import site_states
-from pipeline.fleet.sites import NewSite, parse_site
-from pipeline.models import Site, SiteName, SiteState
+from pipeline.fleet.sites import NewSite, SiteRules, parse_site
+from pipeline.models import Site, SiteChange, SiteName, SiteState
 from pipeline.models.base import utcnow
 from pipeline.names import registered_domain
 from pipeline.setting_values import Rate
@@ -238,6 +238,11 @@ class Options:
     dry_run: bool = False
     upstream_default: str | None = None
     priority: bool = False
+    # The installation's outbound policy and issuers (None: the process's settings).
+    rules: SiteRules | None = None
+    # Who adds the sites, recorded in each added site's history in the batch's transaction
+    # (the API's token); None records nothing.
+    actor: str | None = None
 
 
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection, OWASP):
@@ -309,8 +314,12 @@ class Onboarding:
         kick: Callable[[], None] | None = None,
         rejected: RejectedWriter | None = None,
         on_batch: Callable[[Summary], None] | None = None,
+        on_result: Callable[[int, Outcome, str | None], None] | None = None,
     ) -> None:
+        """``on_result(line number, outcome, reason)`` hears every line's answer (the API's
+        batch answers each line); a line rejected after a lost race is heard once."""
         self.engine = engine
+        self.on_result = on_result
         self.options = options
         self.publish_batch = publish_batch
         self.publish_existing = publish_existing
@@ -348,6 +357,8 @@ class Onboarding:
     def _reject(self, line: Line, reason: str) -> None:
         self.summary.rejected += 1
         self.rejected.write(Rejection(line, reason))
+        if self.on_result is not None:
+            self.on_result(line.number, "rejected", reason)
 
     def _validate(self, line: Line) -> Candidate | None:
         if line.problem is not None:
@@ -361,7 +372,7 @@ class Onboarding:
         upstream = (cells[1] if len(cells) > 1 else "") or self.options.upstream_default
         aliases = cells[2].split() if len(cells) > 2 else []
         try:
-            site = parse_site(domain, aliases, upstream)
+            site = parse_site(domain, aliases, upstream, rules=self.options.rules)
         except ValueError as exc:  # InvalidName, SiteError: the same reasons the CLI gives
             self._reject(line, str(exc))
             return None
@@ -372,6 +383,8 @@ class Onboarding:
                 self._reject(line, f"{site.domain} already belongs to site {owner} (line {number})")
             elif self._same_names(site):
                 self.summary.duplicates += 1
+                if self.on_result is not None:
+                    self.on_result(line.number, "duplicate", f"{site.domain} is on line {number}")
             else:
                 self._reject(line, f"{site.domain} is already on line {number} with other names")
             return None
@@ -404,6 +417,12 @@ class Onboarding:
                 "another writer; run again"
             )
         added, already = outcome
+        if self.on_result is not None:
+            lines = {candidate.site.domain: candidate.line.number for candidate in batch}
+            for site in added:
+                self.on_result(lines[site.domain], "added", None)
+            for site in already:
+                self.on_result(lines[site.domain], "already", None)
         self.summary.batches += 1
         self.summary.added += len(added)
         self.summary.already += len(already)
@@ -533,7 +552,16 @@ class Onboarding:
             .returning(SITE_NAMES.c.name)
         )
         inserted = connection.execute(statement, name_rows).all()
-        return len(inserted) == len(name_rows)
+        if len(inserted) != len(name_rows):
+            return False
+        if self.options.actor is not None:
+            connection.execute(
+                insert(SiteChange),
+                [{"domain": site.domain, "action": "add", "actor": self.options.actor,
+                  "detail": "names " + " ".join(site.names), "created_at": now}
+                 for site in fresh],
+            )  # fmt: skip
+        return True
 
     def _priority_time(self) -> datetime:
         """Ahead of everything waiting: a second before the earliest due site, or now."""

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pipeline.fleet.sites import SiteError, find_site, make_due
-from pipeline.models import Certificate, Site, SiteState
+from pipeline.models import Certificate, Site, SiteChange, SiteState
 
 # Certificates per UPDATE of ``renew --all``.
 BATCH = 1000
@@ -29,9 +29,12 @@ class Scheduled:
     renew_at: datetime
 
 
-def renew_now(session: Session, names: Sequence[str], *, now: datetime) -> list[Scheduled]:
+def renew_now(
+    session: Session, names: Sequence[str], *, now: datetime, actor: str | None = None
+) -> list[Scheduled]:
     """Make the named sites' renewals due now; a site that cannot be renewed now is a
-    :class:`SiteError` saying why, and nothing is written."""
+    :class:`SiteError` saying why, and nothing is written. ``actor``: who asked, recorded in
+    each site's history."""
     chosen: dict[int, tuple[Site, Certificate]] = {}
     for name in names:
         site = find_site(session, name)
@@ -53,6 +56,9 @@ def renew_now(session: Session, names: Sequence[str], *, now: datetime) -> list[
     for site, cert in sorted(chosen.values(), key=lambda pair: pair[0].domain):
         make_due(cert, now)
         out.append(Scheduled(site.domain, cert.serial, cert.renew_at))
+        if actor is not None:
+            session.add(SiteChange(domain=site.domain, action="renew", actor=actor,
+                                   detail=f"renewal of {cert.serial} made due now"))  # fmt: skip
     session.flush()
     return out
 

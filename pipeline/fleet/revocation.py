@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from pipeline.acme.client import AcmeClient
 from pipeline.errors import IssuanceProblem
 from pipeline.fleet.sites import SiteError, find_site, make_due
-from pipeline.models import Attempt, Certificate
+from pipeline.models import Attempt, Certificate, SiteChange
 
 
 class Reason(IntEnum):
@@ -54,8 +54,10 @@ def revoke_site(
     *,
     reason: Reason,
     now: datetime,
+    actor: str | None = None,
 ) -> Revoked:
-    """Revoke the site's current certificate at the CA, then make its renewal due now."""
+    """Revoke the site's current certificate at the CA, then make its renewal due now.
+    ``actor``: who asked, recorded in the site's history."""
     with session_scope() as session:
         site = find_site(session, name)
         cert = session.scalar(
@@ -91,4 +93,7 @@ def revoke_site(
                 + (", already revoked at the CA" if already else ""),
             )
         )
+        if actor is not None:
+            detail = f"certificate {serial} revoked ({reason.name})"
+            session.add(SiteChange(domain=domain, action="revoke", actor=actor, detail=detail))
     return Revoked(domain, serial, reason, already)

@@ -19,7 +19,7 @@ from pipeline.fleet.chain import STEPS
 from pipeline.fleet.dispatch import UNFINISHED
 from pipeline.fleet.renewal import AriStatus
 from pipeline.fleet.sites import find_site
-from pipeline.models import Attempt, Certificate, Order, Site, SiteState
+from pipeline.models import Attempt, Certificate, Order, Site, SiteChange, SiteState
 from pipeline.settings import Settings
 
 _TASK_AT = {step.at: f"certman.issue.{step.name}" for step in STEPS}
@@ -39,7 +39,13 @@ def key_type_of(leaf: x509.Certificate) -> str:
 
 
 def site_report(
-    session: Session, name: str, *, now: datetime, settings: Settings, attempts: int = 10
+    session: Session,
+    name: str,
+    *,
+    now: datetime,
+    settings: Settings,
+    attempts: int = 10,
+    history: int = 20,
 ) -> dict[str, Any]:
     """The ``certman domains show --json`` object (docs/architecture.md, "Contracts")."""
     site = find_site(session, name)
@@ -84,7 +90,25 @@ def site_report(
             for a in recent
         ],
         "next_attempt": _next_attempt(site, cert, order),
+        # Added key (compatible): who changed the site, newest first.
+        "history": site_history(session, site.domain, limit=history),
     }
+
+
+def site_history(session: Session, domain: str, *, limit: int = 20) -> list[dict[str, Any]]:
+    """The last ``limit`` changes of a site and who made them, newest first (a removed site's
+    history stays: it is keyed by the domain)."""
+    rows = session.scalars(
+        select(SiteChange)
+        .where(SiteChange.domain == domain)
+        .order_by(SiteChange.id.desc())
+        .limit(limit)
+    )
+    return [
+        {"at": _iso(row.created_at), "action": row.action, "actor": row.actor,
+         "detail": row.detail}
+        for row in rows
+    ]  # fmt: skip
 
 
 def _certificate(session: Session, cert: Certificate) -> dict[str, Any]:

@@ -16,11 +16,24 @@ from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteS
 from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
 from pipeline.outbound import OutboundPolicy, RefusedUpstream
-from pipeline.settings import KeyType, get_settings
+from pipeline.settings import KeyType, Settings, get_settings
 
 
 class SiteError(ValueError):
     """A request about sites that cannot be carried out; the message says why."""
+
+
+# Kinds of SiteError the API answers with their own problem type (the CLI prints any alike).
+class SiteNotFound(SiteError):
+    """No site has this name, as primary or alias."""
+
+
+class UpstreamRefused(SiteError):
+    """The upstream URL is malformed or refused by the outbound policy."""
+
+
+class InvalidSiteRequest(SiteError):
+    """The request itself is wrong (a key type, an issuer, too many names), whatever is stored."""
 
 
 @dataclass(frozen=True)
@@ -40,20 +53,44 @@ class NewSite:
         return (self.domain, *self.aliases)
 
 
-def validate_upstream(raw: str | None, policy: OutboundPolicy | None = None) -> str | None:
+@dataclass(frozen=True)
+class SiteRules:
+    """What validating a site needs from the installation's settings, handed in by the entry
+    point (the API's runtime, a command's): the outbound policy and the configured issuers."""
+
+    policy: OutboundPolicy
+    issuers: tuple[str, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SiteRules:
+        return cls(
+            OutboundPolicy.from_settings(settings),
+            tuple(issuer.name for issuer in settings.issuer_list),
+        )
+
+
+def _rules(rules: SiteRules | None) -> SiteRules:
+    # The callers that do not hand rules in yet (issue 26) get the process's settings.
+    return rules if rules is not None else SiteRules.from_settings(get_settings())
+
+
+def validate_upstream(
+    raw: str | None, policy: OutboundPolicy | None = None, *, rules: SiteRules | None = None
+) -> str | None:
     """The upstream URL normalised, None for none, or :class:`SiteError` saying what is wrong.
 
-    ``policy`` defaults to the installation's (CERTMAN_UPSTREAM_*): the one the edge applies
-    to every address it connects to, so a URL accepted here is one the edge will use.
+    ``policy`` (or ``rules``' policy) defaults to the installation's (CERTMAN_UPSTREAM_*): the
+    one the edge applies to every address it connects to, so a URL accepted here is one the
+    edge will use.
     """
     if raw is None or not raw.strip():
         return None
     if policy is None:
-        policy = OutboundPolicy.from_settings(get_settings())
+        policy = _rules(rules).policy
     try:
         return policy.check_upstream_url(raw)
     except RefusedUpstream as exc:
-        raise SiteError(str(exc)) from None
+        raise UpstreamRefused(str(exc)) from None
 
 
 def parse_site(
@@ -65,12 +102,14 @@ def parse_site(
     profile: str | None = None,
     key_type: str | None = None,
     issuer: str | None = None,
+    rules: SiteRules | None = None,
 ) -> NewSite:
-    """Validate and normalise a site request: the one function the CLI and onboarding share."""
+    """Validate and normalise a site request: the one function the CLI, the API and onboarding
+    share."""
     if key_type is not None:
         check_key_type(key_type)
     if issuer is not None:
-        check_issuer(issuer)
+        check_issuer(issuer, rules=rules)
     primary = normalise(domain)
     extra: list[str] = []
     for raw in aliases:
@@ -82,9 +121,10 @@ def parse_site(
             extra.append(alias)
     # Let's Encrypt's limit on names per certificate.
     if len(extra) + 1 > 100:
-        raise SiteError(f"{primary}: more than 100 names in one certificate")
+        raise InvalidSiteRequest(f"{primary}: more than 100 names in one certificate")
     return NewSite(
-        primary, tuple(extra), validate_upstream(upstream), customer_ref, profile or None, key_type,
+        primary, tuple(extra), validate_upstream(upstream, rules=rules), customer_ref,
+        profile or None, key_type,
         issuer,
     )  # fmt: skip
 
@@ -92,14 +132,16 @@ def parse_site(
 def check_key_type(key_type: str) -> None:
     """:class:`SiteError` unless ``key_type`` is one certman issues."""
     if key_type not in {k.value for k in KeyType}:
-        raise SiteError(f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}")
+        raise InvalidSiteRequest(
+            f"key type {key_type!r}: must be one of {', '.join(k for k in KeyType)}"
+        )
 
 
-def check_issuer(name: str) -> None:
+def check_issuer(name: str, *, rules: SiteRules | None = None) -> None:
     """:class:`SiteError` unless ``name`` is one of the configured issuers."""
-    known = [issuer.name for issuer in get_settings().issuer_list]
+    known = _rules(rules).issuers
     if name not in known:
-        raise SiteError(f"issuer {name!r} is not configured (CERTMAN_ISSUERS): one of "
+        raise InvalidSiteRequest(f"issuer {name!r} is not configured (CERTMAN_ISSUERS): one of "
                         f"{', '.join(known)}")  # fmt: skip
 
 
@@ -171,7 +213,7 @@ def find_site(session: Session, name: str) -> Site:
     normalised = normalise(name)
     site = session.scalar(select(Site).join(SiteName).where(SiteName.name == normalised))
     if site is None:
-        raise SiteError(f"{normalised} is not a known site or alias")
+        raise SiteNotFound(f"{normalised} is not a known site or alias")
     return site
 
 
@@ -270,12 +312,14 @@ def iter_sites(
     state: str | None = None,
     expiring_before: datetime | None = None,
     batch: int = LIST_BATCH,
+    after: str = "",
 ) -> Iterator[dict[str, Any]]:
     """The ``certman domains list --json`` objects (docs/architecture.md, "Contracts"), by
     domain, a batch at a time: memory stays flat however many sites there are.
 
     ``state`` keeps the sites in that state; ``expiring_before`` those whose current
-    certificate expires before then (sites without one are left out).
+    certificate expires before then (sites without one are left out); ``after`` starts past
+    that domain (the API's keyset cursor).
     """
     if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
         # The batches are read one after another: one snapshot of the store for all of them
@@ -301,7 +345,6 @@ def iter_sites(
         query = query.where(Site.state == state)
     if expiring_before is not None:
         query = query.where(Certificate.not_after < expiring_before)
-    after = ""
     while rows := session.execute(query.where(Site.domain > after)).all():
         names: dict[int, list[str]] = {row.id: [] for row in rows}
         for site_id, name in session.execute(
@@ -357,7 +400,9 @@ def update_site(
     profile: str | None = None,
     key_type: str | None = None,
     issuer: str | None = None,
+    customer_ref: str | None = None,
     now: datetime | None = None,
+    rules: SiteRules | None = None,
 ) -> SiteUpdate:
     """Change a site in place; any problem is a :class:`SiteError` and nothing is written.
 
@@ -386,16 +431,18 @@ def update_site(
     for raw in remove_aliases:
         alias = normalise(raw)
         if alias == site.domain:
-            raise SiteError(f"{alias} is the site's primary name: it cannot be removed")
+            raise InvalidSiteRequest(f"{alias} is the site's primary name: it cannot be removed")
         if alias not in names:
             raise SiteError(f"{alias} is not a name of {site.domain}")
         names.remove(alias)
         changes.append(f"alias {alias} removed")
     if len(names) > 100:
-        raise SiteError(f"{site.domain}: more than 100 names in one certificate")
+        raise InvalidSiteRequest(f"{site.domain}: more than 100 names in one certificate")
     if key_type is not None:
         check_key_type(key_type)
-    new_upstream = validate_upstream(upstream) if upstream is not None else site.upstream
+    new_upstream = (
+        validate_upstream(upstream, rules=rules) if upstream is not None else site.upstream
+    )
     wants_cert = names != site.all_names
     if profile is not None and profile != site.profile:
         wants_cert = True
@@ -407,8 +454,10 @@ def update_site(
         changes.append(f"upstream {site.upstream or '(none)'} -> {new_upstream}")
     if issuer is not None and issuer != site.preferred_issuer:
         # From the next order on (a renewal at its time): the certificate served stays valid.
-        check_issuer(issuer)
+        check_issuer(issuer, rules=rules)
         changes.append(f"issuer {site.preferred_issuer or '(first)'} -> {issuer}")
+    if customer_ref is not None and customer_ref != site.customer_ref:
+        changes.append(f"customer ref {site.customer_ref or '(none)'} -> {customer_ref}")
     if wants_cert:
         busy = session.scalar(
             select(Order.step).where(Order.site_id == site.id, Order.step.in_(UNFINISHED))
@@ -430,6 +479,7 @@ def update_site(
     site.profile = profile if profile is not None else site.profile
     site.key_type = key_type if key_type is not None else site.key_type
     site.preferred_issuer = issuer if issuer is not None else site.preferred_issuer
+    site.customer_ref = customer_ref if customer_ref is not None else site.customer_ref
     site.updated_at = now
     if wants_cert:
         result.note = _order_new_certificate(session, site, now)

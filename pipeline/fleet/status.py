@@ -18,15 +18,15 @@ from pipeline.fleet.sites import counts_by_state
 from pipeline.fleet.upkeep import count_stuck
 from pipeline.models import Certificate, Order
 from pipeline.models.base import utcnow
-from pipeline.settings import get_settings
+from pipeline.settings import Settings
 
 
-def issuer_counts(session: Session) -> list[dict[str, Any]]:
+def issuer_counts(session: Session, settings: Settings) -> list[dict[str, Any]]:
     """Per configured issuer (most preferred first): current certificates, orders in flight,
     and orders that fell back to it. Rows with no recorded issuer count as the first one's."""
     from pipeline.fleet.dispatch import UNFINISHED
 
-    issuers = get_settings().issuer_list
+    issuers = settings.issuer_list
     first = issuers[0].name
     certs: dict[str, int] = {}
     for name, n in session.execute(
@@ -102,13 +102,12 @@ class SigningReport:
         return rows
 
 
-def signing_report(client: redis.Redis[Any]) -> SigningReport:
+def signing_report(client: redis.Redis[Any], settings: Settings) -> SigningReport:
     """Count the statements in ``P:signed`` per signing key; never creates a key."""
     from pipeline.crypto.keys import KeyFileError
     from pipeline.crypto.signing import BadSignature, SignedSite
     from pipeline.crypto.signing_key_file import peek_signing_key
 
-    settings = get_settings()
     path = settings.effective_signing_key
     try:
         key = peek_signing_key(path)
@@ -135,29 +134,34 @@ def signing_report(client: redis.Redis[Any]) -> SigningReport:
     return report
 
 
-def collect(sessions: SessionScope, limiter_for: Callable[[str], RateLimiter]) -> dict[str, Any]:
-    """``limiter_for`` gives an issuer's limiter (the runtime's :meth:`limiter_for`)."""
+def collect(
+    sessions: SessionScope, limiter_for: Callable[[str], RateLimiter], settings: Settings
+) -> dict[str, Any]:
+    """``certman status --json`` and the API's ``GET /v1/status``. ``limiter_for`` gives an
+    issuer's limiter (the runtime's :meth:`limiter_for`)."""
     with sessions() as session:
         soonest = session.scalar(select(func.min(Certificate.not_after)).where(Certificate.current))
-        stuck = count_stuck(session, now=utcnow(), stuck_after=get_settings().stuck_after)
+        stuck = count_stuck(session, now=utcnow(), stuck_after=settings.stuck_after)
         report: dict[str, Any] = {
             "sites": counts_by_state(session),
             "orders_in_flight": in_flight(session),
             "orders_stuck": stuck,
             "soonest_expiry": soonest.isoformat() if soonest else None,
             "envelopes": envelope_counts(session),
-            "issuers": issuer_counts(session),
+            "issuers": issuer_counts(session, settings),
         }
-    report["rate_limits"] = _bucket_report(limiter_for)
+    report["rate_limits"] = _bucket_report(limiter_for, settings)
     _issuer_health(report["issuers"], limiter_for)
     return report
 
 
-def _bucket_report(limiter_for: Callable[[str], RateLimiter]) -> list[dict[str, Any]]:
+def _bucket_report(
+    limiter_for: Callable[[str], RateLimiter], settings: Settings
+) -> list[dict[str, Any]]:
     """Every issuer's buckets; each row says its issuer (the first one's are the rows that
     were always there)."""
     rows = []
-    for issuer in get_settings().issuer_list:
+    for issuer in settings.issuer_list:
         for bucket in limiter_for(issuer.name).status():
             rows.append(bucket.as_dict() | {"issuer": issuer.name})
     return rows

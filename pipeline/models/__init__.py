@@ -1,11 +1,13 @@
 """The store's schema. Changed only by an Alembic migration (see migrations/)."""
 
 from pipeline.models.account import Account
+from pipeline.models.api_token import ApiToken
 from pipeline.models.attempt import Attempt
 from pipeline.models.base import Base
 from pipeline.models.certificate import Certificate
 from pipeline.models.order import Order, OrderKind, OrderStep
 from pipeline.models.site import Site, SiteName, SiteState
+from pipeline.models.site_change import SiteChange
 from pipeline.models.webhook import (
     DeliveryStatus,
     WebhookDelivery,
@@ -15,6 +17,7 @@ from pipeline.models.webhook import (
 
 __all__ = [
     "Account",
+    "ApiToken",
     "Attempt",
     "Base",
     "Certificate",
@@ -23,6 +26,7 @@ __all__ = [
     "OrderKind",
     "OrderStep",
     "Site",
+    "SiteChange",
     "SiteName",
     "SiteState",
     "WebhookDelivery",

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = sorted((REPO / "deploy" / "systemd").glob("*.service"))
-ROLES = {"worker", "beat", "edge", "flower", "exporter"}
+ROLES = {"worker", "beat", "edge", "flower", "exporter", "api"}
 HARDENING = (
     "NoNewPrivileges=yes",
     "ProtectSystem=strict",

@@ -43,6 +43,7 @@ RESOURCES: dict[str, str] = {
 SLOW: frozenset[str] = frozenset(
     {
         "tests/deployment/test_deployment.py::test_the_guide_deploys_issues_and_rides_out_a_redis_restart",
+        "tests/integration/test_api.py::test_the_platform_drives_sites_through_the_api",
         "tests/integration/test_beat_ha.py::test_standby_beat_takes_over_without_doubling_a_dispatch",
         "tests/integration/test_fallback.py::test_fallback_to_a_second_ca_with_eab_and_back",
         "tests/integration/test_faults.py::test_a_refused_name_is_blocked_and_the_others_unaffected",
