@@ -1,7 +1,7 @@
 """The platform's way in, end to end: a batch onboarded, a site updated, renewed, revoked and
 removed through the HTTP API only (``certman api serve`` as the unit runs it), against Pebble,
-real workers and the real edge, which is checked to serve each change. (The signed events of
-issue 25 item 4 are added to this test by the webhooks work.)"""
+real workers, beat and the real edge, which is checked to serve each change; the platform's
+receiver gets every event, signed, in order per site."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 import requests
+from standardwebhooks.webhooks import Webhook
 
 from tests.integration.test_operator import backends, https_get, revocation_status, sans, served
 from tests.support.ports import free_port, wait_until
 from tests.support.system import BIN, System
+from tests.webhooks.receiver import Receiver, receiving
 
 pytestmark = pytest.mark.integration
 __all__ = ["backends"]  # the fixture, imported for its use here
@@ -45,8 +47,15 @@ class Platform:
 
 
 @pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with receiving() as listening:
+        yield listening
+
+
+@pytest.fixture
 def platform(system: System) -> Iterator[Platform]:
     system.start(workers=1)
+    system.start_beat()  # its dispatcher sends the webhooks
     made = system.certman("api", "tokens", "create", "--name", "platform", "--scope",
                           "sites:read", "--scope", "sites:write", "--scope", "sites:operate",
                           "--json")  # fmt: skip
@@ -67,9 +76,13 @@ def platform(system: System) -> Iterator[Platform]:
 
 
 def test_the_platform_drives_sites_through_the_api(
-    system: System, platform: Platform, backends: tuple[str, str]
+    system: System, platform: Platform, backends: tuple[str, str], receiver: Receiver
 ) -> None:
     one, two = backends
+    events = "site.active,site.failed,site.blocked,site.removed"
+    subscribed = system.certman("api", "webhooks", "add", f"{receiver.url}/hooks", "--events",
+                                events, "--json")  # fmt: skip
+    secret = json.loads(subscribed.stdout)["secret"]
     # Onboard a batch: both sites answered, stored, published, issued and served.
     batch = platform.call("POST", "/v1/sites/batch", json={"sites": [
         {"domain": A, "upstream": one}, {"domain": B, "upstream": one}]})  # fmt: skip
@@ -86,6 +99,7 @@ def test_the_platform_drives_sites_through_the_api(
         print(system.logs())
         raise
     first = platform.serial(A)
+    platform_serial_b = platform.serial(B)
     assert https_get(system, A) == b"backend one" and https_get(system, B) == b"backend one"
     assert format(served(system, A).serial_number, "x") == first
 
@@ -144,3 +158,29 @@ def test_the_platform_drives_sites_through_the_api(
     history = platform.site(A)["history"]
     assert [h["action"] for h in history] == ["revoke", "renew", "update", "add"]
     assert {h["actor"] for h in history} == {"api:platform"}
+
+    # The events, each verified with the subscription's secret: every certificate became
+    # site.active in the order it was issued, and B's removal came after its activation.
+    def delivered() -> dict[str, list[tuple[str, str | None]]]:
+        seen: set[str] = set()
+        per_site: dict[str, list[tuple[str, str | None]]] = {}
+        for got in list(receiver.received):
+            payload = Webhook(secret).verify(got.body, got.headers)
+            if got.headers["webhook-id"] in seen:
+                continue  # at least once: a repeat is the same message
+            seen.add(got.headers["webhook-id"])
+            data = payload["data"]
+            serial = (data.get("certificate") or {}).get("serial")
+            per_site.setdefault(data["domain"], []).append((payload["type"], serial))
+        return per_site
+
+    expected = {
+        A: [("site.active", first), ("site.active", second), ("site.active", third),
+            ("site.active", fourth)],
+        B: [("site.active", platform_serial_b), ("site.removed", None)],
+    }  # fmt: skip
+    try:
+        wait_until(lambda: delivered() == expected, timeout=60, what="every event", every=0.5)
+    except TimeoutError:
+        print(delivered())
+        raise
