@@ -12,6 +12,8 @@ from typing import Any
 
 import redis
 from celery import Task, chain
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from pipeline import issuance, runtime, worker_metrics
 from pipeline.celery import app
@@ -49,7 +51,7 @@ def _run_step(task: Task, step: Step, order_id: int, domain: str) -> None:
         blocking=False,
     )
     if not lock.acquire():
-        raise task.retry(countdown=5 + random.random() * 5)
+        raise _retry(task, 5 + random.random() * 5)
     try:
         with worker_metrics.timed_step(step.name):
             steps.run(step, order_id)
@@ -68,9 +70,31 @@ def _run_step(task: Task, step: Step, order_id: int, domain: str) -> None:
         countdown += random.uniform(0, min(1.0, countdown * 0.1))
         log.info("order %s for %s waits %.1fs at %s: %s", order_id, domain, countdown, step.name,
                  problem.reason)  # fmt: skip
-        raise task.retry(countdown=countdown) from None
+        raise _retry(task, countdown) from None
     finally:
         release(lock)
+
+
+# What sending a message raises while the broker is away (a restart, a Sentinel failover).
+BROKER_AWAY = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _retry(task: Task, countdown: float) -> BaseException:
+    """``task.retry(countdown=...)``'s exception, for the caller to raise.
+
+    Celery sends the retry as a new message and then acknowledges this one; when it cannot send
+    (the broker away), it rejects this one without requeueing: the step would be dropped, and an
+    order stored but not yet published would wait for the reconcile. The message is asked back
+    instead: requeued, or, when the broker is still away, left unacknowledged for the visibility
+    timeout to return (pipeline.consumer). The copy runs the step again, which is idempotent.
+    """
+    try:
+        return task.retry(countdown=countdown)
+    except Reject as rejected:
+        if rejected.requeue or not isinstance(rejected.reason, BROKER_AWAY):
+            raise
+        log.warning("could not send the retry (%s); the task is requeued", rejected.reason)
+        return Reject(rejected.reason, requeue=True)
 
 
 # At most one dispatch asked for per this many seconds by finishing orders.
