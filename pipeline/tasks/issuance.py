@@ -89,12 +89,14 @@ def _retry(task: Task, countdown: float) -> BaseException:
     timeout to return (pipeline.consumer). The copy runs the step again, which is idempotent.
     """
     try:
-        return task.retry(countdown=countdown)
+        retried: BaseException = task.retry(countdown=countdown)
     except Reject as rejected:
         if rejected.requeue or not isinstance(rejected.reason, BROKER_AWAY):
             raise
         log.warning("could not send the retry (%s); the task is requeued", rejected.reason)
-        return Reject(rejected.reason, requeue=True)
+        requeued: BaseException = Reject(rejected.reason, requeue=True)
+        return requeued
+    return retried
 
 
 # At most one dispatch asked for per this many seconds by finishing orders.
