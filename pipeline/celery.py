@@ -96,21 +96,21 @@ class _OneClientPerPool:
         yield held[1]
 
 
-class RedisChannel(_OneClientPerPool, kombu_redis.Channel):  # type: ignore[misc]
+class RedisChannel(_OneClientPerPool, kombu_redis.Channel):
     pass
 
 
-class SentinelChannel(_OneClientPerPool, kombu_redis.SentinelChannel):  # type: ignore[misc]
+class SentinelChannel(_OneClientPerPool, kombu_redis.SentinelChannel):
     pass
 
 
-class RedisTransport(kombu_redis.Transport):  # type: ignore[misc]
+class RedisTransport(kombu_redis.Transport):
     """kombu's Redis transport (``redis://``, ``rediss://``) with :class:`RedisChannel`."""
 
     Channel = RedisChannel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+class SentinelTransport(kombu_redis.SentinelTransport):
     """kombu's Sentinel transport (``sentinel://``) with :class:`SentinelChannel`."""
 
     Channel = SentinelChannel
