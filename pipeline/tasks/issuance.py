@@ -72,24 +72,45 @@ def _run_step(task: Task, step: Step, order_id: int, domain: str) -> None:
                  problem.reason)  # fmt: skip
         raise _retry(task, countdown) from None
     finally:
+        _release(lock)
+
+
+def _release(lock: Any) -> None:
+    try:
         release(lock)
+    except redis.RedisError as exc:
+        # Redis away (a restart, a failover): the lock lapses by its timeout. Raising would put
+        # a failure in place of the step's outcome (its retry, its requeue), and a failed task
+        # is acknowledged and gone.
+        log.warning("could not release %s (%s); it lapses by its timeout", lock.name, exc)
 
 
 # What sending a message raises while the broker is away (a restart, a Sentinel failover).
 BROKER_AWAY = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+# A step's retry is sent through a broker that may be away: kept trying for about 35 s (a
+# Sentinel promotes a replica in a few seconds), where Celery's default gives up after about 3.
+RETRY_PUBLISH_POLICY: dict[str, float] = {
+    "max_retries": 20,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2,
+}
 
 
 def _retry(task: Task, countdown: float) -> BaseException:
     """``task.retry(countdown=...)``'s exception, for the caller to raise.
 
     Celery sends the retry as a new message and then acknowledges this one; when it cannot send
-    (the broker away), it rejects this one without requeueing: the step would be dropped, and an
-    order stored but not yet published would wait for the reconcile. The message is asked back
-    instead: requeued, or, when the broker is still away, left unacknowledged for the visibility
-    timeout to return (pipeline.consumer). The copy runs the step again, which is idempotent.
+    (the broker away past :data:`RETRY_PUBLISH_POLICY`), it rejects this one without
+    requeueing: the step would be dropped, and an order stored but not yet published would wait
+    for the reconcile. The message is asked back instead: requeued, or, when the broker is still
+    away, left unacknowledged for the visibility timeout to return (pipeline.consumer). The
+    copy runs the step again, which is idempotent.
     """
     try:
-        retried: BaseException = task.retry(countdown=countdown)
+        retried: BaseException = task.retry(
+            countdown=countdown, retry=True, retry_policy=RETRY_PUBLISH_POLICY
+        )
     except Reject as rejected:
         if rejected.requeue or not isinstance(rejected.reason, BROKER_AWAY):
             raise

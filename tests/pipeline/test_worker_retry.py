@@ -3,22 +3,28 @@ dropping it, as Celery would (pipeline.tasks.issuance._retry)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 
+from pipeline.tasks import issuance
 from pipeline.tasks.issuance import _retry
 from tests.support.ports import free_port
+from tests.support.tcp_proxy import TcpProxy
 
 
 @pytest.fixture
-def app() -> Iterator[Celery]:
-    # A broker nobody listens on, and no publish retries: sending fails at once.
+def app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Celery]:
+    # A broker nobody listens on, tried twice in a second rather than for half a minute.
+    monkeypatch.setattr(issuance, "RETRY_PUBLISH_POLICY", {"max_retries": 1, "interval_max": 0.5})
     app = Celery("retry-test", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
-    app.conf.update(task_publish_retry=False, broker_connection_timeout=1, task_serializer="json")
+    app.conf.update(broker_connection_timeout=1, task_serializer="json")
     yield app
     app.close()
 
@@ -48,6 +54,32 @@ def test_a_retry_that_cannot_be_encoded_is_still_rejected(app: Celery) -> None:
     with pytest.raises(Reject) as rejected:
         _retry(task, 5)
     assert rejected.value.requeue is False
+
+
+def test_a_retry_sent_while_the_broker_comes_back_is_sent(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """As in a Sentinel failover: the broker away for a moment when the step retries."""
+    url = urlsplit(redis_url)
+    with TcpProxy(url.port or 6379) as broker:
+        app = Celery(
+            "retry-test",
+            broker=url._replace(netloc=f"127.0.0.1:{broker.port}").geturl(),
+            set_as_current=False,
+        )
+        try:
+            with app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1)
+            broker.stop()
+            back = threading.Timer(1.5, broker.start)  # the outage: a promotion's few seconds
+            back.start()
+            with pytest.raises(Retry):
+                _retry(step(app), 5)
+            back.join()
+        finally:
+            app.close()
+    # The retry is in the queue, to run after its countdown.
+    assert redis_client.llen("celery") == 1
 
 
 def test_a_retry_sent_is_celerys_retry(redis_url: str) -> None:
