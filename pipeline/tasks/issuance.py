@@ -87,8 +87,9 @@ def _release(lock: Any) -> None:
 
 # What sending a message raises while the broker is away (a restart, a Sentinel failover).
 BROKER_AWAY = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
-# A step's retry is sent through a broker that may be away: kept trying for about 35 s (a
-# Sentinel promotes a replica in a few seconds), where Celery's default gives up after about 3.
+# A step's retry, or the next step, is sent through a broker that may be away: kept trying for
+# about 35 s (a Sentinel promotes a replica in a few seconds), where Celery's default policy
+# gives up after about one.
 RETRY_PUBLISH_POLICY: dict[str, float] = {
     "max_retries": 20,
     "interval_start": 0,
@@ -178,5 +179,11 @@ STEPS: list[tuple[OrderStep, Task]] = [
 def enqueue_chain(order_id: int, domain: str, step: OrderStep, queue: str) -> None:
     """Send the chain from ``step`` to the end; call only after the order's row is committed."""
     index = next(i for i, (s, _) in enumerate(STEPS) if s == step)
-    signatures = [task.si(order_id, domain).set(queue=queue) for _, task in STEPS[index:]]
+    # Each step sends the next as it ends: through a broker that may be away for a moment (a
+    # failover), where Celery's default policy gives up after about a second and fails the step
+    # that just succeeded, leaving the order to the stuck-order sweeper.
+    signatures = [
+        task.si(order_id, domain).set(queue=queue, retry_policy=RETRY_PUBLISH_POLICY)
+        for _, task in STEPS[index:]
+    ]
     chain(*signatures).apply_async()
