@@ -58,7 +58,7 @@ def _config() -> SimpleNamespace | ModuleType:
 # worker sends no received/started/succeeded events for it); this set covers the one event
 # the sender makes, task-sent, which Celery sends for every task or none (off in the package's
 # configuration, pipeline.celeryconfig; this holds where an operator turns it back on).
-QUIET_TASKS = frozenset({"certman.maintenance.dispatch"})
+QUIET_TASKS = frozenset({"certman.maintenance.dispatch", "certman.webhooks.dispatch"})
 
 
 class AMQP(celery.app.amqp.AMQP):  # type: ignore[misc]  # celery ships no type hints
@@ -130,7 +130,7 @@ kombu.transport.TRANSPORT_ALIASES.update(
 
 app = Celery(
     "certman",
-    include=["pipeline.tasks.issuance", "pipeline.tasks.maintenance"],
+    include=["pipeline.tasks.issuance", "pipeline.tasks.maintenance", "pipeline.tasks.webhooks"],
     amqp=AMQP,
 )
 app.config_from_object(_config())

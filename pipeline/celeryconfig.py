@@ -53,7 +53,10 @@ worker_prefetch_multiplier = 1
 # consuming several queues takes from each in turn.
 task_queues = (Queue("issuance"), Queue("renewals"), Queue("maintenance"))
 task_default_queue = "issuance"
-task_routes = {"certman.maintenance.*": {"queue": "maintenance"}}
+task_routes = {
+    "certman.maintenance.*": {"queue": "maintenance"},
+    "certman.webhooks.*": {"queue": "maintenance"},
+}
 
 # Riding out a Redis restart or failover: the broker connection is retried for ever (the
 # default, said here because the fleet depends on it), and pipeline.consumer keeps a kombu
@@ -112,4 +115,8 @@ beat_schedule = {
         "task": "certman.maintenance.sweep_stuck_orders",
         "schedule": timedelta(minutes=2),
     },
+    # Webhooks to the platform: due deliveries (and retries) sent; certificate.expiring and
+    # the pruning of old deliveries.
+    "webhooks-dispatch": {"task": "certman.webhooks.dispatch", "schedule": timedelta(seconds=5)},
+    "webhooks-upkeep": {"task": "certman.webhooks.upkeep", "schedule": timedelta(minutes=30)},
 }

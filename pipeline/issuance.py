@@ -725,7 +725,7 @@ class OrderSteps:
                 select(Certificate.id).where(Certificate.site_id == site.id, Certificate.current)
             )
             if isinstance(problem, NameRefused):
-                site_states.set_state(site, SiteState.BLOCKED)
+                site_states.set_state(site, SiteState.BLOCKED, error=problem.reason)
                 site.next_attempt_at = None
                 site.last_error = f"{problem.reason} (blocked until someone acts)"
                 outcome = "blocked"
@@ -733,14 +733,18 @@ class OrderSteps:
                 retry_at = now + renewal.backoff(site.consecutive_failures)
                 if has_cert:
                     # A renewal failed: keep serving the old certificate, try again later.
-                    site_states.set_state(site, SiteState.ACTIVE)
+                    site_states.set_state(
+                        site, SiteState.ACTIVE, error=problem.reason, retry_at=retry_at
+                    )
                     session.execute(
                         update(Certificate)
                         .where(Certificate.site_id == site.id, Certificate.current)
                         .values(renew_at=retry_at)
                     )
                 else:
-                    site_states.set_state(site, SiteState.RETRYING)
+                    site_states.set_state(
+                        site, SiteState.RETRYING, error=problem.reason, retry_at=retry_at
+                    )
                     site.next_attempt_at = retry_at
                 outcome = "failed"
             session.add(

@@ -9,6 +9,10 @@ Every change of ``sites.state`` goes through :func:`move` (a conditional UPDATE,
 that may race: the dispatcher, ``certman domains retry``) or :func:`set_state` (an object the
 caller's transaction already holds: an order's step). A transition not in :data:`TRANSITIONS`
 is a bug and raises :class:`IllegalTransition`.
+
+The transitions the platform hears of (``site.active``, ``site.failed``, ``site.blocked``) are
+written to the webhook outbox by :func:`set_state`, in the same transaction as the change
+(:func:`pipeline.webhooks.events.record`): an attempt's end is always an order's step.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, object_session
 
-from pipeline.models import Site, SiteState
+from pipeline.models import Certificate, Site, SiteState
 from pipeline.models.base import utcnow
+from pipeline.webhooks import events
 
 PENDING, ISSUING, ACTIVE = SiteState.PENDING, SiteState.ISSUING, SiteState.ACTIVE
 RENEWING, RETRYING, BLOCKED = SiteState.RENEWING, SiteState.RETRYING, SiteState.BLOCKED
@@ -58,11 +63,73 @@ def sources(new: SiteState) -> list[SiteState]:
     return [old for old in SiteState if (old, new) in TRANSITIONS]
 
 
-def set_state(site: Site, new: SiteState) -> None:
+def set_state(
+    site: Site,
+    new: SiteState,
+    *,
+    error: str | None = None,
+    retry_at: datetime | None = None,
+) -> None:
     """Move a site the caller's transaction holds (an order's step: the order's lock and its
-    step check make the step the only writer)."""
-    check(site.state, new)
+    step check make the step the only writer).
+
+    ``error``: the attempt ended in failure, for this reason (a failed renewal goes back to
+    ``active`` too, and is a ``site.failed`` event, not a ``site.active`` one); ``retry_at``:
+    when the next attempt is due. The event goes to the outbox in the same transaction.
+    """
+    old = SiteState(site.state)
+    check(old, new)
     site.state = new
+    session = object_session(site)
+    event = _event(old, new, failed=error is not None)
+    if session is None or event is None:
+        return
+    if event == events.SITE_ACTIVE:
+        events.record(session, event_type=event, domain=site.domain,
+                      data=lambda: _served(session, site, renewal=old == RENEWING))  # fmt: skip
+        return
+    data: dict[str, Any] = {"state": str(new), "error": error}
+    if event == events.SITE_FAILED:
+        data["retry_at"] = retry_at.isoformat() if retry_at else None
+        data["certificate_served"] = new == ACTIVE  # a renewal failed: the old one stays
+    events.record(session, event_type=event, domain=site.domain, data=data)
+
+
+def _event(old: SiteState, new: SiteState, *, failed: bool) -> str | None:
+    if new == BLOCKED:
+        return events.SITE_BLOCKED
+    if new == RETRYING:
+        return events.SITE_FAILED
+    if new == ACTIVE and old in (ISSUING, RENEWING):
+        return events.SITE_FAILED if failed else events.SITE_ACTIVE
+    return None  # claims by the dispatcher, certman domains retry: nothing to tell
+
+
+def _served(session: Session, site: Site, *, renewal: bool) -> dict[str, Any]:
+    """``site.active``'s data: the certificate now stored (flushed first: the order's step
+    added it to this transaction)."""
+    session.flush()
+    certificate = session.execute(
+        select(
+            Certificate.serial, Certificate.not_before, Certificate.not_after, Certificate.issuer
+        )
+        .where(Certificate.site_id == site.id, Certificate.current)
+        .order_by(Certificate.id.desc())
+        .limit(1)
+    ).first()
+    return {
+        "state": str(ACTIVE),
+        "renewal": renewal,
+        "names": [n.name for n in site.names],
+        "certificate": None
+        if certificate is None
+        else {
+            "serial": certificate.serial,
+            "not_before": certificate.not_before.isoformat(),
+            "not_after": certificate.not_after.isoformat(),
+            "issuer": certificate.issuer,
+        },
+    }
 
 
 def move(

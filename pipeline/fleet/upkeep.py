@@ -1,5 +1,6 @@
 """Fleet upkeep: what beat runs so that the fleet needs nobody — stuck orders, expiry and
-failure alerts. (When a certificate is renewed, ARI included, is :mod:`pipeline.fleet.renewal`'s.)
+failure alerts, the ``certificate.expiring`` webhook event. (When a certificate is renewed, ARI
+included, is :mod:`pipeline.fleet.renewal`'s.)
 
 Plain functions over a session; the tasks in pipeline.tasks.maintenance only call them and send
 messages after the commit. Every function is a handful of indexed queries whatever the size of
@@ -15,13 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, String, cast, exists, func, literal, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from pipeline.errors import AttemptFailed
 from pipeline.fleet.alerts import Alert
 from pipeline.fleet.dispatch import UNFINISHED, Started
-from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site
+from pipeline.models import Attempt, Certificate, Order, OrderKind, OrderStep, Site, WebhookEvent
+from pipeline.webhooks import events
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +265,54 @@ def expiring_alerts(
             )
         )
     return alerts
+
+
+EXPIRING_KEY = f"{events.CERTIFICATE_EXPIRING}:"
+
+
+def record_expiring(session: Session, *, now: datetime, fraction: float, limit: int = 1000) -> int:
+    """Write a ``certificate.expiring`` event for each current certificate with less than
+    ``fraction`` of its lifetime left (the expiry alert's test) that has had none: once per
+    certificate, however often beat looks. How many were written.
+
+    A certificate renewal replaced is no longer current, so it is never reported. The
+    certificates already reported are left out in the query (their event's ``dedup_key``), so
+    that a batch is always new ones however many wait.
+    """
+    if not events.subscribers(session, events.CERTIFICATE_EXPIRING):
+        return 0  # nobody listens: not even the query
+    key = literal(EXPIRING_KEY, String) + cast(Certificate.id, String)
+    rows = session.execute(
+        select(
+            Certificate.id,
+            Certificate.serial,
+            Certificate.not_after,
+            Certificate.renew_at,
+            Site.domain,
+            Site.state,
+        )
+        .join(Site, Site.id == Certificate.site_id)
+        .where(Certificate.current, _expiring(session, now=now, fraction=fraction))
+        .where(~exists().where(WebhookEvent.dedup_key == key))
+        .order_by(Certificate.not_after)
+        .limit(limit)
+    ).all()
+    for r in rows:
+        events.record(
+            session,
+            event_type=events.CERTIFICATE_EXPIRING,
+            domain=r.domain,
+            data={
+                "serial": r.serial,
+                "not_after": r.not_after.isoformat(),
+                "expired": r.not_after <= now,
+                "state": str(r.state),
+                "renew_at": r.renew_at.isoformat(),
+            },
+            dedup_key=f"{EXPIRING_KEY}{r.id}",
+            now=now,
+        )
+    return len(rows)
 
 
 def failing_alerts(session: Session, *, threshold: int, limit: int = 1000) -> list[Alert]:
