@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,8 +142,41 @@ def drop_database(admin_url: str, database_url: str) -> None:
     engine.dispose()
 
 
+def profile(system: System, prefix: str | None) -> list[subprocess.Popen[bytes]]:
+    """py-spy sampling every worker process (pool children included) into ``prefix-wN.txt``
+    (collapsed stacks: one line a stack, its sample count last), until stopped."""
+    if prefix is None:
+        return []
+    return [
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(worker.pid),
+                "--subprocesses",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--output",
+                f"{prefix}-w{index}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for index, worker in enumerate(system.workers)
+    ]
+
+
 def run(
-    count: int, workers: int, concurrency: int, tag: str, admin_url: str | None
+    count: int,
+    workers: int,
+    concurrency: int,
+    tag: str,
+    admin_url: str | None,
+    profile_prefix: str | None = None,
 ) -> tuple[float, dict[str, str]]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     env = {"CERTMAN_MAX_ORDERS_IN_FLIGHT": "200", **EDGE_ENV}
@@ -154,6 +188,7 @@ def run(
             system.start_worker(concurrency=concurrency)
         names = [f"{tag}-{i}.bench-dealer.com" for i in range(count)]
         onboard(system, names)
+        samplers = profile(system, profile_prefix)
         cpu_before = cpu_by_part(system, admin_url is not None)
         start = time.monotonic()
         kick(system)
@@ -165,6 +200,10 @@ def run(
         )
         elapsed = time.monotonic() - start
         cpu_after = cpu_by_part(system, admin_url is not None)
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its file as it stops
+        for sampler in samplers:
+            sampler.wait(timeout=60)
         logs = "\n".join(p.read_text() for p in system.workdir.glob("worker*.log"))
     if admin_url and database_url:
         drop_database(admin_url, database_url)
@@ -281,6 +320,13 @@ def main() -> None:
         const="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
         help="store in a new PostgreSQL database (default: the embedded SQLite)",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="sample the workers with py-spy during each run (not the baseline) into "
+        "PREFIX-<sites>-w<N>.txt, collapsed stacks (py-spy's CPU cost lands on the workers' "
+        "figures: compare CPU only between runs without it)",
+    )
     args = parser.parse_args()
 
     print(f"store: {'PostgreSQL' if args.postgresql else 'SQLite'}")
@@ -295,7 +341,14 @@ def main() -> None:
     print(f"workers: {args.workers} x concurrency {args.concurrency}; one ACME account; "
           "limits lifted; Pebble validation delay off")  # fmt: skip
     for count in args.sites:
-        elapsed, where = run(count, args.workers, args.concurrency, f"n{count}", args.postgresql)
+        elapsed, where = run(
+            count,
+            args.workers,
+            args.concurrency,
+            f"n{count}",
+            args.postgresql,
+            f"{args.profile}-{count}" if args.profile else None,
+        )
         rate = count / elapsed
         print(f"\n{count} sites: {elapsed:.1f} s, {rate:.1f} certificates/s "
               f"({rate * single:.1f}x the single-site rate)")  # fmt: skip

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import runpy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import celery.app.amqp
+import kombu.transport
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from kombu.transport import redis as kombu_redis
 
 from pipeline import flower_guard, worker_logging
 
@@ -52,7 +56,8 @@ def _config() -> SimpleNamespace | ModuleType:
 # Tasks Flower need not show: the dispatcher runs every 15 s and would bury the issuance tasks
 # an operator looks for during a stuck order. Each also sets ``send_events=False`` (so the
 # worker sends no received/started/succeeded events for it); this set covers the one event
-# the sender makes, task-sent, which Celery sends for every task or none.
+# the sender makes, task-sent, which Celery sends for every task or none (off in the package's
+# configuration, pipeline.celeryconfig; this holds where an operator turns it back on).
 QUIET_TASKS = frozenset({"certman.maintenance.dispatch", "certman.webhooks.dispatch"})
 
 
@@ -65,6 +70,63 @@ class AMQP(celery.app.amqp.AMQP):  # type: ignore[misc]  # celery ships no type 
             return message._replace(sent_event=None)
         return message
 
+
+class _OneClientPerPool:
+    """For kombu's Redis channels: one redis-py client for the channel's connection pool, where
+    kombu makes a new one for every message it sends, acknowledges or restores, several times a
+    task (the task, the next step's, each event): about 2 % of the workers' CPU samples
+    (py-spy, ``benchmarks/issuance.py --profile``).
+
+    A redis-py client holds no connection of its own (it borrows one from the pool for each
+    command) and is safe to share; a new pool (kombu makes one after a lost connection or a
+    fork) gets a new client. Every command, key and message stays what kombu sends.
+    """
+
+    _pooled_client: tuple[Any, Any] | None = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        pool = self.pool  # type: ignore[attr-defined]
+        held = self._pooled_client
+        if held is None or held[0] is not pool:
+            held = self._pooled_client = (pool, self._create_client())  # type: ignore[attr-defined]
+        yield held[1]
+
+
+class RedisChannel(_OneClientPerPool, kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(_OneClientPerPool, kombu_redis.SentinelChannel):
+    pass
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport (``redis://``, ``rediss://``) with :class:`RedisChannel`."""
+
+    Channel = RedisChannel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (``sentinel://``) with :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
+
+
+# kombu picks the transport by the broker URL's scheme, from its alias table: certman's schemes
+# get the transports above. (Naming a class in ``broker_transport`` instead would put its path
+# in the URL Celery prints and Flower reads the broker's kind from.) Before any connection is
+# made: kombu caches what a name resolved to.
+kombu.transport.TRANSPORT_ALIASES.update(
+    {
+        "redis": f"{__name__}:RedisTransport",
+        "rediss": f"{__name__}:RedisTransport",
+        "sentinel": f"{__name__}:SentinelTransport",
+    }
+)
 
 app = Celery(
     "certman",

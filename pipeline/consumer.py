@@ -13,17 +13,27 @@ Those messages need no restoring by a close anyway: they are still in Redis's un
 gone with Redis's data, which beat then recovers from, see :mod:`pipeline.beat`), and the
 transport hands them out again after the visibility timeout. So the close failing this way is
 logged in one line and the consumer reconnects as it would have.
+
+The same detached connection is met once more after the reconnection, by a task that was running
+in a pool process when Redis went away and finishes on the new connection: its acknowledgement
+(late, ``task_acks_late``) goes to the message's own channel, which belonged to the lost
+connection, and kombu's Redis channel makes its pool from the detached client again; Celery's
+``ack_log_error`` forgives only the broker's connection errors, so the ``AttributeError`` ends
+the worker from its event loop (seen in Sentinel failovers). Such an acknowledgement (or
+rejection) is let go in one line instead: the message is still in Redis's unacked set and comes
+back after the visibility timeout, and every task is idempotent, so the copy finds its work done.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.gossip import Gossip as CeleryGossip
 
-__all__ = ["Consumer", "Gossip"]
+__all__ = ["Consumer", "Gossip", "lost_with_its_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,45 @@ class Gossip(CeleryGossip):  # type: ignore[misc]
                     log.debug("gossip: closing a channel of the lost connection", exc_info=True)
 
 
+def lost_with_its_connection(message: Any) -> bool:
+    """Whether ``message`` came on a connection the consumer has since let go of: kombu's
+    ``Connection.collect()`` detached its transport (``client = None``) or closed its channel.
+    """
+    channel = getattr(message, "channel", None)
+    transport = getattr(channel, "connection", None)
+    return channel is None or transport is None or getattr(transport, "client", None) is None
+
+
+def _settle(settle: Callable[..., Any]) -> Callable[..., Any]:
+    """``settle`` (a message's ``ack_log_error`` or ``reject_log_error``), let go with a line in
+    the log when it fails because the message's connection is gone (see the module's docstring).
+
+    It is still tried: over a plain Redis the lost channel keeps its connection pool, which
+    reaches the restarted server, and the acknowledgement goes through. Over Sentinel the pool
+    is made by asking the Sentinels for the master, which fails while none is known, so the
+    channel is left without one and the next use makes it from the detached client."""
+    message = getattr(settle, "__self__", None)
+    if message is None:
+        return settle
+
+    def settle_unless_lost(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return settle(*args, **kwargs)
+        except AttributeError as error:
+            if not lost_with_its_connection(message):
+                raise
+            log.warning(
+                "consumer: task message %s came on the broker connection lost since and cannot "
+                "be settled there (%s); it stays unacknowledged in Redis and comes back after the "
+                "visibility timeout",
+                getattr(message, "delivery_tag", "?"),
+                error,
+            )
+            return None
+
+    return settle_unless_lost
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]  # celery ships no type hints
     """``worker_consumer = "pipeline.consumer:Consumer"``."""
 
@@ -64,6 +113,11 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # celery ships no type hi
             "pipeline.consumer:Gossip" if step == GOSSIP else step
             for step in CeleryConsumer.Blueprint.default_steps
         ]
+
+    def call_soon_ack(self, p: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Celery queues every acknowledgement and rejection of a task message through here
+        # (its ack and reject promises), to run in the worker's event loop.
+        return super().call_soon_ack(_settle(p), *args, **kwargs)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         try:

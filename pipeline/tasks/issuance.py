@@ -12,6 +12,8 @@ from typing import Any
 
 import redis
 from celery import Task, chain
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from pipeline import issuance, runtime, worker_metrics
 from pipeline.celery import app
@@ -49,7 +51,7 @@ def _run_step(task: Task, step: Step, order_id: int, domain: str) -> None:
         blocking=False,
     )
     if not lock.acquire():
-        raise task.retry(countdown=5 + random.random() * 5)
+        raise _retry(task, 5 + random.random() * 5)
     try:
         with worker_metrics.timed_step(step.name):
             steps.run(step, order_id)
@@ -68,9 +70,55 @@ def _run_step(task: Task, step: Step, order_id: int, domain: str) -> None:
         countdown += random.uniform(0, min(1.0, countdown * 0.1))
         log.info("order %s for %s waits %.1fs at %s: %s", order_id, domain, countdown, step.name,
                  problem.reason)  # fmt: skip
-        raise task.retry(countdown=countdown) from None
+        raise _retry(task, countdown) from None
     finally:
+        _release(lock)
+
+
+def _release(lock: Any) -> None:
+    try:
         release(lock)
+    except redis.RedisError as exc:
+        # Redis away (a restart, a failover): the lock lapses by its timeout. Raising would put
+        # a failure in place of the step's outcome (its retry, its requeue), and a failed task
+        # is acknowledged and gone.
+        log.warning("could not release %s (%s); it lapses by its timeout", lock.name, exc)
+
+
+# What sending a message raises while the broker is away (a restart, a Sentinel failover).
+BROKER_AWAY = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+# A step's retry, or the next step, is sent through a broker that may be away: kept trying for
+# about 35 s (a Sentinel promotes a replica in a few seconds), where Celery's default policy
+# gives up after about one.
+RETRY_PUBLISH_POLICY: dict[str, float] = {
+    "max_retries": 20,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2,
+}
+
+
+def _retry(task: Task, countdown: float) -> BaseException:
+    """``task.retry(countdown=...)``'s exception, for the caller to raise.
+
+    Celery sends the retry as a new message and then acknowledges this one; when it cannot send
+    (the broker away past :data:`RETRY_PUBLISH_POLICY`), it rejects this one without
+    requeueing: the step would be dropped, and an order stored but not yet published would wait
+    for the reconcile. The message is asked back instead: requeued, or, when the broker is still
+    away, left unacknowledged for the visibility timeout to return (pipeline.consumer). The
+    copy runs the step again, which is idempotent.
+    """
+    try:
+        retried: BaseException = task.retry(
+            countdown=countdown, retry=True, retry_policy=RETRY_PUBLISH_POLICY
+        )
+    except Reject as rejected:
+        if rejected.requeue or not isinstance(rejected.reason, BROKER_AWAY):
+            raise
+        log.warning("could not send the retry (%s); the task is requeued", rejected.reason)
+        requeued: BaseException = Reject(rejected.reason, requeue=True)
+        return requeued
+    return retried
 
 
 # At most one dispatch asked for per this many seconds by finishing orders.
@@ -131,5 +179,11 @@ STEPS: list[tuple[OrderStep, Task]] = [
 def enqueue_chain(order_id: int, domain: str, step: OrderStep, queue: str) -> None:
     """Send the chain from ``step`` to the end; call only after the order's row is committed."""
     index = next(i for i, (s, _) in enumerate(STEPS) if s == step)
-    signatures = [task.si(order_id, domain).set(queue=queue) for _, task in STEPS[index:]]
+    # Each step sends the next as it ends: through a broker that may be away for a moment (a
+    # failover), where Celery's default policy gives up after about a second and fails the step
+    # that just succeeded, leaving the order to the stuck-order sweeper.
+    signatures = [
+        task.si(order_id, domain).set(queue=queue, retry_policy=RETRY_PUBLISH_POLICY)
+        for _, task in STEPS[index:]
+    ]
     chain(*signatures).apply_async()
