@@ -396,6 +396,8 @@ class Scenario:
             "worker /metrics": ("http://127.0.0.1:9109/metrics", None, "certman_issuance_steps"),
             "exporter /metrics": ("http://127.0.0.1:9108/metrics", None, "certman_"),
             "flower": ("http://127.0.0.1:5555/api/workers", flower_auth, ""),
+            "api /healthz": ("http://127.0.0.1:8470/healthz", None, ""),
+            "api /metrics": ("http://127.0.0.1:8470/metrics", None, "certman_api_"),
         }  # fmt: skip
         seen = {}
         for what, (url, auth, expect) in checks.items():
@@ -410,7 +412,7 @@ class Scenario:
             wait_until(answers, timeout=60, what=f"{what} to answer 200", every=1)
             seen[what] = 200
         self.result["endpoints"] = seen
-        self.step("edge, worker, exporter and Flower endpoints answer")
+        self.step("edge, worker, exporter, Flower and API endpoints answer")
 
     def permissions(self) -> None:
         probe = (

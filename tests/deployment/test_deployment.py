@@ -102,6 +102,7 @@ def test_the_guide_deploys_issues_and_rides_out_a_redis_restart(tmp_path: Path) 
     assert result["after_restart"]["row"]["state"] == "active"
     assert set(result["endpoints"]) == {
         "edge /healthz", "edge /metrics", "worker /metrics", "exporter /metrics", "flower",
+        "api /healthz", "api /metrics",
     }  # fmt: skip
     assert result["tracebacks"] == {}
     # Every line the guide does not run says why.
