@@ -271,7 +271,6 @@ def _steps_inline(count: int) -> dict[str, float]:
     import heapq
 
     from pipeline import runtime
-    from pipeline.db import session_scope
     from pipeline.errors import RetryLater
     from pipeline.fleet.dispatch import start_due
     from pipeline.issuance import OrderSteps
@@ -279,7 +278,7 @@ def _steps_inline(count: int) -> dict[str, float]:
     _forget_settings()
     steps = OrderSteps(runtime.current())
     _ = steps.acme  # the account's registration is not a step's cost
-    with session_scope() as session:
+    with steps.sessions() as session:
         orders = [started.order_id for started in start_due(session, limit=count)]
     cpu: dict[str, float] = defaultdict(float)
     due = [(0.0, order_id, 0) for order_id in orders]  # (not before, order, step index)

@@ -33,10 +33,10 @@ from pipeline import db
 
 BIN = Path(sys.executable).parent
 BASELINE = (
-    "import json, sys\n"
+    "import json, os, sys\n"
     "from pipeline.db import session_scope\n"
     "from pipeline.fleet.sites import iter_sites\n"
-    "with session_scope() as session:\n"
+    "with session_scope(os.environ['CERTMAN_DATABASE_URL']) as session:\n"
     "    sys.stdout.write(json.dumps(list(iter_sites(session, batch=50_000)), indent=2,"
     " default=str))\n"
 )

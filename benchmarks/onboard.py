@@ -35,6 +35,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
 from pipeline import db
 from pipeline.crypto.signing import SigningKey
 from pipeline.distribution import layout as distribution
@@ -47,8 +48,11 @@ from pipeline.fleet.onboarding import (
     publish_records,
     read_lines,
 )
-from pipeline.fleet.sites import add_site, parse_site
+from pipeline.fleet.sites import SiteRules, add_site, parse_site
+from pipeline.settings import Settings
 
+# The installation's defaults: the benchmark's upstreams are public names.
+RULES = SiteRules.from_settings(Settings())
 PREFIX = "certman-bench-onboard"
 # Every publication is signed, as in production: the signatures are part of the cost measured.
 SIGNER = SigningKey.generate()
@@ -95,7 +99,7 @@ def run_service(url: str, path: Path, client: redis.Redis) -> tuple[float, int, 
     engine = db.get_engine(url)
     onboarding = Onboarding(
         engine,
-        Options(batch_size=1000),
+        Options(batch_size=1000, rules=RULES),
         publish_batch=lambda sites: publish_records(client, PREFIX, sites, SIGNER),
         publish_existing=lambda domains: heal_snapshot(engine, client, PREFIX, domains, SIGNER),
         rejected=RejectedWriter(path.with_suffix(".rejected.csv")),
@@ -116,7 +120,9 @@ def run_baseline(url: str, path: Path, count: int, client: redis.Redis) -> float
     started = time.perf_counter()
     for cells in rows:
         try:
-            new = parse_site(cells[0], cells[2].split() if len(cells) > 2 else (), cells[1])
+            new = parse_site(
+                cells[0], cells[2].split() if len(cells) > 2 else (), cells[1], rules=RULES
+            )
         except (ValueError, IndexError):
             continue
         with db.session_scope(url) as session:

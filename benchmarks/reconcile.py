@@ -110,11 +110,11 @@ def bench(kind: str, url: str, redis_url: str, sites: int, drift: int) -> None:
     with configured(url, redis_url):
 
         def resync() -> int:
-            with db.session_scope() as session:
+            with runtime.current().session_scope() as session:
                 return runtime.current().publisher.resync(session)
 
         def find() -> snapshot.Drift:
-            with db.session_scope() as session:
+            with runtime.current().session_scope() as session:
                 return runtime.current().publisher.find_drift(session)
 
         baseline, count = timed(resync)

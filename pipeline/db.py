@@ -119,16 +119,17 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
     return maker
 
 
-def get_engine(url: str | None = None) -> Engine:
-    engine = _sessionmaker(url or _default_url()).kw["bind"]
+def get_engine(url: str) -> Engine:
+    engine = _sessionmaker(url).kw["bind"]
     assert isinstance(engine, Engine)
     return engine
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session committed on success and rolled back on any error."""
-    session = _sessionmaker(url or _default_url())()
+def session_scope(url: str) -> Iterator[Session]:
+    """A session committed on success and rolled back on any error (the URL is the caller's:
+    a process's :class:`~pipeline.runtime.Runtime` hands its own)."""
+    session = _sessionmaker(url)()
     try:
         yield session
         session.commit()
@@ -155,9 +156,3 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
-
-
-def _default_url() -> str:
-    from pipeline.settings import get_settings
-
-    return get_settings().effective_database_url

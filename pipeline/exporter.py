@@ -55,7 +55,7 @@ class InventoryCollector(Collector):
 
     def _inventory(self) -> Iterator[Metric]:
         now = utcnow()
-        with session_scope() as session:
+        with session_scope(self.settings.effective_database_url) as session:
             by_state = {
                 str(state): n
                 for state, n in session.execute(

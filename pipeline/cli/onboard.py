@@ -101,10 +101,12 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.upstream_default is not None:
-        from pipeline.fleet.sites import SiteError, validate_upstream
+        from pipeline.fleet.sites import SiteError, SiteRules, validate_upstream
+        from pipeline.settings import get_settings
 
         try:
-            args.upstream_default = validate_upstream(args.upstream_default)
+            policy = SiteRules.from_settings(get_settings()).policy
+            args.upstream_default = validate_upstream(args.upstream_default, policy)
         except SiteError as exc:
             parser.error(f"--upstream-default: {exc}")
     return args
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
     from pipeline.acme.ratelimit import Limits
     from pipeline.db import get_engine
+    from pipeline.fleet.sites import SiteRules
     from pipeline.runtime import Runtime
     from pipeline.settings import SettingsError, get_settings
 
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             dry_run=args.dry_run,
             upstream_default=args.upstream_default,
             priority=args.priority,
+            rules=SiteRules.from_settings(settings),
         ),
         # Looked up at each call, not bound at import: a test swaps it to crash mid-run.
         publish_batch=(lambda sites: snapshot.publish_records(client, prefix, sites, signing_key))

@@ -238,8 +238,8 @@ class Options:
     dry_run: bool = False
     upstream_default: str | None = None
     priority: bool = False
-    # The installation's outbound policy and issuers (None: the process's settings).
-    rules: SiteRules | None = None
+    # The installation's outbound policy and issuers: the caller's (SiteRules.from_settings).
+    rules: SiteRules = field(kw_only=True)
     # Who adds the sites, recorded in each added site's history in the batch's transaction
     # (the API's token); None records nothing.
     actor: str | None = None

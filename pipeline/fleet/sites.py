@@ -16,7 +16,7 @@ from pipeline.models import Certificate, Order, OrderStep, Site, SiteName, SiteS
 from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
 from pipeline.outbound import OutboundPolicy, RefusedUpstream
-from pipeline.settings import KeyType, Settings, get_settings
+from pipeline.settings import KeyType, Settings
 
 
 class SiteError(ValueError):
@@ -69,24 +69,15 @@ class SiteRules:
         )
 
 
-def _rules(rules: SiteRules | None) -> SiteRules:
-    # The callers that do not hand rules in yet (issue 26) get the process's settings.
-    return rules if rules is not None else SiteRules.from_settings(get_settings())
-
-
-def validate_upstream(
-    raw: str | None, policy: OutboundPolicy | None = None, *, rules: SiteRules | None = None
-) -> str | None:
+def validate_upstream(raw: str | None, policy: OutboundPolicy) -> str | None:
     """The upstream URL normalised, None for none, or :class:`SiteError` saying what is wrong.
 
-    ``policy`` (or ``rules``' policy) defaults to the installation's (CERTMAN_UPSTREAM_*): the
+    ``policy`` is the installation's (CERTMAN_UPSTREAM_*, :meth:`SiteRules.from_settings`): the
     one the edge applies to every address it connects to, so a URL accepted here is one the
     edge will use.
     """
     if raw is None or not raw.strip():
         return None
-    if policy is None:
-        policy = _rules(rules).policy
     try:
         return policy.check_upstream_url(raw)
     except RefusedUpstream as exc:
@@ -102,7 +93,7 @@ def parse_site(
     profile: str | None = None,
     key_type: str | None = None,
     issuer: str | None = None,
-    rules: SiteRules | None = None,
+    rules: SiteRules,
 ) -> NewSite:
     """Validate and normalise a site request: the one function the CLI, the API and onboarding
     share."""
@@ -123,7 +114,7 @@ def parse_site(
     if len(extra) + 1 > 100:
         raise InvalidSiteRequest(f"{primary}: more than 100 names in one certificate")
     return NewSite(
-        primary, tuple(extra), validate_upstream(upstream, rules=rules), customer_ref,
+        primary, tuple(extra), validate_upstream(upstream, rules.policy), customer_ref,
         profile or None, key_type,
         issuer,
     )  # fmt: skip
@@ -137,9 +128,9 @@ def check_key_type(key_type: str) -> None:
         )
 
 
-def check_issuer(name: str, *, rules: SiteRules | None = None) -> None:
+def check_issuer(name: str, *, rules: SiteRules) -> None:
     """:class:`SiteError` unless ``name`` is one of the configured issuers."""
-    known = _rules(rules).issuers
+    known = rules.issuers
     if name not in known:
         raise InvalidSiteRequest(f"issuer {name!r} is not configured (CERTMAN_ISSUERS): one of "
                         f"{', '.join(known)}")  # fmt: skip
@@ -402,7 +393,7 @@ def update_site(
     issuer: str | None = None,
     customer_ref: str | None = None,
     now: datetime | None = None,
-    rules: SiteRules | None = None,
+    rules: SiteRules,
 ) -> SiteUpdate:
     """Change a site in place; any problem is a :class:`SiteError` and nothing is written.
 
@@ -441,7 +432,7 @@ def update_site(
     if key_type is not None:
         check_key_type(key_type)
     new_upstream = (
-        validate_upstream(upstream, rules=rules) if upstream is not None else site.upstream
+        validate_upstream(upstream, rules.policy) if upstream is not None else site.upstream
     )
     wants_cert = names != site.all_names
     if profile is not None and profile != site.profile:

@@ -18,10 +18,10 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from pipeline.db import session_scope
 from pipeline.models import Account, Certificate, Order, OrderStep
 from pipeline.models.base import utcnow
 from tests.integration.test_issuance import fetch_certificate
+from tests.support.from_settings import session_scope
 from tests.support.pebble import Pebble
 from tests.support.ports import wait_until
 from tests.support.system import System

@@ -192,20 +192,20 @@ def _steps() -> Any:
 
 
 def _start_order(name: str) -> int:
-    from pipeline.db import session_scope
     from pipeline.fleet.dispatch import start_due
     from pipeline.fleet.sites import add_site, parse_site
+    from tests.support.from_settings import session_scope, site_rules
 
     with session_scope() as session:
-        add_site(session, parse_site(name))
+        add_site(session, parse_site(name, rules=site_rules()))
     with session_scope() as session:
         [started] = start_due(session, limit=1)
     return started.order_id
 
 
 def _order(order_id: int) -> tuple[str, str | None]:
-    from pipeline.db import session_scope
     from pipeline.models import Order
+    from tests.support.from_settings import session_scope
 
     with session_scope() as session:
         order = session.get(Order, order_id)
@@ -269,8 +269,8 @@ def test_place_order_rerun_replaces_a_ca_order_the_ca_no_longer_knows(
 ) -> None:
     # As after a CA restart (Pebble keeps nothing) or its clean-up of old orders: the CA
     # answers 404 for the recorded order, so the step places a new one instead of failing.
-    from pipeline.db import session_scope
     from pipeline.models import Order
+    from tests.support.from_settings import session_scope
 
     order_id = _start_order("forgotten.example.com")
     gone = in_process.pebble.directory_url.replace("/dir", "/my-order/forgotten")
@@ -395,8 +395,8 @@ def test_finalise_keeps_the_key_of_the_csr_another_copy_posted_first(
 
     from pipeline import issuance, runtime
     from pipeline.crypto import certificates
-    from pipeline.db import session_scope
     from pipeline.models import Order
+    from tests.support.from_settings import session_scope
 
     order_id = _start_order("two-copies.example.com")
     _step_until(_steps().place_order, order_id, "placed")
@@ -427,8 +427,8 @@ def test_publish_challenges_rerun_after_its_answer_went_out(in_process: System) 
     before the step was recorded. The re-run must not fail the order on the CA's refusal of a
     second answer."""
     from pipeline import runtime
-    from pipeline.db import session_scope
     from pipeline.models import Order, OrderStep
+    from tests.support.from_settings import session_scope
 
     order_id = _start_order("rerun.example.com")
     _steps().place_order(order_id)

@@ -21,10 +21,10 @@ from sqlalchemy import select, update
 
 from pipeline.crypto.envelope import Scheme
 from pipeline.crypto.keys import generate_keypair
-from pipeline.db import session_scope
 from pipeline.models import Certificate, Order, OrderKind, OrderStep
 from pipeline.models.base import utcnow
 from tests.integration.test_issuance import fetch_certificate
+from tests.support.from_settings import session_scope
 from tests.support.ports import wait_until
 from tests.support.system import System
 

@@ -56,8 +56,9 @@ def exporter_names(
     tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[set[str]]:
     from pipeline import runtime
-    from pipeline.db import session_scope, upgrade
+    from pipeline.db import upgrade
     from pipeline.exporter import serve
+    from tests.support.from_settings import session_scope
 
     url = f"sqlite:///{tmp_path / 'certman.db'}"
     upgrade(url)

@@ -19,10 +19,10 @@ from sqlalchemy import select
 
 from pipeline.crypto.signing import SignedSite
 from pipeline.crypto.signing_key_file import peek_signing_key
-from pipeline.db import session_scope
 from pipeline.fleet.sites import add_site, parse_site
 from pipeline.models import Site
 from tests.pipeline.test_cli import certman
+from tests.support.from_settings import session_scope, site_rules
 
 DOMAIN = "dealer.example.com"
 # Nothing listens here: connection refused at once.
@@ -183,7 +183,7 @@ def test_a_site_stored_but_never_published_is_published_by_the_re_add(
 ) -> None:
     # What an older certman left after a failed publication: the row, and nothing on the edges.
     with session_scope() as session:
-        add_site(session, parse_site(DOMAIN, upstream="http://10.0.0.5:8080"))
+        add_site(session, parse_site(DOMAIN, upstream="http://10.0.0.5:8080", rules=site_rules()))
     again = certman(env, "domains", "add", DOMAIN, "--upstream", "http://10.0.0.5:8080")
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == f"{DOMAIN} already there; published to the edges again"

@@ -23,6 +23,7 @@ from pipeline.models.base import utcnow
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from tests.support.fake_acme import RecordingPublisher
+from tests.support.from_settings import site_rules
 
 Store = Callable[[], AbstractContextManager[Session]]
 
@@ -55,7 +56,7 @@ def steps(store: Store, tmp_path: Path) -> OrderSteps:
 @pytest.fixture
 def order_id(store: Store) -> int:
     with store() as session:
-        site, _ = add_site(session, parse_site("dealer.example.com"))
+        site, _ = add_site(session, parse_site("dealer.example.com", rules=site_rules()))
         site.state = SiteState.ISSUING  # as the dispatcher leaves it
         order = Order(site_id=site.id, names=site.all_names, step=OrderStep.CHALLENGED)
         session.add(order)

@@ -24,6 +24,7 @@ from pipeline.runtime import Runtime
 from pipeline.settings import Settings, SettingsError, load_settings
 from tests.pipeline.test_order_states import DOMAIN, Store, World
 from tests.support.fake_acme import FakeCA, FakeLimiter
+from tests.support.from_settings import site_rules
 
 HMAC = base64.urlsafe_b64encode(b"k" * 32).decode().rstrip("=")
 
@@ -230,7 +231,7 @@ def test_a_site_may_prefer_an_issuer(store: Store, fleet_settings: Settings) -> 
     with store() as session:
         from pipeline.fleet.sites import add_site, parse_site
 
-        add_site(session, parse_site(DOMAIN, ()))
+        add_site(session, parse_site(DOMAIN, (), rules=site_rules()))
         session.execute(update(Site).values(preferred_issuer="backup"))
     fleet.run(fleet.dispatch())
     assert fleet.order().issuer == "backup" and fleet.order().fallback_reason is None

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select
 
 from pipeline.acme.ratelimit import Limits
 from pipeline.crypto.signing import SigningKey
-from pipeline.db import get_engine, session_scope
+from pipeline.db import get_engine
 from pipeline.distribution.layout import SiteRecord
 from pipeline.fleet.onboarding import (
     MAX_FIELD,
@@ -32,6 +32,7 @@ from pipeline.fleet.onboarding import (
 from pipeline.fleet.sites import add_site, parse_site
 from pipeline.models import Site, SiteName, SiteState
 from pipeline.setting_values import parse_rate
+from tests.support.from_settings import session_scope, site_rules
 
 PREFIX = "certman"
 SIGNER = SigningKey.generate()
@@ -58,7 +59,7 @@ def onboard(
     writer = RejectedWriter(rejected)
     run = Onboarding(
         engine,
-        Options(**options),  # type: ignore[arg-type]
+        Options(**options, rules=site_rules()),  # type: ignore[arg-type]
         publish_batch=(lambda sites: publish_records(client, PREFIX, sites, SIGNER))
         if client
         else None,
@@ -162,7 +163,9 @@ def test_rejected_lines_are_written_with_line_number_and_reason(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:
     with session_scope(database_url) as session:
-        add_site(session, parse_site("owned.example.com", ["www.owned.example.com"]))
+        add_site(
+            session, parse_site("owned.example.com", ["www.owned.example.com"], rules=site_rules())
+        )
     text = (
         "domain,upstream\n"
         "good.example.com\n"
@@ -254,7 +257,9 @@ def test_run_interrupted_between_batches_then_resumed(
             raise Killed
         publish_records(redis_client, PREFIX, sites, SIGNER)  # type: ignore[arg-type]
 
-    run = Onboarding(engine, Options(batch_size=10), publish_batch=publish_then_die)
+    run = Onboarding(
+        engine, Options(batch_size=10, rules=site_rules()), publish_batch=publish_then_die
+    )
     with pytest.raises(Killed):
         run.run(read_lines(io.StringIO(text)))
     assert count_sites(database_url) == 30
@@ -310,7 +315,10 @@ def test_a_name_taken_by_a_concurrent_writer_rolls_the_batch_back_and_rechecks(
             raced["done"] = True
             # Another writer adds a site with one of the batch's aliases after our check.
             with session_scope(database_url) as session:
-                add_site(session, parse_site("racer.example.com", ["www.b.example.com"]))
+                add_site(
+                    session,
+                    parse_site("racer.example.com", ["www.b.example.com"], rules=site_rules()),
+                )
         return result
 
     monkeypatch.setattr(onboarding.Onboarding, "_classify", classify_then_race)
@@ -326,7 +334,7 @@ def test_dry_run_writes_nothing(
     engine: Engine, database_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     with session_scope(database_url) as session:
-        add_site(session, parse_site("there.example.com"))
+        add_site(session, parse_site("there.example.com", rules=site_rules()))
     kicks: list[int] = []
     summary = onboard(
         engine,
@@ -343,7 +351,9 @@ def test_dry_run_writes_nothing(
 def test_priority_goes_ahead_of_everything_waiting(engine: Engine, database_url: str) -> None:
     early = datetime.now(UTC) - timedelta(hours=2)
     with session_scope(database_url) as session:
-        site, _ = add_site(session, parse_site("waiting.example.com"), now=early)
+        site, _ = add_site(
+            session, parse_site("waiting.example.com", rules=site_rules()), now=early
+        )
     onboard(engine, "later.example.com\n")
     onboard(engine, "urgent.example.com\n", priority=True)
     with session_scope(database_url) as session:

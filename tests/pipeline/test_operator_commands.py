@@ -27,13 +27,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.cli.commands import main
-from pipeline.db import session_scope
 from pipeline.distribution import layout as distribution
 from pipeline.fleet import sites
 from pipeline.fleet.retention import prune_attempts
 from pipeline.models import Attempt, Certificate, Order, OrderStep, Site, SiteName, SiteState
 from pipeline.models.base import utcnow
 from tests.support.factories import make_cert, make_site
+from tests.support.from_settings import session_scope, site_rules
 
 
 @pytest.fixture
@@ -411,8 +411,8 @@ def test_domains_show_names_the_limiter_bucket_a_step_waits_on(
     ca = FakeCA()
     steps = OrderSteps(Runtime(config, acme=ca, publisher=RecordingPublisher()))  # type: ignore[arg-type]
     with session_scope() as s:
-        sites.add_site(s, sites.parse_site("first.example.com"))
-        sites.add_site(s, sites.parse_site("second.example.com"))
+        sites.add_site(s, sites.parse_site("first.example.com", rules=site_rules()))
+        sites.add_site(s, sites.parse_site("second.example.com", rules=site_rules()))
         first, second = sorted(started.order_id for started in start_due(s, limit=10))
     steps.place_order(first)
     with pytest.raises(RateLimited) as waits:

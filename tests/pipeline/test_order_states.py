@@ -38,6 +38,7 @@ from tests.support.fake_acme import (
     RecordingPublisher,
     crashing_sessions,
 )
+from tests.support.from_settings import site_rules
 
 Store = Callable[[], AbstractContextManager[Session]]
 DOMAIN = "dealer.example.com"
@@ -72,7 +73,7 @@ class World:
     def start(self, *names: str) -> int:
         """Add a site and let the dispatcher start its order (no crash points: not a step)."""
         with self.store() as session:
-            add_site(session, parse_site(names[0], names[1:]))
+            add_site(session, parse_site(names[0], names[1:], rules=site_rules()))
         return self.dispatch()
 
     def dispatch(self) -> int:

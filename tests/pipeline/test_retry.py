@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from pipeline.db import session_scope
 from pipeline.fleet.sites import SiteError, retry_sites
 from pipeline.models import Certificate, Site, SiteState
 from tests.pipeline.test_cli import certman
 from tests.support.factories import NOW, make_cert, make_site
+from tests.support.from_settings import session_scope
 
 
 def _state(domain: str) -> tuple[str, object, object]:

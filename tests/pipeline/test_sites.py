@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from pipeline.db import session_scope
 from pipeline.fleet.sites import SiteError, add_site, list_sites, parse_site, remove_site
 from pipeline.models import Order, OrderStep, Site, SiteName, SiteState
 from pipeline.names import InvalidName
+from tests.support.from_settings import session_scope, site_rules
 
 
 def count(url: str, model: type) -> int:
@@ -19,7 +19,9 @@ def count(url: str, model: type) -> int:
 
 
 def test_add_stores_site_with_every_name(database_url: str) -> None:
-    new = parse_site("Dealer.example.com", ["WWW.dealer.example.com", "dealer.example.com"])
+    new = parse_site(
+        "Dealer.example.com", ["WWW.dealer.example.com", "dealer.example.com"], rules=site_rules()
+    )
     assert new.names == ("dealer.example.com", "www.dealer.example.com")
     with session_scope(database_url) as session:
         site, created = add_site(session, new)
@@ -43,16 +45,22 @@ def test_add_stores_site_with_every_name(database_url: str) -> None:
 
 def test_adding_again_is_a_no_op_and_never_changes_the_upstream(database_url: str) -> None:
     with session_scope(database_url) as session:
-        add_site(session, parse_site("dealer.example.com", upstream="http://10.0.0.5:8080"))
+        add_site(
+            session,
+            parse_site("dealer.example.com", upstream="http://10.0.0.5:8080", rules=site_rules()),
+        )
     with session_scope(database_url) as session:
-        site, created = add_site(session, parse_site("dealer.example.com"))
+        site, created = add_site(session, parse_site("dealer.example.com", rules=site_rules()))
         assert not created and site.upstream == "http://10.0.0.5:8080"
     with (
         pytest.raises(SiteError, match=r"upstream http://10.0.0.5:8080, not http://10.1.1.1:8080"
                       r": change it with certman domains update"),
         session_scope(database_url) as session,
     ):  # fmt: skip
-        add_site(session, parse_site("dealer.example.com", upstream="http://10.1.1.1:8080/"))
+        add_site(
+            session,
+            parse_site("dealer.example.com", upstream="http://10.1.1.1:8080/", rules=site_rules()),
+        )
     with session_scope(database_url) as session:
         assert session.scalar(select(Site.upstream)) == "http://10.0.0.5:8080"
     assert count(database_url, Site) == 1
@@ -60,14 +68,19 @@ def test_adding_again_is_a_no_op_and_never_changes_the_upstream(database_url: st
 
 def test_a_name_of_another_site_is_refused_and_nothing_written(database_url: str) -> None:
     with session_scope(database_url) as session:
-        add_site(session, parse_site("dealer.example.com", ["www.dealer.example.com"]))
+        add_site(
+            session,
+            parse_site("dealer.example.com", ["www.dealer.example.com"], rules=site_rules()),
+        )
     with (
         pytest.raises(
             SiteError, match="www.dealer.example.com already belongs to site dealer.example.com"
         ),
         session_scope(database_url) as session,
     ):
-        add_site(session, parse_site("other.example.com", ["www.dealer.example.com"]))
+        add_site(
+            session, parse_site("other.example.com", ["www.dealer.example.com"], rules=site_rules())
+        )
     assert count(database_url, Site) == 1
     assert count(database_url, SiteName) == 2
 
@@ -83,12 +96,15 @@ def test_a_name_of_another_site_is_refused_and_nothing_written(database_url: str
 )
 def test_bad_requests_are_refused(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
-        parse_site(**kwargs)  # type: ignore[arg-type]
+        parse_site(**kwargs, rules=site_rules())  # type: ignore[arg-type]
 
 
 def test_remove_by_alias_cancels_orders_and_deletes_names(database_url: str) -> None:
     with session_scope(database_url) as session:
-        site, _ = add_site(session, parse_site("dealer.example.com", ["www.dealer.example.com"]))
+        site, _ = add_site(
+            session,
+            parse_site("dealer.example.com", ["www.dealer.example.com"], rules=site_rules()),
+        )
         session.add(Order(site_id=site.id, names=site.all_names, step=OrderStep.PLACED))
     with session_scope(database_url) as session:
         removed = remove_site(session, "WWW.dealer.example.com")
@@ -105,8 +121,10 @@ def test_remove_unknown_says_so(database_url: str) -> None:
 
 def test_a_site_may_choose_its_key_type_and_profile(database_url: str) -> None:
     with pytest.raises(SiteError, match="key type 'dsa'"):
-        parse_site("dealer.example.com", key_type="dsa")
-    new = parse_site("dealer.example.com", key_type="rsa-2048", profile="shortlived")
+        parse_site("dealer.example.com", key_type="dsa", rules=site_rules())
+    new = parse_site(
+        "dealer.example.com", key_type="rsa-2048", profile="shortlived", rules=site_rules()
+    )
     with session_scope(database_url) as session:
         site, _ = add_site(session, new)
         assert (site.key_type, site.profile) == ("rsa-2048", "shortlived")
@@ -146,7 +164,7 @@ def test_upstreams_the_edge_must_not_reach_are_refused(
     upstream_env: pytest.MonkeyPatch, upstream: str, reason: str
 ) -> None:
     with pytest.raises(SiteError) as caught:
-        parse_site("dealer.example.com", upstream=upstream)
+        parse_site("dealer.example.com", upstream=upstream, rules=site_rules())
     assert str(caught.value).startswith(f"upstream {upstream!r}: ")
     assert reason in str(caught.value)
 
@@ -154,9 +172,14 @@ def test_upstreams_the_edge_must_not_reach_are_refused(
 def test_private_and_loopback_upstreams_stay_allowed(upstream_env: pytest.MonkeyPatch) -> None:
     for upstream in ("http://10.0.0.5:8080/", "http://192.168.1.2", "https://[fd00::5]/",
                      "http://127.0.0.1:3000", "https://Dealer-Host.internal/site/"):  # fmt: skip
-        assert parse_site("dealer.example.com", upstream=upstream).upstream is not None
+        assert (
+            parse_site("dealer.example.com", upstream=upstream, rules=site_rules()).upstream
+            is not None
+        )
     assert (
-        parse_site("dealer.example.com", upstream="HTTPS://Dealer-Host.internal/site/").upstream
+        parse_site(
+            "dealer.example.com", upstream="HTTPS://Dealer-Host.internal/site/", rules=site_rules()
+        ).upstream
         == "https://dealer-host.internal/site"
     )
 
@@ -165,18 +188,21 @@ def test_link_local_upstreams_when_the_installation_allows_them(
     upstream_env: pytest.MonkeyPatch,
 ) -> None:
     upstream_env.setenv("CERTMAN_UPSTREAM_ALLOW_LINK_LOCAL", "on")
-    assert parse_site("d.example.com", upstream="http://169.254.20.1/").upstream == (
-        "http://169.254.20.1"
-    )
+    assert parse_site(
+        "d.example.com", upstream="http://169.254.20.1/", rules=site_rules()
+    ).upstream == ("http://169.254.20.1")
     with pytest.raises(SiteError, match="cloud metadata service"):
-        parse_site("d.example.com", upstream="http://169.254.169.254/")
+        parse_site("d.example.com", upstream="http://169.254.169.254/", rules=site_rules())
 
 
 def test_an_allow_list_limits_ip_literal_upstreams(upstream_env: pytest.MonkeyPatch) -> None:
     upstream_env.setenv("CERTMAN_UPSTREAM_ALLOWED_NETWORKS", "10.20.0.0/16, fd00:20::/32")
-    assert parse_site("d.example.com", upstream="http://10.20.3.4/").upstream == "http://10.20.3.4"
+    assert (
+        parse_site("d.example.com", upstream="http://10.20.3.4/", rules=site_rules()).upstream
+        == "http://10.20.3.4"
+    )
     with pytest.raises(SiteError, match=r"outside CERTMAN_UPSTREAM_ALLOWED_NETWORKS \(10\.20"):
-        parse_site("d.example.com", upstream="http://10.30.3.4/")
+        parse_site("d.example.com", upstream="http://10.30.3.4/", rules=site_rules())
 
 
 def test_bulk_onboarding_rejects_a_line_whose_upstream_is_refused(
@@ -194,9 +220,9 @@ def test_bulk_onboarding_rejects_a_line_whose_upstream_is_refused(
     rejected = tmp_path / "in.rejected.csv"
     writer = RejectedWriter(rejected)
     try:
-        summary = Onboarding(get_engine(database_url), Options(), rejected=writer).run(
-            read_lines(io.StringIO(text))
-        )
+        summary = Onboarding(
+            get_engine(database_url), Options(rules=site_rules()), rejected=writer
+        ).run(read_lines(io.StringIO(text)))
     finally:
         writer.close()
     assert (summary.added, summary.rejected) == (1, 2)

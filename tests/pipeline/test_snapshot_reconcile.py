@@ -16,11 +16,11 @@ from sqlalchemy import delete, select
 from pipeline import runtime
 from pipeline.cli.commands import main
 from pipeline.crypto.signing import SignedChallenge, SignedSite, SigningKey, TrustedSigners
-from pipeline.db import session_scope
 from pipeline.distribution import publishing as snapshot
 from pipeline.distribution.layout import SiteRecord, parse_index_entry, replace_all
 from pipeline.models import Certificate, Site
 from tests.support.factories import NOW, make_cert, make_site
+from tests.support.from_settings import session_scope
 
 
 def _stored(*domains: str, certified: bool = True) -> None:

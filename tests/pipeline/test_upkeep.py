@@ -16,7 +16,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import issuance, runtime
-from pipeline.db import session_scope
 from pipeline.errors import AttemptFailed, RetryLater
 from pipeline.fleet import renewal, upkeep
 from pipeline.models import (
@@ -30,6 +29,7 @@ from pipeline.models import (
 )
 from pipeline.models.base import utcnow
 from tests.support.factories import NOW, make_cert, make_site
+from tests.support.from_settings import session_scope
 
 
 def make_order(

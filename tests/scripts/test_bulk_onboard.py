@@ -13,8 +13,8 @@ from pathlib import Path
 import redis
 from sqlalchemy import func, select
 
-from pipeline.db import session_scope
 from pipeline.models import Site, SiteName
+from tests.support.from_settings import session_scope
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "bulk_onboard.py"

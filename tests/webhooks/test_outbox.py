@@ -32,6 +32,7 @@ from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.webhooks import events
 from tests.support.fake_acme import RecordingPublisher
+from tests.support.from_settings import site_rules
 
 Store = Callable[[], AbstractContextManager[Session]]
 Subscribe = Callable[..., tuple[int, str]]
@@ -45,7 +46,7 @@ def _events(store: Store) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def _site(session: Session, domain: str, state: SiteState) -> Site:
-    site, _ = add_site(session, parse_site(domain))
+    site, _ = add_site(session, parse_site(domain, rules=site_rules()))
     site.state = state  # as the dispatcher leaves it
     session.flush()
     return site

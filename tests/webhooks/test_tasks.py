@@ -9,10 +9,10 @@ from standardwebhooks.webhooks import Webhook
 
 from pipeline import runtime
 from pipeline.crypto.keys import load_or_create_pipeline_key
-from pipeline.db import session_scope
 from pipeline.models.base import utcnow
 from pipeline.webhooks import subscriptions
 from tests.support.factories import make_cert, make_site
+from tests.support.from_settings import session_scope
 from tests.webhooks.receiver import receiving
 
 
