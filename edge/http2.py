@@ -47,7 +47,7 @@ import h2.settings
 from hyperframe.frame import GoAwayFrame
 
 from edge.exchange import Body, Exchange, Proxy, Request
-from edge.h2encoder import FlatEncoder
+from edge.h2encoder import FlatEncoder, RepeatDecoder
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
@@ -316,6 +316,7 @@ class H2Protocol(asyncio.Protocol):
         )
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.encoder = FlatEncoder()
+        self.conn.decoder = RepeatDecoder(self.conn.decoder.max_header_list_size)
         self.guard = FrameGuard(self.limits)
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
