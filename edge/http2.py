@@ -86,6 +86,28 @@ _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_OVERHEAD = 32
 
 
+# What a response field is sent as (None: not sent), kept for the fields seen most: an upstream
+# sends the same few again and again. Past this many the map starts again.
+_KEPT_FIELDS = 2048
+_UNSEEN: Any = object()
+_response_fields: dict[tuple[str, str], tuple[bytes, bytes] | None] = {}
+# Request header lists already checked on a connection, and what they made (see _request_parts).
+_KEPT_REQUESTS = 64
+
+
+def _response_field(name: str, value: str) -> tuple[bytes, bytes] | None:
+    """A response field as sent: bytes, the name lower case; None for a hop-by-hop field and
+    one that could not be sent as is."""
+    lower = name.lower()
+    if lower in _RESPONSE_HOP_BY_HOP:
+        return None
+    raw_name = lower.encode("latin-1", "replace")
+    raw = value.encode("latin-1", "replace").strip(b" \t")
+    if b"\r" in raw or b"\n" in raw or b"\0" in raw or not _FIELD_NAME.fullmatch(raw_name):
+        return None  # unreachable from a parsed upstream response; never sent as is
+    return raw_name, raw
+
+
 class _Malformed(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(text)
@@ -157,15 +179,16 @@ class H2Stream:
         # case, checked here: h2's own outbound validation is off (it cost more than the rest
         # of a request together).
         fields: list[tuple[bytes, bytes]] = [(b":status", b"%d" % status)]
-        for name, value in headers:
-            lower = name.lower()
-            if lower in _RESPONSE_HOP_BY_HOP:
-                continue
-            raw_name = lower.encode("latin-1", "replace")
-            raw = value.encode("latin-1", "replace").strip(b" \t")
-            if b"\r" in raw or b"\n" in raw or b"\0" in raw or not _FIELD_NAME.fullmatch(raw_name):
-                continue  # unreachable from a parsed upstream response; never sent as is
-            fields.append((raw_name, raw))
+        kept = _response_fields
+        for field in headers:
+            raw_field = kept.get(field, _UNSEEN)
+            if raw_field is _UNSEEN:
+                raw_field = _response_field(*field)
+                if len(kept) >= _KEPT_FIELDS:
+                    kept.clear()
+                kept[field] = raw_field
+            if raw_field is not None:
+                fields.append(raw_field)
         if not 100 <= status < 200:
             self.response_started = True
         self._conn.send_headers(self, fields, end=not body)
@@ -326,6 +349,8 @@ class H2Protocol(asyncio.Protocol):
         self._goaway_sent = False
         self._sending: set[H2Stream] = set()  # streams with data or an end to send this turn
         self._timer: asyncio.TimerHandle | None = None
+        self._kept_requests: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._loop = asyncio.get_running_loop()  # made by the loop's protocol factory
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -459,13 +484,13 @@ class H2Protocol(asyncio.Protocol):
         self.streams[sid] = stream
         self._disarm_idle()
         try:
-            request = _request_parts(event.headers, self.limits.max_header_list_size)
+            request = self._request_parts(event.headers)
         except _Malformed as exc:
             # An error the client caused: spends the reset budget as a reset would.
             self.server.metrics.requests_rejected.labels("bad_header").inc()
             self.guard.resets.spend()
             method = "HEAD" if (b":method", b"HEAD") in event.headers else "GET"
-            stream.task = asyncio.ensure_future(self._refuse(stream, method, exc))
+            stream.task = self._loop.create_task(self._refuse(stream, method, exc))
             return
         if ended and request.body_length not in (None, 0):
             self.guard.resets.spend()
@@ -478,7 +503,40 @@ class H2Protocol(asyncio.Protocol):
         if ended:
             request.body_length = 0
             stream.body.finish()
-        stream.task = asyncio.ensure_future(self._run(stream, request))
+        stream.task = self._loop.create_task(self._run(stream, request))
+
+    def _request_parts(self, fields: Any) -> Request:
+        """:func:`_request_parts`, once per distinct header list on this connection: a client
+        sends much the same request again and again (and :class:`RepeatDecoder` hands back the
+        same fields for it)."""
+        key = tuple(fields)
+        kept = self._kept_requests.get(key)
+        if kept is None:
+            request = _request_parts(fields, self.limits.max_header_list_size)
+            if len(self._kept_requests) >= _KEPT_REQUESTS:
+                self._kept_requests.clear()
+            self._kept_requests[key] = (
+                request.method,
+                request.target,
+                tuple(request.headers),
+                request.authority,
+                request.header_size,
+                request.body_length,
+            )
+            return request
+        method, target, headers, authority, size, length = kept
+        return Request(
+            method=method,
+            target=target,
+            headers=list(headers),
+            authority=authority,
+            scheme="https",
+            client="",
+            sni=None,
+            version="2",
+            header_size=size,
+            body_length=length,
+        )
 
     def _data(self, event: h2.events.DataReceived) -> None:
         sid = event.stream_id or 0
@@ -653,7 +711,7 @@ class H2Protocol(asyncio.Protocol):
         out in one write (one TLS record, one system call) instead of one per frame."""
         if not self._flush_due:
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush_later)
+            self._loop.call_soon(self._flush_later)
 
     def _flush_later(self) -> None:
         sending, self._sending = self._sending, set()
@@ -664,7 +722,7 @@ class H2Protocol(asyncio.Protocol):
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._disarm_idle()
         if not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(delay, callback)
+            self._timer = self._loop.call_later(delay, callback)
 
     def _arm_idle(self) -> None:
         if self.limits.idle_timeout > 0:
