@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 import typing
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -46,7 +45,7 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from edge.exchange import Body, Exchange, Proxy, Request
+from edge.exchange import Body, ConnectionClock, Exchange, Proxy, Request
 from edge.h2encoder import FlatEncoder, RepeatDecoder
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
 from edge.metrics import EdgeMetrics
@@ -325,7 +324,6 @@ class H2Protocol(asyncio.Protocol):
         self.sni: str | None = None
         self._release = release
         self._first_byte_due = first_byte_due
-        self._got_bytes = False
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
@@ -348,9 +346,12 @@ class H2Protocol(asyncio.Protocol):
         self._flush_due = False
         self._goaway_sent = False
         self._sending: set[H2Stream] = set()  # streams with data or an end to send this turn
-        self._timer: asyncio.TimerHandle | None = None
         self._kept_requests: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._loop = asyncio.get_running_loop()  # made by the loop's protocol factory
+        # Idle: no stream open (a GOAWAY then); a stream's own deadlines are the core's.
+        self._clock = ConnectionClock(
+            limits.idle_timeout, lambda: bool(self.streams), self.goaway, self._first_byte_late
+        )
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -374,19 +375,12 @@ class H2Protocol(asyncio.Protocol):
         # a client opened before our SETTINGS reached it.
         self.conn.local_settings = _settings(limits, 2 * limits.max_concurrent_streams + 100)
         self._flush()
-        if self._first_byte_due:
-            delay = max(0.0, self._first_byte_due - time.monotonic())
-            self._arm(delay, self._first_byte_late)
-        else:
-            self._arm_idle()
+        self._clock.start(self._first_byte_due)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        if not self._got_bytes:
-            self._got_bytes = True
-            self._disarm_idle()
-            self._arm_idle()
+        self._clock.received()
         try:
             self.guard.feed(data)
             try:
@@ -415,7 +409,7 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._disarm_idle()
+        self._clock.stop()
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
@@ -482,7 +476,6 @@ class H2Protocol(asyncio.Protocol):
         stream = H2Stream(self, sid)
         stream.request_ended = ended
         self.streams[sid] = stream
-        self._disarm_idle()
         try:
             request = self._request_parts(event.headers)
         except _Malformed as exc:
@@ -693,7 +686,7 @@ class H2Protocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        self._disarm_idle()
+        self._clock.stop()
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
@@ -719,26 +712,10 @@ class H2Protocol(asyncio.Protocol):
             stream._send()
         self._flush()
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._disarm_idle()
-        if not self._closed:
-            self._timer = self._loop.call_later(delay, callback)
-
-    def _arm_idle(self) -> None:
-        if self.limits.idle_timeout > 0:
-            self._arm(self.limits.idle_timeout, self.goaway)
-
-    def _disarm_idle(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _first_byte_late(self) -> None:
         """No preface in time (HTTP/1.1's first-byte timeout, the same budget)."""
-        self._timer = None
-        if not self._got_bytes:
-            self.server.refused("first_byte_timeout")
-            self.abort()
+        self.server.refused("first_byte_timeout")
+        self.abort()
 
     def _maybe_idle(self) -> None:
         if self.streams or self._closed:
@@ -747,7 +724,7 @@ class H2Protocol(asyncio.Protocol):
             self._flush()
             self._close()  # a graceful GOAWAY's last stream is done
         else:
-            self._arm_idle()
+            self._clock.touch()
 
 
 def _settings(limits: H2Limits, max_streams: int) -> h2.settings.Settings:
