@@ -35,9 +35,10 @@ from hpack.table import HeaderTable, table_entry_size
 
 __all__ = ["FlatEncoder", "RepeatDecoder"]
 
-# Fields whose encoding is kept; past it the map starts again (a response field that is new
-# every time, an ETag say, must not grow it without bound).
+# Fields whose encoding is kept, and the longest kept; past that many the map starts again (a
+# response field that is new every time, an ETag say, must not grow it without bound).
 _KEPT_FIELDS = 2048
+_KEPT_FIELD_LENGTH = 256
 # Request blocks kept per connection, and the longest kept: a block of indexed fields is a
 # byte or two per field, and the list it decodes to is bounded by the block's length.
 _KEPT_BLOCKS = 64
@@ -101,9 +102,10 @@ class FlatEncoder(hpack.Encoder):
             encoded = kept.get(key)
             if encoded is None:
                 encoded = _field(*key)
-                if len(kept) >= _KEPT_FIELDS:
-                    kept.clear()
-                kept[key] = encoded
+                if len(encoded) <= _KEPT_FIELD_LENGTH:
+                    if len(kept) >= _KEPT_FIELDS:
+                        kept.clear()
+                    kept[key] = encoded
             parts.append(encoded)
         return b"".join(parts)
 

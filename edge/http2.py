@@ -85,13 +85,17 @@ _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_OVERHEAD = 32
 
 
-# What a response field is sent as (None: not sent), kept for the fields seen most: an upstream
-# sends the same few again and again. Past this many the map starts again.
+# What a response field is sent as (None: not sent), kept for short fields: an upstream sends
+# the same few again and again. Past this many the map starts again.
 _KEPT_FIELDS = 2048
+_KEPT_FIELD_LENGTH = 256
 _UNSEEN: Any = object()
 _response_fields: dict[tuple[str, str], tuple[bytes, bytes] | None] = {}
-# Request header lists already checked on a connection, and what they made (see _request_parts).
-_KEPT_REQUESTS = 64
+# Request header lists already checked on a connection, and what they made (see _request_parts):
+# at most this many, each of at most this many bytes, so a connection holds at most a few
+# dozen KiB of them whatever a client sends.
+_KEPT_REQUESTS = 16
+_KEPT_REQUEST_SIZE = 2048
 
 
 def _response_field(name: str, value: str) -> tuple[bytes, bytes] | None:
@@ -183,9 +187,10 @@ class H2Stream:
             raw_field = kept.get(field, _UNSEEN)
             if raw_field is _UNSEEN:
                 raw_field = _response_field(*field)
-                if len(kept) >= _KEPT_FIELDS:
-                    kept.clear()
-                kept[field] = raw_field
+                if len(field[1]) <= _KEPT_FIELD_LENGTH:
+                    if len(kept) >= _KEPT_FIELDS:
+                        kept.clear()
+                    kept[field] = raw_field
             if raw_field is not None:
                 fields.append(raw_field)
         if not 100 <= status < 200:
@@ -506,6 +511,8 @@ class H2Protocol(asyncio.Protocol):
         kept = self._kept_requests.get(key)
         if kept is None:
             request = _request_parts(fields, self.limits.max_header_list_size)
+            if request.header_size > _KEPT_REQUEST_SIZE:
+                return request
             if len(self._kept_requests) >= _KEPT_REQUESTS:
                 self._kept_requests.clear()
             self._kept_requests[key] = (
