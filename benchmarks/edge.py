@@ -18,9 +18,10 @@ first against each server with one core (edge: 1 process; Caddy: GOMAXPROCS=1), 
 is utime+stime from /proc of every server process (all threads), and the client's own CPU is
 reported too: on 2 cores the client, not the server, is usually what saturates.
 
-``--h2`` adds HTTP/2: ``h2load -m 10`` (Debian's ``nghttp2-client``) through the edge and through
-Caddy's ``reverse_proxy`` to the same upstream, with the edge's HTTP/1.1 keep-alive rate measured
-on the same process for the ratio.
+``--h2`` (or ``--h2-only``) adds HTTP/2: ``h2load -m 10`` (Debian's ``nghttp2-client``) through
+the edge and through Caddy's ``reverse_proxy`` to the same upstream, with the edge's HTTP/1.1
+keep-alive rate measured on the same process for the ratio. ``--baseline DIR`` runs the edge of
+another checkout (``git worktree add DIR COMMIT``) beside this one, measured in turn with it.
 
 ``--mirror`` (or ``--mirror-only``) adds the local mirror: its first fill and size, handshake
 latency under load with Redis answering and then frozen (SIGSTOP) for 10 s, and an edge
@@ -154,6 +155,7 @@ class EdgeProcess:
         processes: int,
         cache: int,
         extra: tuple[str, ...] = (),
+        source: Path | None = None,
         state_dir: Path | None = None,
     ) -> None:
         # A mirror of its own unless given one: a mirror left by another run would make a
@@ -172,6 +174,9 @@ class EdgeProcess:
             "CERTMAN_EDGE_UPSTREAM_PER_CLIENT": "1000000",
             "CERTMAN_EDGE_UPSTREAM_PER_SITE": "1000000",
         }
+        if source is not None:
+            # Another checkout's edge (--baseline), on this venv's libraries.
+            env["PYTHONPATH"] = str(source)
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [
@@ -201,6 +206,7 @@ class EdgeProcess:
                 *extra,
             ],  # fmt: skip
             env=env,
+            cwd=source,
         )
         LIVE.append(self.proc)
 
@@ -696,47 +702,63 @@ def h2_side_by_side(
             publish_site(r, PREFIX, dataclasses.replace(site, upstream=origin), signer=SIGNER)
         pems = clear_keys(n, sites, Keyring.load_dir(hpke_dir))
         verify = client_context(ca_pem)
+        # With --baseline, the older edge and this one run side by side and are measured in
+        # turn, run after run: the machine's load falls on both alike.
+        servers = ("base", "edge", "caddy") if args.baseline else ("edge", "caddy")
         for cores in (1, 2):
-            h1: list[dict[str, float]] = []
-            res: dict[str, list[dict[str, float]]] = {"edge": [], "caddy": []}
-            for server in ("edge", "caddy"):
-                proc: EdgeProcess | CaddyProcess
-                if server == "edge":
-                    proc = EdgeProcess(hpke_dir, url, cores, max(n, 10_000), tuple(args.edge_arg))
-                else:
-                    proxy: dict[str, object] = {
-                        "handler": "reverse_proxy",
-                        "upstreams": [{"dial": origin[7:]}],
-                    }
-                    proc = CaddyProcess(n, pems, cores, proxy)
-                wait_https(proc.https, verify, names[0], proc.started)
-                if isinstance(proc, EdgeProcess):
-                    wait_settled(proc, n)
-                try:
-                    for _ in range(args.repeat):
+            h1: dict[str, list[dict[str, float]]] = {"edge": [], "base": []}
+            res: dict[str, list[dict[str, float]]] = {"edge": [], "base": [], "caddy": []}
+            procs: dict[str, EdgeProcess | CaddyProcess] = {}
+            try:
+                for server in servers:
+                    proc: EdgeProcess | CaddyProcess
+                    if server != "caddy":
+                        source = args.baseline if server == "base" else None
+                        proc = EdgeProcess(
+                            hpke_dir, url, cores, max(n, 10_000), tuple(args.edge_arg), source
+                        )
+                    else:
+                        proxy: dict[str, object] = {
+                            "handler": "reverse_proxy",
+                            "upstreams": [{"dial": origin[7:]}],
+                        }
+                        proc = CaddyProcess(n, pems, cores, proxy)
+                    procs[server] = proc
+                    wait_https(proc.https, verify, names[0], proc.started)
+                    if isinstance(proc, EdgeProcess):
+                        wait_settled(proc, n)
+                for _ in range(args.repeat):
+                    for server, proc in procs.items():
                         res[server].append(
                             h2load_rate(
                                 proc.https, names[0], proc.cpu_seconds, args.duration, conns
                             )
                         )
-                        if server == "edge":
-                            h1.append(
+                        if server != "caddy":
+                            h1[server].append(
                                 keepalive_rate(
                                     proc.https, proc.cpu_seconds, names, args.clients, args.duration
                                 )
                             )
-                finally:
+            finally:
+                for proc in procs.values():
                     proc.stop()
+            for server in servers:
                 print(f"  h2 {server} ({cores} core(s)): {res[server]}", file=sys.stderr)
-            for i, (e, c, k) in enumerate(zip(res["edge"], res["caddy"], h1, strict=True)):
-                rows += [
-                    (f"HTTP/2 h2load -m 10 req/s, {cores} core(s), run {i + 1}",
-                     f"edge {e['rate']:.0f}/s, CPU {e['server_ms']:.3f} ms",
-                     f"Caddy {c['rate']:.0f}/s, CPU {c['server_ms']:.3f} ms",
-                     f"ratio {e['rate'] / c['rate']:.2f}; edge HTTP/1.1 keep-alive "
-                     f"{k['rate']:.0f}/s: h2 {e['rate'] / k['rate']:.2f}x; errors "
-                     f"{e['errors']:.0f}/{c['errors']:.0f}, load {e['load']:.1f}/{c['load']:.1f}"),
-                ]  # fmt: skip
+            for label in servers[:-1]:
+                who = "baseline" if label == "base" else "edge"
+                for i, (e, c, k) in enumerate(
+                    zip(res[label], res["caddy"], h1[label], strict=True)
+                ):
+                    rows += [
+                        (f"HTTP/2 h2load -m 10 req/s, {cores} core(s), run {i + 1}",
+                         f"{who} {e['rate']:.0f}/s, CPU {e['server_ms']:.3f} ms",
+                         f"Caddy {c['rate']:.0f}/s, CPU {c['server_ms']:.3f} ms",
+                         f"ratio {e['rate'] / c['rate']:.2f}; {who} HTTP/1.1 keep-alive "
+                         f"{k['rate']:.0f}/s, CPU {k['server_ms']:.3f} ms: h2 "
+                         f"{e['rate'] / k['rate']:.2f}x; errors {e['errors']:.0f}/"
+                         f"{c['errors']:.0f}, load {e['load']:.1f}/{c['load']:.1f}"),
+                    ]  # fmt: skip
     finally:
         upstream.stop()
     return rows
@@ -926,6 +948,13 @@ def main() -> None:
     parser.add_argument("--keepalive", action="store_true", help="keep-alive proxy vs Caddy")
     parser.add_argument("--keepalive-only", action="store_true")
     parser.add_argument("--h2", action="store_true", help="HTTP/2 (h2load -m 10) vs Caddy")
+    parser.add_argument("--h2-only", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="with --h2: also run the edge of this source tree (an older checkout), interleaved",
+    )
     parser.add_argument(
         "--mirror", action="store_true", help="the local mirror: fill, size, Redis frozen"
     )
@@ -966,7 +995,7 @@ def main() -> None:
         snapshot_read = time.perf_counter() - t
         on_use, ahead = verification_cost(trusted, raw_index, raw_signed)
 
-        if not (args.caddy_only or args.keepalive_only or args.mirror_only):
+        if not (args.caddy_only or args.keepalive_only or args.mirror_only or args.h2_only):
             # 1. cold start and first handshakes of not-yet-loaded names
             edge = EdgeProcess(hpke_dir, url, 1, max(n, 10_000))
             start = time_to_first_handshake(edge, ctx, rng.choice(names))
@@ -1034,7 +1063,7 @@ def main() -> None:
             rows += side_by_side(hpke_dir, url, n, hpke, load_names, ca_pem, args)
         if args.keepalive or args.keepalive_only:
             rows += proxy_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
-        if args.h2:
+        if args.h2 or args.h2_only:
             rows += h2_side_by_side(r, hpke_dir, url, n, hpke, ca_pem, args)
         if args.mirror or args.mirror_only:
             rows += mirror_rows(server, hpke_dir, url, n, names, ctx, ca_pem, args.clients)

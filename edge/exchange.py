@@ -72,6 +72,7 @@ __all__ = [
     "HOP_BY_HOP",
     "Body",
     "BodyError",
+    "ConnectionClock",
     "Exchange",
     "Lifecycle",
     "Proxy",
@@ -315,6 +316,77 @@ class Exchange:
     # Counted and logged by the core (False: by the adapter, as Tornado's log_function does).
     log: bool = True
     ticket: Ticket | None = None  # the fair-share slot, while the upstream request runs
+
+
+class ConnectionClock:
+    """A client connection's own deadlines, for both protocols: its first byte (from the accept,
+    the TLS handshake included), then idleness, ``idle_timeout`` with nothing ``busy``. One
+    timer handle: the idle one is moved on only when it fires, never re-armed per request
+    (:meth:`touch` only notes the time).
+
+    ``on_late`` is called if no byte came in time; ``on_idle`` once the connection has been
+    idle ``idle_timeout`` since the last :meth:`touch`."""
+
+    __slots__ = ("_busy", "_handle", "_idle", "_loop", "_on_idle", "_on_late", "got_bytes", "mark")
+
+    def __init__(
+        self,
+        idle_timeout: float,
+        busy: Callable[[], bool],
+        on_idle: Callable[[], None],
+        on_late: Callable[[], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = idle_timeout
+        self._busy = busy
+        self._on_idle = on_idle
+        self._on_late = on_late
+        self._handle: asyncio.TimerHandle | None = None
+        self.got_bytes = False
+        self.mark = 0.0
+
+    def start(self, first_byte_due: float) -> None:
+        """``first_byte_due`` on the ``time.monotonic`` clock; 0: none, the idle clock runs."""
+        if first_byte_due:
+            delay = max(0.0, first_byte_due - time.monotonic())
+            self._handle = self._loop.call_later(delay, self._late)
+        else:
+            self.touch()
+
+    def received(self) -> None:
+        """Bytes came: the first ones end the first-byte deadline."""
+        if not self.got_bytes:
+            self.got_bytes = True
+            self.stop()
+            self.touch()
+
+    def touch(self) -> None:
+        """The idle time counts from now."""
+        self.mark = self._loop.time()
+        if self._handle is None and self._idle > 0:
+            self._handle = self._loop.call_at(self.mark + self._idle, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _late(self) -> None:
+        self._handle = None
+        if not self.got_bytes:
+            self._on_late()
+
+    def _check(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        if self._busy():
+            due = now + self._idle  # something under way: its own deadlines time it
+        else:
+            due = self.mark + self._idle
+            if now >= due:
+                self._on_idle()
+                return
+        self._handle = self._loop.call_at(due, self._check)
 
 
 class _Timers:

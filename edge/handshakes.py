@@ -14,7 +14,7 @@ HTTP, random bytes. Each such connection ends in one of two reports, both per co
 reason, or ``SERVER_NAME_NOT_ASCII``) and a DEBUG line on ``edge.handshakes``. Which names the
 SNI callback refused, and why, is in ``certman_edge_sni_total{outcome}``.
 
-Completed handshakes are timed by :class:`TimedTLSServer`, the HTTPS port's server, into
+Completed handshakes are timed by the HTTPS port's TLS layer (:mod:`edge.https`) into
 ``certman_edge_tls_handshake_seconds``: from the SNI callback's start (the ClientHello read;
 :func:`edge.sni.sni_started`) to when the event loop sees the handshake done. A handshake that
 fails is not timed: it is counted above.
@@ -31,20 +31,15 @@ import re
 import ssl
 import sys
 import threading
-import time
 import weakref
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream, SSLIOStream
 from tornado.log import gen_log
 
 from edge.metrics import EdgeMetrics
-from edge.sni import sni_started
 
-__all__ = ["SERVER_NAME_NOT_ASCII", "TimedTLSServer", "failed", "install", "uninstall"]
+__all__ = ["SERVER_NAME_NOT_ASCII", "failed", "install", "uninstall"]
 
 log = logging.getLogger(__name__)
 
@@ -153,31 +148,3 @@ def _is_server_name_decode(unraisable: Any) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-class TimedTLSServer(HTTPServer):
-    """An HTTPServer that passes each completed TLS handshake's duration to ``on_handshake``.
-
-    Tornado's ``SSLIOStream.wait_for_handshake`` (documented for server-side streams) resolves
-    when the handshake the first read drives is done; this asks for it as each stream arrives
-    (both from Tornado's accept loop and from the PROXY protocol acceptor, which hand streams
-    to ``handle_stream``). One future per connection, nothing per request.
-    """
-
-    on_handshake: Callable[[float], None] | None = None
-
-    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        observe = self.on_handshake
-        if observe is not None and isinstance(stream, SSLIOStream):
-            stream.wait_for_handshake().add_done_callback(
-                lambda done: _handshake_done(stream, observe, done)
-            )
-        super().handle_stream(stream, address)
-
-
-def _handshake_done(stream: SSLIOStream, observe: Callable[[float], None], done: Any) -> None:
-    if done.cancelled() or done.exception() is not None:
-        return  # a failed handshake: counted by reason in certman_edge_tls_failures_total
-    started = sni_started(stream.socket)
-    if started is not None:
-        observe(time.perf_counter() - started)

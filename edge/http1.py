@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from edge.exchange import Body, Exchange, Request
+from edge.exchange import Body, ConnectionClock, Exchange, Request
 from edge.sni import sni_name
 
 if TYPE_CHECKING:
@@ -172,9 +172,9 @@ class H1Protocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.sni: str | None = None
         self.closing = False
-        self._got_bytes = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._idle_mark = 0.0
+        self._clock = ConnectionClock(
+            server.idle_timeout, self._busy, self._idle, self._first_byte_late
+        )
         self._pauses: set[str] = set()
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -196,16 +196,12 @@ class H1Protocol(asyncio.Protocol):
         if ssl_object is not None:
             self.sni = sni_name(ssl_object)
         self.server.connections.add(self)
-        if self._first_byte_due:
-            delay = max(0.0, self._first_byte_due - time.monotonic())
-            self._timer = self._loop.call_later(delay, self._first_byte_late)
-        else:
-            self._touch()
+        self._clock.start(self._first_byte_due)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._transport = None
-        self._disarm()
+        self._clock.stop()
         self.server.connections.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -224,10 +220,7 @@ class H1Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if not self._got_bytes:
-            self._got_bytes = True
-            self._disarm()
-            self._touch()
+        self._clock.received()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -272,7 +265,7 @@ class H1Protocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._in_headers = True
-        self._idle_mark = self._loop.time()  # the header block is timed from its start
+        self._clock.touch()  # the header block is timed from its start
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -382,7 +375,7 @@ class H1Protocol(asyncio.Protocol):
         if self._queue:
             self._start(self._queue[0])
             return
-        self._idle_mark = self._loop.time()
+        self._clock.touch()
 
     def send(self, data: bytes) -> asyncio.Future[None] | None:
         transport = self._transport
@@ -433,36 +426,14 @@ class H1Protocol(asyncio.Protocol):
         if not self._pauses and self._transport is not None and not self.closing:
             self._transport.resume_reading()
 
-    def _touch(self) -> None:
-        """Start the idle clock now; one timer a connection, moved on only when it fires (not
-        re-armed per request)."""
-        self._idle_mark = self._loop.time()
-        if self._timer is None and self.server.idle_timeout > 0:
-            due = self._idle_mark + self.server.idle_timeout
-            self._timer = self._loop.call_at(due, self._idle_check)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _busy(self) -> bool:
+        """A request under way, past its header block: the core times it."""
+        return bool(self._queue) and not self._in_headers
 
     def _first_byte_late(self) -> None:
-        self._timer = None
-        if not self._got_bytes:
-            self.server.refused("first_byte_timeout")
-            self.abort()
+        self.server.refused("first_byte_timeout")
+        self.abort()
 
-    def _idle_check(self) -> None:
-        self._timer = None
-        if self._transport is None:
-            return
-        idle = self.server.idle_timeout
-        now = self._loop.time()
-        if self._queue and not self._in_headers:
-            due = now + idle  # a request under way: the core times it
-        else:
-            due = self._idle_mark + idle
-            if now >= due:
-                self.abort()
-                return
-        self._timer = self._loop.call_at(due, self._idle_check)
+    def _idle(self) -> None:
+        if self._transport is not None:
+            self.abort()

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 import typing
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -46,8 +45,8 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from edge.exchange import Body, Exchange, Proxy, Request
-from edge.h2encoder import FlatEncoder
+from edge.exchange import Body, ConnectionClock, Exchange, Proxy, Request
+from edge.h2encoder import FlatEncoder, RepeatDecoder
 from edge.h2limits import FrameGuard, H2Limits, TooMuch
 from edge.metrics import EdgeMetrics
 from edge.sni import sni_name
@@ -84,6 +83,32 @@ _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9113 section 6.5.2: each field counts 32 octets beyond its name and value.
 _FIELD_OVERHEAD = 32
+
+
+# What a response field is sent as (None: not sent), kept for short fields: an upstream sends
+# the same few again and again. Past this many the map starts again.
+_KEPT_FIELDS = 2048
+_KEPT_FIELD_LENGTH = 256
+_UNSEEN: Any = object()
+_response_fields: dict[tuple[str, str], tuple[bytes, bytes] | None] = {}
+# Request header lists already checked on a connection, and what they made (see _request_parts):
+# at most this many, each of at most this many bytes, so a connection holds at most a few
+# dozen KiB of them whatever a client sends.
+_KEPT_REQUESTS = 16
+_KEPT_REQUEST_SIZE = 2048
+
+
+def _response_field(name: str, value: str) -> tuple[bytes, bytes] | None:
+    """A response field as sent: bytes, the name lower case; None for a hop-by-hop field and
+    one that could not be sent as is."""
+    lower = name.lower()
+    if lower in _RESPONSE_HOP_BY_HOP:
+        return None
+    raw_name = lower.encode("latin-1", "replace")
+    raw = value.encode("latin-1", "replace").strip(b" \t")
+    if b"\r" in raw or b"\n" in raw or b"\0" in raw or not _FIELD_NAME.fullmatch(raw_name):
+        return None  # unreachable from a parsed upstream response; never sent as is
+    return raw_name, raw
 
 
 class _Malformed(Exception):
@@ -157,15 +182,17 @@ class H2Stream:
         # case, checked here: h2's own outbound validation is off (it cost more than the rest
         # of a request together).
         fields: list[tuple[bytes, bytes]] = [(b":status", b"%d" % status)]
-        for name, value in headers:
-            lower = name.lower()
-            if lower in _RESPONSE_HOP_BY_HOP:
-                continue
-            raw_name = lower.encode("latin-1", "replace")
-            raw = value.encode("latin-1", "replace").strip(b" \t")
-            if b"\r" in raw or b"\n" in raw or b"\0" in raw or not _FIELD_NAME.fullmatch(raw_name):
-                continue  # unreachable from a parsed upstream response; never sent as is
-            fields.append((raw_name, raw))
+        kept = _response_fields
+        for field in headers:
+            raw_field = kept.get(field, _UNSEEN)
+            if raw_field is _UNSEEN:
+                raw_field = _response_field(*field)
+                if len(field[1]) <= _KEPT_FIELD_LENGTH:
+                    if len(kept) >= _KEPT_FIELDS:
+                        kept.clear()
+                    kept[field] = raw_field
+            if raw_field is not None:
+                fields.append(raw_field)
         if not 100 <= status < 200:
             self.response_started = True
         self._conn.send_headers(self, fields, end=not body)
@@ -302,7 +329,6 @@ class H2Protocol(asyncio.Protocol):
         self.sni: str | None = None
         self._release = release
         self._first_byte_due = first_byte_due
-        self._got_bytes = False
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
@@ -316,6 +342,7 @@ class H2Protocol(asyncio.Protocol):
         )
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.encoder = FlatEncoder()
+        self.conn.decoder = RepeatDecoder(self.conn.decoder.max_header_list_size)
         self.guard = FrameGuard(self.limits)
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
@@ -324,7 +351,12 @@ class H2Protocol(asyncio.Protocol):
         self._flush_due = False
         self._goaway_sent = False
         self._sending: set[H2Stream] = set()  # streams with data or an end to send this turn
-        self._timer: asyncio.TimerHandle | None = None
+        self._kept_requests: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._loop = asyncio.get_running_loop()  # made by the loop's protocol factory
+        # Idle: no stream open (a GOAWAY then); a stream's own deadlines are the core's.
+        self._clock = ConnectionClock(
+            limits.idle_timeout, lambda: bool(self.streams), self.goaway, self._first_byte_late
+        )
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -348,19 +380,12 @@ class H2Protocol(asyncio.Protocol):
         # a client opened before our SETTINGS reached it.
         self.conn.local_settings = _settings(limits, 2 * limits.max_concurrent_streams + 100)
         self._flush()
-        if self._first_byte_due:
-            delay = max(0.0, self._first_byte_due - time.monotonic())
-            self._arm(delay, self._first_byte_late)
-        else:
-            self._arm_idle()
+        self._clock.start(self._first_byte_due)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
-        if not self._got_bytes:
-            self._got_bytes = True
-            self._disarm_idle()
-            self._arm_idle()
+        self._clock.received()
         try:
             self.guard.feed(data)
             try:
@@ -389,7 +414,7 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._disarm_idle()
+        self._clock.stop()
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
@@ -456,15 +481,14 @@ class H2Protocol(asyncio.Protocol):
         stream = H2Stream(self, sid)
         stream.request_ended = ended
         self.streams[sid] = stream
-        self._disarm_idle()
         try:
-            request = _request_parts(event.headers, self.limits.max_header_list_size)
+            request = self._request_parts(event.headers)
         except _Malformed as exc:
             # An error the client caused: spends the reset budget as a reset would.
             self.server.metrics.requests_rejected.labels("bad_header").inc()
             self.guard.resets.spend()
             method = "HEAD" if (b":method", b"HEAD") in event.headers else "GET"
-            stream.task = asyncio.ensure_future(self._refuse(stream, method, exc))
+            stream.task = self._loop.create_task(self._refuse(stream, method, exc))
             return
         if ended and request.body_length not in (None, 0):
             self.guard.resets.spend()
@@ -477,7 +501,42 @@ class H2Protocol(asyncio.Protocol):
         if ended:
             request.body_length = 0
             stream.body.finish()
-        stream.task = asyncio.ensure_future(self._run(stream, request))
+        stream.task = self._loop.create_task(self._run(stream, request))
+
+    def _request_parts(self, fields: Any) -> Request:
+        """:func:`_request_parts`, once per distinct header list on this connection: a client
+        sends much the same request again and again (and :class:`RepeatDecoder` hands back the
+        same fields for it)."""
+        key = tuple(fields)
+        kept = self._kept_requests.get(key)
+        if kept is None:
+            request = _request_parts(fields, self.limits.max_header_list_size)
+            if request.header_size > _KEPT_REQUEST_SIZE:
+                return request
+            if len(self._kept_requests) >= _KEPT_REQUESTS:
+                self._kept_requests.clear()
+            self._kept_requests[key] = (
+                request.method,
+                request.target,
+                tuple(request.headers),
+                request.authority,
+                request.header_size,
+                request.body_length,
+            )
+            return request
+        method, target, headers, authority, size, length = kept
+        return Request(
+            method=method,
+            target=target,
+            headers=list(headers),
+            authority=authority,
+            scheme="https",
+            client="",
+            sni=None,
+            version="2",
+            header_size=size,
+            body_length=length,
+        )
 
     def _data(self, event: h2.events.DataReceived) -> None:
         sid = event.stream_id or 0
@@ -634,7 +693,7 @@ class H2Protocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        self._disarm_idle()
+        self._clock.stop()
         for stream in list(self.streams.values()):
             self._abandon(stream)
         self.streams.clear()
@@ -652,7 +711,7 @@ class H2Protocol(asyncio.Protocol):
         out in one write (one TLS record, one system call) instead of one per frame."""
         if not self._flush_due:
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush_later)
+            self._loop.call_soon(self._flush_later)
 
     def _flush_later(self) -> None:
         sending, self._sending = self._sending, set()
@@ -660,26 +719,10 @@ class H2Protocol(asyncio.Protocol):
             stream._send()
         self._flush()
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._disarm_idle()
-        if not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(delay, callback)
-
-    def _arm_idle(self) -> None:
-        if self.limits.idle_timeout > 0:
-            self._arm(self.limits.idle_timeout, self.goaway)
-
-    def _disarm_idle(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _first_byte_late(self) -> None:
         """No preface in time (HTTP/1.1's first-byte timeout, the same budget)."""
-        self._timer = None
-        if not self._got_bytes:
-            self.server.refused("first_byte_timeout")
-            self.abort()
+        self.server.refused("first_byte_timeout")
+        self.abort()
 
     def _maybe_idle(self) -> None:
         if self.streams or self._closed:
@@ -688,7 +731,7 @@ class H2Protocol(asyncio.Protocol):
             self._flush()
             self._close()  # a graceful GOAWAY's last stream is done
         else:
-            self._arm_idle()
+            self._clock.touch()
 
 
 def _settings(limits: H2Limits, max_streams: int) -> h2.settings.Settings:
