@@ -42,7 +42,7 @@ def make_system(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
 
     yield make
     for system in systems:
-        system.stop()
+        system.close()
 
 
 def served_serial(system: System, name: str) -> str:
