@@ -6,7 +6,7 @@ machine, or a run and the machine's other Redis users, never see each other's ke
 (``certman``) or Celery queues. To use an existing server instead, set CERTMAN_TEST_REDIS_URL,
 or any of CERTMAN_TEST_REDIS_HOST / _PORT / _DB (defaults 127.0.0.1, 6379, 15): that database is
 flushed around each test, so give each concurrent run a database of its own (under
-pytest-xdist, worker N of a run uses that database number plus N).
+pytest-xdist, worker N of a run uses that database number minus N: 15, 14, ...).
 
 The whole suite runs in parallel (scripts/test passes pytest-xdist's ``-n``): each xdist worker
 is a pytest session of its own, so it gets its own redis-server and PostgreSQL database, and
@@ -47,7 +47,8 @@ def _worker_database(url: str) -> str:
         return url
     parts = urlsplit(url)
     path = parts.path.strip("/")
-    database = (int(path) if path.isdigit() else 0) + int(XDIST_WORKER.removeprefix("gw"))
+    # Downwards (15, 14, ...), away from database 0, which other users of a server take.
+    database = ((int(path) if path.isdigit() else 0) - int(XDIST_WORKER.removeprefix("gw"))) % 16
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
