@@ -91,8 +91,8 @@ def test_the_longest_are_slow_and_start_first_in_a_parallel_run(
     assert tiers.parallel_rank(request.node) == (4, 0)
     for item in request.session.items:
         rank = tiers.parallel_rank(item)
-        if item.nodeid.split("[", 1)[0] in tiers.LONGEST:
-            assert rank == (0, tiers.LONGEST.index(item.nodeid.split("[", 1)[0]))
+        if tiers.base_nodeid(item) in tiers.LONGEST:
+            assert rank == (0, tiers.LONGEST.index(tiers.base_nodeid(item)))
         elif item.get_closest_marker("slow") is not None:
             assert rank == (1, 0), item.nodeid
         elif item.get_closest_marker("unit") is not None:

@@ -289,12 +289,17 @@ def mark_items(items: list[pytest.Item]) -> list[str]:
     return disagreements
 
 
+def base_nodeid(item: pytest.Item) -> str:
+    """The test's node id without its parameters, or the group pytest-xdist's loadgroup adds."""
+    return item.nodeid.split("[", 1)[0].split("@", 1)[0]
+
+
 def parallel_rank(item: pytest.Item) -> tuple[int, int]:
     """Where ``item`` goes in a parallel run's order (lower first): the LONGEST in their order,
     the other SLOW tests, tests that wait on processes, other tests of a resource, unit tests.
     A greedy scheduler (a free worker takes the next test) ends soonest when the long tests
     start first and the short ones fill the gaps at the end."""
-    name = item.nodeid.split("[", 1)[0]
+    name = base_nodeid(item)
     if name in LONGEST:
         return (0, LONGEST.index(name))
     if item.get_closest_marker("slow") is not None:
