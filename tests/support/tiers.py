@@ -70,12 +70,18 @@ SLOW: frozenset[str] = frozenset(
     }
 )
 
-# The longest of the SLOW tests, longest first (--durations=0 on this machine kind, tier by
-# tier, December 2026): a parallel run starts them first (see parallel_rank).
+# The longest of the SLOW tests, longest first (a parallel --durations=0 run of the whole suite
+# on this machine kind, December 2026): a parallel run starts them first (see parallel_rank).
 LONGEST: tuple[str, ...] = (
     "tests/deployment/test_deployment.py::test_the_guide_deploys_issues_and_rides_out_a_redis_restart",
-    "tests/integration/test_sentinel.py::test_master_killed_during_bulk_issuance",
     "tests/integration/test_redis_restart.py::test_redis_restarted_under_the_units",
+    "tests/integration/test_operator.py::test_update_renew_and_revoke_through_the_edge",
+    "tests/integration/test_key_rotation.py::test_signing_key_rotation",
+    "tests/integration/test_sentinel.py::test_master_killed_during_bulk_issuance",
+    "tests/integration/test_renewal.py::test_reseal_migration_from_legacy_rsa",
+    "tests/integration/test_fallback.py::test_fallback_to_a_second_ca_with_eab_and_back",
+    "tests/integration/test_faults.py::test_flaky_nonces_every_domain_still_issued",
+    "tests/integration/test_redis_acl.py::test_the_edge_user_reads_and_subscribes_but_writes_nothing",
 )
 # Resources whose tests wait on processes (a CA, Celery, a build, a namespace) rather than
 # compute: in a parallel run they go before the tests that keep a core busy.
