@@ -5,7 +5,12 @@ port, keeping nothing on disk, stopped at the end), flushed around each test: tw
 machine, or a run and the machine's other Redis users, never see each other's keys, key prefix
 (``certman``) or Celery queues. To use an existing server instead, set CERTMAN_TEST_REDIS_URL,
 or any of CERTMAN_TEST_REDIS_HOST / _PORT / _DB (defaults 127.0.0.1, 6379, 15): that database is
-flushed around each test, so give each concurrent run a database of its own.
+flushed around each test, so give each concurrent run a database of its own (under
+pytest-xdist, worker N of a run uses that database number minus N: 15, 14, ...).
+
+The whole suite runs in parallel (scripts/test passes pytest-xdist's ``-n``): each xdist worker
+is a pytest session of its own, so it gets its own redis-server and PostgreSQL database, and
+every port comes from :func:`tests.support.ports.free_port`. See :func:`_parallel_order`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -30,12 +36,29 @@ if TYPE_CHECKING:
 REDIS_HOST = os.environ.get("CERTMAN_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CERTMAN_TEST_REDIS_PORT", "6379"))
 REDIS_DB = int(os.environ.get("CERTMAN_TEST_REDIS_DB", "15"))
+# The pytest-xdist worker this process is ("gw0", "gw1", ...), or "" in a run without -n.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _worker_database(url: str) -> str:
+    """``url`` with its database number moved on by this xdist worker's number: each worker
+    flushes its database around every test, so two must never share one."""
+    if not XDIST_WORKER:
+        return url
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    # Downwards (15, 14, ...), away from database 0, which other users of a server take.
+    database = ((int(path) if path.isdigit() else 0) - int(XDIST_WORKER.removeprefix("gw"))) % 16
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
 # An existing server asked for explicitly, or None for a private one.
-EXPLICIT_REDIS_URL: str | None = os.environ.get("CERTMAN_TEST_REDIS_URL") or (
+_EXPLICIT: str | None = os.environ.get("CERTMAN_TEST_REDIS_URL") or (
     f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
     if any(f"CERTMAN_TEST_REDIS_{var}" in os.environ for var in ("HOST", "PORT", "DB"))
     else None
 )
+EXPLICIT_REDIS_URL: str | None = _worker_database(_EXPLICIT) if _EXPLICIT else None
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +103,23 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # First, so that -m selects by the marks given here.
     config.stash[TIER_PROBLEMS] = tiers.mark_items(items)
+    if XDIST_WORKER:
+        _parallel_order(items)
+
+
+def _parallel_order(items: list[pytest.Item]) -> None:
+    """In a parallel run, the longest tests first, so that none starts last and leaves the
+    other workers idle while it runs (scripts/test uses ``--dist loadgroup``, which hands out
+    one test at a time, in this order, to whichever worker is free). Each xdist worker collects
+    and orders alike (the order depends on nothing but the items), as xdist requires.
+
+    Tests that use the session's built wheel (``installed``) go to one worker as a group, or
+    each worker that got one would build and install the wheel again (minutes each).
+    """
+    for item in items:
+        if "installed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("wheel"))
+    items.sort(key=tiers.parallel_rank)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -96,6 +136,31 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         return (yield)
     with tiers.unit_guard():
         return (yield)
+
+
+# --- temporary files ---------------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _run_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Everything made with :mod:`tempfile` in this session (Pebble's and the system's work
+    directories, edge state directories...) goes into one directory of the session's own,
+    removed at the end, so that no run leaves ``pebble-*`` or ``certman-*`` behind in /tmp even
+    when a test fails or forgets to clean up. The harnesses remove what they make as well; this
+    is the net under them.
+
+    Opened to every user (0755), as /tmp is traversable: some tests make a directory outside
+    pytest's (closed) base directory on purpose, for a process run as another user to read.
+    pytest's own base directory (``tmp_path``) is decided first and stays where pytest keeps it.
+    """
+    tmp_path_factory.getbasetemp()
+    run = Path(tempfile.mkdtemp(prefix="certman-tests-"))
+    run.chmod(0o755)
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(run)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(run, ignore_errors=True)
 
 
 # --- stores ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import ast
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,32 @@ def test_every_slow_test_named_is_there() -> None:
         if name not in defined:
             missing.append(nodeid)
     assert not missing, f"tiers.SLOW names tests that are gone: {missing}"
+
+
+def test_the_longest_are_slow_and_start_first_in_a_parallel_run(
+    request: pytest.FixtureRequest,
+) -> None:
+    assert set(tiers.LONGEST) <= tiers.SLOW
+    assert len(set(tiers.LONGEST)) == len(tiers.LONGEST)
+    # Ranked as a parallel run orders them: longest, slow, waiting, other resources, unit.
+    assert tiers.parallel_rank(request.node) == (4, 0)
+    for item in request.session.items:
+        rank = tiers.parallel_rank(item)
+        if tiers.base_nodeid(item) in tiers.LONGEST:
+            assert rank == (0, tiers.LONGEST.index(tiers.base_nodeid(item)))
+        elif item.get_closest_marker("slow") is not None:
+            assert rank == (1, 0), item.nodeid
+        elif item.get_closest_marker("unit") is not None:
+            assert rank == (4, 0), item.nodeid
+        else:
+            assert rank[0] in (2, 3), item.nodeid
+
+
+def test_temporary_directories_go_into_the_runs_own() -> None:
+    # The session's directory, removed at its end (tests/conftest.py): nothing lands in /tmp.
+    run = Path(tempfile.mkdtemp(prefix="certman-")).parent
+    assert run.name.startswith("certman-tests-"), run
+    assert run.stat().st_mode & 0o777 == 0o755
 
 
 def test_this_test_is_in_the_unit_tier(request: pytest.FixtureRequest) -> None:

@@ -56,7 +56,7 @@ def fleet(redis_url: str, redis_client: redis.Redis) -> Iterator[tuple[System, P
             yield system, second, proxy
         finally:
             proxy.stop()
-            system.stop()
+            system.close()
 
 
 def orders(system: System, domain: str) -> list[Order]:

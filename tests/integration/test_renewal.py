@@ -42,7 +42,7 @@ def make_system(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
 
     yield make
     for system in systems:
-        system.stop()
+        system.close()
 
 
 def served_serial(system: System, name: str) -> str:
@@ -286,7 +286,12 @@ def test_a_renewal_inside_the_ari_window_with_replaces_spends_no_tokens(
         raise
     assert order.exempt and order.replaces == old.ari_id is not None
     assert current_cert(system, name).serial != old.serial
-    assert spent_buckets(redis_client) == spent  # not one token, in any issuance bucket
+    # Not one token, in any issuance bucket: none new and none changed (a bucket's state changes
+    # only when a token is taken). One may be gone: its key expires once the bucket is full
+    # again (36 s for new-orders), which is no spending; a slow run gets there.
+    after = spent_buckets(redis_client)
+    assert set(after) <= set(spent), set(after) - set(spent)
+    assert {key: after[key] for key in after} == {key: spent[key] for key in after}
 
 
 def test_short_certificates_get_a_window_past_expiry_so_their_renewals_are_counted(

@@ -27,6 +27,15 @@ from cryptography.x509.oid import NameOID
 from tests.support.ports import free_port, port_open, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+# The work directories Pebble made for itself, removed with it (one a caller gave, such as the
+# demo's, is the caller's to keep).
+_MADE: set[Path] = set()
+
+
+def _new_workdir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="pebble-"))
+    _MADE.add(path)
+    return path
 
 
 def ensure_installed() -> None:
@@ -96,7 +105,7 @@ class Pebble:
     va_sleep: bool = False
     # External Account Binding required, with these key ids and base64url HMAC keys.
     eab_keys: dict[str, str] | None = None
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pebble-")))
+    workdir: Path = field(default_factory=_new_workdir)
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -200,6 +209,12 @@ class Pebble:
                 process.kill()
         self._processes.clear()
 
+    def remove_files(self) -> None:
+        """Remove the work directory, if Pebble made it; after :meth:`stop`."""
+        if self.workdir in _MADE:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            _MADE.discard(self.workdir)
+
     def __enter__(self) -> Pebble:
         return self.start()
 
@@ -207,4 +222,4 @@ class Pebble:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.remove_files()

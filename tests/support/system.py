@@ -34,13 +34,22 @@ from tests.support.pebble import Pebble
 from tests.support.ports import free_port, port_open, wait_until
 
 BIN = Path(sys.executable).parent
+# The work directories systems made for themselves, removed by close() (one a caller gave, such
+# as the demo's, is the caller's to keep).
+_MADE: set[Path] = set()
+
+
+def _new_workdir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="certman-"))
+    _MADE.add(path)
+    return path
 
 
 @dataclass
 class System:
     redis_url: str
     database_url: str | None = None
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="certman-")))
+    workdir: Path = field(default_factory=_new_workdir)
     pebble_options: dict[str, Any] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     redis_prefix: str = "certman"
@@ -370,10 +379,21 @@ class System:
         self.pebble.stop()
         self._drop_acl()
 
+    def close(self) -> None:
+        """Stop everything, then remove the files the system made for itself (its work
+        directory and Pebble's): the logs go with them, so a test prints them first."""
+        try:
+            self.stop()
+        finally:
+            self.pebble.remove_files()
+            if self.workdir in _MADE:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                _MADE.discard(self.workdir)
+
     def __enter__(self) -> System:
         return self
 
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.stop()
+        self.close()

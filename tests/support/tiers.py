@@ -70,6 +70,23 @@ SLOW: frozenset[str] = frozenset(
     }
 )
 
+# The longest of the SLOW tests, longest first (a parallel --durations=0 run of the whole suite
+# on this machine kind, December 2026): a parallel run starts them first (see parallel_rank).
+LONGEST: tuple[str, ...] = (
+    "tests/deployment/test_deployment.py::test_the_guide_deploys_issues_and_rides_out_a_redis_restart",
+    "tests/integration/test_redis_restart.py::test_redis_restarted_under_the_units",
+    "tests/integration/test_operator.py::test_update_renew_and_revoke_through_the_edge",
+    "tests/integration/test_key_rotation.py::test_signing_key_rotation",
+    "tests/integration/test_sentinel.py::test_master_killed_during_bulk_issuance",
+    "tests/integration/test_renewal.py::test_reseal_migration_from_legacy_rsa",
+    "tests/integration/test_fallback.py::test_fallback_to_a_second_ca_with_eab_and_back",
+    "tests/integration/test_faults.py::test_flaky_nonces_every_domain_still_issued",
+    "tests/integration/test_redis_acl.py::test_the_edge_user_reads_and_subscribes_but_writes_nothing",
+)
+# Resources whose tests wait on processes (a CA, Celery, a build, a namespace) rather than
+# compute: in a parallel run they go before the tests that keep a core busy.
+WAITING = ("build", "worker", "pebble", "netns", "root")
+
 # Fixtures that need a resource whatever code they run.
 FIXTURES: dict[str, set[str]] = {
     "redis_url": {"redis"},
@@ -276,6 +293,28 @@ def mark_items(items: list[pytest.Item]) -> list[str]:
         if problem is not None:
             disagreements.append(f"{item.nodeid}: {problem}")
     return disagreements
+
+
+def base_nodeid(item: pytest.Item) -> str:
+    """The test's node id without its parameters, or the group pytest-xdist's loadgroup adds."""
+    return item.nodeid.split("[", 1)[0].split("@", 1)[0]
+
+
+def parallel_rank(item: pytest.Item) -> tuple[int, int]:
+    """Where ``item`` goes in a parallel run's order (lower first): the LONGEST in their order,
+    the other SLOW tests, tests that wait on processes, other tests of a resource, unit tests.
+    A greedy scheduler (a free worker takes the next test) ends soonest when the long tests
+    start first and the short ones fill the gaps at the end."""
+    name = base_nodeid(item)
+    if name in LONGEST:
+        return (0, LONGEST.index(name))
+    if item.get_closest_marker("slow") is not None:
+        return (1, 0)
+    if any(item.get_closest_marker(resource) is not None for resource in WAITING):
+        return (2, 0)
+    if _resources_marked(item):
+        return (3, 0)
+    return (4, 0)
 
 
 def _resources_marked(item: pytest.Item) -> bool:
