@@ -21,6 +21,7 @@ sweep that sends again the chains of every order in flight (their messages are g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -70,10 +71,17 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]  # redbeat ships no typ
             return float(self.max_interval)
         if self._outage_since is not None:
             log.warning(
-                "beat: Redis reachable again after %.0f s: scheduling",
+                "beat: Redis reachable again after %.0f s: scheduling, and reconciling the "
+                "edges' snapshot",
                 time.monotonic() - self._outage_since,
             )
             self._outage_since = None
+            # A failover (replication is asynchronous) or a restart from an older save can lose
+            # a publication the old master had acknowledged: the edges would keep the previous
+            # certificate until the periodic reconcile. Now, not in ten minutes; it is
+            # idempotent, and outages are rare.
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.app.send_task("certman.maintenance.reconcile_snapshot")
         return interval
 
     def setup_schedule(self) -> None:

@@ -198,10 +198,14 @@ end
 for i, key in ipairs(KEYS) do
   if ARGV[3 * i + 1] ~= 'check' then
     redis.call('HSET', key, 'tat', string.format('%d', new_tats[i]), 'rem', new_rems[i])
-    -- Idle keys vanish once the bucket is full again and no block is pending.
+    -- Idle keys vanish once the bucket is full again and no block is pending, but not
+    -- sooner than 2 s: a caller's own clock (ARGV's now) may run behind Redis's expiry, and a
+    -- fast bucket (250/s) spent by one token would otherwise expire 4 ms later, between two of
+    -- that caller's calls, handing it a whole burst again. A full bucket read is a full bucket
+    -- whether its key is there or not, so keeping it a little longer changes no decision.
     local full_at = new_tats[i] + (new_rems[i] > 0 and 1 or 0)
     local ttl = math.max(full_at, blocks[i]) - now
-    redis.call('PEXPIRE', key, math.ceil(ttl / 1000))
+    redis.call('PEXPIRE', key, math.max(2000, math.ceil(ttl / 1000)))
   end
 end
 return {1, 0, 0}

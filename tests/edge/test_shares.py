@@ -1,5 +1,5 @@
 """Fair shares: one client holding more connections than the pool, against a hanging upstream
-and with bodies that never finish, while another site keeps answering in under 100 ms."""
+and with bodies that never finish, while another site keeps answering, never queued behind them."""
 
 from __future__ import annotations
 
@@ -215,7 +215,10 @@ def _starve_and_measure(edge: RunningEdge, hanging: _Hanging) -> None:
     while time.monotonic() < until:
         sample()
         time.sleep(0.02)
-    slow_samples = [(round(s * 1000, 1), status) for s, status in samples if s >= 0.1]
+    # "Quickly" means not queued behind a held slot: such a request would wait for the 1.5 s
+    # timeouts. A third of that leaves room for a machine the suite's parallel workers load
+    # (130 ms was seen there); the speed itself is the benchmarks' to claim.
+    slow_samples = [(round(s * 1000, 1), status) for s, status in samples if s >= 0.5]
     assert all(status == 200 for _, status in samples), samples
     assert not slow_samples, slow_samples
     assert len(samples) > 50
