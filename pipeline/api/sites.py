@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from pipeline.api.problems import (
+    CONFLICT,
     INVALID_REQUEST,
     NOT_FOUND,
     PRECONDITION_FAILED,
@@ -34,6 +35,7 @@ from pipeline.fleet.site_report import site_report
 from pipeline.fleet.sites import (
     SiteRules,
     add_site,
+    claim_version,
     iter_sites,
     parse_site,
     remove_site,
@@ -136,26 +138,35 @@ class SiteService:
         issuer = _opt_str(body, "issuer")
         runtime = self.runtime
         new_certificate = created = False
-        with runtime.session_scope() as session:
-            site = session.scalar(
-                select(Site)
-                .where(Site.domain == primary)
-                .options(selectinload(Site.names))
-                .with_for_update()
-            )
-            _preconditions(site, if_match, if_none_match)
-            if site is None:
-                new = parse_site(
-                    primary, aliases or (), upstream, customer_ref, profile=profile,
-                    key_type=key_type, issuer=issuer, rules=self.rules,
-                )  # fmt: skip
-                if profile:
-                    self.check_profile(profile, issuer)
-                self.check_edge_key("nothing was added")
-                site, created = add_site(session, new)
-                record_change(session, new.domain, "add", actor, "names " + " ".join(new.names))
-                publish_and_commit(runtime.publisher, runtime.session_scope, session, site)
-            else:
+        # Without If-Match a change that got in first is applied over (the caller asked for
+        # no check), so the transaction is run again; with it, the caller is told (412).
+        for attempt in range(1, STALE_ATTEMPTS + 1):
+            with runtime.session_scope() as session:
+                site = session.scalar(
+                    select(Site)
+                    .where(Site.domain == primary)
+                    .options(selectinload(Site.names))
+                    .with_for_update()
+                )
+                _preconditions(site, if_match, if_none_match)
+                if site is None:
+                    new = parse_site(
+                        primary, aliases or (), upstream, customer_ref, profile=profile,
+                        key_type=key_type, issuer=issuer, rules=self.rules,
+                    )  # fmt: skip
+                    if profile:
+                        self.check_profile(profile, issuer)
+                    self.check_edge_key("nothing was added")
+                    site, created = add_site(session, new)
+                    record_change(session, new.domain, "add", actor, "names " + " ".join(new.names))
+                    publish_and_commit(runtime.publisher, runtime.session_scope, session, site)
+                    break
+                if not claim_version(session, site.id, site.version):
+                    if if_match is not None or attempt == STALE_ATTEMPTS:
+                        raise _stale(if_match)
+                    continue
+                # Read again under the claim: a worker may have moved the state since.
+                session.expire(site)
                 add: Sequence[str] = ()
                 remove: Sequence[str] = ()
                 if aliases is not None:
@@ -180,6 +191,7 @@ class SiteService:
                 publish_and_commit(
                     runtime.publisher, runtime.session_scope, session, site, unless_current=True
                 )
+                break
         if created or new_certificate:
             self.kick()
         shown = self.show(primary)
@@ -191,6 +203,10 @@ class SiteService:
         with runtime.session_scope() as session:
             site = _site_named(session, domain)
             _preconditions(site, if_match, None)
+            # The read above holds no lock: a change committed since the check must not be
+            # deleted with it (without If-Match the caller asked for no check).
+            if if_match is not None and not claim_version(session, site.id, site.version):
+                raise _stale(if_match)
             removed = remove_site(session, site.domain).domain
             record_change(session, removed, "remove", actor)
             # The signed tombstone first, then the commit: a removal the edges cannot hear of
@@ -276,11 +292,23 @@ class SiteService:
 # --- helpers ---------------------------------------------------------------------------------
 def etag_of(site: Site) -> str:
     """A strong ETag of what a PUT sets (names, upstream, profile, key type, issuer, customer
-    reference): the state and certificate move on their own and must not fail an If-Match."""
-    settings = [site.domain, site.all_names, site.upstream, site.profile, site.key_type,
-                site.preferred_issuer, site.customer_ref]  # fmt: skip
+    reference), the site's id (a site removed and added again is another site) and its version
+    (moved by every operator's change): the state and certificate move on their own and must
+    not fail an If-Match, so neither is in it."""
+    settings = [site.id, site.version, site.domain, site.all_names, site.upstream, site.profile,
+                site.key_type, site.preferred_issuer, site.customer_ref]  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
     return f'"{digest}"'
+
+
+# A PUT without If-Match that finds the site changed under it tries this many times in all.
+STALE_ATTEMPTS = 3
+
+
+def _stale(if_match: str | None) -> Problem:
+    if if_match is not None:
+        return Problem(PRECONDITION_FAILED, "the site changed since that ETag")
+    return Problem(CONFLICT, "the site was changed by another request at the same time; try again")
 
 
 def _preconditions(site: Site | None, if_match: str | None, if_none_match: str | None) -> None:
