@@ -24,11 +24,12 @@ from pipeline.api.problems import (
     INVALID_REQUEST,
     NOT_FOUND,
     PRECONDITION_FAILED,
+    UNAVAILABLE,
     Problem,
 )
 from pipeline.db import get_engine
 from pipeline.fleet.changes import publish_and_commit, record_change, unpublish_and_commit
-from pipeline.fleet.onboarding import Line, Onboarding, Options, Outcome
+from pipeline.fleet.onboarding import Line, Onboarding, OnboardingError, Options, Outcome
 from pipeline.fleet.renewal_requests import renew_now
 from pipeline.fleet.revocation import Reason, revoke_site
 from pipeline.fleet.site_report import site_report
@@ -43,7 +44,7 @@ from pipeline.fleet.sites import (
 )
 from pipeline.models import Site, SiteName
 from pipeline.models.base import utcnow
-from pipeline.names import normalise
+from pipeline.names import InvalidName, normalise
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -231,6 +232,15 @@ class SiteService:
         runtime = self.runtime
         with runtime.session_scope() as session:
             primary = _site_named(session, domain).domain
+        # The ACME account key is sealed to the pipeline's key: without that key here nothing
+        # can sign the revocation, and the client would make a new key (which opens nothing) or
+        # fail on a read-only disk. Loaded, never created, by the API.
+        if not runtime.settings.effective_pipeline_key.is_file():
+            raise Problem(
+                UNAVAILABLE,
+                "revoking needs the pipeline key on this host "
+                "(CERTMAN_PIPELINE_KEY: the workers' key, mounted read-only)",
+            )
         done = revoke_site(
             runtime.session_scope, runtime.acme_for, primary, reason=Reason[reason],
             now=utcnow(), actor=actor,
@@ -247,24 +257,42 @@ class SiteService:
         line answered (added, already, duplicate, rejected with the reason)."""
         from pipeline.distribution import publishing
 
+        # As PUT: a site whose certificate could never be sealed is refused before any is stored.
+        self.check_edge_key("nothing was added")
         runtime = self.runtime
         settings = runtime.settings
         engine = get_engine(settings.effective_database_url)
         results: dict[int, dict[str, Any]] = {}
+        unpublished: set[str] = set()
 
         def heard(number: int, outcome: Outcome, reason: str | None) -> None:
             results[number] = {"outcome": outcome, "reason": reason}
+
+        def publishing_of(publish: Callable[[], None], domains: Sequence[str]) -> None:
+            # After the commit: the sites are stored whatever happens here, so a failure is
+            # not the request's (no 503 for stored sites) but each line's, and sending the
+            # batch again publishes them (its sites are "already" there: healed).
+            try:
+                publish()
+            except Exception:
+                log.warning("api batch: %d stored sites not published", len(domains),
+                            exc_info=True)  # fmt: skip
+                unpublished.update(domains)
 
         client = runtime.redis
         prefix = settings.redis_prefix
         job = Onboarding(
             engine,
             Options(batch_size=self.max_batch, rules=self.rules, actor=actor),
-            publish_batch=lambda sites: publishing.publish_records(
-                client, prefix, sites, runtime.signing_key
+            publish_batch=lambda sites: publishing_of(
+                lambda: publishing.publish_records(client, prefix, sites, runtime.signing_key),
+                [site.domain for site in sites],
             ),
-            publish_existing=lambda domains: publishing.heal_snapshot(
-                engine, client, prefix, domains, runtime.signing_key
+            publish_existing=lambda domains: publishing_of(
+                lambda: publishing.heal_snapshot(
+                    engine, client, prefix, domains, runtime.signing_key
+                ),
+                domains,
             ),
             kick=self.kick,
             on_result=heard,
@@ -276,13 +304,25 @@ class SiteService:
                 results[number] = {"outcome": "rejected", "reason": problem}
             else:
                 lines.append(line)
-        job.run(lines)
+        try:
+            job.run(lines)
+        except OnboardingError as exc:
+            # Another writer kept taking the names of a batch: the earlier batches are stored,
+            # and sending the whole request again answers them "already".
+            raise Problem(CONFLICT, f"{exc}; the sites before it are stored") from None
         out = []
         for number, item in enumerate(items, start=1):
             domain = item.get("domain") if isinstance(item, dict) else None
             answer = results.get(number, {"outcome": "rejected", "reason": "not processed"})
-            out.append({"line": number, "domain": domain if isinstance(domain, str) else None,
-                        **answer})  # fmt: skip
+            row = {"line": number, "domain": domain if isinstance(domain, str) else None,
+                   **answer}  # fmt: skip
+            if answer["outcome"] in ("added", "already"):
+                stored = _stored_name(domain)
+                row["published"] = stored not in unpublished
+                if not row["published"]:
+                    row["reason"] = ("stored, but not yet sent to the edges (Redis or the "
+                                     "signing key failed); send the batch again")  # fmt: skip
+            out.append(row)
         counts = {k: 0 for k in ("added", "already", "duplicate", "rejected")}
         for row in out:
             counts[row["outcome"]] += 1
@@ -391,6 +431,14 @@ def _batch_line(number: int, item: Any) -> tuple[Line, str | None]:
     if any(not a.strip() or any(c.isspace() for c in a.strip()) for a in aliases):
         return Line(number, text, ()), "aliases: a name has a space in it"
     return Line(number, text, (domain, upstream or "", " ".join(a.strip() for a in aliases))), None
+
+
+def _stored_name(domain: Any) -> str | None:
+    """A batch line's domain as the store has it (normalised), to match what was published."""
+    try:
+        return normalise(domain) if isinstance(domain, str) else None
+    except InvalidName:
+        return None
 
 
 def encode_cursor(domain: str) -> str:

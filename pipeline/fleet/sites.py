@@ -474,7 +474,7 @@ def update_site(
     site.updated_at = now
     # In SQL (version = version + 1), not from what was read: a concurrent change's bump is
     # never lost, and the API's claim_version sees every operator's change.
-    site.version = Site.version + 1  # type: ignore[assignment]
+    site.version = Site.version + 1
     if wants_cert:
         result.note = _order_new_certificate(session, site, now)
     session.flush()
