@@ -47,6 +47,7 @@ from pipeline.models.base import utcnow
 from pipeline.names import InvalidName, normalise
 
 if TYPE_CHECKING:
+    from pipeline.acme.client import AcmeClient
     from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -232,17 +233,8 @@ class SiteService:
         runtime = self.runtime
         with runtime.session_scope() as session:
             primary = _site_named(session, domain).domain
-        # The ACME account key is sealed to the pipeline's key: without that key here nothing
-        # can sign the revocation, and the client would make a new key (which opens nothing) or
-        # fail on a read-only disk. Loaded, never created, by the API.
-        if not runtime.settings.effective_pipeline_key.is_file():
-            raise Problem(
-                UNAVAILABLE,
-                "revoking needs the pipeline key on this host "
-                "(CERTMAN_PIPELINE_KEY: the workers' key, mounted read-only)",
-            )
         done = revoke_site(
-            runtime.session_scope, runtime.acme_for, primary, reason=Reason[reason],
+            runtime.session_scope, self._acme_client, primary, reason=Reason[reason],
             now=utcnow(), actor=actor,
         )  # fmt: skip
         self.kick()
@@ -251,6 +243,20 @@ class SiteService:
             {"domain": done.domain, "serial": done.serial, "reason": done.reason.name,
              "already_revoked": done.already},
         )  # fmt: skip
+
+    def _acme_client(self, issuer: str | None) -> AcmeClient:
+        """The revoking client, on this host's pipeline key: loaded, never made here.
+
+        The ACME account key is sealed to the pipeline's key: without the workers' key nothing
+        can sign a revocation, and the client would make a new key (which opens nothing) or
+        fail on a read-only disk showing its path."""
+        if not self.runtime.settings.effective_pipeline_key.is_file():
+            raise Problem(
+                UNAVAILABLE,
+                "revoking needs the pipeline key on this host "
+                "(CERTMAN_PIPELINE_KEY: the workers' key, mounted read-only)",
+            )
+        return self.runtime.acme_for(issuer)
 
     def batch(self, items: list[Any], *, actor: str) -> dict[str, Any]:
         """Many sites in one request, with bulk onboarding's rules: one transaction, every
