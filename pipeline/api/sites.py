@@ -338,11 +338,13 @@ class SiteService:
 # --- helpers ---------------------------------------------------------------------------------
 def etag_of(site: Site) -> str:
     """A strong ETag of what a PUT sets (names, upstream, profile, key type, issuer, customer
-    reference), the site's id (a site removed and added again is another site) and its version
-    (moved by every operator's change): the state and certificate move on their own and must
-    not fail an If-Match, so neither is in it."""
-    settings = [site.id, site.version, site.domain, site.all_names, site.upstream, site.profile,
-                site.key_type, site.preferred_issuer, site.customer_ref]  # fmt: skip
+    reference), the site's id and creation time (a site removed and added again is another
+    site; SQLite may give it the same id) and its version (moved by every operator's change):
+    the state and certificate move on their own and must not fail an If-Match, so neither is
+    in it."""
+    settings = [site.id, site.created_at.isoformat(), site.version, site.domain,
+                site.all_names, site.upstream, site.profile, site.key_type,
+                site.preferred_issuer, site.customer_ref]  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
     return f'"{digest}"'
 
