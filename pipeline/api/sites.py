@@ -140,6 +140,7 @@ class SiteService:
         issuer = _opt_str(body, "issuer")
         runtime = self.runtime
         new_certificate = created = False
+        shown = Answer(500, {})
         # Without If-Match a change that got in first is applied over (the caller asked for
         # no check), so the transaction is run again; with it, the caller is told (412).
         for attempt in range(1, STALE_ATTEMPTS + 1):
@@ -161,6 +162,7 @@ class SiteService:
                     self.check_edge_key("nothing was added")
                     site, created = add_site(session, new)
                     record_change(session, new.domain, "add", actor, "names " + " ".join(new.names))
+                    shown = self._answer(session, site, 201)
                     publish_and_commit(runtime.publisher, runtime.session_scope, session, site)
                     break
                 if not claim_version(session, site.id, site.version):
@@ -190,15 +192,21 @@ class SiteService:
                     self.check_edge_key("nothing was changed")
                 if done.changes:
                     record_change(session, site.domain, "update", actor, "; ".join(done.changes))
+                shown = self._answer(session, site, 200)
                 publish_and_commit(
                     runtime.publisher, runtime.session_scope, session, site, unless_current=True
                 )
                 break
         if created or new_certificate:
             self.kick()
-        shown = self.show(primary)
-        shown.status = 201 if created else 200
         return shown
+
+    def _answer(self, session: Session, site: Site, status: int) -> Answer:
+        # Read in the change's own transaction, before its commit: the site as this request
+        # left it, never a later change (another request's, a worker's) read after it.
+        session.flush()
+        report = site_report(session, site.domain, now=utcnow(), settings=self.runtime.settings)
+        return Answer(status, report, etag_of(site))
 
     def delete(self, domain: str, *, actor: str, if_match: str | None) -> Answer:
         runtime = self.runtime
