@@ -18,7 +18,7 @@ from tornado.web import Application
 
 from pipeline.api import handlers
 from pipeline.api.handlers import ApiContext, access_log, health_check
-from pipeline.api.limits import TokenLimiter
+from pipeline.api.limits import FailureLimiter, TokenLimiter
 from pipeline.api.metrics import ApiMetrics
 from pipeline.api.sites import SiteService
 from pipeline.api.tokens import Authenticator
@@ -38,6 +38,8 @@ class ApiConfig:
 
     # Requests per token, all processes together (None: no limit).
     rate: Rate | None = Rate(600, 60)
+    # Failed authentications per client address, all processes together (None: no limit).
+    auth_failures: Rate | None = Rate(30, 60)
     max_body: int = 1024 * 1024
     max_header: int = 16 * 1024
     max_batch: int = 1000
@@ -63,10 +65,16 @@ def make_context(runtime: Runtime, config: ApiConfig) -> ApiContext:
     limiter = (
         TokenLimiter(runtime.redis, settings.redis_prefix, config.rate) if config.rate else None
     )
+    failures = (
+        FailureLimiter(runtime.redis, settings.redis_prefix, config.auth_failures)
+        if config.auth_failures
+        else None
+    )
     return ApiContext(
         service=service,
         authenticator=Authenticator(runtime.session_scope),
         limiter=limiter,
+        failures=failures,
         metrics=ApiMetrics(),
         executor=ThreadPoolExecutor(config.threads, thread_name_prefix="certman-api"),
         openapi=openapi_document(),

@@ -23,11 +23,12 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from pipeline.acme.profiles import UnknownProfile
 from pipeline.api import problems
-from pipeline.api.limits import TokenLimiter
+from pipeline.api.limits import FailureLimiter, TokenLimiter
 from pipeline.api.metrics import ApiMetrics
 from pipeline.api.problems import Problem
 from pipeline.api.sites import Answer, SiteService
 from pipeline.api.tokens import Authenticator, Caller, TokenError
+from pipeline.crypto.envelope import EnvelopeError
 from pipeline.crypto.keys import KeyFileError
 from pipeline.errors import IssuanceProblem
 from pipeline.fleet.revocation import RevocationFailed
@@ -60,6 +61,7 @@ class ApiContext:
     health: Callable[[], None]
     max_body: int
     max_batch: int
+    failures: FailureLimiter | None = None
 
 
 def as_problem(exc: BaseException) -> Problem | None:
@@ -87,6 +89,11 @@ def as_problem(exc: BaseException) -> Problem | None:
         return Problem(problems.UNAVAILABLE, "the store is unavailable")
     if isinstance(exc, redis.exceptions.RedisError):
         return Problem(problems.UNAVAILABLE, "Redis is unavailable")
+    if isinstance(exc, EnvelopeError):
+        # A sealed secret (the ACME account key) this host's pipeline key cannot open: the
+        # installation's fault (another key than the workers'), not the request's.
+        return Problem(problems.UNAVAILABLE, "a sealed key cannot be opened with this host's "
+                       "pipeline key (CERTMAN_PIPELINE_KEY must be the workers' key)")  # fmt: skip
     if isinstance(exc, KeyFileError):
         return Problem(problems.UNAVAILABLE, str(exc))
     if isinstance(exc, OSError):
@@ -173,9 +180,20 @@ class ApiHandler(RequestHandler):
             self.ctx.metrics.refused.labels("unauthorised").inc()
             raise Problem(problems.UNAUTHORISED, "send Authorization: Bearer <token>",
                           headers=challenge)  # fmt: skip
+        failures, address = self.ctx.failures, self.request.remote_ip or "unknown"
+        if failures is not None:
+            decision = await self.blocking(failures.check, address)
+            if not decision.allowed:
+                self.ctx.metrics.refused.labels("auth_failures").inc()
+                wait = max(1, math.ceil(decision.retry_after))
+                raise Problem(problems.RATE_LIMITED,
+                              f"too many failed authentications; try again in {wait} s",
+                              headers={"Retry-After": str(wait)})  # fmt: skip
         caller = await self.blocking(self.ctx.authenticator.caller, token.strip())
         if caller is None:
             self.ctx.metrics.refused.labels("unauthorised").inc()
+            if failures is not None:
+                await self.blocking(failures.failed, address)
             raise Problem(problems.UNAUTHORISED, "unknown or revoked token", headers=challenge)
         self.caller = caller
         if self.ctx.limiter is not None:
@@ -195,7 +213,9 @@ class ApiHandler(RequestHandler):
             raise Problem(problems.INVALID_REQUEST, detail)
 
     def data_received(self, chunk: bytes) -> None:
-        self._body += chunk
+        # A refused request's body is read off the connection (to answer on it) but not kept.
+        if self._refusal is None:
+            self._body += chunk
 
     def compute_etag(self) -> str | None:
         # Only a site has an ETag (what a PUT sets, pipeline.api.sites.etag_of), never one
@@ -219,6 +239,10 @@ class ApiHandler(RequestHandler):
             return json.loads(self._body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise Problem(problems.INVALID_REQUEST, f"the body is not JSON ({exc})") from None
+        except RecursionError:
+            # The stdlib parser recurses once per level and stops at the interpreter's limit
+            # (about 1000): a deeper body is a bad request, not a crash.
+            raise Problem(problems.INVALID_REQUEST, "the body nests too deeply") from None
 
     def json_object(self) -> dict[str, Any]:
         body = self.json_body()
@@ -263,10 +287,14 @@ class ApiHandler(RequestHandler):
         log.error("api: %s %s failed", self.request.method, self.route, exc_info=(typ, value, tb))
 
     def on_finish(self) -> None:
+        # A label from the request only if it is one of the few Tornado serves: any other
+        # method (a client may send any token) would make a new time series each.
+        method = self.request.method or "?"
+        if method not in self.SUPPORTED_METHODS:
+            method = "OTHER"
         self.ctx.metrics.observe(
-            self.route, self.request.method or "?", self.get_status(),
-            time.monotonic() - self._started,
-        )  # fmt: skip
+            self.route, method, self.get_status(), time.monotonic() - self._started
+        )
 
 
 def _admitted(method: Callable[..., Any]) -> Callable[..., Any]:

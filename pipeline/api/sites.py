@@ -20,20 +20,23 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from pipeline.api.problems import (
+    CONFLICT,
     INVALID_REQUEST,
     NOT_FOUND,
     PRECONDITION_FAILED,
+    UNAVAILABLE,
     Problem,
 )
 from pipeline.db import get_engine
 from pipeline.fleet.changes import publish_and_commit, record_change, unpublish_and_commit
-from pipeline.fleet.onboarding import Line, Onboarding, Options, Outcome
+from pipeline.fleet.onboarding import Line, Onboarding, OnboardingError, Options, Outcome
 from pipeline.fleet.renewal_requests import renew_now
 from pipeline.fleet.revocation import Reason, revoke_site
 from pipeline.fleet.site_report import site_report
 from pipeline.fleet.sites import (
     SiteRules,
     add_site,
+    claim_version,
     iter_sites,
     parse_site,
     remove_site,
@@ -41,9 +44,10 @@ from pipeline.fleet.sites import (
 )
 from pipeline.models import Site, SiteName
 from pipeline.models.base import utcnow
-from pipeline.names import normalise
+from pipeline.names import InvalidName, normalise
 
 if TYPE_CHECKING:
+    from pipeline.acme.client import AcmeClient
     from pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -136,26 +140,37 @@ class SiteService:
         issuer = _opt_str(body, "issuer")
         runtime = self.runtime
         new_certificate = created = False
-        with runtime.session_scope() as session:
-            site = session.scalar(
-                select(Site)
-                .where(Site.domain == primary)
-                .options(selectinload(Site.names))
-                .with_for_update()
-            )
-            _preconditions(site, if_match, if_none_match)
-            if site is None:
-                new = parse_site(
-                    primary, aliases or (), upstream, customer_ref, profile=profile,
-                    key_type=key_type, issuer=issuer, rules=self.rules,
-                )  # fmt: skip
-                if profile:
-                    self.check_profile(profile, issuer)
-                self.check_edge_key("nothing was added")
-                site, created = add_site(session, new)
-                record_change(session, new.domain, "add", actor, "names " + " ".join(new.names))
-                publish_and_commit(runtime.publisher, runtime.session_scope, session, site)
-            else:
+        shown = Answer(500, {})
+        # Without If-Match a change that got in first is applied over (the caller asked for
+        # no check), so the transaction is run again; with it, the caller is told (412).
+        for attempt in range(1, STALE_ATTEMPTS + 1):
+            with runtime.session_scope() as session:
+                site = session.scalar(
+                    select(Site)
+                    .where(Site.domain == primary)
+                    .options(selectinload(Site.names))
+                    .with_for_update()
+                )
+                _preconditions(site, if_match, if_none_match)
+                if site is None:
+                    new = parse_site(
+                        primary, aliases or (), upstream, customer_ref, profile=profile,
+                        key_type=key_type, issuer=issuer, rules=self.rules,
+                    )  # fmt: skip
+                    if profile:
+                        self.check_profile(profile, issuer)
+                    self.check_edge_key("nothing was added")
+                    site, created = add_site(session, new)
+                    record_change(session, new.domain, "add", actor, "names " + " ".join(new.names))
+                    shown = self._answer(session, site, 201)
+                    publish_and_commit(runtime.publisher, runtime.session_scope, session, site)
+                    break
+                if not claim_version(session, site.id, site.version):
+                    if if_match is not None or attempt == STALE_ATTEMPTS:
+                        raise _stale(if_match)
+                    continue
+                # Read again under the claim: a worker may have moved the state since.
+                session.expire(site)
                 add: Sequence[str] = ()
                 remove: Sequence[str] = ()
                 if aliases is not None:
@@ -177,20 +192,31 @@ class SiteService:
                     self.check_edge_key("nothing was changed")
                 if done.changes:
                     record_change(session, site.domain, "update", actor, "; ".join(done.changes))
+                shown = self._answer(session, site, 200)
                 publish_and_commit(
                     runtime.publisher, runtime.session_scope, session, site, unless_current=True
                 )
+                break
         if created or new_certificate:
             self.kick()
-        shown = self.show(primary)
-        shown.status = 201 if created else 200
         return shown
+
+    def _answer(self, session: Session, site: Site, status: int) -> Answer:
+        # Read in the change's own transaction, before its commit: the site as this request
+        # left it, never a later change (another request's, a worker's) read after it.
+        session.flush()
+        report = site_report(session, site.domain, now=utcnow(), settings=self.runtime.settings)
+        return Answer(status, report, etag_of(site))
 
     def delete(self, domain: str, *, actor: str, if_match: str | None) -> Answer:
         runtime = self.runtime
         with runtime.session_scope() as session:
             site = _site_named(session, domain)
             _preconditions(site, if_match, None)
+            # The read above holds no lock: a change committed since the check must not be
+            # deleted with it (without If-Match the caller asked for no check).
+            if if_match is not None and not claim_version(session, site.id, site.version):
+                raise _stale(if_match)
             removed = remove_site(session, site.domain).domain
             record_change(session, removed, "remove", actor)
             # The signed tombstone first, then the commit: a removal the edges cannot hear of
@@ -216,7 +242,7 @@ class SiteService:
         with runtime.session_scope() as session:
             primary = _site_named(session, domain).domain
         done = revoke_site(
-            runtime.session_scope, runtime.acme_for, primary, reason=Reason[reason],
+            runtime.session_scope, self._acme_client, primary, reason=Reason[reason],
             now=utcnow(), actor=actor,
         )  # fmt: skip
         self.kick()
@@ -226,29 +252,61 @@ class SiteService:
              "already_revoked": done.already},
         )  # fmt: skip
 
+    def _acme_client(self, issuer: str | None) -> AcmeClient:
+        """The revoking client, on this host's pipeline key: loaded, never made here.
+
+        The ACME account key is sealed to the pipeline's key: without the workers' key nothing
+        can sign a revocation, and the client would make a new key (which opens nothing) or
+        fail on a read-only disk showing its path."""
+        if not self.runtime.settings.effective_pipeline_key.is_file():
+            raise Problem(
+                UNAVAILABLE,
+                "revoking needs the pipeline key on this host "
+                "(CERTMAN_PIPELINE_KEY: the workers' key, mounted read-only)",
+            )
+        return self.runtime.acme_for(issuer)
+
     def batch(self, items: list[Any], *, actor: str) -> dict[str, Any]:
         """Many sites in one request, with bulk onboarding's rules: one transaction, every
         line answered (added, already, duplicate, rejected with the reason)."""
         from pipeline.distribution import publishing
 
+        # As PUT: a site whose certificate could never be sealed is refused before any is stored.
+        self.check_edge_key("nothing was added")
         runtime = self.runtime
         settings = runtime.settings
         engine = get_engine(settings.effective_database_url)
         results: dict[int, dict[str, Any]] = {}
+        unpublished: set[str] = set()
 
         def heard(number: int, outcome: Outcome, reason: str | None) -> None:
             results[number] = {"outcome": outcome, "reason": reason}
+
+        def publishing_of(publish: Callable[[], None], domains: Sequence[str]) -> None:
+            # After the commit: the sites are stored whatever happens here, so a failure is
+            # not the request's (no 503 for stored sites) but each line's, and sending the
+            # batch again publishes them (its sites are "already" there: healed).
+            try:
+                publish()
+            except Exception:
+                log.warning("api batch: %d stored sites not published", len(domains),
+                            exc_info=True)  # fmt: skip
+                unpublished.update(domains)
 
         client = runtime.redis
         prefix = settings.redis_prefix
         job = Onboarding(
             engine,
             Options(batch_size=self.max_batch, rules=self.rules, actor=actor),
-            publish_batch=lambda sites: publishing.publish_records(
-                client, prefix, sites, runtime.signing_key
+            publish_batch=lambda sites: publishing_of(
+                lambda: publishing.publish_records(client, prefix, sites, runtime.signing_key),
+                [site.domain for site in sites],
             ),
-            publish_existing=lambda domains: publishing.heal_snapshot(
-                engine, client, prefix, domains, runtime.signing_key
+            publish_existing=lambda domains: publishing_of(
+                lambda: publishing.heal_snapshot(
+                    engine, client, prefix, domains, runtime.signing_key
+                ),
+                domains,
             ),
             kick=self.kick,
             on_result=heard,
@@ -260,13 +318,25 @@ class SiteService:
                 results[number] = {"outcome": "rejected", "reason": problem}
             else:
                 lines.append(line)
-        job.run(lines)
+        try:
+            job.run(lines)
+        except OnboardingError as exc:
+            # Another writer kept taking the names of a batch: the earlier batches are stored,
+            # and sending the whole request again answers them "already".
+            raise Problem(CONFLICT, f"{exc}; the sites before it are stored") from None
         out = []
         for number, item in enumerate(items, start=1):
             domain = item.get("domain") if isinstance(item, dict) else None
             answer = results.get(number, {"outcome": "rejected", "reason": "not processed"})
-            out.append({"line": number, "domain": domain if isinstance(domain, str) else None,
-                        **answer})  # fmt: skip
+            row = {"line": number, "domain": domain if isinstance(domain, str) else None,
+                   **answer}  # fmt: skip
+            if answer["outcome"] in ("added", "already"):
+                stored = _stored_name(domain)
+                row["published"] = stored not in unpublished
+                if not row["published"]:
+                    row["reason"] = ("stored, but not yet sent to the edges (Redis or the "
+                                     "signing key failed); send the batch again")  # fmt: skip
+            out.append(row)
         counts = {k: 0 for k in ("added", "already", "duplicate", "rejected")}
         for row in out:
             counts[row["outcome"]] += 1
@@ -276,11 +346,25 @@ class SiteService:
 # --- helpers ---------------------------------------------------------------------------------
 def etag_of(site: Site) -> str:
     """A strong ETag of what a PUT sets (names, upstream, profile, key type, issuer, customer
-    reference): the state and certificate move on their own and must not fail an If-Match."""
-    settings = [site.domain, site.all_names, site.upstream, site.profile, site.key_type,
+    reference), the site's id and creation time (a site removed and added again is another
+    site; SQLite may give it the same id) and its version (moved by every operator's change):
+    the state and certificate move on their own and must not fail an If-Match, so neither is
+    in it."""
+    settings = [site.id, site.created_at.isoformat(), site.version, site.domain,
+                site.all_names, site.upstream, site.profile, site.key_type,
                 site.preferred_issuer, site.customer_ref]  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
     return f'"{digest}"'
+
+
+# A PUT without If-Match that finds the site changed under it tries this many times in all.
+STALE_ATTEMPTS = 3
+
+
+def _stale(if_match: str | None) -> Problem:
+    if if_match is not None:
+        return Problem(PRECONDITION_FAILED, "the site changed since that ETag")
+    return Problem(CONFLICT, "the site was changed by another request at the same time; try again")
 
 
 def _preconditions(site: Site | None, if_match: str | None, if_none_match: str | None) -> None:
@@ -363,6 +447,14 @@ def _batch_line(number: int, item: Any) -> tuple[Line, str | None]:
     if any(not a.strip() or any(c.isspace() for c in a.strip()) for a in aliases):
         return Line(number, text, ()), "aliases: a name has a space in it"
     return Line(number, text, (domain, upstream or "", " ".join(a.strip() for a in aliases))), None
+
+
+def _stored_name(domain: Any) -> str | None:
+    """A batch line's domain as the store has it (normalised), to match what was published."""
+    try:
+        return normalise(domain) if isinstance(domain, str) else None
+    except InvalidName:
+        return None
 
 
 def encode_cursor(domain: str) -> str:

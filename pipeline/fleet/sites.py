@@ -472,10 +472,33 @@ def update_site(
     site.preferred_issuer = issuer if issuer is not None else site.preferred_issuer
     site.customer_ref = customer_ref if customer_ref is not None else site.customer_ref
     site.updated_at = now
+    # In SQL (version = version + 1), not from what was read: a concurrent change's bump is
+    # never lost, and the API's claim_version sees every operator's change.
+    site.version = Site.version + 1
     if wants_cert:
         result.note = _order_new_certificate(session, site, now)
     session.flush()
     return result
+
+
+def claim_version(session: Session, site_id: int, seen: int) -> bool:
+    """Whether the site is still at the version ``seen``, its row now held by this
+    transaction until it ends.
+
+    A compare-and-set (UPDATE ... WHERE version = ?) rather than SELECT ... FOR UPDATE: SQLite
+    ignores FOR UPDATE, and pysqlite starts a transaction only at the first write, so a read
+    and a check made before it guard nothing. This write takes the lock on both stores (the
+    row's on PostgreSQL, which re-checks the WHERE against a concurrent committed change; the
+    database's on SQLite), so what follows in the transaction is serialised with every other
+    change of the site; it changes nothing.
+    """
+    done = session.execute(
+        update(Site)
+        .where(Site.id == site_id, Site.version == seen)
+        .values(version=Site.version)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
 def _order_new_certificate(session: Session, site: Site, now: datetime) -> str:

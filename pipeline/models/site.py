@@ -44,6 +44,12 @@ class Site(Base):
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[created_at]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Moved by an operator's change only (pipeline.fleet.sites.update_site), never by the
+    # workers' state changes: the API's ETag includes it, and a PUT or DELETE applies only to
+    # the version its caller saw (pipeline.fleet.sites.claim_version). Not SQLAlchemy's
+    # version_id_col: that would move on every worker's UPDATE too, and fail it (StaleDataError)
+    # whenever an API change got in first.
+    version: Mapped[int] = mapped_column(default=1, server_default="1")
 
     names: Mapped[list[SiteName]] = relationship(
         back_populates="site", cascade="all, delete-orphan", order_by="SiteName.id"

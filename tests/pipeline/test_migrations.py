@@ -35,3 +35,22 @@ def test_constraint_names_follow_the_convention(database_url: str) -> None:
     assert "uq_site_names_name" in uniques
     foreign = {f["name"] for f in inspector.get_foreign_keys("orders")}
     assert "fk_orders_site_id_sites" in foreign
+
+
+def test_0008_gives_every_existing_site_version_1(tmp_path: object) -> None:
+    url = f"sqlite:///{tmp_path}/sites.db"
+    upgrade(url, "0007")
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO sites (domain, state, consecutive_failures, created_at, updated_at)"
+                " VALUES ('a.example.com', 'active', 0, '2026-01-01', '2026-01-01')"
+            )
+        )
+    upgrade(url, "0008")
+    with engine.begin() as connection:
+        assert connection.execute(sa.text("SELECT version FROM sites")).scalar_one() == 1
+    command.downgrade(alembic_config(url), "0007")
+    columns = {c["name"] for c in sa.inspect(get_engine(url)).get_columns("sites")}
+    assert "version" not in columns
