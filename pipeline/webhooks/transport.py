@@ -179,14 +179,21 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
         super().__init__()
         self._sock = sock
+        # The socket's own file: it keeps the descriptor open until the answer is read, even
+        # after http.client closes the connection (as it does for "Connection: close").
+        self._file = sock.makefile("rb", buffering=0)
         self._deadline = deadline
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int | None:
         self._sock.settimeout(self._deadline.left())
-        return self._sock.recv_into(buffer)
+        return self._file.readinto(buffer)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 class _DeadlineSocket:
@@ -238,9 +245,13 @@ class _PinnedTLS(_Pinned):
             tls = self._context.wrap_socket(
                 raw, server_hostname=self.host, do_handshake_on_connect=False
             )
-            self._handshake(tls)
         except BaseException:
             raw.close()
+            raise
+        try:
+            self._handshake(tls)
+        except BaseException:
+            tls.close()  # it has taken over the raw socket's descriptor
             raise
         self.sock = _DeadlineSocket(tls, self._deadline)
 
