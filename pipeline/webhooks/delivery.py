@@ -375,9 +375,10 @@ def deliver(
                 subscription.failed_attempts += 1
                 subscription.given_up += int(outcome == "gave_up")
                 subscription.consecutive_failures += 1
-                beyond = subscription.consecutive_failures - policy.failures_to_pause
-                if beyond >= 0:
-                    wait = policy.delay(beyond + 1, rand)
+                failures = subscription.consecutive_failures
+                if failures >= policy.failures_to_pause:
+                    # As long as a delivery's own backoff after as many failures, and growing.
+                    wait = policy.delay(failures, rand)
                     subscription.paused_until = finished + timedelta(seconds=wait)
                     paused = True
         if outcome != "retry" and not paused:

@@ -131,7 +131,8 @@ def check_url(raw: str, policy: WebhookPolicy = STRICT) -> str:
     # The host and port as upstream URLs are judged (odd IPv4 spellings, refused literals):
     # without the path and query, which the upstream rules do not allow and a receiver may use.
     try:
-        OutboundPolicy().check_upstream_url(f"{parts.scheme}://{parts.netloc}")
+        # Link-local is this policy's to judge (below); metadata addresses stay refused.
+        OutboundPolicy(allow_link_local=True).check_upstream_url(f"{parts.scheme}://{parts.netloc}")
         literal = _literal(parts.hostname or "")
         if literal is not None:
             policy.check_address(literal)

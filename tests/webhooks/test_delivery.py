@@ -171,9 +171,7 @@ def test_given_up_after_the_bound_and_the_next_one_goes(
         result = _deliver(store, claimed, keyring, policy=policy)
         assert result.outcome == "gave_up" and result.next is not None
         assert result.next[0] == second
-        assert _deliver(store, result.next, keyring, policy=policy).outcome == (
-            "delivered"
-        )
+        assert _deliver(store, result.next, keyring, policy=policy).outcome == ("delivered")
     assert [d.status for d in _deliveries(store)] == [
         DeliveryStatus.GAVE_UP, DeliveryStatus.DELIVERED,
     ]  # fmt: skip
