@@ -319,6 +319,13 @@ class Settings(BaseSettings):
         (), description="Only these networks may be upstreams; empty: any not refused."
     )
 
+    # --- webhooks to the platform (pipeline.webhooks.transport) -------------------------------
+    webhook_allowed_networks: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = Field(
+        (),
+        description="Internal networks (loopback, private) webhook receivers may be on; "
+        "empty: public addresses only.",
+    )
+
     # --- worker hosts' metrics (pipeline.worker_metrics; PROMETHEUS_MULTIPROC_DIR turns it on) ---
     worker_metrics_address: str = Field(
         "127.0.0.1", description="Where a worker host serves /metrics."
@@ -418,7 +425,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("upstream_allowed_networks", mode="before")
+    @field_validator("upstream_allowed_networks", "webhook_allowed_networks", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
         if isinstance(value, str):

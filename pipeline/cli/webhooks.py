@@ -9,7 +9,7 @@ import click
 
 from pipeline.cli.common import CONTEXT_SETTINGS, _Group, _print_json, command_runtime
 from pipeline.crypto.keys import load_or_create_pipeline_key
-from pipeline.webhooks import events, subscriptions
+from pipeline.webhooks import events, subscriptions, transport
 
 
 @click.group("webhooks", cls=_Group, context_settings=CONTEXT_SETTINGS)
@@ -33,8 +33,11 @@ def webhooks_add(url: str, event_types: str, as_json: bool) -> None:
     wanted = subscriptions.parse_events(event_types)
     with process.session_scope() as session:
         subscription, secret = subscriptions.add(
-            session, url, wanted, pipeline_key=key.public_key()
-        )
+            session, url, wanted, pipeline_key=key.public_key(),
+            policy=transport.WebhookPolicy(
+                allowed_networks=tuple(process.settings.webhook_allowed_networks)
+            ),
+        )  # fmt: skip
         shown = {"id": subscription.id, "url": subscription.url_shown,
                  "events": list(subscription.events), "secret": secret}  # fmt: skip
     if as_json:

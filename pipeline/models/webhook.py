@@ -32,6 +32,11 @@ class WebhookSubscription(Base):
     delivered: Mapped[int] = mapped_column(default=0)
     failed_attempts: Mapped[int] = mapped_column(default=0)
     given_up: Mapped[int] = mapped_column(default=0)
+    # Failed attempts in a row (a 2xx resets it): past a few, the whole subscription backs off
+    # until ``paused_until`` and then sends one delivery at a time until one succeeds, so that
+    # a receiver that is down does not hold the workers (pipeline.webhooks.delivery).
+    consecutive_failures: Mapped[int] = mapped_column(default=0)
+    paused_until: Mapped[datetime | None]
 
 
 class WebhookEvent(Base):
@@ -73,6 +78,9 @@ class WebhookDelivery(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     # When it is due; while a task has it, the end of that task's lease.
     next_attempt_at: Mapped[datetime]
+    # The claim's token while a task has it (random, in the task's arguments): only the task
+    # holding the current claim sends and records, so a stale copy of a task does nothing.
+    claim: Mapped[str | None] = mapped_column(String(32))
     last_status_code: Mapped[int | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None]

@@ -1,10 +1,11 @@
 """Webhook tasks: thin, over :mod:`pipeline.webhooks.delivery` and :mod:`pipeline.fleet.upkeep`.
 
 ``dispatch`` (beat, every few seconds) claims the due deliveries and sends a ``deliver`` for each
-after the commit; ``deliver`` sends one and, when it is done, the next in line for the same
-receiver and site at once. A failed attempt is not a Celery retry: its next try is a time in
-the store, which the dispatcher finds, so that a worker's death loses nothing. Every task is
-safe to run twice (a delivery no longer pending or no longer first in line is left alone).
+after the commit, with its claim's token; ``deliver`` sends one if it still holds that claim
+and, when it is done, the next in line for the same receiver and site at once. A failed attempt
+is not a Celery retry: its next try is a time in the store, which the dispatcher finds, so that
+a worker's death loses nothing. Every task is safe to run twice (a claim already used, or a
+delivery no longer pending or no longer first in line, is left alone).
 ``upkeep`` (beat, every half hour) records ``certificate.expiring`` and deletes old deliveries.
 """
 
@@ -17,9 +18,14 @@ from pipeline.celery import app
 from pipeline.crypto.keys import Keyring, load_or_create_pipeline_key
 from pipeline.fleet import upkeep
 from pipeline.models.base import utcnow
-from pipeline.webhooks import delivery
+from pipeline.webhooks import delivery, transport
 
 QUEUE = "maintenance"
+# A deliver task is ended well within its claim's lease, so that the claim is never taken over
+# while it may still be sending: its POST has transport.TIMEOUT in all, the rest is two short
+# transactions.
+DELIVER_SOFT_TIME_LIMIT = 60
+DELIVER_TIME_LIMIT = 90
 
 
 def _keyring() -> Keyring:
@@ -27,8 +33,15 @@ def _keyring() -> Keyring:
     return Keyring.of([load_or_create_pipeline_key(settings.effective_pipeline_key)])
 
 
-def _send(delivery_id: int) -> None:
-    deliver.apply_async((delivery_id,), queue=QUEUE)
+def _policy() -> transport.WebhookPolicy:
+    return transport.WebhookPolicy(
+        allowed_networks=tuple(runtime.current().settings.webhook_allowed_networks)
+    )
+
+
+def _send(claim: delivery.Claim) -> None:
+    delivery_id, token = claim
+    deliver.apply_async((delivery_id, token), queue=QUEUE)
 
 
 @app.task(name="certman.webhooks.dispatch", bind=True, acks_late=True, send_events=False)
@@ -37,18 +50,26 @@ def dispatch(self: Task) -> int:
     process = runtime.current()
     with process.session_scope() as session:
         claimed = delivery.claim_due(session, now=utcnow())
-    for delivery_id in claimed:  # after the commit: the task must find the claim
-        _send(delivery_id)
+    for claim in claimed:  # after the commit: the task must find the claim
+        _send(claim)
     return len(claimed)
 
 
-@app.task(name="certman.webhooks.deliver", bind=True, acks_late=True)
-def deliver(self: Task, delivery_id: int) -> str | None:
-    """Send one delivery; its outcome (None: nothing to send)."""
+@app.task(
+    name="certman.webhooks.deliver",
+    bind=True,
+    acks_late=True,
+    soft_time_limit=DELIVER_SOFT_TIME_LIMIT,
+    time_limit=DELIVER_TIME_LIMIT,
+)
+def deliver(self: Task, delivery_id: int, claim: str) -> str | None:
+    """Send one delivery if ``claim`` is still its claim; its outcome (None: nothing sent)."""
     process = runtime.current()
-    result = delivery.deliver(process.session_scope, delivery_id, keyring=_keyring())
-    if result.next_id is not None:
-        _send(result.next_id)
+    result = delivery.deliver(
+        process.session_scope, delivery_id, claim, keyring=_keyring(), outbound=_policy()
+    )
+    if result.next is not None:
+        _send(result.next)
     return result.outcome
 
 

@@ -5,12 +5,18 @@ A delivery is sent only when it is the *head* of its (subscription, domain): no 
 still pending. A later event for a site is therefore never sent before an earlier one was
 delivered or given up.
 
-The claim is a lease: :func:`claim_due` (beat's dispatcher) and :func:`deliver` (for the next in
-line) move a head's ``next_attempt_at`` a lease ahead in a conditional UPDATE before a task is
-sent for it. A worker that dies mid-way leaves the delivery pending, and the dispatcher claims it
-again once the lease runs out: nothing is stranded, and a receiver may see an event twice
-(with the same ``webhook-id``), never not at all. Every step is safe to run twice: a delivery
-no longer pending, or no longer the head, is left alone.
+The claim is a lease with a token: :func:`claim_due` (beat's dispatcher) and :func:`deliver` (for
+the next in line) move a head's ``next_attempt_at`` a lease ahead and store a random token in a
+conditional UPDATE before a task is sent for it with that token. The task sends only if the
+token is still the delivery's claim, exchanging it for one of its own in another conditional
+UPDATE (row count checked), and records the answer only while it still holds that one. A worker
+that dies mid-way leaves the delivery pending, and the dispatcher claims it again once the lease
+runs out: nothing is stranded, and a receiver may see an event twice (with the same
+``webhook-id``), never not at all. A stale task (one that waited past its lease while the
+delivery was claimed again) and a second copy of a task send nothing.
+
+One receiver cannot hold the workers: the dispatcher claims a bounded number per subscription
+per tick and in flight, and a subscription failing again and again backs off as a whole.
 
 The POST is made outside any transaction (:func:`deliver` reads, sends, then writes).
 """
@@ -20,11 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, exists, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from pipeline.crypto.envelope import EnvelopeError
@@ -37,7 +44,6 @@ from pipeline.models import (
     WebhookSubscription,
 )
 from pipeline.models.base import utcnow
-from pipeline.outbound import OutboundPolicy
 from pipeline.webhooks import metrics, signing, transport
 
 log = logging.getLogger(__name__)
@@ -48,14 +54,23 @@ PENDING = DeliveryStatus.PENDING
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter, and when to give up (Standard Webhooks suggests retrying
-    for about a day; its schedule grows from seconds to hours)."""
+    for about a day; its schedule grows from seconds to hours); how much of the workers one
+    receiver may hold."""
 
     first_delay: float = 5.0
     max_delay: float = 3600.0
     give_up_after: float = 24 * 3600.0
-    # Longer than a task's wait in the queue plus its POST: a claimed delivery is not claimed
-    # again while its task may still run.
+    # Longer than a task's run (its Celery time limit, pipeline.tasks.webhooks): a claim is not
+    # taken over while the task holding it may still be sending. A task that waited in the
+    # queue past it sends only if nobody claimed the delivery since (the claim's token).
     lease: float = 300.0
+    # Claims per subscription per dispatcher tick, and held at once: a receiver with thousands
+    # of sites due cannot fill the maintenance queue (renewals' upkeep shares its workers).
+    per_tick: int = 20
+    in_flight: int = 20
+    # Failed attempts in a row before the whole subscription backs off: it is left alone for the
+    # backoff of its failures, then tried one delivery at a time until a 2xx.
+    failures_to_pause: int = 5
 
     def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds before the next try after ``attempts`` failed ones: half fixed, half random
@@ -65,6 +80,8 @@ class RetryPolicy:
 
 
 DEFAULT_POLICY = RetryPolicy()
+
+Claim = tuple[int, str]  # a delivery's id and the token of its claim: a task's arguments
 
 
 def _is_head_clause() -> ColumnElement[bool]:
@@ -82,19 +99,58 @@ def _is_head_clause() -> ColumnElement[bool]:
 
 def claim_due(
     session: Session, *, now: datetime, limit: int = 500, policy: RetryPolicy = DEFAULT_POLICY
-) -> list[int]:
-    """Claim the due heads (a lease each); their ids, for a task each after the commit."""
-    due = session.scalars(
-        select(WebhookDelivery.id)
-        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
-        .where(_is_head_clause())
-        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-        .limit(limit)
+) -> list[Claim]:
+    """Claim the due heads (a lease and a token each), at most ``policy.per_tick`` per
+    subscription and no more than ``policy.in_flight`` held at once (one while the subscription
+    is failing), none for a subscription backing off; the claims, for a task each after the
+    commit."""
+    claimed: list[Claim] = []
+    subscriptions = session.execute(
+        select(
+            WebhookSubscription.id,
+            WebhookSubscription.consecutive_failures,
+            WebhookSubscription.paused_until,
+        ).order_by(WebhookSubscription.id)
     ).all()
-    return [d for d in due if _claim(session, d, now=now, policy=policy)]
+    for subscription_id, failures, paused_until in subscriptions:
+        if paused_until is not None and paused_until > now:
+            continue
+        cap = 1 if failures >= policy.failures_to_pause else policy.in_flight
+        held = session.scalar(
+            select(func.count())
+            .select_from(WebhookDelivery)
+            .where(
+                WebhookDelivery.subscription_id == subscription_id,
+                WebhookDelivery.status == PENDING,
+                WebhookDelivery.claim.is_not(None),
+                WebhookDelivery.next_attempt_at > now,
+            )
+        )
+        room = min(policy.per_tick, cap - int(held or 0), limit - len(claimed))
+        if room <= 0:
+            continue
+        due = session.scalars(
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.subscription_id == subscription_id,
+                WebhookDelivery.status == PENDING,
+                WebhookDelivery.next_attempt_at <= now,
+            )
+            .where(_is_head_clause())
+            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+            .limit(room)
+        ).all()
+        for delivery_id in due:
+            token = _claim(session, delivery_id, now=now, policy=policy)
+            if token is not None:
+                claimed.append((delivery_id, token))
+    return claimed
 
 
-def _claim(session: Session, delivery_id: int, *, now: datetime, policy: RetryPolicy) -> bool:
+def _claim(session: Session, delivery_id: int, *, now: datetime,
+           policy: RetryPolicy) -> str | None:  # fmt: skip
+    """A new claim on a due delivery (its token), or None when it is not due or not pending."""
+    token = secrets.token_hex(16)
     claimed = session.execute(
         update(WebhookDelivery)
         .where(
@@ -102,10 +158,10 @@ def _claim(session: Session, delivery_id: int, *, now: datetime, policy: RetryPo
             WebhookDelivery.status == PENDING,
             WebhookDelivery.next_attempt_at <= now,
         )
-        .values(next_attempt_at=now + timedelta(seconds=policy.lease))
+        .values(next_attempt_at=now + timedelta(seconds=policy.lease), claim=token)
         .execution_options(synchronize_session=False)
     )
-    return bool(claimed.rowcount)  # type: ignore[attr-defined]
+    return token if claimed.rowcount else None  # type: ignore[attr-defined]
 
 
 def _is_head(session: Session, delivery: WebhookDelivery) -> bool:
@@ -140,17 +196,53 @@ class Attempt:
     message_id: str
     body: bytes
     created_at: datetime
+    attempts: int  # failed attempts before this one
+    token: str  # this attempt's own claim: recording needs it still to be the current one
     receiver: signing.Receiver | None  # None: the sealed URL and secret would not open
     problem: str | None = None
 
 
-def _prepare(session: Session, delivery_id: int, keyring: Keyring) -> Attempt | None:
+def _take(session: Session, delivery_id: int, claim: str, *, now: datetime,
+          policy: RetryPolicy) -> str | None:  # fmt: skip
+    """Exchange the task's claim for this attempt's own, with a fresh lease: the attempt's
+    token, or None when ``claim`` is not the delivery's current claim (the task is stale, or
+    another copy of it took the claim first)."""
+    token = secrets.token_hex(16)
+    taken = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == PENDING,
+            WebhookDelivery.claim == claim,
+        )
+        .values(next_attempt_at=now + timedelta(seconds=policy.lease), claim=token)
+        .execution_options(synchronize_session=False)
+    )
+    return token if taken.rowcount else None  # type: ignore[attr-defined]
+
+
+def _prepare(session: Session, delivery_id: int, claim: str, keyring: Keyring, *,
+             now: datetime, policy: RetryPolicy) -> Attempt | None:  # fmt: skip
     delivery = session.get(WebhookDelivery, delivery_id)
-    if delivery is None or delivery.status != PENDING or not _is_head(session, delivery):
-        return None  # done, removed, or an earlier one for the site is still pending
+    if delivery is None or delivery.status != PENDING or delivery.claim != claim:
+        return None  # done, removed, or claimed again since this task was sent
+    if not _is_head(session, delivery):
+        return None  # an earlier one for the site is still pending
     event = session.get(WebhookEvent, delivery.event_id)
     subscription = session.get(WebhookSubscription, delivery.subscription_id)
     if event is None or subscription is None:
+        return None
+    if subscription.paused_until is not None and subscription.paused_until > now:
+        # The receiver began failing after this was claimed: it waits with the others.
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.claim == claim)
+            .values(next_attempt_at=subscription.paused_until, claim=None)
+            .execution_options(synchronize_session=False)
+        )
+        return None
+    token = _take(session, delivery_id, claim, now=now, policy=policy)
+    if token is None:
         return None
     receiver: signing.Receiver | None = None
     problem = None
@@ -165,6 +257,8 @@ def _prepare(session: Session, delivery_id: int, keyring: Keyring) -> Attempt | 
         message_id=event.message_id,
         body=body_of(event),
         created_at=delivery.created_at,
+        attempts=delivery.attempts,
+        token=token,
         receiver=receiver,
         problem=problem,
     )
@@ -176,10 +270,10 @@ class Result:
 
     outcome: str | None
     reason: str | None = None
-    next_id: int | None = None  # the next in line for this receiver and site, claimed
+    next: Claim | None = None  # the next in line for this receiver and site, claimed
 
 
-def _send(attempt: Attempt, *, now: datetime, outbound: OutboundPolicy,
+def _send(attempt: Attempt, *, now: datetime, outbound: transport.WebhookPolicy,
           timeout: float) -> tuple[int | None, str | None, str | None]:  # fmt: skip
     """(status code, failure reason, error) of one POST."""
     if attempt.receiver is None:
@@ -210,18 +304,19 @@ def _send(attempt: Attempt, *, now: datetime, outbound: OutboundPolicy,
 def deliver(
     sessions: SessionScope,
     delivery_id: int,
+    claim: str,
     *,
     keyring: Keyring,
     now: Callable[[], datetime] = utcnow,
     policy: RetryPolicy = DEFAULT_POLICY,
-    outbound: OutboundPolicy = transport.WEBHOOK_POLICY,
+    outbound: transport.WebhookPolicy = transport.STRICT,
     timeout: float = transport.TIMEOUT,
     rand: Callable[[], float] = random.random,
 ) -> Result:
-    """Send one delivery if it is still pending and the head of its site's line; record the
-    answer; claim the next in line when this one is done."""
+    """Send one delivery if ``claim`` is still its claim and it is the head of its site's line;
+    record the answer; claim the next in line when this one is done."""
     with sessions() as session:
-        attempt = _prepare(session, delivery_id, keyring)
+        attempt = _prepare(session, delivery_id, claim, keyring, now=now(), policy=policy)
     if attempt is None:
         return Result(None)
     sent_at = now()
@@ -233,48 +328,72 @@ def deliver(
         outcome = "gave_up"
     else:
         outcome = "retry"
-    next_id = None
+    attempts = attempt.attempts + 1
+    values: dict[str, object] = {
+        "attempts": attempts,
+        "last_status_code": status,
+        "last_error": error,
+        "claim": None,
+    }
+    if outcome == "retry":
+        values["next_attempt_at"] = finished + timedelta(seconds=policy.delay(attempts, rand))
+    else:
+        values["status"] = (
+            DeliveryStatus.DELIVERED if outcome == "delivered" else DeliveryStatus.GAVE_UP
+        )
+        values["finished_at"] = finished
+    following: Claim | None = None
     with sessions() as session:
-        # Locked (on PostgreSQL), so that two copies of the task finishing together record once.
-        delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
-        if delivery is None or delivery.status != PENDING:
-            return Result(None)  # another copy of this task recorded it first
-        delivery.attempts += 1
-        delivery.last_status_code = status
-        delivery.last_error = error
-        subscription = session.get(WebhookSubscription, attempt.subscription_id)
+        # Only while this attempt still holds the claim: two copies of a task never both record
+        # (nor count) an attempt, whatever the database.
+        recorded = session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == PENDING,
+                WebhookDelivery.claim == attempt.token,
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if not recorded.rowcount:  # type: ignore[attr-defined]
+            return Result(None)
+        # Locked (on PostgreSQL): deliveries for other sites record their counts at once too.
+        subscription = session.get(
+            WebhookSubscription, attempt.subscription_id, with_for_update=True
+        )
+        paused = False
         if subscription is not None:
             subscription.last_attempt_at = finished
             subscription.last_status_code = status
             subscription.last_error = error
-        if outcome == "retry":
-            wait = policy.delay(delivery.attempts, rand)
-            delivery.next_attempt_at = finished + timedelta(seconds=wait)
-            if subscription is not None:
+            if outcome == "delivered":
+                subscription.delivered += 1
+                subscription.consecutive_failures = 0
+                subscription.paused_until = None
+            else:
                 subscription.failed_attempts += 1
-        else:
-            delivery.status = (
-                DeliveryStatus.DELIVERED if outcome == "delivered" else DeliveryStatus.GAVE_UP
-            )
-            delivery.finished_at = finished
-            if subscription is not None:
-                if outcome == "delivered":
-                    subscription.delivered += 1
-                else:
-                    subscription.failed_attempts += 1
-                    subscription.given_up += 1
+                subscription.given_up += int(outcome == "gave_up")
+                subscription.consecutive_failures += 1
+                failures = subscription.consecutive_failures
+                if failures >= policy.failures_to_pause:
+                    # As long as a delivery's own backoff after as many failures, and growing.
+                    wait = policy.delay(failures, rand)
+                    subscription.paused_until = finished + timedelta(seconds=wait)
+                    paused = True
+        if outcome != "retry" and not paused:
             session.flush()
-            next_id = _claim_next(session, attempt, now=finished, policy=policy)
+            following = _claim_next(session, attempt, now=finished, policy=policy)
     metrics.observe(outcome, reason)
     if outcome != "delivered":
         log.warning("webhook %s for %s to subscription %d: %s (%s)", attempt.message_id,
                     attempt.domain, attempt.subscription_id, error,
                     "gave up" if outcome == "gave_up" else "will retry")  # fmt: skip
-    return Result(outcome, reason, next_id)
+    return Result(outcome, reason, following)
 
 
 def _claim_next(session: Session, attempt: Attempt, *, now: datetime,
-                policy: RetryPolicy) -> int | None:  # fmt: skip
+                policy: RetryPolicy) -> Claim | None:  # fmt: skip
     following = session.scalar(
         select(WebhookDelivery.id)
         .where(
@@ -285,9 +404,10 @@ def _claim_next(session: Session, attempt: Attempt, *, now: datetime,
         .order_by(WebhookDelivery.id)
         .limit(1)
     )
-    if following is None or not _claim(session, following, now=now, policy=policy):
+    if following is None:
         return None
-    return following
+    token = _claim(session, following, now=now, policy=policy)
+    return None if token is None else (following, token)
 
 
 # Delivered and given-up deliveries are kept this long (for `webhooks list` and a look at what

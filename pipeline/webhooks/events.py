@@ -4,6 +4,12 @@ So an event is never lost (it commits with the change) and never sent for a chan
 rolled back (it goes with it). :func:`record` writes the event and one pending delivery per
 subscription that wants its type; the dispatcher (:mod:`pipeline.webhooks.delivery`) sends
 them after the commit. No subscription wants it: nothing is written.
+
+Events for one site are written one transaction at a time (:func:`record` takes a lock per site
+held until the commit, on PostgreSQL; SQLite has one writer at a time anyway). Deliveries are
+sent in the order of their ids, and without the lock a transaction that wrote an event first
+(a lower id) could commit after one that wrote a later event for the same site, whose delivery
+would then be sent first.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import WebhookDelivery, WebhookEvent, WebhookSubscription
@@ -58,6 +64,17 @@ def subscribers(session: Session, event_type: str) -> list[int]:
     return [sid for sid, wanted in rows if event_type in (wanted or [])]
 
 
+# The first key of the advisory locks on sites' events: apart from any other advisory lock.
+_LOCK_CLASS = 0x77686B  # "whk"
+
+
+def lock_site(session: Session, domain: str) -> None:
+    """Until ``session``'s transaction ends, no other transaction writes events for ``domain``
+    (PostgreSQL: a transaction-level advisory lock; other stores serialise writers already)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_LOCK_CLASS, func.hashtext(domain))))
+
+
 def record(
     session: Session,
     *,
@@ -78,6 +95,7 @@ def record(
     wanted = subscribers(session, event_type)
     if not wanted:
         return None
+    lock_site(session, domain)
     when = now or utcnow()
     body = dict(data() if callable(data) else data)
     event = WebhookEvent(

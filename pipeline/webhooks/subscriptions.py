@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.crypto.keys import PublicKey
 from pipeline.models import DeliveryStatus, WebhookDelivery, WebhookSubscription
-from pipeline.outbound import OutboundPolicy, redact_url
+from pipeline.outbound import redact_url
 from pipeline.webhooks import events, signing, transport
 
 
@@ -38,7 +38,7 @@ def add(
     event_types: list[str],
     *,
     pipeline_key: PublicKey,
-    policy: OutboundPolicy = transport.WEBHOOK_POLICY,
+    policy: transport.WebhookPolicy = transport.STRICT,
 ) -> tuple[WebhookSubscription, str]:
     """Store a subscription; it and its secret (the only time the secret is seen in clear)."""
     checked = transport.check_url(url, policy)

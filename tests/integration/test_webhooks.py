@@ -13,19 +13,22 @@ from pipeline.crypto.keys import load_or_create_pipeline_key
 from pipeline.webhooks import subscriptions
 from tests.support.ports import wait_until
 from tests.support.system import System
+from tests.webhooks.conftest import LOCAL
 from tests.webhooks.receiver import receiving
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_worker_delivers_site_active_after_an_issuance(system: System) -> None:
+    # The receiver is on loopback: allowed as its operator would allow it.
+    system.extra_env["CERTMAN_WEBHOOK_ALLOWED_NETWORKS"] = "127.0.0.0/8"
     system.start(workers=0)
     key = load_or_create_pipeline_key(system.workdir / "pipeline.key")
     with receiving() as receiver:
         with db.session_scope(system.database_url) as session:
             _, secret = subscriptions.add(
                 session, f"{receiver.url}/certman", ["site.active", "site.failed"],
-                pipeline_key=key.public_key(),
+                pipeline_key=key.public_key(), policy=LOCAL,
             )  # fmt: skip
         system.start_worker()
         system.start_beat()

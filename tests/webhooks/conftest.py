@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from ipaddress import ip_network
 
 import pytest
 from sqlalchemy.orm import Session
 
 from pipeline.crypto.keys import Keyring, PrivateKey
-from pipeline.webhooks import subscriptions
+from pipeline.webhooks import subscriptions, transport
+
+# Receivers in these tests are on loopback: allowed as an operator of a receiver on this host
+# would allow it (CERTMAN_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8,::1/128).
+LOCAL = transport.WebhookPolicy(allowed_networks=(ip_network("127.0.0.0/8"), ip_network("::1/128")))
 
 Store = Callable[[], AbstractContextManager[Session]]
 
@@ -33,7 +38,7 @@ def subscribe(store: Store, pipeline_key: PrivateKey) -> Callable[..., tuple[int
         with store() as session:
             subscription, secret = subscriptions.add(
                 session, url, subscriptions.parse_events(events),
-                pipeline_key=pipeline_key.public_key(),
+                pipeline_key=pipeline_key.public_key(), policy=LOCAL,
             )  # fmt: skip
             return subscription.id, secret
 

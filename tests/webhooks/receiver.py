@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,9 +32,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         if 300 <= status < 400 and self.server.location:
             self.send_header("Location", self.server.location)
-        self.send_header("Content-Length", "2")
+        answer = self.server.answer(self.path) if self.server.answer else None
+        if answer is None:
+            answer = b"no" if status >= 300 else b"ok"
+        self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
-        self.wfile.write(b"no" if status >= 300 else b"ok")
+        self.wfile.write(answer)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -45,6 +48,8 @@ class Receiver(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.statuses = list(statuses or [])
         self.location: str | None = None
+        # The answer's body for a request's path (None: "ok" or "no"), as receivers echo it.
+        self.answer: Callable[[str], bytes | None] | None = None
         self.received: list[Received] = []
         self.lock = threading.Lock()
 

@@ -20,11 +20,11 @@ from standardwebhooks.webhooks import Webhook
 from pipeline.crypto.keys import Keyring
 from pipeline.models import DeliveryStatus, WebhookDelivery, WebhookEvent
 from pipeline.models.base import utcnow
-from pipeline.outbound import OutboundPolicy
 from pipeline.webhooks import delivery, events, subscriptions, transport
 from pipeline.webhooks.delivery import RetryPolicy
 from tests.support.loopback_only import loopback_only
 from tests.support.pki import Pki
+from tests.webhooks.conftest import LOCAL
 from tests.webhooks.receiver import receiving
 
 Store = Callable[[], AbstractContextManager[Session]]
@@ -50,9 +50,15 @@ def _deliveries(store: Store) -> list[WebhookDelivery]:
         return list(session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)))
 
 
-def _claim(store: Store, now: datetime | None = None) -> list[int]:
+def _claim(store: Store, now: datetime | None = None, **policy: float) -> list[delivery.Claim]:
     with store() as session:
-        return delivery.claim_due(session, now=now or utcnow())
+        return delivery.claim_due(session, now=now or utcnow(), policy=RetryPolicy(**policy))
+
+
+def _deliver(store: Store, claim: delivery.Claim | None, keyring: Keyring,
+             **options: object) -> delivery.Result:  # fmt: skip
+    assert claim is not None
+    return delivery.deliver(store, *claim, keyring=keyring, outbound=LOCAL, **options)  # type: ignore[arg-type]
 
 
 def _count(name: str, **labels: str) -> float:
@@ -67,7 +73,7 @@ def test_delivered_signed_as_the_specification_says(
         _record(store, "dealer.example.com", events.SITE_BLOCKED, error="rejectedIdentifier")
         [claimed] = _claim(store)
         before = _count("certman_webhook_deliveries_total", outcome="delivered")
-        result = delivery.deliver(store, claimed, keyring=keyring)
+        result = _deliver(store, claimed, keyring)
     assert result.outcome == "delivered"
     [got] = receiver.received
     assert got.path == "/hooks/t0k3n?x=1"
@@ -95,7 +101,7 @@ def test_500_then_200_is_retried_later_with_the_same_id_and_body(
         _record(store, "dealer.example.com", reason="x")
         [claimed] = _claim(store)
         failures = _count("certman_webhook_delivery_failures_total", reason="http_5xx")
-        first = delivery.deliver(store, claimed, keyring=keyring, policy=policy)
+        first = _deliver(store, claimed, keyring, policy=policy)
         assert (first.outcome, first.reason) == ("retry", "http_5xx")
         [row] = _deliveries(store)
         assert row.status == DeliveryStatus.PENDING and row.last_error == "HTTP 500: no"
@@ -104,7 +110,7 @@ def test_500_then_200_is_retried_later_with_the_same_id_and_body(
         assert 14 <= wait <= 30
         assert _claim(store) == []  # not due yet
         [again] = _claim(store, now=utcnow() + timedelta(seconds=31))
-        second = delivery.deliver(store, again, keyring=keyring, policy=policy)
+        second = _deliver(store, again, keyring, policy=policy)
     assert second.outcome == "delivered"
     assert _count("certman_webhook_delivery_failures_total", reason="http_5xx") == failures + 1
     first_try, second_try = receiver.received
@@ -129,18 +135,22 @@ def test_in_order_per_site_a_later_event_waits_for_the_earlier(
         _record(store, "a.example.com", step=2)
         _record(store, "b.example.com", step=1)  # another site: not held up by a's
         first_a, second_a, first_b = (d.id for d in _deliveries(store))
-        assert sorted(_claim(store)) == [first_a, first_b]  # a's second is not first in line
-        assert delivery.deliver(store, first_a, keyring=keyring, policy=policy).outcome == "retry"
-        assert delivery.deliver(store, first_b, keyring=keyring, policy=policy).outcome == (
+        claims = dict(_claim(store))
+        assert sorted(claims) == [first_a, first_b]  # a's second is not first in line
+        assert _deliver(store, (first_a, claims[first_a]), keyring, policy=policy).outcome == (
+            "retry"
+        )
+        assert _deliver(store, (first_b, claims[first_b]), keyring, policy=policy).outcome == (
             "delivered"
         )
-        # A stray task for a's second (a duplicate message, say) sends nothing before a's first.
-        assert delivery.deliver(store, second_a, keyring=keyring).outcome is None
+        # A stray task for a's second (a made-up claim, say) sends nothing before a's first.
+        assert _deliver(store, (second_a, claims[first_a]), keyring).outcome is None
         [again] = _claim(store, now=utcnow() + timedelta(seconds=31))
-        assert again == first_a
-        done = delivery.deliver(store, first_a, keyring=keyring, policy=policy)
-        assert (done.outcome, done.next_id) == ("delivered", second_a)  # claimed for a task now
-        assert delivery.deliver(store, second_a, keyring=keyring).outcome == "delivered"
+        assert again[0] == first_a
+        done = _deliver(store, again, keyring, policy=policy)
+        assert done.outcome == "delivered" and done.next is not None
+        assert done.next[0] == second_a  # claimed for a task now
+        assert _deliver(store, done.next, keyring).outcome == "delivered"
     sent = [(json.loads(r.body)["data"]["domain"], json.loads(r.body)["data"]["step"])
             for r in receiver.received]  # fmt: skip
     a_only = [step for domain, step in sent if domain == "a.example.com"]
@@ -158,11 +168,10 @@ def test_given_up_after_the_bound_and_the_next_one_goes(
         first, second = (d.id for d in _deliveries(store))
         [claimed] = _claim(store)
         gave_up = _count("certman_webhook_deliveries_total", outcome="gave_up")
-        result = delivery.deliver(store, claimed, keyring=keyring, policy=policy)
-        assert (result.outcome, result.next_id) == ("gave_up", second)
-        assert delivery.deliver(store, second, keyring=keyring, policy=policy).outcome == (
-            "delivered"
-        )
+        result = _deliver(store, claimed, keyring, policy=policy)
+        assert result.outcome == "gave_up" and result.next is not None
+        assert result.next[0] == second
+        assert _deliver(store, result.next, keyring, policy=policy).outcome == ("delivered")
     assert [d.status for d in _deliveries(store)] == [
         DeliveryStatus.GAVE_UP, DeliveryStatus.DELIVERED,
     ]  # fmt: skip
@@ -182,10 +191,13 @@ def test_a_claim_is_a_lease_a_dead_worker_leaves_it_to_the_next_dispatch(
         assert _claim(store) == []  # claimed: not sent twice while its task may run
         # The worker died before sending: once the lease is over, it is claimed again.
         lease = RetryPolicy().lease
-        assert _claim(store, now=utcnow() + timedelta(seconds=lease + 1)) == [claimed]
-        assert delivery.deliver(store, claimed, keyring=keyring).outcome == "delivered"
+        [again] = _claim(store, now=utcnow() + timedelta(seconds=lease + 1))
+        assert again[0] == claimed[0] and again[1] != claimed[1]
+        # The first task, had it only waited in the queue, is stale now: it sends nothing.
+        assert _deliver(store, claimed, keyring).outcome is None
+        assert _deliver(store, again, keyring).outcome == "delivered"
         # A second copy of the task (redelivered by the broker) sends nothing again.
-        assert delivery.deliver(store, claimed, keyring=keyring).outcome is None
+        assert _deliver(store, again, keyring).outcome is None
     assert len(receiver.received) == 1
 
 
@@ -195,7 +207,7 @@ def test_a_redirect_is_not_followed(store: Store, subscribe: Subscribe, keyring:
         subscribe(redirector.url)
         _record(store, "a.example.com")
         [claimed] = _claim(store)
-        result = delivery.deliver(store, claimed, keyring=keyring)
+        result = _deliver(store, claimed, keyring)
     assert (result.outcome, result.reason) == ("retry", "redirect")
     assert elsewhere.received == [] and len(redirector.received) == 1
     [row] = _deliveries(store)
@@ -204,7 +216,7 @@ def test_a_redirect_is_not_followed(store: Store, subscribe: Subscribe, keyring:
 
 def test_an_address_the_policy_refuses_is_never_connected_to() -> None:
     with receiving() as receiver:
-        only_private = OutboundPolicy(allowed_networks=(ip_network("10.0.0.0/8"),))
+        only_private = transport.WebhookPolicy(allowed_networks=(ip_network("10.0.0.0/8"),))
         with pytest.raises(transport.SendFailed) as caught:
             transport.post(receiver.url, b"{}", {}, policy=only_private)
     assert caught.value.reason == "refused_address"
@@ -258,12 +270,12 @@ def test_over_tls_the_name_is_verified_on_the_checked_address(tmp_path: Path) ->
     with receiving(tls=_server_context(pki, "localhost", tmp_path)) as receiver:
         port = receiver.server_address[1]
         # "localhost" may resolve to ::1 first, where nothing listens: the next address is used.
-        answer = transport.post(f"https://localhost:{port}/h", b"{}", {},
+        answer = transport.post(f"https://localhost:{port}/h", b"{}", {}, policy=LOCAL,
                                 tls=pki.client_context())  # fmt: skip
         assert answer.status == 200 and len(receiver.received) == 1
         with pytest.raises(transport.SendFailed) as caught:
             # A certificate the client does not trust (the system's roots): no request made.
-            transport.post(f"https://localhost:{port}/h", b"{}", {})
+            transport.post(f"https://localhost:{port}/h", b"{}", {}, policy=LOCAL)
     assert caught.value.reason == "tls" and len(receiver.received) == 1
 
 
@@ -272,7 +284,8 @@ def test_a_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
     with receiving(tls=_server_context(pki, "elsewhere.example.com", tmp_path)) as receiver:
         port = receiver.server_address[1]
         with pytest.raises(transport.SendFailed) as caught:
-            transport.post(f"https://localhost:{port}/h", b"{}", {}, tls=pki.client_context())
+            transport.post(f"https://localhost:{port}/h", b"{}", {}, policy=LOCAL,
+                           tls=pki.client_context())  # fmt: skip
     assert caught.value.reason == "tls" and receiver.received == []
 
 
@@ -284,7 +297,7 @@ def test_finished_deliveries_are_pruned_after_a_week_and_their_events_with_them(
         _record(store, "a.example.com")
         _record(store, "b.example.com")
         for claimed in _claim(store):
-            delivery.deliver(store, claimed, keyring=keyring)
+            _deliver(store, claimed, keyring)
     _record(store, "c.example.com")  # still pending: kept however old
     with store() as session:
         assert delivery.prune(session, now=utcnow() + timedelta(days=6)) == 0
