@@ -152,9 +152,12 @@ def _after_fork(**_: Any) -> None:
 def _worker_metrics(**_: Any) -> None:
     # The main process, before the pool forks: empty the multiprocess directory and serve the
     # host's /metrics, which sums what every pool child writes there.
-    from pipeline import worker_metrics
+    from pipeline import runtime, worker_metrics
 
-    worker_metrics.start_host_endpoint()
+    settings = runtime.current().settings
+    worker_metrics.start_host_endpoint(
+        address=settings.worker_metrics_address, port=settings.worker_metrics_port
+    )
 
 
 @worker_process_shutdown.connect

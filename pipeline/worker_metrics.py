@@ -306,7 +306,7 @@ def clean_directory(directory: Path) -> int:
     return removed
 
 
-def start_host_endpoint(*, address: str | None = None, port: int | None = None) -> Any:
+def start_host_endpoint(*, address: str, port: int) -> Any:
     """Clean the multiprocess directory and serve this host's ``/metrics`` from a thread.
 
     Call in the worker's main process before the pool starts (Celery's ``worker_init``).
@@ -314,12 +314,6 @@ def start_host_endpoint(*, address: str | None = None, port: int | None = None) 
     multiprocess mode is not on (the environment lacked ``PROMETHEUS_MULTIPROC_DIR``), or when
     the port is taken (both logged; the worker runs on without an endpoint).
     """
-    if port is None or address is None:
-        from pipeline.settings import get_settings
-
-        settings = get_settings()
-        port = settings.worker_metrics_port if port is None else port
-        address = settings.worker_metrics_address if address is None else address
     if port == 0:
         return None
     directory = multiprocess_dir()

@@ -34,7 +34,9 @@ HOST = textwrap.dedent(
     from pipeline.acme import ratelimit
     from pipeline.errors import NameRefused, RateLimited
 
-    server = wm.start_host_endpoint()
+    server = wm.start_host_endpoint(
+        address="127.0.0.1", port=int(os.environ["CERTMAN_WORKER_METRICS_PORT"])
+    )
     assert server is not None, "no endpoint"
 
     def work():
@@ -153,9 +155,9 @@ def test_host_endpoint_sums_its_children_and_starts_from_zero_after_a_restart(
 def test_no_endpoint_without_multiprocess_mode(caplog: pytest.LogCaptureFixture) -> None:
     # This test process imported prometheus_client without PROMETHEUS_MULTIPROC_DIR.
     caplog.set_level(logging.WARNING, logger="pipeline.worker_metrics")
-    assert worker_metrics.start_host_endpoint(port=free_port()) is None
+    assert worker_metrics.start_host_endpoint(address="127.0.0.1", port=free_port()) is None
     assert "PROMETHEUS_MULTIPROC_DIR" in caplog.text
-    assert worker_metrics.start_host_endpoint(port=0) is None  # off
+    assert worker_metrics.start_host_endpoint(address="127.0.0.1", port=0) is None  # off
 
 
 @pytest.mark.parametrize(
