@@ -27,7 +27,7 @@ from ipaddress import (
     ip_network,
 )
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pipeline.setting_values import Network, parse_networks
 
@@ -125,15 +125,22 @@ def hide_password(url: str) -> str:
 
 
 def scrub_url(text: str, url: str) -> str:
-    """``text`` (an exception's message, say) with ``url``, and its path and query, replaced
-    by :func:`redact_url`'s form: libraries quote the URL they were given in their errors."""
+    """``text`` (an exception's message, a receiver's answer) with ``url``, and its path and
+    query, whole or apart, decoded or not, replaced by :func:`redact_url`'s form: libraries
+    quote the URL they were given in their errors, and servers echo the path they were sent
+    ("Cannot POST /hooks/<token>")."""
     redacted = redact_url(url)
     text = text.replace(url, redacted)
     try:
         parts = urlsplit(url)
     except ValueError:
         return text
-    secrets = [parts.path + (f"?{parts.query}" if parts.query else ""), parts.query]
+    secrets = [
+        parts.path + (f"?{parts.query}" if parts.query else ""),
+        parts.query,
+        parts.path,
+        unquote(parts.path),
+    ]
     if parts.username or parts.password:
         secrets += [parts.netloc.rsplit("@", 1)[0]]
     for secret in sorted(secrets, key=len, reverse=True):
@@ -154,7 +161,7 @@ def _parse_address(ip: str | Address) -> Address:
         raise RefusedAddress(repr(ip), "not an IP address", "invalid") from None
 
 
-def _embedded_ipv4(address: IPv6Address) -> Iterator[tuple[str, IPv4Address]]:
+def embedded_ipv4(address: IPv6Address) -> Iterator[tuple[str, IPv4Address]]:
     """The IPv4 addresses an IPv6 address carries, with the name of the form."""
     if address.ipv4_mapped is not None:
         yield "IPv4-mapped", address.ipv4_mapped
@@ -231,7 +238,7 @@ class OutboundPolicy:
             if address.scope_id is not None:
                 # A zone only makes sense on a link-local address; judge the address itself.
                 address = IPv6Address(str(address).split("%", 1)[0])
-            embedded = list(_embedded_ipv4(address))
+            embedded = list(embedded_ipv4(address))
             if embedded and embedded[0][0] == "IPv4-mapped":
                 # The kernel connects to the IPv4 address itself: judge it as that address.
                 form, inner = embedded[0]

@@ -27,14 +27,14 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv6Address, ip_address
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pipeline.outbound import (
     Address,
     OutboundPolicy,
     RefusedAddress,
     RefusedUpstream,
-    _embedded_ipv4,
+    embedded_ipv4,
     redact_url,
     scrub_url,
 )
@@ -70,7 +70,7 @@ class WebhookPolicy:
             address = IPv6Address(str(address).split("%", 1)[0])
         judged: list[Address] = [address]
         if isinstance(address, IPv6Address):
-            judged += [inner for _, inner in _embedded_ipv4(address)]
+            judged += [inner for _, inner in embedded_ipv4(address)]
         allowed = any(a in n for a in judged for n in self.allowed_networks)
         OutboundPolicy(allow_link_local=allowed).check_address(address)
         if allowed:
@@ -148,17 +148,6 @@ def _literal(host: str) -> Address | None:
         return ip_address(host.split("%", 1)[0])
     except ValueError:
         return None  # a name: its addresses are checked at each attempt
-
-
-def _scrub(text: str, url: str) -> str:
-    """``text`` without ``url``'s path and query, whole or apart: receivers echo the path they
-    were sent ("Cannot POST /hooks/<token>"), decoded or not."""
-    text = scrub_url(text, url)
-    path = urlsplit(url).path
-    for secret in sorted({path, unquote(path)}, key=len, reverse=True):
-        if len(secret) > 1:
-            text = text.replace(secret, "…")
-    return text
 
 
 class _Deadline:
@@ -300,7 +289,7 @@ def post(
     try:
         return _post(url, body, headers, policy=policy, deadline=_Deadline(timeout), tls=tls)
     except SendFailed as exc:
-        raise SendFailed(exc.reason, _scrub(str(exc), url)) from None
+        raise SendFailed(exc.reason, scrub_url(str(exc), url)) from None
 
 
 def _post(url: str, body: bytes, headers: dict[str, str], *, policy: WebhookPolicy,
@@ -349,7 +338,7 @@ def _post(url: str, body: bytes, headers: dict[str, str], *, policy: WebhookPoli
             location = response.getheader("Location")
             return Answer(
                 status=response.status,
-                body=_scrub(text, url),
+                body=scrub_url(text, url),
                 location=redact_url(location) if location else None,
             )
         finally:
