@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.support.ports import free_port, port_open, wait_until
+from tests.support.ports import free_port, wait_listening
 
 REPO = Path(__file__).resolve().parents[2]
 # The work directories Pebble made for itself, removed with it (one a caller gave, such as the
@@ -183,10 +183,21 @@ class Pebble:
                 env=env,
             )
         )  # fmt: skip
-        wait_until(lambda: port_open(self.port), timeout=20, what="Pebble to listen")
-        wait_until(
-            lambda: port_open(self.dns_management_port), timeout=20, what="challtestsrv to listen"
-        )
+        challtestsrv, pebble = self._processes[-2:]
+        try:
+            wait_listening(
+                pebble, self.port, timeout=20, what="Pebble", log=self.workdir / "pebble.log"
+            )
+            wait_listening(
+                challtestsrv,
+                self.dns_management_port,
+                timeout=20,
+                what="challtestsrv",
+                log=self.workdir / "challtestsrv.log",
+            )
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def root_pem(self) -> bytes:

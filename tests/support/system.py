@@ -31,7 +31,7 @@ from pipeline.crypto.keys import generate_keypair
 from pipeline.crypto.signing import SigningKey
 from pipeline.distribution.acl import edge_rules, pipeline_rules
 from tests.support.pebble import Pebble
-from tests.support.ports import free_port, port_open, wait_until
+from tests.support.ports import free_port, wait_listening, wait_until
 
 BIN = Path(sys.executable).parent
 # The work directories systems made for themselves, removed by close() (one a caller gave, such
@@ -297,7 +297,7 @@ class System:
             ],
             env=env,
         )  # fmt: skip
-        wait_until(lambda: port_open(https_port), timeout=20, what="the edge to listen")
+        wait_listening(edge, https_port, timeout=20, what="the edge", log=self.workdir / log_name)
         return edge
 
     def certman(
