@@ -17,6 +17,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from pipeline.api import handlers
+from pipeline.api.clients import Network
 from pipeline.api.handlers import ApiContext, access_log, health_check
 from pipeline.api.limits import FailureLimiter, TokenLimiter
 from pipeline.api.metrics import ApiMetrics
@@ -44,6 +45,8 @@ class ApiConfig:
     max_header: int = 16 * 1024
     max_batch: int = 1000
     threads: int = 8
+    # Proxies whose X-Forwarded-For is believed (pipeline/api/clients.py); none by default.
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 def openapi_document() -> bytes:
@@ -81,6 +84,7 @@ def make_context(runtime: Runtime, config: ApiConfig) -> ApiContext:
         health=health_check(service),
         max_body=config.max_body,
         max_batch=config.max_batch,
+        trusted_proxies=config.trusted_proxies,
     )
 
 
@@ -113,7 +117,9 @@ def make_server(app: Application, config: ApiConfig) -> HTTPServer:
         app,
         max_body_size=config.max_body + 64 * 1024,
         max_header_size=config.max_header,
-        xheaders=True,
+        # The client's address is worked out by pipeline/api/clients.py, which believes
+        # X-Forwarded-For only from a trusted proxy; Tornado's xheaders believes anyone.
+        xheaders=False,
         idle_connection_timeout=60,
         body_timeout=30,
     )

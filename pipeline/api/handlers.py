@@ -23,6 +23,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from pipeline.acme.profiles import UnknownProfile
 from pipeline.api import problems
+from pipeline.api.clients import Network, client_address
 from pipeline.api.limits import FailureLimiter, TokenLimiter
 from pipeline.api.metrics import ApiMetrics
 from pipeline.api.problems import Problem
@@ -62,6 +63,7 @@ class ApiContext:
     max_body: int
     max_batch: int
     failures: FailureLimiter | None = None
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 def as_problem(exc: BaseException) -> Problem | None:
@@ -180,7 +182,12 @@ class ApiHandler(RequestHandler):
             self.ctx.metrics.refused.labels("unauthorised").inc()
             raise Problem(problems.UNAUTHORISED, "send Authorization: Bearer <token>",
                           headers=challenge)  # fmt: skip
-        failures, address = self.ctx.failures, self.request.remote_ip or "unknown"
+        failures = self.ctx.failures
+        address = client_address(
+            self.request.remote_ip,
+            self.request.headers.get_list("X-Forwarded-For"),
+            self.ctx.trusted_proxies,
+        )
         if failures is not None:
             decision = await self.blocking(failures.check, address)
             if not decision.allowed:

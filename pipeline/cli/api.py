@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.api.clients import Network, parse_network
 from pipeline.cli.common import _Group, _print_json, command_runtime
 from pipeline.cli.webhooks import webhooks
 
@@ -11,6 +12,15 @@ from pipeline.cli.webhooks import webhooks
 @click.group(cls=_Group)
 def api() -> None:
     """The HTTP API for the platform: serve it, and manage its tokens (docs/api.md)."""
+
+
+def _networks(
+    _ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[Network, ...]:
+    try:
+        return tuple(parse_network(value) for value in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
 
 @api.command("serve")
@@ -26,8 +36,19 @@ def api() -> None:
               show_default=True, help="Largest request body, in bytes.")  # fmt: skip
 @click.option("--max-batch", type=click.IntRange(1, 10000), default=1000, show_default=True,
               help="Most sites in one POST /v1/sites/batch.")  # fmt: skip
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="NETWORK",
+              callback=_networks,
+              help="A proxy or load balancer (address or network) whose X-Forwarded-For names "
+              "the client, for the per-address limit on failed authentications. Repeat for "
+              "several. Without it the peer's address is used, the header ignored.")  # fmt: skip
 def serve(
-    address: str, port: int, processes: int, rate: str, max_body: int, max_batch: int
+    address: str,
+    port: int,
+    processes: int,
+    rate: str,
+    max_body: int,
+    max_batch: int,
+    trusted_proxies: tuple[Network, ...],
 ) -> None:
     """Serve the API on http://ADDRESS:PORT (put TLS in front: a load balancer, the edge)."""
     import logging
@@ -40,7 +61,10 @@ def serve(
 
     settings = get_settings()
     config = ApiConfig(
-        rate=None if rate == "off" else parse_rate(rate), max_body=max_body, max_batch=max_batch
+        rate=None if rate == "off" else parse_rate(rate),
+        max_body=max_body,
+        max_batch=max_batch,
+        trusted_proxies=trusted_proxies,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     click.echo(f"certman api on http://{address}:{port} ({processes} processes)")
