@@ -137,15 +137,16 @@ class SiteName(click.ParamType[str]):
         return value
 
 
-def cli_actor() -> str:
-    """Who a command's change is recorded as in a site's history: ``cli:<unix user>``."""
+def cli_actor(tool: str = "cli") -> str:
+    """Who a command's change is recorded as in a site's history: ``<tool>:<unix user>``
+    (``cli`` for ``certman``, ``onboard`` for the bulk onboarding script)."""
     import getpass
     import os
 
     try:
-        return f"cli:{getpass.getuser()}"
+        return f"{tool}:{getpass.getuser()}"
     except (KeyError, OSError):  # no name for this uid (a container's arbitrary user)
-        return f"cli:uid={os.getuid()}"
+        return f"{tool}:uid={os.getuid()}"
 
 
 def command_runtime() -> Runtime:

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     import sqlalchemy.exc
 
     from pipeline.acme.ratelimit import Limits
+    from pipeline.cli.common import cli_actor
     from pipeline.db import get_engine
     from pipeline.fleet.sites import SiteRules
     from pipeline.runtime import Runtime
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             upstream_default=args.upstream_default,
             priority=args.priority,
             rules=SiteRules.from_settings(settings),
+            actor=None if args.dry_run else cli_actor("onboard"),
         ),
         # Looked up at each call, not bound at import: a test swaps it to crash mid-run.
         publish_batch=(lambda sites: snapshot.publish_records(client, prefix, sites, signing_key))

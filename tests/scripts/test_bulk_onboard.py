@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import func, select
 
-from pipeline.models import Site, SiteName
+from pipeline.models import Site, SiteChange, SiteName
 from tests.support.from_settings import session_scope
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +65,17 @@ def test_file_run_summary_rejected_file_and_queue(
     assert count(database_url, Site) == 5 and count(database_url, SiteName) == 10
     # The dispatcher was kicked once per committed batch: its messages wait in the broker.
     assert redis_client.llen("issuance") == 3
+    # Each added site's history says who added it, and with what.
+    with session_scope(database_url) as session:
+        history = session.execute(select(SiteChange.domain, SiteChange.action, SiteChange.actor,
+                                         SiteChange.detail)).all()  # fmt: skip
+    assert len(history) == 5
+    assert {(action, actor.partition(":")[0]) for _, action, actor, _ in history} == {
+        ("add", "onboard")
+    }
+    assert ("dealer1.example.com", "names dealer1.example.com www.dealer1.example.com") in {
+        (domain, detail) for domain, _, _, detail in history
+    }
 
 
 def test_stdin_and_default_rejected_file_in_cwd(
