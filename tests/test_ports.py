@@ -27,16 +27,21 @@ def test_ports_come_from_outside_the_ephemeral_range_and_are_never_repeated() ->
     assert not set(ports) & set(_ephemeral_range())
 
 
+def _server(log: Path, code: str) -> subprocess.Popen[bytes]:
+    """A "server" running ``code`` that never listens, in a session of its own, as the
+    harness starts the edge."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 def test_a_server_that_exits_before_listening_fails_at_once_with_its_output(
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; print('address already in use'); sys.exit(3)"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process = _server(log, "import sys; print('address already in use'); sys.exit(3)")
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*address already in use"):
         wait_listening(process, free_port(), timeout=60, what="the server", log=log)
@@ -45,13 +50,7 @@ def test_a_server_that_exits_before_listening_fails_at_once_with_its_output(
 
 def test_a_server_that_never_listens_is_stopped_when_the_wait_gives_up(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", "import time; print('starting', flush=True); time.sleep(600)"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = _server(log, "import time; print('starting', flush=True); time.sleep(600)")
     try:
         with pytest.raises(TimeoutError, match=r"(?s)to listen on port.*starting"):
             wait_listening(process, free_port(), timeout=1.5, what="the server", log=log)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,19 +94,26 @@ def api_config() -> ApiConfig:
     return ApiConfig()
 
 
-@pytest.fixture
-def api(
-    certman_env: dict[str, str], api_config: ApiConfig, redis_client: Any
-) -> Iterator[RunningApi]:
-    """Over an empty Redis database (redis_client flushes it): no rate-limit bucket or
-    snapshot left by another test."""
+@contextmanager
+def serving(config: ApiConfig) -> Iterator[RunningApi]:
+    """The API with ``config``, over the store and Redis the test's environment names."""
     from pipeline.settings import get_settings
 
     runtime = Runtime(get_settings())
-    running, stop = start_api(runtime, api_config)
+    running, stop = start_api(runtime, config)
     try:
         yield running
     finally:
         stop()
         running.http.close()
         runtime.close()
+
+
+@pytest.fixture
+def api(
+    certman_env: dict[str, str], api_config: ApiConfig, redis_client: Any
+) -> Iterator[RunningApi]:
+    """Over an empty Redis database (redis_client flushes it): no rate-limit bucket or
+    snapshot left by another test."""
+    with serving(api_config) as running:
+        yield running

@@ -11,7 +11,7 @@ import pytest
 from pipeline.api.app import ApiConfig
 from pipeline.api.clients import client_address, parse_network
 from pipeline.setting_values import Rate
-from tests.api.conftest import RunningApi
+from tests.api.conftest import RunningApi, serving
 
 PROXIES = (parse_network("10.0.0.0/8"), parse_network("2001:db8::1"))
 
@@ -47,31 +47,17 @@ def test_a_network_that_is_not_one_is_named() -> None:
         parse_network("10.0.0.0/33")
 
 
-def _serve(config: ApiConfig) -> Iterator[RunningApi]:
-    from pipeline.runtime import Runtime
-    from pipeline.settings import get_settings
-    from tests.api.conftest import start_api
-
-    runtime = Runtime(get_settings())
-    running, stop = start_api(runtime, config)
-    try:
-        yield running
-    finally:
-        stop()
-        running.http.close()
-        runtime.close()
-
-
 @pytest.fixture
 def direct_api(certman_env: dict[str, str], redis_client: Any) -> Iterator[RunningApi]:
-    yield from _serve(ApiConfig(auth_failures=Rate(3, 3600)))
+    with serving(ApiConfig(auth_failures=Rate(3, 3600))) as running:
+        yield running
 
 
 @pytest.fixture
 def proxied_api(certman_env: dict[str, str], redis_client: Any) -> Iterator[RunningApi]:
-    yield from _serve(
-        ApiConfig(auth_failures=Rate(3, 3600), trusted_proxies=(parse_network("127.0.0.1"),))
-    )
+    proxy = (parse_network("127.0.0.1"),)
+    with serving(ApiConfig(auth_failures=Rate(3, 3600), trusted_proxies=proxy)) as running:
+        yield running
 
 
 def _status(api: RunningApi, forwarded_for: str) -> int:

@@ -194,18 +194,10 @@ def strict_config() -> ApiConfig:
 def strict_api(
     certman_env: dict[str, str], strict_config: ApiConfig, redis_client: Any
 ) -> Iterator[RunningApi]:
-    from pipeline.runtime import Runtime
-    from pipeline.settings import get_settings
-    from tests.api.conftest import start_api
+    from tests.api.conftest import serving
 
-    runtime = Runtime(get_settings())
-    running, stop = start_api(runtime, strict_config)
-    try:
+    with serving(strict_config) as running:
         yield running
-    finally:
-        stop()
-        running.http.close()
-        runtime.close()
 
 
 def test_failed_authentications_are_limited_per_address(strict_api: RunningApi) -> None:
