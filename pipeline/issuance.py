@@ -79,10 +79,11 @@ def _advance(order: Order, step: OrderStep) -> None:
 
 
 # The orders table, for the steps' hottest statements: Core statements built once and run with
-# their parameters. Against an ORM UPDATE built for every call, one of these costs about a
-# quarter of the CPU (SQLite, in one process: 0.4 ms against 1.6 ms with its commit), most of
-# it SQLAlchemy's own work: the cache key of a statement built anew, the ORM's bulk-update
-# machinery. Nothing here is loaded into a session, so no identity map goes stale.
+# their parameters. Against an ORM UPDATE built for every call, one of these took about a
+# quarter of the CPU (SQLite, in one process, its session and commit included: 0.4 ms against
+# 1.6 ms), the rest being SQLAlchemy's own work: the cache key of a statement built anew, the
+# ORM's bulk-update machinery. Nothing here is loaded into a session: no identity map goes
+# stale.
 _ORDERS: Table = Order.__table__  # type: ignore[assignment]  # declared as a Table
 _ADVANCES: dict[tuple[OrderStep, OrderStep, bool, tuple[str, ...]], Update] = {}
 
@@ -131,8 +132,9 @@ def _advance_from(
     still holds that CA order). False when another run moved it first, or it is gone: either
     way this run has nothing to record.
 
-    One statement where loading the order and flushing the change took two; the ORM's load and
-    unit of work were most of the steps' SQLAlchemy CPU (py-spy on the workers, 1,000 sites).
+    One statement where loading the order and flushing the change took two (the load, the
+    unit of work and the ORM UPDATE were a large part of the workers' SQLAlchemy samples in
+    py-spy, 1,000 sites).
     """
     names = tuple(sorted(values))
     statement = _advance_statement(step, to, if_order_url is not None, names)
