@@ -160,6 +160,15 @@ def _worker_metrics(**_: Any) -> None:
     )
 
 
+@worker_init.connect
+def _load_before_fork(**_: Any) -> None:
+    # The main process, before the pool forks: what every child would otherwise make again for
+    # itself, and that holds no connection or key (those stay per child: see _after_fork).
+    from pipeline import names
+
+    names.load_suffix_list()
+
+
 @worker_process_shutdown.connect
 def _child_exited(pid: int | None = None, **_: Any) -> None:
     from pipeline import worker_metrics

@@ -428,7 +428,10 @@ def set_challenge(
     ttl: int,
     signer: SigningKey | None = None,
 ) -> None:
-    """Store first, then announce: an edge that misses the event still finds it with a GET."""
+    """Store first, then announce: an edge that misses the event still finds it with a GET.
+
+    One round trip: the announcement is the transaction's last command, so Redis has stored
+    the token by the time any edge hears of it."""
     event: dict[str, Any] = {
         "type": "challenge",
         "token": token,
@@ -442,13 +445,16 @@ def set_challenge(
         signed = signer.sign_challenge(statement)
         pipe.set(signed_challenge_key(prefix, token), signed.to_json(), ex=ttl)
         event["signed"] = json.loads(signed.to_json())
+    pipe.publish(channel(prefix), json.dumps(event, separators=(",", ":")))
     pipe.execute()
-    r.publish(channel(prefix), json.dumps(event, separators=(",", ":")))
 
 
 def remove_challenge(r: redis.Redis[Any], prefix: str, token: str) -> None:
-    r.delete(challenge_key(prefix, token), signed_challenge_key(prefix, token))
-    r.publish(channel(prefix), json.dumps({"type": "challenge_removed", "token": token}))
+    # Removed, then announced, in one round trip (as set_challenge).
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(challenge_key(prefix, token), signed_challenge_key(prefix, token))
+    pipe.publish(channel(prefix), json.dumps({"type": "challenge_removed", "token": token}))
+    pipe.execute()
 
 
 def replace_all(

@@ -28,10 +28,16 @@ from pipeline.models import Certificate, Site, SiteName
 log = logging.getLogger(__name__)
 
 
-def site_record(session: Session, site: Site) -> distribution.SiteRecord:
-    cert = session.scalar(
-        select(Certificate).where(Certificate.site_id == site.id, Certificate.current)
-    )
+def site_record(
+    session: Session, site: Site, *, current: Certificate | None = None
+) -> distribution.SiteRecord:
+    """What the edges are told of ``site``; ``current``: its current certificate, where the
+    caller has it in hand (one query fewer), else read from the store."""
+    cert = current
+    if cert is None:
+        cert = session.scalar(
+            select(Certificate).where(Certificate.site_id == site.id, Certificate.current)
+        )
     return _record(site, cert)
 
 

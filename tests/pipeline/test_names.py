@@ -50,3 +50,22 @@ def test_rejects_with_a_reason(raw: str, reason: str) -> None:
 def test_registered_domain_uses_the_public_suffix_list() -> None:
     assert registered_domain("www.dealer.co.uk") == "dealer.co.uk"
     assert registered_domain("shop.dealer.github.io") == "dealer.github.io"
+
+
+def test_worker_main_process_parses_the_suffix_list_before_the_pool_forks() -> None:
+    # The worker_init handler (the main process, before the fork) leaves the parsed list in
+    # the cache that registered_domain reads, so that pool children inherit it.
+    from celery.signals import worker_init
+
+    from pipeline import celery as worker_app
+    from pipeline import names
+
+    assert any(
+        receiver() is worker_app._load_before_fork for _, receiver in worker_init.receivers
+    ), "not connected to worker_init"
+    names._psl.cache_clear()
+    worker_app._load_before_fork()
+    assert names._psl.cache_info().currsize == 1
+    before = names._psl.cache_info().hits
+    assert registered_domain("www.example.co.uk") == "example.co.uk"
+    assert names._psl.cache_info().hits == before + 1  # the list parsed before, not again

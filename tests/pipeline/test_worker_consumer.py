@@ -5,17 +5,19 @@ consumer detaches it when the broker goes away (``Connection.collect()``)."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
 import redis
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Connection, Exchange, Queue
 from kombu.asynchronous import Hub
 from kombu.message import Message
 
-from pipeline.consumer import Consumer, lost_with_its_connection
+from pipeline.consumer import TASK_EVENT_FLUSH_INTERVAL, Consumer, lost_with_its_connection
 from tests.support.tcp_proxy import TcpProxy
 
 log = logging.getLogger(__name__)
@@ -153,3 +155,62 @@ def test_a_rejection_on_a_lost_connection_is_let_go(
     lose(connection, broker, message)
     consumer_on(Hub()).call_soon_ack(message.reject_log_error, log, errors, requeue=True)()
     assert not message.acknowledged
+
+
+class _Hub:
+    """The event loop's timer, recorded: (delay, callback) for each call_later."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.later.append((delay, callback))
+
+
+class _Dispatcher:
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def _consumer_with(hub: _Hub, dispatcher: _Dispatcher) -> Consumer:
+    consumer: Consumer = Consumer.__new__(Consumer)  # only the event buffer's part is used
+    consumer.hub = hub
+    consumer.event_dispatcher = dispatcher
+    return consumer
+
+
+def test_buffered_task_events_are_flushed_once_per_interval() -> None:
+    hub, dispatcher = _Hub(), _Dispatcher()
+    consumer = _consumer_with(hub, dispatcher)
+    for _ in range(10):
+        consumer.on_send_event_buffered()
+    # One flush asked for, an interval on, for all ten events; none sent yet.
+    assert [delay for delay, _ in hub.later] == [TASK_EVENT_FLUSH_INTERVAL]
+    assert dispatcher.flushes == 0
+    hub.later[0][1]()
+    assert dispatcher.flushes == 1
+    consumer.on_send_event_buffered()  # the next event asks for the next flush
+    assert len(hub.later) == 2
+
+
+def test_a_lost_flush_is_asked_for_again() -> None:
+    # The loop's timers were reset (a reconnection) with a flush pending: the next event must
+    # not wait for a full buffer.
+    hub, dispatcher = _Hub(), _Dispatcher()
+    consumer = _consumer_with(hub, dispatcher)
+    consumer.on_send_event_buffered()
+    consumer._event_flush_due = time.monotonic() - 3 * TASK_EVENT_FLUSH_INTERVAL
+    consumer.on_send_event_buffered()
+    assert len(hub.later) == 2
+
+
+def test_shutdown_flushes_what_is_buffered(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub, dispatcher = _Hub(), _Dispatcher()
+    consumer = _consumer_with(hub, dispatcher)
+    consumer.on_send_event_buffered()
+    monkeypatch.setattr(CeleryConsumer, "shutdown", lambda self: None)
+    consumer.shutdown()
+    assert dispatcher.flushes == 1
