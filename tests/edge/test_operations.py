@@ -167,6 +167,9 @@ def test_json_logs_are_one_object_per_line_with_the_domain(
     with pytest.raises(OSError):  # ssl.SSLError: the forged statement is refused
         edge.serial(pki, "forged.test")
     wait_for(lambda: any("forged.test" in text for _, text in edge.lines), what="refusal logged")
+    # A first start serves from the index at once and logs its snapshot line only once the
+    # mirror is filled, which on a slow machine comes after the refusal.
+    wait_for(lambda: any('"snapshot: ' in text for _, text in edge.lines), what="snapshot logged")
     edge.proc.send_signal(signal.SIGTERM)
     assert edge.proc.wait(10) == 0
     assert edge.reader is not None
