@@ -173,7 +173,14 @@ def reconcile_snapshot(self: Task) -> dict[str, int]:
     process = runtime.current()
     publisher = process.publisher
     if not publisher.exists():
-        return {"stale": 0, "extra": 0}  # nothing to compare: the next dispatch rebuilds it all
+        # Redis lost its data: rebuild it now rather than leave it to the next dispatch. An
+        # order finishing across the restart publishes its one site first, and dispatch, which
+        # rebuilds only a snapshot that is missing, would then leave the rest unpublished
+        # (beat sends this task as soon as Redis is back).
+        with process.session_scope() as session:
+            count = publisher.resync(session)
+        log.warning("edge snapshot was missing from Redis; rebuilt %d sites", count)
+        return {"stale": count, "extra": 0}
     drift = publisher.reconcile(process.session_scope, limit=RECONCILE_LIMIT)
     return {"stale": len(drift.stale), "extra": len(drift.extra)}
 

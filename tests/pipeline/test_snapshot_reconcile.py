@@ -290,3 +290,19 @@ def test_a_writers_statement_of_a_huge_version_does_not_block_a_domain(
     with session_scope() as session:
         runtime.current().publisher.resync(session)
     assert _statement(redis_client, "0-stuck.example").version < 2**62
+
+
+def test_the_task_rebuilds_a_snapshot_redis_lost(
+    certman_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    # Beat sends it as soon as Redis is back: it must not wait for a dispatch to rebuild, which
+    # a first publication after the restart would stop from rebuilding anything.
+    from pipeline.tasks.maintenance import reconcile_snapshot
+
+    _stored("a.example", "b.example")
+    assert not redis_client.exists("certman:version")
+    assert reconcile_snapshot() == {"stale": 2, "extra": 0}
+    assert _entry(redis_client, "a.example") is not None
+    assert _entry(redis_client, "b.example") is not None
+    # Rebuilt: the next run finds nothing to do.
+    assert reconcile_snapshot() == {"stale": 0, "extra": 0}
