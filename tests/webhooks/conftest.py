@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from ipaddress import ip_network
 
@@ -10,13 +10,32 @@ import pytest
 from sqlalchemy.orm import Session
 
 from pipeline.crypto.keys import Keyring, PrivateKey
-from pipeline.webhooks import subscriptions, transport
+from pipeline.webhooks import events, subscriptions, transport
+from tests.support.loopback_only import loopback_only
 
 # Receivers in these tests are on loopback: allowed as an operator of a receiver on this host
 # would allow it (CERTMAN_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8,::1/128).
 LOCAL = transport.WebhookPolicy(allowed_networks=(ip_network("127.0.0.0/8"), ip_network("::1/128")))
 
 Store = Callable[[], AbstractContextManager[Session]]
+Subscribe = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
+def nothing_leaves_loopback() -> Iterator[None]:
+    """Fails the test if anything tried to connect beyond loopback (a module opts in)."""
+    with loopback_only() as attempts:
+        yield
+    assert attempts == []
+
+
+def record_event(store: Store, domain: str, kind: str = events.SITE_FAILED, **data: object) -> int:
+    """An event of ``kind`` for ``domain`` in the outbox (recorded: the test expects it to be);
+    its id."""
+    with store() as session:
+        event = events.record(session, event_type=kind, domain=domain, data=data)
+        assert event is not None
+        return event.id
 
 
 @pytest.fixture(scope="module")

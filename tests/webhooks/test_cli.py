@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from click.testing import CliRunner
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from pipeline.cli.webhooks import webhooks
 from pipeline.crypto.keys import Keyring, load_or_create_pipeline_key
@@ -17,8 +14,7 @@ from pipeline.models import WebhookSubscription
 from pipeline.runtime import Runtime
 from pipeline.settings import Settings
 from pipeline.webhooks import signing
-
-Store = Callable[[], AbstractContextManager[Session]]
+from tests.webhooks.conftest import Store
 
 
 def _run(store: Store, tmp_path: Path, *args: str) -> tuple[int, str]:

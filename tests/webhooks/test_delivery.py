@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from ipaddress import ip_network
 from pathlib import Path
@@ -14,7 +12,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from pipeline.crypto.keys import Keyring
@@ -22,27 +19,11 @@ from pipeline.models import DeliveryStatus, WebhookDelivery, WebhookEvent
 from pipeline.models.base import utcnow
 from pipeline.webhooks import delivery, events, subscriptions, transport
 from pipeline.webhooks.delivery import RetryPolicy
-from tests.support.loopback_only import loopback_only
 from tests.support.pki import Pki
-from tests.webhooks.conftest import LOCAL
+from tests.webhooks.conftest import LOCAL, Store, Subscribe, record_event
 from tests.webhooks.receiver import receiving
 
-Store = Callable[[], AbstractContextManager[Session]]
-Subscribe = Callable[..., tuple[int, str]]
-
-
-@pytest.fixture(autouse=True)
-def _nothing_leaves_loopback() -> Iterator[None]:
-    with loopback_only() as attempts:
-        yield
-    assert attempts == []
-
-
-def _record(store: Store, domain: str, kind: str = events.SITE_FAILED, **data: object) -> int:
-    with store() as session:
-        event = events.record(session, event_type=kind, domain=domain, data=data)
-        assert event is not None
-        return event.id
+pytestmark = pytest.mark.usefixtures("nothing_leaves_loopback")
 
 
 def _deliveries(store: Store) -> list[WebhookDelivery]:
@@ -70,7 +51,7 @@ def test_delivered_signed_as_the_specification_says(
 ) -> None:
     with receiving() as receiver:
         _, secret = subscribe(f"{receiver.url}/hooks/t0k3n?x=1")
-        _record(store, "dealer.example.com", events.SITE_BLOCKED, error="rejectedIdentifier")
+        record_event(store, "dealer.example.com", events.SITE_BLOCKED, error="rejectedIdentifier")
         [claimed] = _claim(store)
         before = _count("certman_webhook_deliveries_total", outcome="delivered")
         result = _deliver(store, claimed, keyring)
@@ -98,7 +79,7 @@ def test_500_then_200_is_retried_later_with_the_same_id_and_body(
     policy = RetryPolicy(first_delay=30.0)
     with receiving([500, 200]) as receiver:
         _, secret = subscribe(receiver.url)
-        _record(store, "dealer.example.com", reason="x")
+        record_event(store, "dealer.example.com", reason="x")
         [claimed] = _claim(store)
         failures = _count("certman_webhook_delivery_failures_total", reason="http_5xx")
         first = _deliver(store, claimed, keyring, policy=policy)
@@ -131,9 +112,9 @@ def test_in_order_per_site_a_later_event_waits_for_the_earlier(
     policy = RetryPolicy(first_delay=30.0)
     with receiving([500]) as receiver:
         subscribe(receiver.url)
-        _record(store, "a.example.com", step=1)
-        _record(store, "a.example.com", step=2)
-        _record(store, "b.example.com", step=1)  # another site: not held up by a's
+        record_event(store, "a.example.com", step=1)
+        record_event(store, "a.example.com", step=2)
+        record_event(store, "b.example.com", step=1)  # another site: not held up by a's
         first_a, second_a, first_b = (d.id for d in _deliveries(store))
         claims = dict(_claim(store))
         assert sorted(claims) == [first_a, first_b]  # a's second is not first in line
@@ -163,8 +144,8 @@ def test_given_up_after_the_bound_and_the_next_one_goes(
     policy = RetryPolicy(give_up_after=0.0)
     with receiving([503, 200]) as receiver:
         subscribe(receiver.url)
-        _record(store, "a.example.com", step=1)
-        _record(store, "a.example.com", step=2)
+        record_event(store, "a.example.com", step=1)
+        record_event(store, "a.example.com", step=2)
         first, second = (d.id for d in _deliveries(store))
         [claimed] = _claim(store)
         gave_up = _count("certman_webhook_deliveries_total", outcome="gave_up")
@@ -186,7 +167,7 @@ def test_a_claim_is_a_lease_a_dead_worker_leaves_it_to_the_next_dispatch(
 ) -> None:
     with receiving() as receiver:
         subscribe(receiver.url)
-        _record(store, "a.example.com")
+        record_event(store, "a.example.com")
         [claimed] = _claim(store)
         assert _claim(store) == []  # claimed: not sent twice while its task may run
         # The worker died before sending: once the lease is over, it is claimed again.
@@ -205,7 +186,7 @@ def test_a_redirect_is_not_followed(store: Store, subscribe: Subscribe, keyring:
     with receiving([200]) as elsewhere, receiving([302]) as redirector:
         redirector.location = f"{elsewhere.url}/stolen"
         subscribe(redirector.url)
-        _record(store, "a.example.com")
+        record_event(store, "a.example.com")
         [claimed] = _claim(store)
         result = _deliver(store, claimed, keyring)
     assert (result.outcome, result.reason) == ("retry", "redirect")
@@ -248,7 +229,7 @@ def test_a_subscription_removed_takes_its_pending_deliveries(
 ) -> None:
     first, _ = subscribe("https://platform.example.com/a")
     second, _ = subscribe("https://platform.example.com/b")
-    _record(store, "a.example.com")
+    record_event(store, "a.example.com")
     with store() as session:
         subscriptions.remove(session, first)
     assert [d.subscription_id for d in _deliveries(store)] == [second]
@@ -294,11 +275,11 @@ def test_finished_deliveries_are_pruned_after_a_week_and_their_events_with_them(
 ) -> None:
     with receiving() as receiver:
         subscribe(receiver.url)
-        _record(store, "a.example.com")
-        _record(store, "b.example.com")
+        record_event(store, "a.example.com")
+        record_event(store, "b.example.com")
         for claimed in _claim(store):
             _deliver(store, claimed, keyring)
-    _record(store, "c.example.com")  # still pending: kept however old
+    record_event(store, "c.example.com")  # still pending: kept however old
     with store() as session:
         assert delivery.prune(session, now=utcnow() + timedelta(days=6)) == 0
     with store() as session:

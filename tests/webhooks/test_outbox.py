@@ -3,8 +3,6 @@ machine, the failure path of an order, upkeep's expiry check and the removal of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,8 @@ from pipeline.settings import Settings
 from pipeline.webhooks import events
 from tests.support.fake_acme import RecordingPublisher
 from tests.support.from_settings import site_rules
+from tests.webhooks.conftest import Store, Subscribe
 
-Store = Callable[[], AbstractContextManager[Session]]
-Subscribe = Callable[..., tuple[int, str]]
 URL = "https://platform.example.com/hooks"
 
 

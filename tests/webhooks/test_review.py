@@ -9,8 +9,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from ipaddress import ip_network
 
@@ -24,25 +22,11 @@ from pipeline.models import DeliveryStatus, WebhookDelivery, WebhookEvent, Webho
 from pipeline.models.base import utcnow
 from pipeline.webhooks import delivery, events, subscriptions, transport
 from pipeline.webhooks.delivery import RetryPolicy
-from tests.support.loopback_only import loopback_only
 from tests.support.ports import wait_until
-from tests.webhooks.conftest import LOCAL
+from tests.webhooks.conftest import LOCAL, Store, Subscribe, record_event
 from tests.webhooks.receiver import receiving
 
-Store = Callable[[], AbstractContextManager[Session]]
-Subscribe = Callable[..., tuple[int, str]]
-
-
-@pytest.fixture(autouse=True)
-def _nothing_leaves_loopback() -> Iterator[None]:
-    with loopback_only() as attempts:
-        yield
-    assert attempts == []
-
-
-def _record(store: Store, domain: str, **data: object) -> None:
-    with store() as session:
-        assert events.record(session, event_type=events.SITE_FAILED, domain=domain, data=data)
+pytestmark = pytest.mark.usefixtures("nothing_leaves_loopback")
 
 
 def _claim(store: Store, now: datetime | None = None,
@@ -70,7 +54,7 @@ def test_a_task_whose_claim_was_taken_over_while_it_sent_records_nothing(
 ) -> None:
     with receiving() as receiver:
         subscribe(receiver.url)
-        _record(store, "a.example.com")
+        record_event(store, "a.example.com")
         [claim] = _claim(store)
         calls: list[datetime] = []
 
@@ -98,7 +82,7 @@ def test_a_second_copy_of_a_task_sends_nothing(
 ) -> None:
     with receiving([500]) as receiver:
         subscribe(receiver.url)
-        _record(store, "a.example.com")
+        record_event(store, "a.example.com")
         [claim] = _claim(store)
         assert _deliver(store, claim, keyring).outcome == "retry"
         # The broker hands the same message out again (acks_late): its claim is used up, and
@@ -116,7 +100,7 @@ def test_claims_per_subscription_are_capped_per_tick_and_in_flight(
 ) -> None:
     busy, _ = subscribe("https://busy.example.com/h")
     for n in range(8):
-        _record(store, f"site{n}.example.com")
+        record_event(store, f"site{n}.example.com")
     policy = RetryPolicy(per_tick=3, in_flight=5)
     first = _claim(store, policy=policy)
     second = _claim(store, policy=policy)
@@ -145,7 +129,7 @@ def test_a_failing_receiver_is_backed_off_as_a_whole_then_probed_one_at_a_time(
     with receiving([500] * 10) as receiver:
         subscribe(receiver.url)
         for n in range(4):
-            _record(store, f"site{n}.example.com")
+            record_event(store, f"site{n}.example.com")
         claims = _claim(store, policy=policy)
         assert len(claims) == 4
         assert _deliver(store, claims[0], keyring, **options).outcome == "retry"
@@ -209,7 +193,7 @@ def test_a_receiver_echoing_the_path_does_not_leak_it(
         # Receivers echo the path they were sent, decoded or not, without the query.
         receiver.answer = lambda path: f"Cannot POST {path.split('?')[0]}".encode()
         subscribe(f"{receiver.url}/hooks/t0k3n%21?x=1")
-        _record(store, "a.example.com")
+        record_event(store, "a.example.com")
         [claim] = _claim(store)
         with caplog.at_level(logging.WARNING):
             assert _deliver(store, claim, keyring).reason == "http_4xx"
