@@ -150,14 +150,18 @@ def claim_due(
 def _claim(session: Session, delivery_id: int, *, now: datetime,
            policy: RetryPolicy) -> str | None:  # fmt: skip
     """A new claim on a due delivery (its token), or None when it is not due or not pending."""
+    return _new_claim(session, delivery_id, WebhookDelivery.next_attempt_at <= now,
+                      now=now, policy=policy)  # fmt: skip
+
+
+def _new_claim(session: Session, delivery_id: int, held: ColumnElement[bool], *,
+               now: datetime, policy: RetryPolicy) -> str | None:  # fmt: skip
+    """A new claim token with a fresh lease on the pending delivery, where ``held`` is true of
+    it; None where it is not (another run's claim stands)."""
     token = secrets.token_hex(16)
     claimed = session.execute(
         update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == delivery_id,
-            WebhookDelivery.status == PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-        )
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING, held)
         .values(next_attempt_at=now + timedelta(seconds=policy.lease), claim=token)
         .execution_options(synchronize_session=False)
     )
@@ -207,18 +211,8 @@ def _take(session: Session, delivery_id: int, claim: str, *, now: datetime,
     """Exchange the task's claim for this attempt's own, with a fresh lease: the attempt's
     token, or None when ``claim`` is not the delivery's current claim (the task is stale, or
     another copy of it took the claim first)."""
-    token = secrets.token_hex(16)
-    taken = session.execute(
-        update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == delivery_id,
-            WebhookDelivery.status == PENDING,
-            WebhookDelivery.claim == claim,
-        )
-        .values(next_attempt_at=now + timedelta(seconds=policy.lease), claim=token)
-        .execution_options(synchronize_session=False)
-    )
-    return token if taken.rowcount else None  # type: ignore[attr-defined]
+    return _new_claim(session, delivery_id, WebhookDelivery.claim == claim,
+                      now=now, policy=policy)  # fmt: skip
 
 
 def _prepare(session: Session, delivery_id: int, claim: str, keyring: Keyring, *,
