@@ -38,12 +38,7 @@ def dispatch_due(self: Task) -> int:
             raise self.retry(countdown=1.0)
         return 0
     try:
-        publisher = process.publisher
-        if not publisher.exists():
-            # Redis lost its data (a restart without persistence): rebuild what edges read.
-            with process.session_scope() as session:
-                count = publisher.resync(session)
-            log.warning("edge snapshot was missing from Redis; rebuilt %d sites", count)
+        _rebuild_if_lost(process)
         with process.session_scope() as session:
             started = dispatch.start_due(
                 session, limit=settings.max_orders_in_flight, profile=settings.acme_profile
@@ -55,6 +50,18 @@ def dispatch_due(self: Task) -> int:
         return len(started)
     finally:
         release(lock)
+
+
+def _rebuild_if_lost(process: runtime.Runtime) -> int | None:
+    """Rebuild the edges' snapshot if Redis lost it (a restart without persistence): the
+    number of sites rebuilt, or None when it was there."""
+    publisher = process.publisher
+    if publisher.exists():
+        return None
+    with process.session_scope() as session:
+        count = publisher.resync(session)
+    log.warning("edge snapshot was missing from Redis; rebuilt %d sites", count)
+    return count
 
 
 def kick_dispatch() -> None:
@@ -171,17 +178,14 @@ RECONCILE_LIMIT = 1000
 def reconcile_snapshot(self: Task) -> dict[str, int]:
     """Make the edges' snapshot match the store where a publish was lost."""
     process = runtime.current()
-    publisher = process.publisher
-    if not publisher.exists():
-        # Redis lost its data: rebuild it now rather than leave it to the next dispatch. An
-        # order finishing across the restart publishes its one site first, and dispatch, which
-        # rebuilds only a snapshot that is missing, would then leave the rest unpublished
-        # (beat sends this task as soon as Redis is back).
-        with process.session_scope() as session:
-            count = publisher.resync(session)
-        log.warning("edge snapshot was missing from Redis; rebuilt %d sites", count)
-        return {"stale": count, "extra": 0}
-    drift = publisher.reconcile(process.session_scope, limit=RECONCILE_LIMIT)
+    # Rebuilt here, not left to the next dispatch: an order finishing across the restart
+    # publishes its one site first, and dispatch, which rebuilds only a snapshot that is
+    # missing, would then leave the rest unpublished (beat sends this task as soon as Redis is
+    # back).
+    rebuilt = _rebuild_if_lost(process)
+    if rebuilt is not None:
+        return {"stale": rebuilt, "extra": 0}
+    drift = process.publisher.reconcile(process.session_scope, limit=RECONCILE_LIMIT)
     return {"stale": len(drift.stale), "extra": len(drift.extra)}
 
 
