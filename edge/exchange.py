@@ -393,9 +393,7 @@ class _Timers:
     """The per-request deadlines, each cancelling the request's task with its name.
 
     One timer handle for the earliest deadline, not one per deadline: a request arms two or
-    three of them, and most are disarmed long before they are due. A deadline may also be
-    noted (:meth:`note`) without a handle, when a nearer one is armed before the task can wait: a
-    loop timer made only to be cancelled was most of what the deadlines cost."""
+    three of them, and most are disarmed long before they are due."""
 
     __slots__ = ("_deadlines", "_handle", "_loop", "_task", "fired")
 
@@ -413,25 +411,10 @@ class _Timers:
         due = self._loop.time() + delay
         self._deadlines[name] = due
         handle = self._handle
-        if handle is None:
-            # Noted deadlines (only ever without a handle) count too.
-            self._handle = self._loop.call_at(min(self._deadlines.values()), self._check)
-        elif due < handle.when():
-            handle.cancel()
+        if handle is None or due < handle.when():
+            if handle is not None:
+                handle.cancel()
             self._handle = self._loop.call_at(due, self._check)
-
-    def note(self, name: str, delay: float) -> None:
-        """Record ``name``'s deadline without a loop timer yet: the caller arms another
-        deadline, or calls :meth:`commit`, before the task waits for anything."""
-        if self._handle is not None:
-            self.arm(name, delay)
-        elif delay > 0:
-            self._deadlines[name] = self._loop.time() + delay
-
-    def commit(self) -> None:
-        """A loop timer for the deadlines noted so far: the task is about to wait."""
-        if self._handle is None and self._deadlines:
-            self._handle = self._loop.call_at(min(self._deadlines.values()), self._check)
 
     def arm_at(self, name: str, due: float) -> None:
         """Arm ``name`` for the loop time ``due`` (in the past: at once)."""
@@ -745,17 +728,12 @@ class Proxy:
             cfg.upstream_response_timeout,
         )
         try:
-            # Usually a nearer deadline (the body's, the upstream's) is armed before anything
-            # waits, and the request's needs no timer of its own until then.
-            timers.note("request", cfg.request_timeout)
+            timers.arm("request", cfg.request_timeout)
             while True:
                 if has_body:
                     pace.progress()
                     ex.body.on_progress = pace.progress
-                conn = cfg.pool.take_idle(url)
-                if conn is None:
-                    timers.commit()  # connecting waits: the request's deadline holds meanwhile
-                    conn = await cfg.pool.acquire(url)
+                conn = await cfg.pool.acquire(url)
                 conn.send_head(req.method, url, fields)
                 if not has_body:
                     timers.arm("upstream", cfg.upstream_response_timeout)

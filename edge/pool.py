@@ -370,13 +370,6 @@ class UpstreamPool:
 
     async def acquire(self, url: str) -> UpstreamConnection:
         """A connection to ``url``'s upstream: an idle one, or a new one."""
-        conn = self.take_idle(url)
-        if conn is not None:
-            return conn
-        return await self._connect(self.key_of(url))
-
-    def take_idle(self, url: str) -> UpstreamConnection | None:
-        """An idle connection to ``url``'s upstream, if one is kept (without waiting)."""
         key = self.key_of(url)
         conns = self._idle.get(key)
         if conns:
@@ -391,7 +384,7 @@ class UpstreamPool:
                     return conn
                 conn.close()
             self._idle.pop(key, None)
-        return None
+        return await self._connect(key)
 
     async def _connect(self, key: PoolKey) -> UpstreamConnection:
         scheme, host, port = key
