@@ -107,10 +107,15 @@ def _retry(task: Task, countdown: float) -> BaseException:
     for the reconcile. The message is asked back instead: requeued, or, when the broker is still
     away, left unacknowledged for the visibility timeout to return (pipeline.consumer). The
     copy runs the step again, which is idempotent.
+
+    ``throw=False``: the caller raises the retry outside the step's exception, ``from None``.
+    Raised inside ``task.retry``, it carried the step's exception as its context, and Celery's
+    retry handling formats every frame of both into a traceback nobody reads: 3 % of the
+    workers' CPU at 1,000 sites (py-spy), where a finishing order waits once.
     """
     try:
         retried: BaseException = task.retry(
-            countdown=countdown, retry=True, retry_policy=RETRY_PUBLISH_POLICY
+            countdown=countdown, retry=True, retry_policy=RETRY_PUBLISH_POLICY, throw=False
         )
     except Reject as rejected:
         if rejected.requeue or not isinstance(rejected.reason, BROKER_AWAY):

@@ -4,6 +4,7 @@ dropping it, as Celery would (pipeline.tasks.issuance._retry)."""
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 
+from pipeline.errors import PollAgain, RetryLater
 from pipeline.tasks import issuance
 from pipeline.tasks.issuance import _retry
 from tests.support.ports import free_port
@@ -73,8 +75,7 @@ def test_a_retry_sent_while_the_broker_comes_back_is_sent(
             broker.stop()
             back = threading.Timer(1.5, broker.start)  # the outage: a promotion's few seconds
             back.start()
-            with pytest.raises(Retry):
-                _retry(step(app), 5)
+            assert isinstance(_retry(step(app), 5), Retry)
             back.join()
         finally:
             app.close()
@@ -82,10 +83,24 @@ def test_a_retry_sent_while_the_broker_comes_back_is_sent(
     assert redis_client.llen("celery") == 1
 
 
-def test_a_retry_sent_is_celerys_retry(redis_url: str) -> None:
+def test_a_retry_sent_is_celerys_retry_raised_without_the_steps_exception(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Returned, not raised inside ``task.retry``: raised as the task raises it, ``from None``
+    in the step's handler, it carries no context, so Celery's retry handling formats one short
+    traceback rather than every frame of the step's exception too."""
     app = Celery("retry-test", broker=redis_url, set_as_current=False)
     try:
-        with pytest.raises(Retry):
-            _retry(step(app), 5)
+        with pytest.raises(Retry) as raised:
+            try:
+                raise PollAgain("waiting for the CA to issue", 5)
+            except RetryLater:
+                raise _retry(step(app), 5) from None
     finally:
         app.close()
+    assert raised.value.__suppress_context__
+    assert raised.value.__cause__ is None
+    text = "".join(traceback.format_exception(raised.value))
+    assert "PollAgain" not in text
+    assert "waiting for the CA" not in text
+    assert redis_client.llen("celery") == 1
