@@ -79,11 +79,10 @@ def _advance(order: Order, step: OrderStep) -> None:
 
 
 # The orders table, for the steps' hottest statements: Core statements built once and run with
-# their parameters. Against an ORM UPDATE built for every call, one of these took about a
-# quarter of the CPU (SQLite, in one process, its session and commit included: 0.4 ms against
-# 1.6 ms), the rest being SQLAlchemy's own work: the cache key of a statement built anew, the
-# ORM's bulk-update machinery. Nothing here is loaded into a session: no identity map goes
-# stale.
+# their parameters. An ORM UPDATE built for every call spends most of its CPU in SQLAlchemy's
+# own work (the cache key of a statement built anew, the ORM's bulk-update machinery), not in
+# the database: docs/architecture.md section 6 has the figures. Nothing here is loaded into a
+# session: no identity map goes stale.
 _ORDERS: Table = Order.__table__  # type: ignore[assignment]  # declared as a Table
 _ADVANCES: dict[tuple[OrderStep, OrderStep, bool, tuple[str, ...]], Update] = {}
 

@@ -110,8 +110,8 @@ def _retry(task: Task, countdown: float) -> BaseException:
 
     ``throw=False``: the caller raises the retry outside the step's exception, ``from None``.
     Raised inside ``task.retry``, it carried the step's exception as its context, and Celery's
-    retry handling formats every frame of both into a traceback nobody reads: 3 % of the
-    workers' CPU at 1,000 sites (py-spy), where a finishing order waits once.
+    retry handling formats every frame of both into a traceback nobody reads, once for every
+    wait of every order (docs/architecture.md section 6 has what it cost).
     """
     try:
         retried: BaseException = task.retry(
