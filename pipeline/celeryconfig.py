@@ -69,9 +69,10 @@ worker_consumer = "pipeline.consumer:Consumer"
 worker_send_task_events = True
 # But not task-sent, which the sender of every message makes: each step sends the next one, and
 # every retry is a message, so it was a quarter of the events, each a Redis round trip
-# (docs/architecture.md section 6 has what it cost). Flower lists a task from its task-received on, which carries the
-# same name and arguments; what it no longer shows is a task still waiting in Redis for a
-# worker to take it (a backlog: `celery -A pipeline inspect` and the queue lengths show that).
+# (docs/architecture.md section 6 has what it cost). Flower lists a task from its
+# task-received on, which carries the same name and arguments; what it no longer shows is a
+# task still waiting in Redis for a worker to take it (a backlog: `celery -A pipeline
+# inspect` and the queue lengths show that).
 task_send_sent_event = False
 
 timezone = "UTC"

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import redis
 from acme import messages
 from sqlalchemy import Row, Select, Table, Update, bindparam, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from pipeline import worker_metrics
@@ -61,10 +61,15 @@ class OrderGone(Exception):
     """The order was removed (its site deleted): nothing left to do."""
 
 
-def _order(session: Session, order_id: int) -> Order:
+# The site loaded with its order, for the steps that read it: one statement where the lazy
+# load made two.
+_WITH_SITE = (joinedload(Order.site),)
+
+
+def _order(session: Session, order_id: int, *, with_site: bool = False) -> Order:
     # No write here: every way out of a step writes the order (its next step, note_retry or
     # fail_order), and that write is what tells the sweeper the order is alive.
-    order = session.get(Order, order_id)
+    order = session.get(Order, order_id, options=_WITH_SITE if with_site else ())
     if order is None:
         raise OrderGone(order_id)
     return order
@@ -285,7 +290,7 @@ class OrderSteps:
     # --- step 1 ---------------------------------------------------------------------------
     def place_order(self, order_id: int) -> None:
         with self.sessions() as session:
-            order = _order(session, order_id)
+            order = _order(session, order_id, with_site=True)
             if order.step != OrderStep.QUEUED:
                 return
             preferred = order.site.preferred_issuer
@@ -688,7 +693,7 @@ class OrderSteps:
     def finalise(self, order_id: int) -> None:
         settings = self.settings
         with self.sessions() as session:
-            order = _order(session, order_id)
+            order = _order(session, order_id, with_site=True)
             if order.step != OrderStep.READY:
                 return
             csr_pem = order.csr_pem
@@ -766,7 +771,7 @@ class OrderSteps:
     def encrypt_and_store(self, order_id: int) -> None:
         settings = self.settings
         with self.sessions() as session:
-            order = _order(session, order_id)
+            order = _order(session, order_id, with_site=True)
             if order.step not in (OrderStep.ISSUED, OrderStep.DONE):
                 return
             site = order.site
