@@ -8,7 +8,6 @@ same commands against Pebble, workers and the edge)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -34,6 +33,7 @@ from pipeline.models import Attempt, Certificate, Order, OrderStep, Site, SiteNa
 from pipeline.models.base import utcnow
 from tests.support.factories import make_cert, make_site
 from tests.support.from_settings import session_scope, site_rules
+from tests.support.http_servers import running
 
 
 @pytest.fixture
@@ -310,12 +310,8 @@ def directory_url() -> Iterator[str]:
         def log_message(self, *_: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Directory)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/directory"
-    server.shutdown()
-    server.server_close()
+    with running(ThreadingHTTPServer(("127.0.0.1", 0), Directory)) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}/directory"
 
 
 def test_a_profile_the_ca_does_not_offer_is_refused(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pipeline.outbound import (
     scrub_url,
 )
 from pipeline.settings import Settings
+from tests.support.http_servers import running
 from tests.support.loopback_only import loopback_only
 
 DEFAULT = OutboundPolicy()
@@ -302,15 +302,8 @@ class _Server(ThreadingHTTPServer):
 
 @contextmanager
 def _serving(status: int, location: str | None = None) -> Iterator[_Server]:
-    server = _Server(status, location)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(_Server(status, location)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
