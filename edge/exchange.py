@@ -37,6 +37,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -389,19 +390,72 @@ class ConnectionClock:
         self._handle = self._loop.call_at(due, self._check)
 
 
+class _Deadlines:
+    """Every in-flight request's deadlines on one loop, behind one loop timer.
+
+    A loop timer made and cancelled per deadline was most of what the deadlines cost (two per
+    request: the request's and the upstream's; uvloop's timers are libuv handles, each made,
+    started, stopped and closed). Here one timer is armed for the nearest deadline of all the
+    requests, and moved only when a nearer one is armed. A deadline disarmed, or a request
+    finished, leaves that timer where it is: when it fires, every request still in flight is
+    looked at, those due are cancelled, and the timer is armed again for the nearest left.
+    Deadlines are never early and never later than the loop's own timers would be; the timer
+    fires about once per shortest timeout (seconds), whatever the request rate.
+
+    The invariant every method keeps: a request's deadlines are all at or after its ``_next``,
+    and while any request is :attr:`_live` the timer is armed at or before the least ``_next``
+    (so nothing is ever due without a timer to see it)."""
+
+    __slots__ = ("_handle", "_live", "_when", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._live: set[_Timers] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = math.inf
+
+    def nearer(self, timers: _Timers, due: float) -> None:
+        """``timers`` has a deadline at ``due``, before any it had: see that it is watched."""
+        self._live.add(timers)
+        if due < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._when = due
+            self._handle = self.loop.call_at(due, self._fire)
+
+    def forget(self, timers: _Timers) -> None:
+        self._live.discard(timers)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._when = math.inf
+        now = self.loop.time()
+        nearest = math.inf
+        try:
+            for timers in list(self._live):
+                following = timers.check(now)
+                if following < nearest:
+                    nearest = following
+        finally:
+            if nearest < self._when:
+                self._when = nearest
+                self._handle = self.loop.call_at(nearest, self._fire)
+
+
 class _Timers:
-    """The per-request deadlines, each cancelling the request's task with its name.
+    """The per-request deadlines, each cancelling the request's task with its name; watched by
+    the loop's :class:`_Deadlines` (no loop timer of their own)."""
 
-    One timer handle for the earliest deadline, not one per deadline: a request arms two or
-    three of them, and most are disarmed long before they are due."""
+    __slots__ = ("_deadlines", "_loop", "_next", "_owner", "_task", "fired")
 
-    __slots__ = ("_deadlines", "_handle", "_loop", "_task", "fired")
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, owner: _Deadlines) -> None:
+        self._owner = owner
+        self._loop = owner.loop
         self._task = asyncio.current_task()
         self._deadlines: dict[str, float] = {}
-        self._handle: asyncio.TimerHandle | None = None
+        # At or before every deadline armed (disarming one leaves it earlier, never later);
+        # inf: not watched.
+        self._next = math.inf
         self.fired: str | None = None
 
     def arm(self, name: str, delay: float) -> None:
@@ -410,11 +464,9 @@ class _Timers:
             return
         due = self._loop.time() + delay
         self._deadlines[name] = due
-        handle = self._handle
-        if handle is None or due < handle.when():
-            if handle is not None:
-                handle.cancel()
-            self._handle = self._loop.call_at(due, self._check)
+        if due < self._next:
+            self._next = due
+            self._owner.nearer(self, due)
 
     def arm_at(self, name: str, due: float) -> None:
         """Arm ``name`` for the loop time ``due`` (in the past: at once)."""
@@ -428,23 +480,27 @@ class _Timers:
 
     def clear(self) -> None:
         self._deadlines.clear()
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._next != math.inf:
+            self._next = math.inf
+            self._owner.forget(self)
 
-    def _check(self) -> None:
-        self._handle = None
-        if not self._deadlines:
-            return
-        now = self._loop.time()
-        name, due = min(self._deadlines.items(), key=lambda item: item[1])
-        if due > now:
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        del self._deadlines[name]
-        if self.fired is None and self._task is not None:
-            self.fired = name
-            self._task.cancel()
+    def check(self, now: float) -> float:
+        """Called by the owner as its timer fires: cancel the task if a deadline is due; the
+        time of the next one (inf: none left, no longer watched)."""
+        deadlines = self._deadlines
+        if deadlines and self.fired is None:
+            name, due = min(deadlines.items(), key=lambda item: item[1])
+            if due > now:
+                self._next = due
+                return due
+            del deadlines[name]
+            if self._task is not None:
+                self.fired = name
+                self._task.cancel()
+        # Fired (the task ends and clears them), or nothing armed: not watched any more.
+        self._next = math.inf
+        self._owner.forget(self)
+        return math.inf
 
 
 class _BodyPace:
@@ -499,6 +555,8 @@ class Proxy:
             "https": settings.metrics.request_counters("https"),
             "http": settings.metrics.request_counters("http"),
         }
+        # The requests' deadlines on the loop this core runs on (made on the first request).
+        self._deadlines: _Deadlines | None = None
 
     # ---- answers --------------------------------------------------------------------------
 
@@ -716,7 +774,11 @@ class Proxy:
         cfg = self.settings
         req = ex.request
         has_body = length is not None and length > 0 or (length is None and req.has_body)
-        timers = _Timers()
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = self._deadlines = _Deadlines(loop)
+        timers = _Timers(deadlines)
         conn: UpstreamConnection | None = None
         started = time.perf_counter()
         retried = False
