@@ -552,8 +552,8 @@ class Proxy:
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self._counters = {
-            "https": settings.metrics.request_counters("https"),
-            "http": settings.metrics.request_counters("http"),
+            "https": settings.metrics.request_counts("https"),
+            "http": settings.metrics.request_counts("http"),
         }
         # The requests' deadlines on the loop this core runs on (made on the first request).
         self._deadlines: _Deadlines | None = None
@@ -563,7 +563,7 @@ class Proxy:
     def _count_and_log(self, ex: Exchange) -> None:
         status = ex.status
         klass = status // 100
-        self._counters[ex.request.scheme][klass if 0 < klass < 6 else 0].inc()
+        self._counters[ex.request.scheme][klass if 0 < klass < 6 else 0] += 1
         level = logging.ERROR if status >= 500 else logging.INFO
         if access_log.isEnabledFor(level):
             req = ex.request
