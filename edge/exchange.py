@@ -711,9 +711,17 @@ class Proxy:
         except BadTarget as exc:
             self._reject(ex, 400, "bad_target", str(exc))
             return
-        if cfg.shares is not None:
+        shares = cfg.shares
+        if shares is not None:
+            client = client_key(self._client(req))
             try:
-                ex.ticket = await cfg.shares.acquire(meta.domain, client_key(self._client(req)))
+                try:
+                    ex.ticket = shares.try_acquire(meta.domain, client)
+                except Full as exc:
+                    if exc.reason != "total":
+                        raise
+                    # Only the total is full: wait in the queue (a coroutine only then).
+                    ex.ticket = await shares.acquire(meta.domain, client)
             except Full as exc:
                 self._reject(
                     ex,
@@ -795,7 +803,7 @@ class Proxy:
                 if has_body:
                     pace.progress()
                     ex.body.on_progress = pace.progress
-                conn = await cfg.pool.acquire(url)
+                conn = cfg.pool.take_idle(url) or await cfg.pool.acquire(url)
                 conn.send_head(req.method, url, fields)
                 if not has_body:
                     timers.arm("upstream", cfg.upstream_response_timeout)
@@ -891,11 +899,13 @@ class Proxy:
         send_timeout = cfg.send_timeout
         idle = cfg.upstream_response_timeout
         while True:
-            # An upstream that goes silent mid-body would hold the slot until the request
-            # timeout: the same bound as for its header block, restarted at every chunk.
-            timers.arm("upstream", idle)
-            chunk = await conn.read()
-            timers.disarm("upstream")
+            chunk = conn.read_ready()
+            if chunk is None:
+                # An upstream that goes silent mid-body would hold the slot until the request
+                # timeout: the same bound as for its header block, restarted at every chunk.
+                timers.arm("upstream", idle)
+                chunk = await conn.read()
+                timers.disarm("upstream")
             if not chunk:
                 break
             waiting = sink.write(chunk)

@@ -348,18 +348,20 @@ class H1Protocol(asyncio.Protocol):
     # ---- answering ------------------------------------------------------------------------
 
     def _start(self, ex: Exchange) -> None:
-        task = self._loop.create_task(self.server.proxy.handle(ex))
-        task.add_done_callback(lambda done: self._handled(done, ex))
-        self._task = task
+        self._task = self._loop.create_task(self._answer(ex))
 
-    def _handled(self, task: asyncio.Task[None], ex: Exchange) -> None:
-        if not task.cancelled():
-            task.exception()
-        response = ex.sink
-        assert isinstance(response, _Response)
-        if not response._ended:
-            # The core gave up without a complete answer: nothing more on this connection.
-            self.abort()
+    async def _answer(self, ex: Exchange) -> None:
+        """The request's task. What follows the core's answer is done here, not in a done
+        callback (one more loop callback per request)."""
+        try:
+            await self.server.proxy.handle(ex)
+        finally:
+            response = ex.sink
+            assert isinstance(response, _Response)
+            if not response._ended:
+                # The core gave up without a complete answer (or the client left, and the task
+                # was cancelled): nothing more on this connection.
+                self.abort()
 
     def response_done(self, response: _Response) -> None:
         if not self._queue or self._queue[0].sink is not response:

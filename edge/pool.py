@@ -255,21 +255,29 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._head_waiter = None
 
+    def read_ready(self) -> bytes | None:
+        """The next piece of the response body if it is here (b"" at its end), without
+        waiting; None when :meth:`read` would wait. Raises :class:`UpstreamError`."""
+        if self._chunks:
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
+            if self._reading_paused and self._buffered < _HIGH_WATER // 2:
+                self._reading_paused = False
+                if self._transport is not None:
+                    self._transport.resume_reading()
+            return chunk
+        if self._complete:
+            return b""
+        if self._error is not None:
+            raise self._error
+        return None
+
     async def read(self) -> bytes:
         """The next piece of the response body; b"" at its end."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._reading_paused and self._buffered < _HIGH_WATER // 2:
-                    self._reading_paused = False
-                    if self._transport is not None:
-                        self._transport.resume_reading()
+            chunk = self.read_ready()
+            if chunk is not None:
                 return chunk
-            if self._complete:
-                return b""
-            if self._error is not None:
-                raise self._error
             self._body_waiter = self._loop.create_future()
             try:
                 await self._body_waiter
@@ -370,6 +378,14 @@ class UpstreamPool:
 
     async def acquire(self, url: str) -> UpstreamConnection:
         """A connection to ``url``'s upstream: an idle one, or a new one."""
+        conn = self.take_idle(url)
+        if conn is not None:
+            return conn
+        return await self._connect(self.key_of(url))
+
+    def take_idle(self, url: str) -> UpstreamConnection | None:
+        """An idle connection to ``url``'s upstream if one is kept (:meth:`acquire` without
+        the coroutine, for the usual case), else None."""
         key = self.key_of(url)
         conns = self._idle.get(key)
         if conns:
@@ -384,7 +400,7 @@ class UpstreamPool:
                     return conn
                 conn.close()
             self._idle.pop(key, None)
-        return await self._connect(key)
+        return None
 
     async def _connect(self, key: PoolKey) -> UpstreamConnection:
         scheme, host, port = key
