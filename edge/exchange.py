@@ -49,6 +49,7 @@ from tornado.log import access_log
 
 from edge.forwarding import TrustedProxies, forwarding_fields
 from edge.headerrules import (
+    HOP_BY_HOP,
     BadHeader,
     check_connection,
     check_content_length,
@@ -84,21 +85,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 section 7.6.1, plus the non-standard ones proxies have always dropped.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # The HTTP/1.1 adapter answers "Expect: 100-continue" itself; passing it on would make the
 # upstream send a second 100 the client never asked for. Host, Via and the framing are the
 # edge's own.
@@ -884,14 +870,16 @@ class Proxy:
         self, ex: Exchange, conn: UpstreamConnection, head: ResponseHead, timers: _Timers
     ) -> None:
         cfg = self.settings
-        named = {
-            t.strip().lower()
-            for n, v in head.headers
-            if n.lower() == "connection"
-            for t in v.split(",")
-        }
-        skip = HOP_BY_HOP | named if named else HOP_BY_HOP
-        fields = [(n, v) for n, v in head.headers if n.lower() not in skip]
+        fields = head.headers
+        if head.hop_by_hop:
+            named = {
+                t.strip().lower()
+                for n, v in fields
+                if n.lower() == "connection"
+                for t in v.split(",")
+            }
+            skip = HOP_BY_HOP | named if named else HOP_BY_HOP
+            fields = [(n, v) for n, v in fields if n.lower() not in skip]
         has_body = ex.request.method != "HEAD" and head.status not in (204, 304)
         ex.status = head.status
         ex.sink.start(head.status, head.reason, fields, body=has_body, close=False)

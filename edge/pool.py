@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from edge.headerrules import HOP_BY_HOP
 from edge.reach import SelfReach
 from pipeline.outbound import OutboundPolicy, RefusedAddress
 
@@ -65,13 +66,20 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ResponseHead:
-    __slots__ = ("headers", "reason", "status", "version")
+    """A response's status line and fields. ``hop_by_hop``: whether any field is hop-by-hop
+    (:data:`edge.headerrules.HOP_BY_HOP`), which the proxy must then remove (with those
+    ``Connection`` names); False lets it forward ``headers`` as they are."""
 
-    def __init__(self, status: int, reason: str, headers: Fields, version: str) -> None:
+    __slots__ = ("headers", "hop_by_hop", "reason", "status", "version")
+
+    def __init__(
+        self, status: int, reason: str, headers: Fields, version: str, *, hop_by_hop: bool = True
+    ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.version = version
+        self.hop_by_hop = hop_by_hop
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -173,18 +181,24 @@ class UpstreamConnection(asyncio.Protocol):
         fields = self._fields
         self._fields = []
         self.head_received = True
-        framed = False
+        framed = hop_by_hop = False
         for name, value in fields:
             lower = name.lower()
-            if lower == "content-length" or (
-                lower == "transfer-encoding" and value.strip().lower() == "chunked"
-            ):
+            if lower == "content-length":
                 framed = True
+            elif lower in HOP_BY_HOP:
+                hop_by_hop = True
+                if lower == "transfer-encoding" and value.strip().lower() == "chunked":
+                    framed = True
         no_body = self._method == "HEAD" or status in (204, 304)
         self._framed = framed or no_body
         self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         head = ResponseHead(
-            status, self._reason.decode("latin-1"), fields, parser.get_http_version()
+            status,
+            self._reason.decode("latin-1"),
+            fields,
+            parser.get_http_version(),
+            hop_by_hop=hop_by_hop,
         )
         self._head = head
         waiter = self._head_waiter
