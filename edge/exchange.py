@@ -543,6 +543,8 @@ class Proxy:
         }
         # The requests' deadlines on the loop this core runs on (made on the first request).
         self._deadlines: _Deadlines | None = None
+        # Via for a request that came with none, by protocol version ("1.0", "1.1", "2").
+        self._hops: dict[str, str] = {}
 
     # ---- answers --------------------------------------------------------------------------
 
@@ -753,7 +755,16 @@ class Proxy:
             trusted=cfg.trusted_proxies.trusts(req.client),
             skip=skip,
         )
-        fields.append(("Via", via_value(vias, cfg.pseudonym, req.version)))
+        if vias:
+            fields.append(("Via", via_value(vias, cfg.pseudonym, req.version)))
+        else:
+            # This hop alone, as via_value writes it: one string per protocol version.
+            hop = self._hops.get(req.version)
+            if hop is None:
+                hop = via_value([], cfg.pseudonym, req.version)
+                if len(self._hops) < 8:  # the parsers allow a few versions; bounded anyway
+                    self._hops[req.version] = hop
+            fields.append(("Via", hop))
         if length is not None:
             fields.append(("Content-Length", str(length)))
         elif req.has_body:
