@@ -37,6 +37,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ from tornado.log import access_log
 
 from edge.forwarding import TrustedProxies, forwarding_fields
 from edge.headerrules import (
+    HOP_BY_HOP,
     BadHeader,
     check_connection,
     check_content_length,
@@ -83,21 +85,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# RFC 9110 section 7.6.1, plus the non-standard ones proxies have always dropped.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # The HTTP/1.1 adapter answers "Expect: 100-continue" itself; passing it on would make the
 # upstream send a second 100 the client never asked for. Host, Via and the framing are the
 # edge's own.
@@ -389,19 +376,72 @@ class ConnectionClock:
         self._handle = self._loop.call_at(due, self._check)
 
 
+class _Deadlines:
+    """Every in-flight request's deadlines on one loop, behind one loop timer.
+
+    A loop timer made and cancelled per deadline was most of what the deadlines cost (two per
+    request: the request's and the upstream's; uvloop's timers are libuv handles, each made,
+    started, stopped and closed). Here one timer is armed for the nearest deadline of all the
+    requests, and moved only when a nearer one is armed. A deadline disarmed, or a request
+    finished, leaves that timer where it is: when it fires, every request still in flight is
+    looked at, those due are cancelled, and the timer is armed again for the nearest left.
+    Deadlines are never early and never later than the loop's own timers would be; the timer
+    fires about once per shortest timeout (seconds), whatever the request rate.
+
+    The invariant every method keeps: a request's deadlines are all at or after its ``_next``,
+    and while any request is :attr:`_live` the timer is armed at or before the least ``_next``
+    (so nothing is ever due without a timer to see it)."""
+
+    __slots__ = ("_handle", "_live", "_when", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._live: set[_Timers] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = math.inf
+
+    def nearer(self, timers: _Timers, due: float) -> None:
+        """``timers`` has a deadline at ``due``, before any it had: see that it is watched."""
+        self._live.add(timers)
+        if due < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._when = due
+            self._handle = self.loop.call_at(due, self._fire)
+
+    def forget(self, timers: _Timers) -> None:
+        self._live.discard(timers)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._when = math.inf
+        now = self.loop.time()
+        nearest = math.inf
+        try:
+            for timers in list(self._live):
+                following = timers.check(now)
+                if following < nearest:
+                    nearest = following
+        finally:
+            if nearest < self._when:
+                self._when = nearest
+                self._handle = self.loop.call_at(nearest, self._fire)
+
+
 class _Timers:
-    """The per-request deadlines, each cancelling the request's task with its name.
+    """The per-request deadlines, each cancelling the request's task with its name; watched by
+    the loop's :class:`_Deadlines` (no loop timer of their own)."""
 
-    One timer handle for the earliest deadline, not one per deadline: a request arms two or
-    three of them, and most are disarmed long before they are due."""
+    __slots__ = ("_deadlines", "_loop", "_next", "_owner", "_task", "fired")
 
-    __slots__ = ("_deadlines", "_handle", "_loop", "_task", "fired")
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, owner: _Deadlines) -> None:
+        self._owner = owner
+        self._loop = owner.loop
         self._task = asyncio.current_task()
         self._deadlines: dict[str, float] = {}
-        self._handle: asyncio.TimerHandle | None = None
+        # At or before every deadline armed (disarming one leaves it earlier, never later);
+        # inf: not watched.
+        self._next = math.inf
         self.fired: str | None = None
 
     def arm(self, name: str, delay: float) -> None:
@@ -410,11 +450,9 @@ class _Timers:
             return
         due = self._loop.time() + delay
         self._deadlines[name] = due
-        handle = self._handle
-        if handle is None or due < handle.when():
-            if handle is not None:
-                handle.cancel()
-            self._handle = self._loop.call_at(due, self._check)
+        if due < self._next:
+            self._next = due
+            self._owner.nearer(self, due)
 
     def arm_at(self, name: str, due: float) -> None:
         """Arm ``name`` for the loop time ``due`` (in the past: at once)."""
@@ -428,23 +466,27 @@ class _Timers:
 
     def clear(self) -> None:
         self._deadlines.clear()
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._next != math.inf:
+            self._next = math.inf
+            self._owner.forget(self)
 
-    def _check(self) -> None:
-        self._handle = None
-        if not self._deadlines:
-            return
-        now = self._loop.time()
-        name, due = min(self._deadlines.items(), key=lambda item: item[1])
-        if due > now:
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        del self._deadlines[name]
-        if self.fired is None and self._task is not None:
-            self.fired = name
-            self._task.cancel()
+    def check(self, now: float) -> float:
+        """Called by the owner as its timer fires: cancel the task if a deadline is due; the
+        time of the next one (inf: none left, no longer watched)."""
+        deadlines = self._deadlines
+        if deadlines and self.fired is None:
+            name, due = min(deadlines.items(), key=lambda item: item[1])
+            if due > now:
+                self._next = due
+                return due
+            del deadlines[name]
+            if self._task is not None:
+                self.fired = name
+                self._task.cancel()
+        # Fired (the task ends and clears them), or nothing armed: not watched any more.
+        self._next = math.inf
+        self._owner.forget(self)
+        return math.inf
 
 
 class _BodyPace:
@@ -496,16 +538,20 @@ class Proxy:
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self._counters = {
-            "https": settings.metrics.request_counters("https"),
-            "http": settings.metrics.request_counters("http"),
+            "https": settings.metrics.request_counts("https"),
+            "http": settings.metrics.request_counts("http"),
         }
+        # The requests' deadlines on the loop this core runs on (made on the first request).
+        self._deadlines: _Deadlines | None = None
+        # Via for a request that came with none, by protocol version ("1.0", "1.1", "2").
+        self._hops: dict[str, str] = {}
 
     # ---- answers --------------------------------------------------------------------------
 
     def _count_and_log(self, ex: Exchange) -> None:
         status = ex.status
         klass = status // 100
-        self._counters[ex.request.scheme][klass if 0 < klass < 6 else 0].inc()
+        self._counters[ex.request.scheme][klass if 0 < klass < 6 else 0] += 1
         level = logging.ERROR if status >= 500 else logging.INFO
         if access_log.isEnabledFor(level):
             req = ex.request
@@ -653,9 +699,17 @@ class Proxy:
         except BadTarget as exc:
             self._reject(ex, 400, "bad_target", str(exc))
             return
-        if cfg.shares is not None:
+        shares = cfg.shares
+        if shares is not None:
+            client = client_key(self._client(req))
             try:
-                ex.ticket = await cfg.shares.acquire(meta.domain, client_key(self._client(req)))
+                try:
+                    ex.ticket = shares.try_acquire(meta.domain, client)
+                except Full as exc:
+                    if exc.reason != "total":
+                        raise
+                    # Only the total is full: wait in the queue (a coroutine only then).
+                    ex.ticket = await shares.acquire(meta.domain, client)
             except Full as exc:
                 self._reject(
                     ex,
@@ -701,7 +755,16 @@ class Proxy:
             trusted=cfg.trusted_proxies.trusts(req.client),
             skip=skip,
         )
-        fields.append(("Via", via_value(vias, cfg.pseudonym, req.version)))
+        if vias:
+            fields.append(("Via", via_value(vias, cfg.pseudonym, req.version)))
+        else:
+            # This hop alone, as via_value writes it: one string per protocol version.
+            hop = self._hops.get(req.version)
+            if hop is None:
+                hop = via_value([], cfg.pseudonym, req.version)
+                if len(self._hops) < 8:  # the parsers allow a few versions; bounded anyway
+                    self._hops[req.version] = hop
+            fields.append(("Via", hop))
         if length is not None:
             fields.append(("Content-Length", str(length)))
         elif req.has_body:
@@ -716,7 +779,11 @@ class Proxy:
         cfg = self.settings
         req = ex.request
         has_body = length is not None and length > 0 or (length is None and req.has_body)
-        timers = _Timers()
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = self._deadlines = _Deadlines(loop)
+        timers = _Timers(deadlines)
         conn: UpstreamConnection | None = None
         started = time.perf_counter()
         retried = False
@@ -733,7 +800,7 @@ class Proxy:
                 if has_body:
                     pace.progress()
                     ex.body.on_progress = pace.progress
-                conn = await cfg.pool.acquire(url)
+                conn = cfg.pool.take_idle(url) or await cfg.pool.acquire(url)
                 conn.send_head(req.method, url, fields)
                 if not has_body:
                     timers.arm("upstream", cfg.upstream_response_timeout)
@@ -814,14 +881,16 @@ class Proxy:
         self, ex: Exchange, conn: UpstreamConnection, head: ResponseHead, timers: _Timers
     ) -> None:
         cfg = self.settings
-        named = {
-            t.strip().lower()
-            for n, v in head.headers
-            if n.lower() == "connection"
-            for t in v.split(",")
-        }
-        skip = HOP_BY_HOP | named if named else HOP_BY_HOP
-        fields = [(n, v) for n, v in head.headers if n.lower() not in skip]
+        fields = head.headers
+        if head.hop_by_hop:
+            named = {
+                t.strip().lower()
+                for n, v in fields
+                if n.lower() == "connection"
+                for t in v.split(",")
+            }
+            skip = HOP_BY_HOP | named if named else HOP_BY_HOP
+            fields = [(n, v) for n, v in fields if n.lower() not in skip]
         has_body = ex.request.method != "HEAD" and head.status not in (204, 304)
         ex.status = head.status
         ex.sink.start(head.status, head.reason, fields, body=has_body, close=False)
@@ -829,11 +898,13 @@ class Proxy:
         send_timeout = cfg.send_timeout
         idle = cfg.upstream_response_timeout
         while True:
-            # An upstream that goes silent mid-body would hold the slot until the request
-            # timeout: the same bound as for its header block, restarted at every chunk.
-            timers.arm("upstream", idle)
-            chunk = await conn.read()
-            timers.disarm("upstream")
+            chunk = conn.read_ready()
+            if chunk is None:
+                # An upstream that goes silent mid-body would hold the slot until the request
+                # timeout: the same bound as for its header block, restarted at every chunk.
+                timers.arm("upstream", idle)
+                chunk = await conn.read()
+                timers.disarm("upstream")
             if not chunk:
                 break
             waiting = sink.write(chunk)

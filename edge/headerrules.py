@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable
 
 __all__ = [
+    "HOP_BY_HOP",
     "BadHeader",
     "check_connection",
     "check_content_length",
@@ -30,6 +31,21 @@ __all__ = [
     "parse_host",
 ]
 
+# RFC 9110 section 7.6.1, plus the non-standard ones proxies have always dropped.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # End-to-end fields a client must not ask a proxy to drop (RFC 9110 section 7.6.1: a proxy
 # removes whatever Connection names): framing, routing, and what the upstream authenticates by.
 END_TO_END = frozenset(

@@ -17,6 +17,7 @@ body, the upstream and the client's reading.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -176,6 +177,9 @@ class H1Protocol(asyncio.Protocol):
             server.idle_timeout, self._busy, self._idle, self._first_byte_late
         )
         self._pauses: set[str] = set()
+        # What each request's Body calls to hold the client back (made once per connection).
+        self._pause_body = functools.partial(self._pause, "body")
+        self._resume_body = functools.partial(self._resume, "body")
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         # The request being parsed, and those waiting for their turn (the first is answering).
@@ -304,11 +308,7 @@ class H1Protocol(asyncio.Protocol):
         if chunked:
             length = None
         response = _Response(self, method, version, parser.should_keep_alive())
-        body = Body(
-            lambda: self._pause("body"),
-            lambda: self._resume("body"),
-            self.server.proxy.settings.max_body_size,
-        )
+        body = Body(self._pause_body, self._resume_body, self.server.proxy.settings.max_body_size)
         response.body = body
         request = Request(
             method,
@@ -348,18 +348,20 @@ class H1Protocol(asyncio.Protocol):
     # ---- answering ------------------------------------------------------------------------
 
     def _start(self, ex: Exchange) -> None:
-        task = self._loop.create_task(self.server.proxy.handle(ex))
-        task.add_done_callback(lambda done: self._handled(done, ex))
-        self._task = task
+        self._task = self._loop.create_task(self._answer(ex))
 
-    def _handled(self, task: asyncio.Task[None], ex: Exchange) -> None:
-        if not task.cancelled():
-            task.exception()
-        response = ex.sink
-        assert isinstance(response, _Response)
-        if not response._ended:
-            # The core gave up without a complete answer: nothing more on this connection.
-            self.abort()
+    async def _answer(self, ex: Exchange) -> None:
+        """The request's task. What follows the core's answer is done here, not in a done
+        callback (one more loop callback per request)."""
+        try:
+            await self.server.proxy.handle(ex)
+        finally:
+            response = ex.sink
+            assert isinstance(response, _Response)
+            if not response._ended:
+                # The core gave up without a complete answer (or the client left, and the task
+                # was cancelled): nothing more on this connection.
+                self.abort()
 
     def response_done(self, response: _Response) -> None:
         if not self._queue or self._queue[0].sink is not response:

@@ -2,14 +2,24 @@
 
 A registry per edge (not the global one) keeps several edges in one test process apart.
 
-On the request path only pre-bound children are touched (a tuple index and an ``inc`` or an
-``observe``): no label lookup, no dict built per request. Nothing is labelled by domain.
+What every request updates (``certman_edge_requests_total``, and
+``certman_edge_upstream_response_seconds`` for a proxied one) is kept as plain numbers, a list
+item added to, and turned into Prometheus samples only when ``/metrics`` is read
+(:class:`RequestMetrics`, a custom collector on the same registry): a ``prometheus_client``
+counter's ``inc`` and a histogram's ``observe`` take a lock and check the metric each time, which
+was 4-5 % of a proxied request's CPU. An edge process updates and scrapes them on its one event
+loop thread, so nothing is lost between the two. The other metrics are updated on rare events
+(a refusal, a handshake, a sync) and stay ``prometheus_client``'s own. Nothing is labelled by
+domain.
 """
 
 from __future__ import annotations
 
+import os
 import platform
-from collections.abc import Callable
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,10 +30,20 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from pipeline.version import certman_version
 
-__all__ = ["HANDSHAKE_BUCKETS", "STATUS_CLASSES", "UPSTREAM_BUCKETS", "EdgeMetrics"]
+__all__ = [
+    "HANDSHAKE_BUCKETS",
+    "STATUS_CLASSES",
+    "UPSTREAM_BUCKETS",
+    "EdgeMetrics",
+    "PlainHistogram",
+    "RequestMetrics",
+]
 
 # Index i is the class of statuses i*100 .. i*100+99 (0 for anything outside 100-599).
 STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
@@ -166,20 +186,10 @@ class EdgeMetrics:
             "certman_edge_sync_version", "Distribution version the edge has applied.", registry=r
         )
 
-        self.requests = Counter(
-            "certman_edge_requests_total",
-            "Requests answered on the site ports (HTTP and HTTPS), by scheme and status class "
-            "(the upstream's status when proxied, else the edge's own answer).",
-            ["scheme", "status_class"],
-            registry=r,
-        )
-        self.upstream_seconds = Histogram(
-            "certman_edge_upstream_response_seconds",
-            "Proxied requests: from sending the request upstream to its response's headers "
-            "(connection included; failures are in certman_edge_upstream_errors_total).",
-            buckets=UPSTREAM_BUCKETS,
-            registry=r,
-        )
+        # Per request: plain numbers, exported at scrape time (see the module docstring).
+        self.request_metrics = RequestMetrics(("https", "http"))
+        self.upstream_seconds = self.request_metrics.upstream_seconds
+        r.register(self.request_metrics)
         self.handshake_seconds = Histogram(
             "certman_edge_tls_handshake_seconds",
             "Completed TLS handshakes: from the SNI callback (the ClientHello read) to the "
@@ -225,11 +235,106 @@ class EdgeMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
+    def request_counts(self, scheme: str) -> list[int]:
+        """``certman_edge_requests_total``'s counts for ``scheme``, indexed by ``status // 100``
+        (see STATUS_CLASSES): the proxy core adds 1 to an item per request it answered."""
+        return self.request_metrics.requests[scheme]
+
     def request_counters(self, scheme: str) -> tuple[Counter, ...]:
-        """``requests``' children for ``scheme``, indexed by ``status // 100`` (see
-        STATUS_CLASSES): bound once per application, so counting costs no label lookup."""
-        return tuple(self.requests.labels(scheme, c) for c in STATUS_CLASSES)
+        """The same metric's ``prometheus_client`` children for ``scheme``, indexed alike: for
+        Tornado's log function on port 80 (:mod:`edge.app`), whose counts are added to the
+        core's at scrape time."""
+        counter = self.request_metrics.tornado
+        return tuple(counter.labels(scheme, c) for c in STATUS_CLASSES)
 
     @staticmethod
     def bind(gauge: Gauge, fn: Callable[[], float]) -> None:
         gauge.set_function(fn)
+
+
+# prometheus_client's own switch for the ``_created`` samples (its counters and histograms
+# read the same variable when imported).
+_CREATED = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+    "true",
+    "1",
+    "t",
+)
+
+
+class PlainHistogram:
+    """A histogram of plain numbers: :meth:`observe` adds 1 to one bucket's count (found by
+    bisection) and the value to the sum; the cumulative buckets are made at scrape time."""
+
+    __slots__ = ("bounds", "counts", "created", "labels", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        # The "le" values as prometheus_client writes them (Go's float format: 0.005, 1.0).
+        self.labels = (*(repr(float(b)) for b in bounds), "+Inf")
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # bisect_left: the first bound >= value, as Prometheus's "le" (less or equal) means.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> Metric:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for label, count in zip(self.labels, self.counts, strict=True):
+            total += count
+            buckets.append((label, float(total)))
+        family = HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+        if _CREATED:
+            family.samples.append(Sample(f"{name}_created", {}, self.created, None))
+        return family
+
+
+class RequestMetrics(Collector):
+    """The per-request metrics, ``certman_edge_requests_total{scheme,status_class}`` and
+    ``certman_edge_upstream_response_seconds``: plain numbers the data path updates, the same
+    names, labels, buckets and documentation as when they were ``prometheus_client``'s own."""
+
+    REQUESTS = "certman_edge_requests"
+    REQUESTS_DOC = (
+        "Requests answered on the site ports (HTTP and HTTPS), by scheme and status class "
+        "(the upstream's status when proxied, else the edge's own answer)."
+    )
+    UPSTREAM = "certman_edge_upstream_response_seconds"
+    UPSTREAM_DOC = (
+        "Proxied requests: from sending the request upstream to its response's headers "
+        "(connection included; failures are in certman_edge_upstream_errors_total)."
+    )
+
+    def __init__(self, schemes: tuple[str, ...]) -> None:
+        # Every scheme and class from the start, so that rate() has a series before the first.
+        self.requests = {scheme: [0] * len(STATUS_CLASSES) for scheme in schemes}
+        self.created = time.time()
+        self.upstream_seconds = PlainHistogram(UPSTREAM_BUCKETS)
+        # What Tornado's log function counts on port 80 (EdgeMetrics.request_counters): in no
+        # registry, added to the plain counts when collected.
+        self.tornado = Counter(
+            self.REQUESTS, self.REQUESTS_DOC, ["scheme", "status_class"], registry=None
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        counts = {
+            (scheme, klass): float(count)
+            for scheme, row in self.requests.items()
+            for klass, count in zip(STATUS_CLASSES, row, strict=True)
+        }
+        for family in self.tornado.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["scheme"], sample.labels["status_class"])
+                    counts[key] = counts.get(key, 0.0) + sample.value
+        requests = CounterMetricFamily(
+            self.REQUESTS, self.REQUESTS_DOC, labels=("scheme", "status_class")
+        )
+        created = self.created if _CREATED else None
+        for (scheme, klass), count in counts.items():
+            requests.add_metric((scheme, klass), count, created=created)
+        yield requests
+        yield self.upstream_seconds.family(self.UPSTREAM, self.UPSTREAM_DOC)

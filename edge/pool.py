@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from edge.headerrules import HOP_BY_HOP
 from edge.reach import SelfReach
 from pipeline.outbound import OutboundPolicy, RefusedAddress
 
@@ -65,13 +66,20 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ResponseHead:
-    __slots__ = ("headers", "reason", "status", "version")
+    """A response's status line and fields. ``hop_by_hop``: whether any field is hop-by-hop
+    (:data:`edge.headerrules.HOP_BY_HOP`), which the proxy must then remove (with those
+    ``Connection`` names); False lets it forward ``headers`` as they are."""
 
-    def __init__(self, status: int, reason: str, headers: Fields, version: str) -> None:
+    __slots__ = ("headers", "hop_by_hop", "reason", "status", "version")
+
+    def __init__(
+        self, status: int, reason: str, headers: Fields, version: str, *, hop_by_hop: bool = True
+    ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.version = version
+        self.hop_by_hop = hop_by_hop
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -173,18 +181,24 @@ class UpstreamConnection(asyncio.Protocol):
         fields = self._fields
         self._fields = []
         self.head_received = True
-        framed = False
+        framed = hop_by_hop = False
         for name, value in fields:
             lower = name.lower()
-            if lower == "content-length" or (
-                lower == "transfer-encoding" and value.strip().lower() == "chunked"
-            ):
+            if lower == "content-length":
                 framed = True
+            elif lower in HOP_BY_HOP:
+                hop_by_hop = True
+                if lower == "transfer-encoding" and value.strip().lower() == "chunked":
+                    framed = True
         no_body = self._method == "HEAD" or status in (204, 304)
         self._framed = framed or no_body
         self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         head = ResponseHead(
-            status, self._reason.decode("latin-1"), fields, parser.get_http_version()
+            status,
+            self._reason.decode("latin-1"),
+            fields,
+            parser.get_http_version(),
+            hop_by_hop=hop_by_hop,
         )
         self._head = head
         waiter = self._head_waiter
@@ -255,21 +269,29 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._head_waiter = None
 
+    def read_ready(self) -> bytes | None:
+        """The next piece of the response body if it is here (b"" at its end), without
+        waiting; None when :meth:`read` would wait. Raises :class:`UpstreamError`."""
+        if self._chunks:
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
+            if self._reading_paused and self._buffered < _HIGH_WATER // 2:
+                self._reading_paused = False
+                if self._transport is not None:
+                    self._transport.resume_reading()
+            return chunk
+        if self._complete:
+            return b""
+        if self._error is not None:
+            raise self._error
+        return None
+
     async def read(self) -> bytes:
         """The next piece of the response body; b"" at its end."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._reading_paused and self._buffered < _HIGH_WATER // 2:
-                    self._reading_paused = False
-                    if self._transport is not None:
-                        self._transport.resume_reading()
+            chunk = self.read_ready()
+            if chunk is not None:
                 return chunk
-            if self._complete:
-                return b""
-            if self._error is not None:
-                raise self._error
             self._body_waiter = self._loop.create_future()
             try:
                 await self._body_waiter
@@ -370,6 +392,14 @@ class UpstreamPool:
 
     async def acquire(self, url: str) -> UpstreamConnection:
         """A connection to ``url``'s upstream: an idle one, or a new one."""
+        conn = self.take_idle(url)
+        if conn is not None:
+            return conn
+        return await self._connect(self.key_of(url))
+
+    def take_idle(self, url: str) -> UpstreamConnection | None:
+        """An idle connection to ``url``'s upstream if one is kept (:meth:`acquire` without
+        the coroutine, for the usual case), else None."""
         key = self.key_of(url)
         conns = self._idle.get(key)
         if conns:
@@ -384,7 +414,7 @@ class UpstreamPool:
                     return conn
                 conn.close()
             self._idle.pop(key, None)
-        return await self._connect(key)
+        return None
 
     async def _connect(self, key: PoolKey) -> UpstreamConnection:
         scheme, host, port = key

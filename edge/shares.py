@@ -46,7 +46,7 @@ class Full(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
     """One slot, held until :meth:`Shares.release` (which a second time does nothing)."""
 
@@ -147,6 +147,8 @@ class Shares:
 
     def _wake(self) -> None:
         """Hand freed slots to the first waiters whose own shares have room."""
+        if not self._waiting:
+            return
         for entry in list(self._waiting):
             if self.in_use >= self.limits.total:
                 return

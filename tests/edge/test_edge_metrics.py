@@ -7,6 +7,7 @@ and a scrape of /metrics before and after, read with prometheus_client's own par
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -14,8 +15,10 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge.metrics import STATUS_CLASSES, UPSTREAM_BUCKETS, RequestMetrics
 from pipeline.distribution.layout import publish_site
 from pipeline.version import certman_version
 from tests.support.ports import free_port
@@ -126,3 +129,43 @@ def test_requests_upstream_latency_and_handshakes_are_counted(
     text = edge.metrics()
     for name in ("shop.test", "down.test", "nobody.test", "unknown.test"):
         assert name not in text
+
+
+def _exposition(registry: CollectorRegistry) -> list[str]:
+    """The text exposition without the ``_created`` timestamps (when each was made)."""
+    lines = generate_latest(registry).decode().splitlines()
+    return [re.sub(r"^(\w+_created(\{[^}]*\})?) \S+$", r"\1 T", line) for line in lines]
+
+
+def test_the_plain_per_request_metrics_are_exported_as_prometheus_clients_own() -> None:
+    # The core counts in plain numbers (edge.metrics.RequestMetrics); what /metrics shows must
+    # be what prometheus_client's Counter and Histogram would show for the same requests, so
+    # that docs/operations.md, the dashboards and the alert rules stay true.
+    plain = CollectorRegistry()
+    metrics = RequestMetrics(("https", "http"))
+    plain.register(metrics)
+    own = CollectorRegistry()
+    labels = ["scheme", "status_class"]
+    counter = Counter(RequestMetrics.REQUESTS, RequestMetrics.REQUESTS_DOC, labels, registry=own)
+    histogram = Histogram(
+        RequestMetrics.UPSTREAM, RequestMetrics.UPSTREAM_DOC, buckets=UPSTREAM_BUCKETS, registry=own
+    )
+    for scheme in ("https", "http"):
+        for klass in STATUS_CLASSES:
+            counter.labels(scheme, klass)
+    counts = metrics.requests["https"]
+    for status in (200, 204, 404, 502, 99, 700):
+        klass = status // 100
+        counts[klass if 0 < klass < 6 else 0] += 1
+        counter.labels("https", STATUS_CLASSES[klass if 0 < klass < 6 else 0]).inc()
+    # Port 80's requests, counted by Tornado's log function on prometheus_client's children,
+    # add to the core's.
+    metrics.tornado.labels("http", "3xx").inc(2)
+    counter.labels("http", "3xx").inc(2)
+    metrics.tornado.labels("https", "2xx").inc()
+    counter.labels("https", "2xx").inc()
+    # On a bound, just above and below, past the last, zero.
+    for seconds in (0.005, 0.0050001, 0.0049, 0.25, 60.0, 61.0, 0.0, 1e-9, 12.5):
+        metrics.upstream_seconds.observe(seconds)
+        histogram.observe(seconds)
+    assert _exposition(plain) == _exposition(own)

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from edge.reach import SelfReach
 from pipeline.crypto.signing import SignedChallenge
 from pipeline.distribution.layout import publish_site, remove_challenge, set_challenge
 
-from .conftest import Keys, RunningEdge, Sites, wait_for
+from .conftest import Keys, RunningEdge, Sites, serving, wait_for
 
 TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 KEY_AUTH = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -171,3 +172,38 @@ def test_upstream_resolver_answers_ip_literals_itself() -> None:
     assert v4 == [(socket.AF_INET, ("127.0.0.1", 8080))]
     assert v6 == [(socket.AF_INET6, ("::1", 8080))]
     assert (socket.AF_INET, ("127.0.0.1", 8080)) in named  # names still go to getaddrinfo
+
+
+class _HopByHop(BaseHTTPRequestHandler):
+    """Answers ``/<field>`` with that hop-by-hop field, and no Connection field naming it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header(self.path[1:], "1")
+        self.send_header("X-End-To-End", "passes")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.usefixtures("client_protocol")
+def test_a_hop_by_hop_response_field_is_dropped_without_connection_naming_it(
+    redis_client: redis.Redis, prefix: str, sites: Sites, start_edge: Callable[..., RunningEdge]
+) -> None:
+    # The core forwards an upstream's fields as they are when the pool saw no hop-by-hop one
+    # among them while parsing (ResponseHead.hop_by_hop): each must still be seen alone.
+    with serving(_HopByHop) as upstream:
+        publish_site(redis_client, prefix, sites.record("shop.test", upstream=upstream))
+        edge = start_edge()
+        edge.wait_ready()
+        hops = ("Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade", "TE", "Proxy-Connection")
+        for field in hops:
+            status, headers, body = edge.https("shop.test", path=f"/{field}")
+            assert (status, body) == (200, b"ok")
+            assert field not in headers, field
+            assert headers["X-End-To-End"] == "passes"
