@@ -33,6 +33,7 @@ from pipeline.crypto.keys import Keyring, PublicKey, generate_keypair
 from pipeline.crypto.signing import SigningKey, TrustedSigners, next_version
 from pipeline.distribution.layout import SiteRecord
 from tests.support.h2client import H2Client
+from tests.support.http_servers import running
 from tests.support.pki import Pki
 from tests.support.ports import free_port, free_port_block
 
@@ -410,13 +411,8 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """A threaded HTTP server of ``handler`` on a free loopback port: its base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(server):
         yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import redis
 
 from pipeline.distribution.layout import publish_site
+from tests.support.http_servers import running
 
 from .conftest import RunningEdge, Sites
 
@@ -56,11 +56,8 @@ def keepalive_upstream() -> Iterator[tuple[str, list[int]]]:
     handler = type("Handler", (_KeepAlive,), {"connections": connections})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", connections
-    server.shutdown()
-    server.server_close()
+    with running(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}", connections
 
 
 def _conn(edge: RunningEdge, path: str = "/", body: bytes | None = None) -> int:

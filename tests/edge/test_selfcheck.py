@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,6 +11,7 @@ import redis
 from pipeline.acme import selfcheck
 from pipeline.distribution.layout import EDGE_HEADER, set_challenge
 from tests.support.dns_server import DnsServer
+from tests.support.http_servers import running
 from tests.support.loopback_only import loopback_only
 
 from .conftest import Keys, RunningEdge
@@ -31,11 +31,8 @@ class _SomebodyElse(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def elsewhere() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SomebodyElse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with running(ThreadingHTTPServer(("127.0.0.1", 0), _SomebodyElse)) as server:
+        yield server.server_address[1]
 
 
 def _check(port: int, expected: str = "the key authorization") -> selfcheck.Problem | None:
