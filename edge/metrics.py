@@ -6,11 +6,11 @@ What every request updates (``certman_edge_requests_total``, and
 ``certman_edge_upstream_response_seconds`` for a proxied one) is kept as plain numbers, a list
 item added to, and turned into Prometheus samples only when ``/metrics`` is read
 (:class:`RequestMetrics`, a custom collector on the same registry): a ``prometheus_client``
-counter's ``inc`` and a histogram's ``observe`` take a lock and check the metric each time, which
-was 4-5 % of a proxied request's CPU. An edge process updates and scrapes them on its one event
-loop thread, so nothing is lost between the two. The other metrics are updated on rare events
-(a refusal, a handshake, a sync) and stay ``prometheus_client``'s own. Nothing is labelled by
-domain.
+counter's ``inc`` and a histogram's ``observe`` take a lock and check the metric each time
+(docs/architecture.md section 6 has what that cost). An edge process updates and scrapes them
+on its one event loop thread, so nothing is lost between the two. The other metrics are updated
+on rare events (a refusal, a handshake, a sync) and stay ``prometheus_client``'s own. Nothing
+is labelled by domain.
 """
 
 from __future__ import annotations
