@@ -19,7 +19,7 @@ from typing import Any
 import redis
 import redis.asyncio
 import tornado.web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.httpserver import HTTPServer
 from tornado.log import access_log
 
@@ -139,7 +139,7 @@ def make_site_app(
         )
     routes.append((r".*", SiteHandler, {"proxy": proxy, "scheme": scheme}))
     return tornado.web.Application(
-        routes, log_function=RequestLog(proxy.settings.metrics.request_counters(scheme))
+        routes, log_function=RequestLog(proxy.settings.metrics.request_counts(scheme))
     )
 
 
@@ -147,15 +147,17 @@ class RequestLog:
     """The site ports' ``log_function``, which Tornado calls once per answered request of any
     handler (the proxy, challenges, its own errors): counts it by status class, then logs it."""
 
-    __slots__ = ("_counters",)
+    __slots__ = ("_counts",)
 
-    def __init__(self, counters: tuple[Counter, ...]) -> None:
-        self._counters = counters  # indexed by status // 100, 0 for anything out of range
+    def __init__(self, counts: list[int]) -> None:
+        # certman_edge_requests_total's plain counts (edge.metrics.RequestMetrics), indexed by
+        # status // 100, 0 for anything out of range: the same numbers the proxy core adds to.
+        self._counts = counts
 
     def __call__(self, handler: tornado.web.RequestHandler) -> None:
         status = handler.get_status()
         klass = status // 100
-        self._counters[klass if 0 < klass < 6 else 0].inc()
+        self._counts[klass if 0 < klass < 6 else 0] += 1
         log_request(handler, status)
 
 

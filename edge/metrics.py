@@ -237,15 +237,9 @@ class EdgeMetrics:
 
     def request_counts(self, scheme: str) -> list[int]:
         """``certman_edge_requests_total``'s counts for ``scheme``, indexed by ``status // 100``
-        (see STATUS_CLASSES): the proxy core adds 1 to an item per request it answered."""
+        (see STATUS_CLASSES): the proxy core and Tornado's log function on the site ports
+        (:mod:`edge.app`) each add 1 to an item per request they answered."""
         return self.request_metrics.requests[scheme]
-
-    def request_counters(self, scheme: str) -> tuple[Counter, ...]:
-        """The same metric's ``prometheus_client`` children for ``scheme``, indexed alike: for
-        Tornado's log function on port 80 (:mod:`edge.app`), whose counts are added to the
-        core's at scrape time."""
-        counter = self.request_metrics.tornado
-        return tuple(counter.labels(scheme, c) for c in STATUS_CLASSES)
 
     @staticmethod
     def bind(gauge: Gauge, fn: Callable[[], float]) -> None:
@@ -313,28 +307,14 @@ class RequestMetrics(Collector):
         self.requests = {scheme: [0] * len(STATUS_CLASSES) for scheme in schemes}
         self.created = time.time()
         self.upstream_seconds = PlainHistogram(UPSTREAM_BUCKETS)
-        # What Tornado's log function counts on port 80 (EdgeMetrics.request_counters): in no
-        # registry, added to the plain counts when collected.
-        self.tornado = Counter(
-            self.REQUESTS, self.REQUESTS_DOC, ["scheme", "status_class"], registry=None
-        )
 
     def collect(self) -> Iterator[Metric]:
-        counts = {
-            (scheme, klass): float(count)
-            for scheme, row in self.requests.items()
-            for klass, count in zip(STATUS_CLASSES, row, strict=True)
-        }
-        for family in self.tornado.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    key = (sample.labels["scheme"], sample.labels["status_class"])
-                    counts[key] = counts.get(key, 0.0) + sample.value
         requests = CounterMetricFamily(
             self.REQUESTS, self.REQUESTS_DOC, labels=("scheme", "status_class")
         )
         created = self.created if _CREATED else None
-        for (scheme, klass), count in counts.items():
-            requests.add_metric((scheme, klass), count, created=created)
+        for scheme, row in self.requests.items():
+            for klass, count in zip(STATUS_CLASSES, row, strict=True):
+                requests.add_metric((scheme, klass), float(count), created=created)
         yield requests
         yield self.upstream_seconds.family(self.UPSTREAM, self.UPSTREAM_DOC)
