@@ -22,6 +22,10 @@ reported too: on 2 cores the client, not the server, is usually what saturates.
 the edge and through Caddy's ``reverse_proxy`` to the same upstream, with the edge's HTTP/1.1
 keep-alive rate measured on the same process for the ratio. ``--baseline DIR`` runs the edge of
 another checkout (``git worktree add DIR COMMIT``) beside this one, measured in turn with it.
+``--h2-streams N`` sets h2load's ``-m`` (streams in flight per connection; a browser may have up
+to the 100 the edge advertises). With 2 processes each HTTP/2 row says how the edge's CPU was
+split between them: h2load's few connections may all land on one process, which halves the rate
+while the CPU per request hardly moves.
 
 ``--mirror`` (or ``--mirror-only``) adds the local mirror: its first fill and size, handshake
 latency under load with Redis answering and then frozen (SIGSTOP) for 10 s, and an edge
@@ -215,11 +219,15 @@ class EdgeProcess:
         return [self.proc.pid, *map(int, children)]
 
     def cpu_seconds(self) -> float:
-        total = 0
+        return sum(self.cpu_by_process())
+
+    def cpu_by_process(self) -> list[float]:
+        """utime+stime of each process (the supervisor first when there are workers)."""
+        out = []
         for pid in self.pids():
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+            out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return out
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -651,17 +659,31 @@ def proxy_side_by_side(
 
 
 def h2load_rate(
-    port: int, name: str, server_cpu: Callable[[], float], duration: float, conns: int
+    port: int,
+    name: str,
+    server_cpu: Callable[[], float],
+    duration: float,
+    conns: int,
+    streams: int = 10,
+    split: Callable[[], list[float]] | None = None,
 ) -> dict[str, float]:
-    """``h2load -m 10`` for ``duration`` s (whole seconds: h2load's -D): ``conns`` connections,
-    10 streams in flight on each, one client thread; the server's CPU per request from /proc."""
+    """``h2load -m STREAMS`` for ``duration`` s (whole seconds: h2load's -D): ``conns``
+    connections, ``streams`` in flight on each, one client thread; the server's CPU per request
+    from /proc. With ``split`` (CPU seconds by process), ``busiest``: the largest share of the
+    server's CPU that one process took."""
     cpu0 = server_cpu()
+    parts0 = split() if split is not None else []
     out = subprocess.run(
-        ["h2load", "-D", f"{max(1, round(duration))}", "-c", str(conns), "-m", "10", "-t", "1",
+        ["h2load", "-D", f"{max(1, round(duration))}", "-c", str(conns), "-m", str(streams),
+         "-t", "1",
          "--connect-to", f"127.0.0.1:{port}", f"https://{name}:{port}/"],
         capture_output=True, text=True, timeout=duration + 60, check=False,
     ).stdout  # fmt: skip
     cpu = server_cpu() - cpu0
+    busiest = 1.0
+    if split is not None:
+        deltas = [b - a for a, b in zip(parts0, split(), strict=True)]
+        busiest = max(deltas) / max(sum(deltas), 1e-9)
     done = re.search(
         r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out
     )
@@ -674,6 +696,7 @@ def h2load_rate(
         "errors": float(done.group(2)),
         "server_ms": cpu * 1000 / max(ok, 1),
         "load": os.getloadavg()[0],
+        "busiest": busiest,
     }
 
 
@@ -729,9 +752,16 @@ def h2_side_by_side(
                         wait_settled(proc, n)
                 for _ in range(args.repeat):
                     for server, proc in procs.items():
+                        split = proc.cpu_by_process if isinstance(proc, EdgeProcess) else None
                         res[server].append(
                             h2load_rate(
-                                proc.https, names[0], proc.cpu_seconds, args.duration, conns
+                                proc.https,
+                                names[0],
+                                proc.cpu_seconds,
+                                args.duration,
+                                conns,
+                                args.h2_streams,
+                                split if cores > 1 else None,
                             )
                         )
                         if server != "caddy":
@@ -750,14 +780,15 @@ def h2_side_by_side(
                 for i, (e, c, k) in enumerate(
                     zip(res[label], res["caddy"], h1[label], strict=True)
                 ):
+                    spread = f", busiest process {e['busiest']:.0%}" if cores > 1 else ""
                     rows += [
-                        (f"HTTP/2 h2load -m 10 req/s, {cores} core(s), run {i + 1}",
+                        (f"HTTP/2 h2load -m {args.h2_streams} req/s, {cores} core(s), run {i + 1}",
                          f"{who} {e['rate']:.0f}/s, CPU {e['server_ms']:.3f} ms",
                          f"Caddy {c['rate']:.0f}/s, CPU {c['server_ms']:.3f} ms",
                          f"ratio {e['rate'] / c['rate']:.2f}; {who} HTTP/1.1 keep-alive "
                          f"{k['rate']:.0f}/s, CPU {k['server_ms']:.3f} ms: h2 "
                          f"{e['rate'] / k['rate']:.2f}x; errors {e['errors']:.0f}/"
-                         f"{c['errors']:.0f}, load {e['load']:.1f}/{c['load']:.1f}"),
+                         f"{c['errors']:.0f}, load {e['load']:.1f}/{c['load']:.1f}{spread}"),
                     ]  # fmt: skip
     finally:
         upstream.stop()
@@ -949,6 +980,9 @@ def main() -> None:
     parser.add_argument("--keepalive-only", action="store_true")
     parser.add_argument("--h2", action="store_true", help="HTTP/2 (h2load -m 10) vs Caddy")
     parser.add_argument("--h2-only", action="store_true")
+    parser.add_argument(
+        "--h2-streams", type=int, default=10, help="with --h2: h2load's -m (streams per connection)"
+    )
     parser.add_argument(
         "--baseline",
         type=Path,

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
+import h2.connection
 import h2.errors
 import hpack
 import pytest
 from hpack.hpack import encode_integer
 
+from edge import http2
 from edge.exchange import Exchange, Proxy
 from edge.h2encoder import RepeatDecoder
 from edge.h2limits import H2Limits
@@ -409,6 +411,32 @@ def test_more_streams_than_advertised_are_refused(serve: Any) -> None:
     # SETTINGS_MAX_CONCURRENT_STREAMS is what the client is told.
     with server.client() as client:
         client.wait_for(lambda: client.remote_settings.get(3) == 4)
+
+
+def test_the_streams_h2_holds_stay_bounded_without_a_walk_per_stream(serve: Any) -> None:
+    """h2 counts open streams for its limit by walking every stream it holds (and prunes the
+    closed ones as it goes); the edge's connection answers that count without the walk while it
+    can, yet what h2 holds stays within twice the streams in flight plus a slack."""
+    server = serve()
+    in_flight, rounds = 8, 40
+    with server.client() as client:
+        for _ in range(rounds):
+            sids = [client.request("GET", "/", NAME) for _ in range(in_flight)]
+            for sid in sids:
+                assert client.wait(sid).status == 404
+        conn = server.protocols[-1].conn
+        assert isinstance(conn, http2._Connection)
+        walk = h2.connection.H2Connection.open_inbound_streams.fget
+        assert walk is not None
+
+        async def held_and_open() -> tuple[int, int]:
+            # On the server's loop: h2's own walk prunes what it counts.
+            return len(conn.streams), walk(conn)
+
+        held, open_now = asyncio.run_coroutine_threadsafe(held_and_open(), server.loop).result(5)
+    assert held <= 2 * in_flight + http2._PRUNE_SLACK, held
+    assert open_now == 0  # every stream answered: the exact count agrees
+    assert server.seen.started == in_flight * rounds
 
 
 def test_rapid_reset_ends_the_connection_with_enhance_your_calm(serve: Any) -> None:
