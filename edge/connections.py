@@ -58,12 +58,8 @@ log = logging.getLogger(__name__)
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
-# Accepts per readable event. One: every process of an edge waits on the same listening socket,
-# and the first to wake used to take all that was queued (up to a batch), so a client's few
-# connections (HTTP/2's one or two) were all served by one process while another idled; taking
-# one leaves the next to whichever process is free first. A flood cannot starve the requests
-# already in either way: each accept is one callback among the loop's others.
-_BATCH = 1
+# Accepts per readable event, so that a flood does not starve the requests already in.
+_BATCH = 64
 
 
 def accept_error_log() -> RateLimitedLog:

@@ -3,7 +3,6 @@ and accept back-off at the open-file limit, on a real ``certman-edge`` process."
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import os
 import resource
@@ -14,12 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 import redis
 
-from edge.connections import BudgetedAcceptor, ConnectionBudget, ConnectionLimits
+from edge.connections import ConnectionBudget, ConnectionLimits
 from pipeline.distribution.layout import publish_site
 from tests.support.ports import free_port
 
@@ -37,35 +35,6 @@ def test_budget_counts_per_client_and_in_total() -> None:
     assert budget.open == 3
     derived = ConnectionBudget(ConnectionLimits(total=0))
     assert derived.total == max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
-
-
-def test_one_connection_is_accepted_per_readable_event() -> None:
-    """Every process of an edge accepts on the same listening socket. Taking one connection
-    per wakeup leaves the next one to whichever process is free first; taking up to a batch,
-    the first process to wake took all of a client's few connections (HTTP/2's one or two)
-    and served them alone while the other process idled."""
-
-    async def accept_three() -> list[int]:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        listener.setblocking(False)
-        taken: list[socket.socket] = []
-        acceptor = BudgetedAcceptor(
-            cast(Any, None), [listener], None, None, hand_over=lambda conn, _: taken.append(conn)
-        )
-        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
-        counts = []
-        try:
-            for _ in range(4):  # one readable event each (the kernel queued all three)
-                acceptor._accept(listener)
-                counts.append(len(taken))
-        finally:
-            for sock in [*clients, *taken, listener]:
-                sock.close()
-        return counts
-
-    assert asyncio.run(accept_three()) == [1, 2, 3, 3]
 
 
 @dataclass
