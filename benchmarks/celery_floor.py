@@ -115,13 +115,13 @@ def drained(client: redis.Redis[bytes]) -> Callable[[], bool]:
     """A check that every chain is done: nothing queued and nothing held, twice running. Once is
     not enough: a message a worker has just popped is in neither until kombu records it as
     unacknowledged, a moment later."""
-    seen = [False]
+    was_idle = False
 
     def check() -> bool:
-        now = idle(client)
-        done = now and seen[0]
-        seen[0] = now
-        return done
+        nonlocal was_idle
+        now, before = idle(client), was_idle
+        was_idle = now
+        return now and before
 
     return check
 
